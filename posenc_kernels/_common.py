@@ -1,0 +1,260 @@
+"""Shared plumbing: backend selection, argument validation, position resolution.
+
+Every op family file (``rope.py``, ``sinusoidal.py``) imports from here; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+try:  # Triton is optional on CPU-only machines: the torch backend needs nothing else.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_backend = os.environ.get("POSENC_BACKEND", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"POSENC_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` was set before import: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRET = interpreter_enabled()
+
+
+def set_backend(name: str) -> None:
+    """Force an implementation for every op: ``"auto"`` (default), ``"triton"`` or ``"torch"``.
+
+    ``auto`` runs the Triton kernels on CUDA tensors (and on CPU tensors when the Triton interpreter is on,
+    ``TRITON_INTERPRET=1`` before import) and the pure-torch implementation otherwise. The environment
+    variable ``POSENC_BACKEND`` sets the initial value.
+
+    >>> import posenc_kernels as pk
+    >>> pk.set_backend("torch"); pk.get_backend()
+    'torch'
+    >>> pk.set_backend("auto")
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend set by :func:`set_backend` (or ``POSENC_BACKEND``)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous backend on exit.
+
+    >>> import torch, posenc_kernels as pk
+    >>> with pk.use_backend("torch"):
+    ...     pe = pk.sinusoidal_table(4, 8)
+    >>> pe.shape
+    torch.Size([4, 8])
+    """
+    global _backend
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def resolve_backend(device: torch.device) -> str:
+    """Which implementation runs for tensors on ``device`` under the current setting."""
+    triton_ok = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _INTERPRET))
+    if _backend == "torch":
+        return "torch"
+    if _backend == "triton":
+        if not triton_ok:
+            raise RuntimeError(
+                f"backend 'triton' was forced but cannot run on {device.type} tensors: Triton kernels need a "
+                "CUDA device, or TRITON_INTERPRET=1 set before importing posenc_kernels for CPU tensors"
+            )
+        return "triton"
+    return "triton" if triton_ok else "torch"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def tl_acc_dtype(dtype: torch.dtype):
+    """Register dtype for the math: fp64 for fp64 storage, fp32 for everything else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def on_cuda_graph_capture(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers: each raises a TypeError/ValueError that names the argument.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch.device] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the same device as the input ({device}), got {t.device}")
+
+
+def check_last_stride(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have stride(-1) == 1 (contiguous channels; other strides are fine), got strides "
+            f"{tuple(t.stride())}; call .contiguous() on it yourself if a copy is what you want"
+        )
+
+
+def check_writable(name: str, t: torch.Tensor) -> None:
+    """An in-place op must not write through broadcast (stride-0 or overlapping) views."""
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{name} has internally overlapping memory (an expanded view?); it cannot be written in place")
+
+
+def same_first_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors start at the same element (``k is q`` or a view of it): rotating
+    such a pair would rotate shared elements twice. Disjoint head slices of one buffer (packed QKV) pass."""
+    return a.numel() > 0 and b.numel() > 0 and a.device == b.device and a.data_ptr() == b.data_ptr()
+
+
+def check_position_args(
+    positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    offset: int,
+    *,
+    batch: int,
+    seqlen: int,
+    device: torch.device,
+    integer_positions: bool = True,
+    positions_name: str = "positions",
+) -> None:
+    """Shape/dtype checks shared by every op that resolves a row per token."""
+    if positions is not None:
+        dtypes = INT_DTYPES if integer_positions else INT_DTYPES + FLOAT_DTYPES
+        if positions.dtype == torch.bool or positions.dtype not in dtypes:
+            kind = "an integer" if integer_positions else "an integer or floating"
+            raise TypeError(f"{positions_name} must be {kind} tensor, got dtype {positions.dtype}")
+        check_tensor(positions_name, positions, ndim=(1, 2), device=device)
+        want = [(seqlen,), (batch, seqlen)]
+        if tuple(positions.shape) not in want:
+            raise ValueError(
+                f"{positions_name} must have shape [S] = [{seqlen}] or [B, S] = [{batch}, {seqlen}], "
+                f"got {tuple(positions.shape)}"
+            )
+        if offsets is not None or offset != 0:
+            raise ValueError(f"pass {positions_name} or offsets, not both")
+    if offsets is not None:
+        if offsets.dtype == torch.bool or offsets.dtype not in INT_DTYPES:
+            raise TypeError(f"offsets must be an int or an integer tensor, got dtype {offsets.dtype}")
+        check_tensor("offsets", offsets, ndim=1, device=device)
+        if offsets.shape[0] != batch:
+            raise ValueError(f"offsets must have shape [B] = [{batch}], got {tuple(offsets.shape)}")
+
+
+def check_position_values(
+    positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    offset: int,
+    *,
+    seqlen: int,
+    num_rows: int,
+    device: torch.device,
+    positions_name: str = "positions",
+) -> None:
+    """Rows used must lie in [0, num_rows). Reads tensor values (a host sync on CUDA), so it is skipped
+    while a CUDA graph is being captured; the kernels then turn an out-of-table row into NaN outputs
+    instead of reading out of bounds."""
+    if seqlen == 0:
+        return
+    if positions is None and offsets is None:
+        if offset < 0 or offset + seqlen > num_rows:
+            raise ValueError(
+                f"offsets={offset} with seqlen {seqlen} needs table rows [{offset}, {offset + seqlen}), "
+                f"but the cos/sin table has {num_rows} rows"
+            )
+        return
+    if on_cuda_graph_capture(device):
+        return
+    t = positions if positions is not None else offsets
+    if t.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
+    if positions is not None:
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(
+                f"{positions_name} must lie in [0, {num_rows}) (the table's rows), got values in [{lo}, {hi}]"
+            )
+    elif lo < 0 or hi + seqlen > num_rows:
+        raise ValueError(
+            f"offsets + seqlen must stay within the table's {num_rows} rows: offsets lie in [{lo}, {hi}] "
+            f"and seqlen is {seqlen}"
+        )
+
+
+def token_positions(
+    positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], offset: int, batch: int, seqlen: int, device
+) -> torch.Tensor:
+    """The row of every token as a ``[B, S]`` tensor (int64, or the positions' float dtype): used by the
+    torch backend and by the references."""
+    if positions is not None:
+        if positions.dtype.is_floating_point:
+            return positions.expand(batch, seqlen)
+        return positions.to(torch.int64).expand(batch, seqlen)
+    s = torch.arange(seqlen, device=device, dtype=torch.int64)
+    if offsets is not None:
+        return offsets.to(torch.int64)[:, None] + s[None, :]
+    return (s + offset)[None, :].expand(batch, seqlen)
+
+
+def split_offsets(offsets) -> tuple[Optional[torch.Tensor], int]:
+    """Public ``offsets`` (int or tensor) -> the ops' (offsets tensor or None, int offset) pair."""
+    if isinstance(offsets, torch.Tensor):
+        return offsets, 0
+    if isinstance(offsets, bool) or not isinstance(offsets, int):
+        # Python ints only: numpy ints and the like are accepted through int().
+        try:
+            as_int = int(offsets)
+        except (TypeError, ValueError):
+            raise TypeError(f"offsets must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
+        if as_int != offsets or isinstance(offsets, (bool, float)):
+            raise TypeError(f"offsets must be an int or a [B] integer tensor, got {offsets!r}")
+        return None, as_int
+    return None, offsets
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for a Triton launch (Triton launches on the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
