@@ -271,7 +271,8 @@ def _rope_torch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interl
 
 
 def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, values: bool) -> None:
-    """Every check runs before anything is written. ``values`` reads position values (skipped for fakes)."""
+    """Every check runs before anything is written. ``values`` adds the checks that need real tensors
+    (position values, aliasing, overlap): the op implementations run them, fakes and traced code cannot."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     dev = q.device
     B, S, Hq, D = q.shape
@@ -283,7 +284,8 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
         if (k.shape[0], k.shape[1], k.shape[3]) != (B, S, D):
             raise ValueError(f"k must be [B, S, Hk, D] = [{B}, {S}, Hk, {D}] to match q, got {tuple(k.shape)}")
         check_last_stride("k", k)
-        if inplace and same_first_element(q, k):
+        # Real tensors only: fake tensors have no addresses.
+        if inplace and values and same_first_element(q, k):
             raise ValueError("k must not alias q: the shared elements would be rotated twice")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
@@ -295,11 +297,11 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
     if 2 * half > D:
         raise ValueError(f"rotary dim R = 2 * cos.shape[-1] = {2 * half} exceeds head_dim D = {D}")
     check_position_args(positions, offsets, offset, batch=B, seqlen=S, device=dev)
-    if inplace:
+    if inplace and values:  # memory-layout checks need real tensors
         check_writable("q", q)
         if k is not None:
             check_writable("k", k)
-    if values:
+    if values and B * S > 0:  # zero tokens is a no-op whatever the table
         check_position_values(positions, offsets, offset, seqlen=S, num_rows=cos.shape[0], device=dev)
 
 
@@ -496,19 +498,22 @@ def _(positions, inv_freq, attention_factor, dtype):
 
 
 # In-place autograd: the mutating op cannot carry a registered formula, so the public function wraps it
-# in an autograd.Function that marks q/k dirty (version counter, leaf and view checks exactly as PyTorch
-# does for its own in-place ops); backward is the functional op rotating by -theta.
+# in an autograd.Function that marks the tensor dirty (version counter, leaf and view checks exactly as
+# PyTorch does for its own in-place ops); backward is the functional op rotating by -theta. Autograd lets
+# a Function that modifies a view in place return one tensor only (and q/k are usually views of a
+# projection), so when gradients are recorded q and k take one launch each.
 class _RopeInplaceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, positions, offsets, offset, interleaved, conjugate):
-        torch.ops.posenc.rope_(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate)
-        ctx.mark_dirty(*((q,) if k is None else (q, k)))
-        _rope_setup_context(ctx, (q, k, cos, sin, positions, offsets, offset, interleaved, conjugate), None)
-        return q, k
+    def forward(ctx, x, cos, sin, positions, offsets, offset, interleaved, conjugate):
+        torch.ops.posenc.rope_(x, None, cos, sin, positions, offsets, offset, interleaved, conjugate)
+        _rope_setup_context(ctx, (x, None, cos, sin, positions, offsets, offset, interleaved, conjugate), None)
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        return _rope_backward(ctx, grad_q, grad_k)
+    def backward(ctx, grad):
+        gx, _ = _rope_backward_common(ctx, grad, None)
+        return gx, None, None, None, None, None, None, None
 
 
 # ==============================================================================================
@@ -592,7 +597,16 @@ def apply_rope_(
         (isinstance(q, torch.Tensor) and q.requires_grad) or (isinstance(k, torch.Tensor) and k.requires_grad)
     )
     if needs_grad:
-        return _RopeInplaceFunction.apply(q, k, cos, sin, positions, offsets_t, offset, interleaved, False)
+        # Check both before either is written (values are checked by q's launch, which writes nothing
+        # when they are bad), then one autograd-tracked launch per tensor.
+        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=False)
+        if k is q:
+            raise ValueError("k must not alias q: the shared elements would be rotated twice")
+        args = (cos, sin, positions, offsets_t, offset, interleaved, False)
+        q = _RopeInplaceFunction.apply(q, *args)
+        if k is not None:
+            k = _RopeInplaceFunction.apply(k, *args)
+        return q, k
     torch.ops.posenc.rope_(q, k, cos, sin, positions, offsets_t, offset, interleaved, False)
     return q, k
 

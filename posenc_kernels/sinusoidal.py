@@ -187,7 +187,7 @@ def _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved,
 
 
 def _check_convention(dim, base, freq_shift, scale) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+    if isinstance(dim, bool) or not isinstance(dim, (int, torch.SymInt)) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
         raise ValueError(f"base must be a positive finite number, got {base!r}")

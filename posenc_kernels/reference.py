@@ -1,0 +1,241 @@
+"""Pure-torch references for every op, written for clarity; tests and benchmarks import these.
+
+Two kinds live here:
+
+* ``*_reference``: the mathematical definition, computed in float64 (or a dtype you pass) - the truth a
+  kernel is measured against.
+* ``*_eager`` and the ``published_*`` functions: the computation as the field writes it, in the input dtype
+  (HF transformers' ``rotate_half`` RoPE; the formulas of the Transformer paper, tensor2tensor, fairseq and
+  diffusers). They are the "same computation done by torch" of the tolerance rule and the eager
+  providers of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+
+def _rows(positions, offsets, batch: int, seqlen: int, device) -> torch.Tensor:
+    """Table row of every token, ``[B, S]`` int64: positions if given, else offsets + s."""
+    if positions is not None:
+        return positions.to(torch.int64).expand(batch, seqlen)
+    s = torch.arange(seqlen, device=device)
+    if isinstance(offsets, torch.Tensor):
+        return offsets.to(torch.int64)[:, None] + s[None, :]
+    return (s + int(offsets))[None, :].expand(batch, seqlen)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_frequencies_reference(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """float64 ``base ** (-2i / rotary_dim)``."""
+    return float(base) ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
+def rope_cos_sin_reference(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0):
+    """float64 cos/sin of ``pos * inv_freq`` (positions and inv_freq taken exactly as given)."""
+    angle = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    return angle.cos() * attention_factor, angle.sin() * attention_factor
+
+
+def rotate_reference(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Rotate ``x`` ``[B, S, H, D]``: pair (a, b) of token (b, s) -> (a cos - b sin, b cos + a sin) with the
+    angle of table row ``rows[b, s]``; computed in ``dtype`` and returned in ``dtype``."""
+    half = cos.shape[-1]
+    R = 2 * half
+    c = cos.to(dtype)[rows][:, :, None, :]  # [B, S, 1, R/2]
+    s = sin.to(dtype)[rows][:, :, None, :]
+    if conjugate:
+        s = -s
+    x = x.to(dtype)
+    rot, rest = x[..., :R], x[..., R:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def rope_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    dtype: torch.dtype = torch.float64,
+):
+    """The definition of ``apply_rope``: returns (q, k) rotated, in ``dtype`` (float64 by default)."""
+    rows = _rows(positions, offsets, q.shape[0], q.shape[1], q.device)
+    kw = dict(interleaved=interleaved, conjugate=conjugate, dtype=dtype)
+    q_out = rotate_reference(q, cos, sin, rows, **kw)
+    k_out = rotate_reference(k, cos, sin, rows, **kw) if k is not None else None
+    return q_out, k_out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' helper: [x1, x2] -> [-x2, x1]."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_hf_eager(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    interleaved: bool = False,
+):
+    """RoPE as HF transformers computes it: tables gathered and duplicated to ``[B, S, 1, R]`` in the
+    input dtype, then ``x * cos + rotate_half(x) * sin`` in the input dtype (GPT-J's ``rotate_every_two``
+    for interleaved pairs); pass-through channels concatenated back. Out of place."""
+    rows = _rows(positions, offsets, q.shape[0], q.shape[1], q.device)
+    R = 2 * cos.shape[-1]
+
+    def one(x):
+        c = cos[rows].to(x.dtype)[:, :, None, :]
+        s = sin[rows].to(x.dtype)[:, :, None, :]
+        rot, rest = x[..., :R], x[..., R:]
+        if interleaved:
+            c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+            rotated = rotate_half(rot)
+        return torch.cat((rot * c + rotated * s, rest), dim=-1)
+
+    return one(q), (one(k) if k is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinusoidal
+# ----------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table_reference(
+    positions: torch.Tensor,
+    dim: int,
+    *,
+    base: float = 10000.0,
+    interleaved: bool = True,
+    cos_first: bool = False,
+    freq_shift: float = 0.0,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The definition of ``sinusoidal_table`` for a tensor of positions, computed in ``dtype``."""
+    half = dim // 2
+    i = torch.arange(half, dtype=dtype, device=positions.device)
+    inv_freq = torch.exp(-math.log(base) * i / (half - freq_shift)) if half else i
+    angle = scale * (positions.to(dtype)[..., None] * inv_freq)
+    first, second = (angle.cos(), angle.sin()) if cos_first else (angle.sin(), angle.cos())
+    if interleaved:
+        pe = torch.stack((first, second), dim=-1).flatten(-2)
+    else:
+        pe = torch.cat((first, second), dim=-1)
+    if dim % 2:
+        pe = torch.nn.functional.pad(pe, (0, 1))
+    return pe
+
+
+def add_sinusoidal_reference(
+    x: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    x_scale: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+    **convention,
+) -> torch.Tensor:
+    """The definition of ``add_sinusoidal``: ``x * x_scale + PE`` in ``dtype``; x is [B, S, D] or [T, D]."""
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
+    B, S, D = x3.shape
+    if positions is not None:
+        pos = positions.expand(B, S)
+    else:
+        s = torch.arange(S, device=x.device)
+        pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
+    # The kernels take positions to fp32 first (as every published implementation does): so does the truth.
+    pos = pos.to(torch.float32)
+    out = x3.to(dtype) * x_scale + sinusoidal_table_reference(pos, D, dtype=dtype, **convention)
+    return out.reshape(x.shape)
+
+
+def published_transformer(length: int, d_model: int) -> torch.Tensor:
+    """Vaswani et al. 2017 as commonly written (the Annotated Transformer), fp32."""
+    pe = torch.zeros(length, d_model)
+    position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / d_model))
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])
+    return pe
+
+
+def published_tensor2tensor(length: int, channels: int, min_timescale=1.0, max_timescale=1.0e4, start_index=0):
+    """tensor2tensor ``get_timing_signal_1d``, fp32, ``[length, channels]``."""
+    position = torch.arange(length, dtype=torch.float32) + start_index
+    num_timescales = channels // 2
+    log_timescale_increment = math.log(float(max_timescale) / float(min_timescale)) / max(num_timescales - 1, 1)
+    inv_timescales = min_timescale * torch.exp(torch.arange(num_timescales, dtype=torch.float32) * -log_timescale_increment)
+    scaled_time = position[:, None] * inv_timescales[None, :]
+    signal = torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+    return torch.nn.functional.pad(signal, (0, channels % 2))
+
+
+def published_fairseq(num_embeddings: int, embedding_dim: int) -> torch.Tensor:
+    """fairseq ``SinusoidalPositionalEmbedding.get_embedding`` (no padding_idx), fp32."""
+    half_dim = embedding_dim // 2
+    emb = math.log(10000) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=torch.float) * -emb)
+    emb = torch.arange(num_embeddings, dtype=torch.float).unsqueeze(1) * emb.unsqueeze(0)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1).view(num_embeddings, -1)
+    if embedding_dim % 2 == 1:
+        emb = torch.cat([emb, torch.zeros(num_embeddings, 1)], dim=1)
+    return emb
+
+
+def published_diffusers(
+    timesteps: torch.Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1,
+    scale: float = 1,
+    max_period: int = 10000,
+) -> torch.Tensor:
+    """diffusers ``get_timestep_embedding``, fp32."""
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(start=0, end=half_dim, dtype=torch.float32, device=timesteps.device)
+    exponent = exponent / (half_dim - downscale_freq_shift)
+    emb = torch.exp(exponent)
+    emb = timesteps[:, None].float() * emb[None, :]
+    emb = scale * emb
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half_dim:], emb[:, :half_dim]], dim=-1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
+    return emb

@@ -1,0 +1,68 @@
+"""Shared fixtures: device, backends, seeding, the dtype-tied tolerance rule.
+
+On a CPU machine the suite must be run with TRITON_INTERPRET=1 set before import (scripts/test does it),
+so every Triton kernel runs through the interpreter; the torch backend is tested beside it.
+"""
+
+import os
+
+import pytest
+import torch
+
+import posenc_kernels as pk
+from posenc_kernels._common import HAS_TRITON
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = pk.interpreter_enabled()
+TRITON_RUNS = HAS_TRITON and (DEVICE.type == "cuda" or INTERPRET)
+BACKENDS = ["triton", "torch"] if TRITON_RUNS else ["torch"]
+if not TRITON_RUNS and os.environ.get("CI"):
+    raise RuntimeError("CI must exercise the Triton kernels: run the suite with TRITON_INTERPRET=1 (scripts/test)")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    pk.set_backend("auto")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with pk.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def ulp_err(x: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest error of ``x`` in units of ``dtype``'s ulp at the true value. Magnitudes below 1/16 of the
+    tensor's largest are measured at that floor, so results that cancel to ~0 do not dominate."""
+    if truth.numel() == 0:
+        return 0.0
+    truth = truth.double()
+    mag = truth.abs()
+    floor = max(mag.max().item() / 16, torch.finfo(dtype).tiny)
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag.clamp_min(floor))))
+    return ((x.double() - truth).abs() / ulp).max().item()
+
+
+def assert_dtype_tolerance(out, truth, same_in_torch, *, factor: float = 2.0, atol_ulp: float = 0.5, what: str = ""):
+    """The tolerance rule: the kernel's error against the float64 truth may be at most ``factor`` x the
+    error of the same computation done by torch in the input dtype, plus a tiny atol. Errors are measured
+    in ulps of the output dtype (so a correctly rounded result, 0.5 ulp, always passes), atol is 0.5 ulp."""
+    assert out.shape == truth.shape, (out.shape, truth.shape)
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    err = ulp_err(out, truth, out.dtype)
+    base = ulp_err(same_in_torch, truth, out.dtype)
+    limit = factor * base + atol_ulp
+    assert err <= limit, f"{what}: error {err:.2f} ulp > {factor} x torch-in-dtype error {base:.2f} ulp + {atol_ulp}"

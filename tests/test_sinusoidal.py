@@ -1,0 +1,336 @@
+"""Sinusoidal encodings: every published convention, the fused add, gradients, ops, compile, errors."""
+
+import math
+
+import pytest
+import torch
+
+import posenc_kernels as pk
+from posenc_kernels import reference as ref
+from posenc_kernels.configs import MODEL_CONFIGS
+from posenc_kernels.sinusoidal import _sinusoidal_launch
+
+from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
+
+CONV = pk.SINUSOIDAL_CONVENTIONS
+
+
+def truth_table(pos, dim, **kw):
+    """float64 truth for fp32 positions (the kernels take positions to fp32 first, as every source does)."""
+    return ref.sinusoidal_table_reference(pos.to(torch.float32), dim, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Published conventions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [512, 64, 17, 6])
+def test_transformer_paper(backend, dim):
+    length = 300
+    ours = pk.sinusoidal_table(length, dim, **CONV["transformer"]).to(DEVICE)
+    published = ref.published_transformer(length, dim - dim % 2)
+    published = torch.nn.functional.pad(published, (0, dim % 2))
+    truth = truth_table(torch.arange(length), dim, **CONV["transformer"])
+    assert_dtype_tolerance(ours.cpu(), truth, published, what="transformer")
+
+
+@pytest.mark.parametrize("channels", [512, 33, 4])
+def test_tensor2tensor(backend, channels):
+    length = 257
+    ours = pk.sinusoidal_table(length, channels, **CONV["tensor2tensor"])
+    published = ref.published_tensor2tensor(length, channels)
+    truth = truth_table(torch.arange(length), channels, **CONV["tensor2tensor"])
+    assert_dtype_tolerance(ours.cpu(), truth, published, what="tensor2tensor")
+
+
+@pytest.mark.parametrize("dim", [1024, 65, 10])
+def test_fairseq(backend, dim):
+    n = 130
+    ours = pk.sinusoidal_table(n, dim, **CONV["fairseq"])
+    published = ref.published_fairseq(n, dim)
+    truth = truth_table(torch.arange(n), dim, **CONV["fairseq"])
+    assert_dtype_tolerance(ours.cpu(), truth, published, what="fairseq")
+
+
+@pytest.mark.parametrize(
+    "dim,flip,shift,scale,max_period",
+    [(320, True, 0, 1, 10000), (256, False, 1, 1, 10000), (33, True, 1, 1000.0, 10000), (128, False, 0, 1, 5000)],
+)
+def test_diffusers(backend, dim, flip, shift, scale, max_period):
+    t = torch.cat([torch.tensor([0.0, 1.0, 999.0]), torch.rand(20) * 1000])  # float diffusion timesteps
+    ours = pk.sinusoidal_table(
+        t.to(DEVICE), dim, base=max_period, interleaved=False, cos_first=flip, freq_shift=shift, scale=scale
+    )
+    published = ref.published_diffusers(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale, max_period=max_period)
+    truth = truth_table(t, dim, base=max_period, interleaved=False, cos_first=flip, freq_shift=shift, scale=scale)
+    assert_dtype_tolerance(ours.cpu(), truth, published, what="diffusers")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved,cos_first", [(True, False), (True, True), (False, False), (False, True)])
+def test_table_layouts_and_dtypes(backend, interleaved, cos_first, dtype):
+    pos = torch.tensor([[0, 5, 17], [1023, 2, 70000]], device=DEVICE)  # any shape, large values
+    kw = dict(interleaved=interleaved, cos_first=cos_first, base=500.0, freq_shift=0.5)
+    ours = pk.sinusoidal_table(pos, 23, dtype=dtype, **kw)
+    assert ours.shape == (2, 3, 23) and ours.dtype == dtype
+    truth = truth_table(pos, 23, **kw)
+    same_in_torch = ref.sinusoidal_table_reference(pos.float(), 23, dtype=torch.float32, **kw).to(dtype)
+    assert_dtype_tolerance(ours, truth, same_in_torch)
+    assert torch.all(ours[..., -1] == 0), "odd dim: the last column must be zero"
+
+
+def test_table_empty_and_tiny(backend):
+    assert pk.sinusoidal_table(0, 8).shape == (0, 8)
+    assert pk.sinusoidal_table(torch.empty(0, 3, device=DEVICE), 8).shape == (0, 3, 8)
+    one = pk.sinusoidal_table(3, 1)  # no frequency at all: the zero column only
+    assert torch.equal(one, torch.zeros(3, 1))
+
+
+def test_table_writes_every_element(backend):
+    for dim, inter in [(9, True), (9, False), (64, True)]:
+        out = torch.full((1, 11, dim), float("nan"), device=DEVICE)
+        _sinusoidal_launch(None, out, None, None, 3, 1.0, 10000.0, inter, False, 0.0, 1.0)
+        truth = truth_table(torch.arange(3, 14), dim, interleaved=inter)
+        assert not torch.isnan(out).any()
+        assert max_err(out[0], truth) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused add
+# ---------------------------------------------------------------------------------------------
+
+
+def check_add(x, *, inplace, what="", **kw):
+    truth = ref.add_sinusoidal_reference(x, **kw)
+    same_in_torch = ref.add_sinusoidal_reference(x, dtype=torch.float32, **kw).to(x.dtype)
+    if x.dtype != torch.float32:  # torch in the input dtype: x * s + PE with PE rounded to x's dtype first
+        pe_low = (same_in_torch.float() - x.float() * kw.get("x_scale", 1.0)).to(x.dtype)
+        same_in_torch = x * kw.get("x_scale", 1.0) + pe_low
+    x0 = x.clone()
+    if inplace:
+        out = pk.add_sinusoidal_(x, **kw)
+        assert out is x
+    else:
+        out = pk.add_sinusoidal(x, **kw)
+        assert torch.equal(x, x0)
+    assert out.dtype == x0.dtype and out.shape == x0.shape
+    assert_dtype_tolerance(out, truth, same_in_torch, what=what)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["llama2-7b", "phi-2"])
+def test_add_model_widths(backend, config, dtype, inplace):
+    d = MODEL_CONFIGS[config].hidden_size // 8  # scaled down for the interpreter; keeps the odd factors
+    x = torch.randn(2, 13, d, device=DEVICE, dtype=dtype)
+    check_add(x, inplace=inplace, x_scale=math.sqrt(d), offset=3)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
+@pytest.mark.parametrize(
+    "mode", ["offset_tensor", "positions_2d", "positions_1d", "float_positions", "tokens_2d", "odd_dim", "gptj_layout"]
+)
+def test_add_modes(backend, mode, inplace):
+    B, S, D = 3, 7, 24
+    x = torch.randn(B, S, D, device=DEVICE)
+    kw = {}
+    if mode == "offset_tensor":
+        kw = dict(offset=torch.tensor([0, 100, 5], device=DEVICE))
+    elif mode == "positions_2d":
+        kw = dict(positions=torch.randint(0, 5000, (B, S), device=DEVICE))
+    elif mode == "positions_1d":
+        kw = dict(positions=torch.randint(0, 5000, (S,), device=DEVICE, dtype=torch.int32))
+    elif mode == "float_positions":
+        kw = dict(positions=torch.rand(B, S, device=DEVICE) * 1000, **CONV["diffusers"])
+    elif mode == "tokens_2d":
+        x = torch.randn(11, D, device=DEVICE)
+        kw = dict(offset=2, **CONV["fairseq"])
+    elif mode == "odd_dim":
+        x = torch.randn(B, S, 25, device=DEVICE)
+        kw = dict(x_scale=0.5, cos_first=True)
+    elif mode == "gptj_layout":
+        kw = dict(interleaved=False, scale=3.0, base=100.0)
+    check_add(x, inplace=inplace, what=mode, **kw)
+
+
+def test_add_non_contiguous_in_place(backend):
+    """[S, B, D] storage passed as .transpose(0, 1), and a token-strided slice: written where they live."""
+    base = torch.randn(9, 2, 16, device=DEVICE)
+    x = base.transpose(0, 1)
+    expect = ref.add_sinusoidal_reference(x.clone())
+    pk.add_sinusoidal_(x)
+    assert max_err(base.transpose(0, 1), expect) < 1e-5
+    buf = torch.randn(2, 10, 40, device=DEVICE)
+    before = buf.clone()
+    view = buf[:, ::3, 8:32]
+    expect = ref.add_sinusoidal_reference(view.clone(), offset=4)
+    pk.add_sinusoidal_(view, offset=4)
+    assert max_err(view, expect) < 1e-5
+    mask = torch.ones_like(buf, dtype=torch.bool)
+    mask[:, ::3, 8:32] = False
+    assert torch.equal(buf[mask], before[mask])
+
+
+def test_add_writes_every_element(backend):
+    for D, inter in [(17, True), (17, False), (32, True)]:
+        x = torch.randn(2, 5, D, device=DEVICE)
+        out = torch.full_like(x, float("nan"))
+        _sinusoidal_launch(x, out, None, None, 0, 2.0, 10000.0, inter, False, 0.0, 1.0)
+        assert not torch.isnan(out).any()
+        assert max_err(out, ref.add_sinusoidal_reference(x, x_scale=2.0, interleaved=inter)) < 1e-5
+
+
+def test_empty_add(backend):
+    for shape in [(0, 4, 8), (2, 0, 8), (0, 8)]:
+        x = torch.randn(*shape, device=DEVICE)
+        assert pk.add_sinusoidal_(x).shape == shape
+        assert pk.add_sinusoidal(x).shape == shape
+
+
+def test_module(backend):
+    enc = pk.SinusoidalPositionalEncoding(16, x_scale=4.0, **CONV["fairseq"])
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    assert max_err(enc(x), ref.add_sinusoidal_reference(x, x_scale=4.0, **CONV["fairseq"])) < 1e-5
+    with pytest.raises(ValueError, match="x must have 16 channels"):
+        enc(torch.randn(2, 5, 8))
+    assert "freq_shift=1.0" in repr(enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, ops, compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
+def test_gradients(backend, inplace):
+    xw = torch.randn(2, 6, 12, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 6, 12, device=DEVICE)
+    x = xw * 1.0
+    out = (pk.add_sinusoidal_ if inplace else pk.add_sinusoidal)(x, x_scale=3.0, offset=2)
+    (gx,) = torch.autograd.grad(out, xw, g)
+    x64 = xw.detach().double().requires_grad_()
+    (tx,) = torch.autograd.grad(ref.add_sinusoidal_reference(x64, x_scale=3.0, offset=2), x64, g.double())
+    assert max_err(gx, tx) < 1e-6
+
+
+def test_gradcheck_float64(backend):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    pos = torch.tensor([0.5, 3.0, 7.0], dtype=torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x: pk.add_sinusoidal(x, positions=pos, x_scale=1.5), (x,))
+    assert torch.autograd.gradcheck(lambda x: pk.add_sinusoidal_(x * 1.0, x_scale=-2.0, offset=4), (x,))
+
+
+def test_inplace_autograd_rules(backend):
+    leaf = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        pk.add_sinusoidal_(leaf)
+    t = torch.randn(2, 3, 4, device=DEVICE)
+    v = t._version
+    pk.add_sinusoidal_(t)
+    assert t._version > v
+
+
+def test_opcheck(backend):
+    x = torch.randn(2, 5, 12, device=DEVICE)
+    pos = torch.randint(0, 100, (2, 5), device=DEVICE)
+    offs = torch.tensor([3, 9], device=DEVICE)
+    torch.library.opcheck(torch.ops.posenc.add_sinusoidal_.default, (x.clone(), pos, None, 0, 2.0, 1e4, True, False, 0.0, 1.0))
+    torch.library.opcheck(torch.ops.posenc.add_sinusoidal_.default, (x.clone(), None, offs, 0, 1.0, 1e4, False, True, 1.0, 2.0))
+    torch.library.opcheck(
+        torch.ops.posenc.add_sinusoidal.default, (x.clone().requires_grad_(), None, None, 7, 2.0, 1e4, True, False, 0.0, 1.0)
+    )
+    torch.library.opcheck(
+        torch.ops.posenc.sinusoidal_table.default, (pos.float(), 0, 9, 1e4, False, True, 1.0, 1.0, torch.float16, DEVICE)
+    )
+    torch.library.opcheck(
+        torch.ops.posenc.sinusoidal_table.default, (None, 7, 8, 1e4, True, False, 0.0, 1.0, torch.float32, DEVICE)
+    )
+
+
+def _embed(x, t):
+    h = pk.add_sinusoidal(x, x_scale=2.0, offset=1)
+    h = h * 1.0
+    pk.add_sinusoidal_(h, positions=t)
+    return h + pk.sinusoidal_table(t, x.shape[-1], **CONV["diffusers"]).to(h.dtype)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compile_backend):
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 16, device=DEVICE, requires_grad=True)
+    t = torch.rand(4, device=DEVICE) * 100
+    eager = _embed(x, t)
+    g = torch.randn_like(eager)
+    (ge,) = torch.autograd.grad(eager, x, g)
+    out = torch.compile(_embed, fullgraph=True, backend=compile_backend)(x, t)
+    (gc,) = torch.autograd.grad(out, x, g)
+    assert max_err(out, eager) < 1e-5 and max_err(gc, ge) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        (dict(dim=2, freq_shift=1.0), ValueError, "divides by zero"),
+        (dict(dim=0), ValueError, "dim must be a positive int"),
+        (dict(dim=8, base=0.0), ValueError, "base must be a positive finite"),
+        (dict(dim=8, dtype=torch.int64), TypeError, "dtype must be a floating dtype"),
+        (dict(dim=8, scale=float("inf")), ValueError, "scale must be finite"),
+        (dict(dim=8, positions=torch.zeros(3, dtype=torch.bool)), TypeError, "positions must be an integer or floating"),
+        (dict(dim=8, positions=-3), ValueError, "positions_or_length must be >= 0"),
+        (dict(dim=8, positions="7"), TypeError, "positions_or_length must be an int or a tensor"),
+    ],
+)
+def test_table_bad_input(kwargs, exc, msg):
+    kwargs = dict(kwargs)
+    pos = kwargs.pop("positions", 5)
+    dim = kwargs.pop("dim")
+    with pytest.raises(exc, match=msg):
+        pk.sinusoidal_table(pos, dim, **kwargs)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
+@pytest.mark.parametrize(
+    "case",
+    ["x_int", "x_rank", "x_stride", "positions_shape", "positions_bool", "positions_device", "offset_shape",
+     "both", "freq_shift_zero", "x_scale_nan", "x_expanded"],
+)  # fmt: skip
+def test_add_bad_input(backend, case, inplace):
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    kw = {}
+    exc, msg = ValueError, None
+    if case == "x_int":
+        x, exc, msg = x.to(torch.int32), TypeError, "x must have dtype"
+    elif case == "x_rank":
+        x, msg = torch.randn(2, 2, 5, 8, device=DEVICE), "x must have 2 or 3 dimensions"
+    elif case == "x_stride":
+        x, msg = torch.randn(2, 5, 16, device=DEVICE)[..., ::2], "x must have stride"
+    elif case == "positions_shape":
+        kw, msg = dict(positions=torch.zeros(5, 2, device=DEVICE)), r"positions must have shape \[S\]"
+    elif case == "positions_bool":
+        kw, exc, msg = dict(positions=torch.zeros(5, dtype=torch.bool, device=DEVICE)), TypeError, "positions must be an integer or floating"
+    elif case == "positions_device":
+        kw, msg = dict(positions=torch.zeros(5, device="meta")), "positions must be on the same device"
+    elif case == "offset_shape":
+        kw, msg = dict(offset=torch.zeros(3, dtype=torch.long, device=DEVICE)), r"offsets must have shape \[B\]"
+    elif case == "both":
+        kw, msg = dict(positions=torch.zeros(5, device=DEVICE), offset=2), "not both"
+    elif case == "freq_shift_zero":
+        x, kw, msg = torch.randn(2, 5, 2, device=DEVICE), dict(freq_shift=1.0), "divides by zero"
+    elif case == "x_scale_nan":
+        kw, msg = dict(x_scale=float("nan")), "x_scale must be finite"
+    elif case == "x_expanded":
+        if not inplace:
+            x = torch.randn(2, 1, 8, device=DEVICE).expand(2, 5, 8)
+            assert pk.add_sinusoidal(x).shape == (2, 5, 8)  # reading an expanded view is fine
+            return
+        x, msg = torch.randn(2, 1, 8, device=DEVICE).expand(2, 5, 8), "internally overlapping"
+    before = x.clone()
+    with pytest.raises(exc, match=msg):
+        (pk.add_sinusoidal_ if inplace else pk.add_sinusoidal)(x, **kw)
+    assert torch.equal(before, x)
