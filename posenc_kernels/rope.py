@@ -305,20 +305,24 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
         check_position_values(positions, offsets, offset, seqlen=S, num_rows=cos.shape[0], device=dev)
 
 
-def _rope_blocks(half: int, heads_q: int, heads_k: int, n_tokens: int, interleaved: bool):
+def _rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int):
     """Block-size heuristic (documented in the README).
 
-    A program rotates BLOCK_T tokens x BLOCK_H heads; the cos/sin rows it loads serve all of them. BLOCK_H
-    is the power of two covering the smaller head count, so q and k programs are the same size (with GQA
-    Llama-3-8B: q has 4 blocks of 8 heads, k one), capped so a half-tile stays near 2048 elements; BLOCK_T
-    fills the rest of the tile (at most 16 tokens, and never past the token count)."""
+    A program handles BLOCK_T tokens x BLOCK_H heads; the cos/sin rows it loads serve all of them. The
+    channels a head touches are ``width`` = the rotary ones (padded to a power of two) plus, when copying
+    out of place with partial rotary, the pass-through tail. BLOCK_H is the power of two covering the
+    smaller head count, so q and k programs are alike (Llama-3-8B: q in 4 blocks of 8 heads, k in one),
+    capped so a tile stays near 4096 elements; BLOCK_T fills the tile (at most 16 tokens and never past
+    the token count). Warps grow with the tile: about 32 elements per thread."""
     block_half = next_pow2(half)
+    block_tail = next_pow2(tail) if tail else 0
+    width = 2 * block_half + block_tail
     heads = min(heads_q, heads_k) if heads_k > 0 else heads_q
-    block_h = min(next_pow2(heads), max(1, 2048 // block_half))
-    block_t = max(1, min(16, 2048 // (block_h * block_half), next_pow2(n_tokens)))
-    tile = block_t * block_h * block_half * 2
-    num_warps = 8 if tile >= 8192 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
-    return block_half, block_h, block_t, num_warps
+    block_h = min(next_pow2(heads), max(1, 4096 // width))
+    block_t = max(1, min(16, 4096 // (block_h * width), next_pow2(n_tokens)))
+    tile = block_t * block_h * width
+    num_warps = 1 << (max(1, min(8, tile // 1024)).bit_length() - 1)  # a power of two in [1, 8]
+    return block_half, block_tail, block_h, block_t, num_warps
 
 
 def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate):
@@ -343,7 +347,7 @@ def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, inter
     ko = k_out if k_out is not None else q_out
     copy_tail = q_out.data_ptr() != q.data_ptr() and 2 * half < D
     tail = D - 2 * half
-    block_half, block_h, block_t, num_warps = _rope_blocks(half, Hq, Hk, n_tokens, interleaved)
+    block_half, block_tail, block_h, block_t, num_warps = _rope_blocks(half, tail if copy_tail else 0, Hq, Hk, n_tokens)
     grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
         _rope_kernel[grid](
@@ -354,7 +358,7 @@ def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, inter
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             ko.stride(0), ko.stride(1), ko.stride(2),
             cos.stride(0), sin.stride(0), spos_b, spos_s,
-            HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=next_pow2(max(tail, 1)),
+            HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=max(block_tail, 1),
             BLOCK_T=block_t, BLOCK_H=block_h, POS_MODE=pos_mode, INTERLEAVED=interleaved,
             CONJUGATE=conjugate, COPY_TAIL=copy_tail, ACC=tl_acc_dtype(q.dtype), num_warps=num_warps,
         )  # fmt: skip
