@@ -99,6 +99,11 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def prev_pow2(n: int) -> int:
+    """Largest power of two <= n (1 for n < 1)."""
+    return 1 if n < 1 else 1 << (int(n).bit_length() - 1)
+
+
 def tl_acc_dtype(dtype: torch.dtype):
     """Register dtype for the math: fp64 for fp64 storage, fp32 for everything else."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -33,6 +33,7 @@ from ._common import (
     check_writable,
     device_guard,
     next_pow2,
+    prev_pow2,
     resolve_backend,
     same_first_element,
     split_offsets,
@@ -318,10 +319,10 @@ def _rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int
     block_tail = next_pow2(tail) if tail else 0
     width = 2 * block_half + block_tail
     heads = min(heads_q, heads_k) if heads_k > 0 else heads_q
-    block_h = min(next_pow2(heads), max(1, 4096 // width))
-    block_t = max(1, min(16, 4096 // (block_h * width), next_pow2(n_tokens)))
+    block_h = min(next_pow2(heads), prev_pow2(4096 // width))
+    block_t = min(16, prev_pow2(4096 // (block_h * width)), next_pow2(n_tokens))
     tile = block_t * block_h * width
-    num_warps = 1 << (max(1, min(8, tile // 1024)).bit_length() - 1)  # a power of two in [1, 8]
+    num_warps = prev_pow2(min(8, tile // 1024))
     return block_half, block_tail, block_h, block_t, num_warps
 
 

@@ -459,3 +459,18 @@ def test_rope_cos_sin_bad_input():
         pk.rope_cos_sin(4.0, inv)
     with pytest.raises(ValueError, match="positions_or_length must be >= 0"):
         pk.rope_cos_sin(-1, inv)
+
+
+@pytest.mark.parametrize("half", [1, 8, 20, 32, 40, 64, 128])
+@pytest.mark.parametrize("tail", [0, 16, 48, 192])
+def test_block_heuristic_powers_of_two(half, tail):
+    from posenc_kernels.rope import _rope_blocks
+
+    for heads_q, heads_k in [(32, 8), (3, 3), (8, 1), (28, 4), (1, 0)]:
+        for n_tokens in (1, 13, 4096):
+            bh, bt_, h, t, w = _rope_blocks(half, tail, heads_q, heads_k, n_tokens)
+            for v in (bh, h, t, w) + ((bt_,) if tail else ()):
+                assert v & (v - 1) == 0, (half, tail, heads_q, heads_k, n_tokens)
+            assert bh >= half and (not tail or bt_ >= tail)
+            assert t <= max(1, n_tokens) * 2 and 1 <= w <= 8
+            assert t * h * (2 * bh + bt_) <= max(4096, 2 * bh + bt_), "tile too large"
