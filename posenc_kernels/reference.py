@@ -99,6 +99,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """HF transformers' ``apply_rotary_pos_emb``: q/k ``[B, H, S, D]``, cos/sin ``[B, S, D]`` (the half
+    table duplicated, already gathered per token and cast to q's dtype). The eager benchmark provider."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
 def rope_hf_eager(
     q: torch.Tensor,
     k: Optional[torch.Tensor],

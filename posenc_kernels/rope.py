@@ -228,30 +228,35 @@ _TORCH_CHUNK_ELEMS = 1 << 21  # bounds the fp32 temporaries of the torch path (8
 
 
 def _rotate_torch(x_in, x_out, cos, sin, rows, interleaved, conjugate):
-    """Rotate ``x_in`` into ``x_out`` (which may be ``x_in``) chunk by chunk along S, math in fp32/fp64."""
+    """Rotate ``x_in`` into ``x_out`` (which may be ``x_in``) chunk by chunk along S, math in fp32/fp64.
+
+    Temporaries are bounded by the chunk size, never proportional to the input."""
     B, S, H, D = x_in.shape
     half = cos.shape[-1]
     R = 2 * half
     acc = torch.float64 if x_in.dtype == torch.float64 else torch.float32
     chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, B * H * R))
+    shared_rows = rows.stride(0) == 0  # same rows for every sequence: gather the tables once
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        r = rows[:, s0:s1]
-        c = cos[r].to(acc).unsqueeze(2)  # [B, s, 1, half]
+        r = rows[:1, s0:s1] if shared_rows else rows[:, s0:s1]
+        c = cos[r].to(acc).unsqueeze(2)  # [B or 1, s, 1, half]
         sn = sin[r].to(acc).unsqueeze(2)
         if conjugate:
             sn = -sn
         xi = x_in[:, s0:s1, :, :R]
         xo = x_out[:, s0:s1, :, :R]
         if interleaved:
-            pairs = xi.unflatten(-1, (half, 2)).to(acc)
-            x1, x2 = pairs[..., 0], pairs[..., 1]
-            out = torch.stack((x1 * c - x2 * sn, x2 * c + x1 * sn), dim=-1).flatten(-2)
-            xo.copy_(out)
+            pairs = xi.unflatten(-1, (half, 2))
+            x1, x2 = pairs[..., 0].to(acc), pairs[..., 1].to(acc)
         else:
             x1, x2 = xi[..., :half].to(acc), xi[..., half:].to(acc)
-            o1 = x1 * c - x2 * sn  # both halves are computed before either is written back
-            o2 = x2 * c + x1 * sn
+        # Both outputs are computed before either is written back (for fp32 x1/x2 alias the input).
+        o1 = torch.addcmul(x1 * c, x2, sn, value=-1)
+        o2 = torch.addcmul(x2 * c, x1, sn)
+        if interleaved:
+            xo.unflatten(-1, (half, 2)).copy_(torch.stack((o1, o2), dim=-1))
+        else:
             xo[..., :half].copy_(o1)
             xo[..., half:].copy_(o2)
         if x_out is not x_in and R < D:

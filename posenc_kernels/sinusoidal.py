@@ -163,22 +163,28 @@ _TORCH_CHUNK_ELEMS = 1 << 21
 
 
 def _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved, cos_first):
-    """Writes PE (x None) or x * x_scale + PE into ``out`` ``[B, S, D]``, chunked along S."""
+    """Writes PE (x None) or x * x_scale + PE into ``out`` ``[B, S, D]``, chunked along S; the encodings
+    are computed once per chunk when every sequence uses the same rows."""
     B, S, D = out.shape
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, B * D))
+    shared_rows = rows.stride(0) == 0
+    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, (1 if shared_rows else B) * D))
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        angle = (rows[:, s0:s1].to(torch.float32)[..., None] * inv_freq) * scale
+        r = rows[:1, s0:s1] if shared_rows else rows[:, s0:s1]
+        angle = (r.to(torch.float32)[..., None] * inv_freq) * scale
         sn, cs = angle.sin(), angle.cos()
         first, second = (cs, sn) if cos_first else (sn, cs)
         pe = torch.stack((first, second), dim=-1).flatten(-2) if interleaved else torch.cat((first, second), -1)
         if D > 2 * half:
             pe = torch.nn.functional.pad(pe, (0, D - 2 * half))
         pe = pe.to(acc)
-        if x is not None:
-            pe = x[:, s0:s1].to(acc) * x_scale + pe
-        out[:, s0:s1].copy_(pe)
+        if x is None:
+            out[:, s0:s1].copy_(pe)
+        elif x.dtype == acc:  # one pointwise pass, writing straight into out (which may be x)
+            torch.add(pe, x[:, s0:s1], alpha=x_scale, out=out[:, s0:s1])
+        else:
+            out[:, s0:s1].copy_(torch.add(pe, x[:, s0:s1].to(acc), alpha=x_scale))
 
 
 # ==============================================================================================
