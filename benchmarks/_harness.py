@@ -20,6 +20,9 @@ import time
 
 import torch
 
+# Every shape compiles its own torch.compile graph (dynamic=False): allow more than the default 8.
+torch._dynamo.config.recompile_limit = 64
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IS_CUDA = DEVICE.type == "cuda"
 

@@ -6,7 +6,7 @@ Triton kernels; CPU tensors run a pure-torch implementation, or the Triton kerne
 interpreter when ``TRITON_INTERPRET=1`` is set before import. :func:`set_backend` forces one.
 """
 
-from ._common import get_backend, interpreter_enabled, set_backend, use_backend
+from ._common import get_backend, interpreter_enabled, set_backend, set_value_checks, use_backend
 from .rope import apply_rope, apply_rope_, rope_cos_sin, rope_frequencies
 from .sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
@@ -31,5 +31,6 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "set_value_checks",
     "interpreter_enabled",
 ]

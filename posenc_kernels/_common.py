@@ -30,6 +30,24 @@ if _backend not in BACKENDS:
     raise ValueError(f"POSENC_BACKEND must be one of {BACKENDS}, got {_backend!r}")
 
 
+_value_checks = os.environ.get("POSENC_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the checks that read tensor *values* (positions/offsets inside the table) on or off.
+
+    They cost a device-to-host sync per call on CUDA when positions or offsets are tensors. With them off
+    (or while a CUDA graph is captured, where they are skipped), the Triton kernels turn a token whose row
+    lies outside the table into NaN outputs rather than reading out of bounds. ``POSENC_VALUE_CHECKS=0``
+    sets the initial value. Shape, dtype, device and layout checks always run.
+
+    >>> import posenc_kernels as pk
+    >>> pk.set_value_checks(False); pk.set_value_checks(True)
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set before import: Triton kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -209,7 +227,7 @@ def check_position_values(
                 f"but the cos/sin table has {num_rows} rows"
             )
         return
-    if on_cuda_graph_capture(device):
+    if not _value_checks or on_cuda_graph_capture(device):
         return
     t = positions if positions is not None else offsets
     if t.numel() == 0:

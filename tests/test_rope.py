@@ -474,3 +474,25 @@ def test_block_heuristic_powers_of_two(half, tail):
             assert bh >= half and (not tail or bt_ >= tail)
             assert t <= max(1, n_tokens) * 2 and 1 <= w <= 8
             assert t * h * (2 * bh + bt_) <= max(4096, 2 * bh + bt_), "tile too large"
+
+
+def test_unchecked_out_of_table_rows_become_nan():
+    """With value checks off (as under CUDA graph capture) the kernel never reads outside the table: a
+    token whose row is out of range gets NaN, the others are rotated correctly."""
+    from conftest import TRITON_RUNS
+
+    if not TRITON_RUNS:
+        pytest.skip("needs the Triton kernels (CUDA or TRITON_INTERPRET=1)")
+    q, k = make_qk(1, 4, 2, 1, 16, torch.float32)
+    cos, sin = tables(6, 16)
+    pos = torch.tensor([0, 9, 5, -1], device=DEVICE)
+    good = torch.tensor([0, 0, 5, 0], device=DEVICE)
+    truth_q, _ = ref.rope_reference(q, k, cos, sin, positions=good)
+    pk.set_value_checks(False)
+    try:
+        with pk.use_backend("triton"):
+            pk.apply_rope_(q, k, cos, sin, positions=pos)
+    finally:
+        pk.set_value_checks(True)
+    assert torch.isnan(q[:, [1, 3]]).all() and torch.isnan(k[:, [1, 3]]).all()
+    assert max_err(q[:, [0, 2]], truth_q[:, [0, 2]]) < 1e-5
