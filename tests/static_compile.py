@@ -12,9 +12,7 @@ import os
 import re
 import sys
 
-assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
-
-import torch  # noqa: E402
+import torch
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -148,6 +146,7 @@ def rope_case(B, S, Hq, Hk, D, R, dtype, *, interleaved=False, hf_layout=False, 
 
 
 def main():
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
     out = {}
     rec = Recorder(rope._rope_kernel.fn if hasattr(rope._rope_kernel, "fn") else rope._rope_kernel)
     rope_jit = rope._rope_kernel
