@@ -159,16 +159,88 @@ def check_last_stride(name: str, t: torch.Tensor) -> None:
         )
 
 
+def _nested_layout(shape, strides) -> bool:
+    """Sufficient condition for a strided layout to address distinct elements: sorted by stride, each
+    dimension's stride covers the whole extent of the smaller ones. Holds for every view that slicing,
+    transposing, expanding-free reshaping or splitting produces."""
+    dims = sorted((st, n) for n, st in zip(shape, strides) if n > 1)
+    extent = 1  # elements spanned by the dimensions seen so far
+    for st, n in dims:
+        if st < extent:
+            return False
+        extent += (n - 1) * st
+    return True
+
+
 def check_writable(name: str, t: torch.Tensor) -> None:
-    """An in-place op must not write through broadcast (stride-0 or overlapping) views."""
-    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(f"{name} has internally overlapping memory (an expanded view?); it cannot be written in place")
+    """An in-place op must not write through a view whose elements overlap (expanded, as_strided)."""
+    if t.numel() > 1 and not _nested_layout(t.shape, t.stride()):
+        raise ValueError(
+            f"{name} has internally overlapping memory (an expanded or as_strided view?); it cannot be written "
+            "in place"
+        )
 
 
-def same_first_element(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two non-empty tensors start at the same element (``k is q`` or a view of it): rotating
-    such a pair would rotate shared elements twice. Disjoint head slices of one buffer (packed QKV) pass."""
-    return a.numel() > 0 and b.numel() > 0 and a.device == b.device and a.data_ptr() == b.data_ptr()
+def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two tensors written in place by one op must not share elements (they would be rotated twice).
+
+    Disjoint head slices of one buffer (packed QKV) pass. Same storage with intersecting spans is
+    resolved exactly when both views have the same nested strides (the offset between them is then a
+    box shift in the parent's coordinates); any other intersecting layout is refused as unprovable."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return
+
+    def span(t):
+        lo = t.storage_offset()
+        return lo, lo + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a1 <= b0 or b1 <= a0:
+        return
+    msg = f"{name_b} must not overlap {name_a}: shared elements would be rotated twice"
+    if a.stride() == b.stride() and _nested_layout(tuple(map(max, a.shape, b.shape)), a.stride()):
+        # Same nested layout (packed QKV head slices): the offset between the views is a box shift.
+        delta = b.storage_offset() - a.storage_offset()
+        lo, hi = (a, b) if delta >= 0 else (b, a)
+        rest = abs(delta)
+        for st, n_lo in sorted(zip(a.stride(), lo.shape), reverse=True):
+            shift = rest // st if st > 0 else 0
+            rest -= shift * st
+            if shift >= n_lo:  # hi starts beyond lo's extent in this dimension: the boxes are disjoint
+                return
+        if rest:
+            return  # not a whole element shift of the shared layout: no element coincides
+        raise ValueError(msg)
+    # Any other intersecting layouts (rare): mark a's elements over the shared span and test b's. Exact,
+    # at the cost of a bool map of the span (and a sync on CUDA).
+    lo = min(a0, b0)
+    mark = torch.zeros(max(a1, b1) - lo, dtype=torch.bool, device=a.device)
+    mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
+    if bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any()):
+        raise ValueError(msg)
+
+
+def check_inplace_autograd(name: str, t: torch.Tensor) -> None:
+    """The errors PyTorch's own in-place ops raise under autograd, raised here before anything is
+    written (a custom autograd.Function would only raise them after its forward had run)."""
+    if not (torch.is_grad_enabled() and t.requires_grad):
+        return
+    if t.is_leaf:
+        raise RuntimeError(f"{name}: a leaf Variable that requires grad is being used in an in-place operation.")
+    if t._is_view():
+        if t._base.is_leaf:
+            raise RuntimeError(
+                f"{name}: a view of a leaf Variable that requires grad is being used in an in-place operation."
+            )
+        meta = torch._C._autograd._get_creation_meta(t)
+        if meta != torch._C._autograd.CreationMeta.DEFAULT:
+            raise RuntimeError(
+                f"{name} is a view created by a multi-output op (split/chunk/unbind), in no_grad or inference "
+                f"mode, or in a custom Function ({meta}); autograd cannot track it being modified in place: "
+                "slice it instead or clone it"
+            )
 
 
 def check_position_args(
@@ -181,6 +253,7 @@ def check_position_args(
     device: torch.device,
     integer_positions: bool = True,
     positions_name: str = "positions",
+    offsets_name: str = "offsets",
 ) -> None:
     """Shape/dtype checks shared by every op that resolves a row per token."""
     if positions is not None:
@@ -196,13 +269,13 @@ def check_position_args(
                 f"got {tuple(positions.shape)}"
             )
         if offsets is not None or offset != 0:
-            raise ValueError(f"pass {positions_name} or offsets, not both")
+            raise ValueError(f"pass {positions_name} or {offsets_name}, not both")
     if offsets is not None:
         if offsets.dtype == torch.bool or offsets.dtype not in INT_DTYPES:
-            raise TypeError(f"offsets must be an int or an integer tensor, got dtype {offsets.dtype}")
-        check_tensor("offsets", offsets, ndim=1, device=device)
+            raise TypeError(f"{offsets_name} must be an int or an integer tensor, got dtype {offsets.dtype}")
+        check_tensor(offsets_name, offsets, ndim=1, device=device)
         if offsets.shape[0] != batch:
-            raise ValueError(f"offsets must have shape [B] = [{batch}], got {tuple(offsets.shape)}")
+            raise ValueError(f"{offsets_name} must have shape [B] = [{batch}], got {tuple(offsets.shape)}")
 
 
 def check_position_values(
@@ -260,7 +333,7 @@ def token_positions(
     return (s + offset)[None, :].expand(batch, seqlen)
 
 
-def split_offsets(offsets) -> tuple[Optional[torch.Tensor], int]:
+def split_offsets(offsets, name: str = "offsets") -> tuple[Optional[torch.Tensor], int]:
     """Public ``offsets`` (int or tensor) -> the ops' (offsets tensor or None, int offset) pair."""
     if isinstance(offsets, torch.Tensor):
         return offsets, 0
@@ -269,9 +342,9 @@ def split_offsets(offsets) -> tuple[Optional[torch.Tensor], int]:
         try:
             as_int = int(offsets)
         except (TypeError, ValueError):
-            raise TypeError(f"offsets must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
+            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
         if as_int != offsets or isinstance(offsets, (bool, float)):
-            raise TypeError(f"offsets must be an int or a [B] integer tensor, got {offsets!r}")
+            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {offsets!r}")
         return None, as_int
     return None, offsets
 

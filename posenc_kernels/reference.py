@@ -187,8 +187,9 @@ def add_sinusoidal_reference(
     else:
         s = torch.arange(S, device=x.device)
         pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
-    # The kernels take positions to fp32 first (as every published implementation does): so does the truth.
-    pos = pos.to(torch.float32)
+    # The kernels take positions to fp32 first (as every published implementation does), fp64 for fp64
+    # inputs: so does the truth.
+    pos = pos.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     out = x3.to(dtype) * x_scale + sinusoidal_table_reference(pos, D, dtype=dtype, **convention)
     return out.reshape(x.shape)
 

@@ -30,12 +30,13 @@ from ._common import (
     check_position_args,
     check_position_values,
     check_tensor,
+    check_disjoint,
+    check_inplace_autograd,
     check_writable,
     device_guard,
     next_pow2,
     prev_pow2,
     resolve_backend,
-    same_first_element,
     split_offsets,
     tl_acc_dtype,
     token_positions,
@@ -290,9 +291,8 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
         if (k.shape[0], k.shape[1], k.shape[3]) != (B, S, D):
             raise ValueError(f"k must be [B, S, Hk, D] = [{B}, {S}, Hk, {D}] to match q, got {tuple(k.shape)}")
         check_last_stride("k", k)
-        # Real tensors only: fake tensors have no addresses.
-        if inplace and values and same_first_element(q, k):
-            raise ValueError("k must not alias q: the shared elements would be rotated twice")
+        if inplace and k is q:
+            raise ValueError("k must not overlap q: shared elements would be rotated twice")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
     if cos.shape != sin.shape:
@@ -303,10 +303,11 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
     if 2 * half > D:
         raise ValueError(f"rotary dim R = 2 * cos.shape[-1] = {2 * half} exceeds head_dim D = {D}")
     check_position_args(positions, offsets, offset, batch=B, seqlen=S, device=dev)
-    if inplace and values:  # memory-layout checks need real tensors
+    if inplace and values:  # memory-layout checks need real tensors (fakes have no storage)
         check_writable("q", q)
         if k is not None:
             check_writable("k", k)
+            check_disjoint("q", q, "k", k)
     if values and B * S > 0:  # zero tokens is a no-op whatever the table
         check_position_values(positions, offsets, offset, seqlen=S, num_rows=cos.shape[0], device=dev)
 
@@ -351,7 +352,7 @@ def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, inter
         pos_mode, pos, spos_b, spos_s = POS_OFFSET, None, 0, 0
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
-    copy_tail = q_out.data_ptr() != q.data_ptr() and 2 * half < D
+    copy_tail = q_out is not q and 2 * half < D
     tail = D - 2 * half
     block_half, block_tail, block_h, block_t, num_warps = _rope_blocks(half, tail if copy_tail else 0, Hq, Hk, n_tokens)
     grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
@@ -607,11 +608,15 @@ def apply_rope_(
         (isinstance(q, torch.Tensor) and q.requires_grad) or (isinstance(k, torch.Tensor) and k.requires_grad)
     )
     if needs_grad:
-        # Check both before either is written (values are checked by q's launch, which writes nothing
-        # when they are bad), then one autograd-tracked launch per tensor.
-        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=False)
-        if k is q:
-            raise ValueError("k must not alias q: the shared elements would be rotated twice")
+        # Everything is checked for both tensors before either is written - including the errors autograd
+        # itself would raise, which a custom Function only raises after its forward ran. Traced code
+        # (torch.compile) has no storage to inspect; tracing raises autograd's errors before running.
+        real = not torch.compiler.is_compiling()
+        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=real)
+        if real:
+            check_inplace_autograd("q", q)
+            if k is not None:
+                check_inplace_autograd("k", k)
         args = (cos, sin, positions, offsets_t, offset, interleaved, False)
         q = _RopeInplaceFunction.apply(q, *args)
         if k is not None:

@@ -29,6 +29,7 @@ from ._common import (
     check_last_stride,
     check_position_args,
     check_tensor,
+    check_inplace_autograd,
     check_writable,
     device_guard,
     next_pow2,
@@ -55,9 +56,11 @@ __all__ = [
 SINUSOIDAL_CONVENTIONS = {
     # Vaswani et al. 2017: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
     "transformer": dict(interleaved=True, cos_first=False, freq_shift=0.0),
-    # tensor2tensor get_timing_signal_1d: [sin | cos], log step log(max/min) / (channels//2 - 1).
+    # tensor2tensor get_timing_signal_1d: [sin | cos], log step log(max/min) / (channels//2 - 1); with a
+    # min_timescale other than 1 add base=max_timescale/min_timescale, scale=min_timescale.
     "tensor2tensor": dict(interleaved=False, cos_first=False, freq_shift=1.0),
-    # fairseq SinusoidalPositionalEmbedding.get_embedding: same as tensor2tensor.
+    # fairseq SinusoidalPositionalEmbedding.get_embedding: same as tensor2tensor (fairseq's module numbers
+    # tokens from padding_idx + 1: pass those positions).
     "fairseq": dict(interleaved=False, cos_first=False, freq_shift=1.0),
     # diffusers get_timestep_embedding defaults (flip_sin_to_cos=False, downscale_freq_shift=1); its
     # flip_sin_to_cos maps to cos_first, downscale_freq_shift to freq_shift, max_period to base.
@@ -104,14 +107,16 @@ if HAS_TRITON:
         tok_mask = t < n_tokens
         b = t // seqlen
         s = t - b * seqlen
+        # Angles in ACC: fp32 (positions rounded to fp32 first, as every published implementation does),
+        # fp64 for fp64 outputs.
         if POS_MODE == 0:
-            pos = (s + offset).to(tl.float32)
+            pos = (s + offset).to(ACC)
         elif POS_MODE == 1:
-            pos = (tl.load(pos_ptr + b * stride_pos_b, mask=tok_mask, other=0).to(tl.int64) + s).to(tl.float32)
+            pos = (tl.load(pos_ptr + b * stride_pos_b, mask=tok_mask, other=0).to(tl.int64) + s).to(ACC)
         else:
-            pos = tl.load(pos_ptr + b * stride_pos_b + s * stride_pos_s, mask=tok_mask, other=0).to(tl.float32)
+            pos = tl.load(pos_ptr + b * stride_pos_b + s * stride_pos_s, mask=tok_mask, other=0).to(ACC)
         f = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inv = tl.load(inv_freq_ptr + f, mask=f < HALF, other=0.0)
+        inv = tl.load(inv_freq_ptr + f, mask=f < HALF, other=0.0).to(ACC)
         angle = (pos[:, None] * inv[None, :]) * scale
         if COS_FIRST:
             first = tl.cos(angle)
@@ -124,15 +129,15 @@ if HAS_TRITON:
         if INTERLEAVED:
             ch = pid_c * (2 * BLOCK_C) + tl.arange(0, 2 * BLOCK_C)[None, :]
             m = tok_mask[:, None] & (ch < 2 * HALF)
-            pe = tl.reshape(tl.join(first, second), [BLOCK_T, 2 * BLOCK_C]).to(ACC)
+            pe = tl.reshape(tl.join(first, second), [BLOCK_T, 2 * BLOCK_C])
             if HAS_X:
                 pe = tl.load(x_ptr + x_tok + ch, mask=m, other=0.0).to(ACC) * x_scale + pe
             tl.store(out_ptr + o_tok + ch, pe.to(out_ptr.dtype.element_ty), mask=m)
         else:
             ch = f[None, :]
             m = tok_mask[:, None] & (ch < HALF)
-            pe1 = first.to(ACC)
-            pe2 = second.to(ACC)
+            pe1 = first
+            pe2 = second
             if HAS_X:
                 pe1 = tl.load(x_ptr + x_tok + ch, mask=m, other=0.0).to(ACC) * x_scale + pe1
                 pe2 = tl.load(x_ptr + x_tok + HALF + ch, mask=m, other=0.0).to(ACC) * x_scale + pe2
@@ -153,10 +158,11 @@ if HAS_TRITON:
 
 
 @functools.lru_cache(maxsize=64)
-def _inv_freq(half: int, base: float, freq_shift: float, device: torch.device) -> torch.Tensor:
-    """fp32 inverse frequencies, computed in float64 and rounded once; cached per device (a few bytes)."""
+def _inv_freq(half: int, base: float, freq_shift: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse frequencies computed in float64 and rounded once to ``dtype`` (fp32, or fp64 for fp64
+    outputs); cached per device (a few bytes)."""
     i = torch.arange(half, dtype=torch.float64)
-    return torch.exp(-math.log(base) * i / (half - freq_shift)).to(device=device, dtype=torch.float32)
+    return torch.exp(-math.log(base) * i / (half - freq_shift)).to(device=device, dtype=dtype)
 
 
 _TORCH_CHUNK_ELEMS = 1 << 21
@@ -172,7 +178,7 @@ def _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved,
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         r = rows[:1, s0:s1] if shared_rows else rows[:, s0:s1]
-        angle = (r.to(torch.float32)[..., None] * inv_freq) * scale
+        angle = (r.to(inv_freq.dtype)[..., None] * inv_freq) * scale
         sn, cs = angle.sin(), angle.cos()
         first, second = (cs, sn) if cos_first else (sn, cs)
         pe = torch.stack((first, second), dim=-1).flatten(-2) if interleaved else torch.cat((first, second), -1)
@@ -215,7 +221,8 @@ def _sinusoidal_launch(x, out, positions, offsets, offset, x_scale, base, interl
     if B * S == 0:
         return
     half = D // 2
-    inv_freq = _inv_freq(half, float(base), float(freq_shift), out.device) if half else out.new_empty(0, dtype=torch.float32)
+    math_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    inv_freq = _inv_freq(half, float(base), float(freq_shift), out.device, math_dtype)
     if resolve_backend(out.device) != "triton":
         rows = token_positions(positions, offsets, offset, B, S, out.device)
         _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved, cos_first)
@@ -257,8 +264,9 @@ def _check_add(x, positions, offsets, offset, x_scale, base, freq_shift, scale, 
     if not math.isfinite(x_scale):
         raise ValueError(f"x_scale must be finite, got {x_scale!r}")
     check_position_args(
-        positions, offsets, offset, batch=x3.shape[0], seqlen=x3.shape[1], device=x.device, integer_positions=False
-    )
+        positions, offsets, offset, batch=x3.shape[0], seqlen=x3.shape[1], device=x.device,
+        integer_positions=False, offsets_name="offset",
+    )  # fmt: skip
     if inplace:
         check_writable("x", x)
 
@@ -403,11 +411,14 @@ def sinusoidal_table(
     freq_shift: float = 0.0,
     scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> torch.Tensor:
     """Sinusoidal encodings ``[..., dim]`` for int or float positions of any shape (or ``0..P-1``).
 
     The defaults give the original Transformer's table; ``SINUSOIDAL_CONVENTIONS`` lists the settings of
-    tensor2tensor, fairseq and diffusers (``scale`` multiplies the angle, as diffusers' does). Math in fp32.
+    tensor2tensor, fairseq and diffusers (``scale`` multiplies the angle, as diffusers' does). Math in fp32
+    (fp64 for ``dtype=torch.float64``). ``device`` places a table built from a length (default CPU); a
+    tensor of positions gives its own device.
 
     >>> import torch, posenc_kernels as pk
     >>> pe = pk.sinusoidal_table(50, 16)                        # Vaswani et al.
@@ -419,9 +430,13 @@ def sinusoidal_table(
     torch.Size([2, 32])
     """
     if isinstance(positions_or_length, torch.Tensor):
-        positions, length, device = positions_or_length, 0, positions_or_length.device
+        positions, length = positions_or_length, 0
+        if device is not None and torch.device(device) != positions.device:
+            raise ValueError(f"device ({device}) must match the positions' device ({positions.device}) or be None")
+        device = positions.device
     elif isinstance(positions_or_length, int) and not isinstance(positions_or_length, bool):
-        positions, length, device = None, positions_or_length, torch.device("cpu")
+        positions, length = None, positions_or_length
+        device = torch.device("cpu") if device is None else torch.device(device)
     else:
         raise TypeError(f"positions_or_length must be an int or a tensor, got {type(positions_or_length).__name__}")
     return torch.ops.posenc.sinusoidal_table(
@@ -430,7 +445,7 @@ def sinusoidal_table(
 
 
 def _add_args(positions, offset, x_scale, base, interleaved, cos_first, freq_shift, scale):
-    offsets_t, off = split_offsets(offset)
+    offsets_t, off = split_offsets(offset, "offset")
     return (positions, offsets_t, off, float(x_scale), float(base), interleaved, cos_first, float(freq_shift), float(scale))
 
 
@@ -459,6 +474,10 @@ def add_sinusoidal_(
     """
     args = _add_args(positions, offset, x_scale, base, interleaved, cos_first, freq_shift, scale)
     if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        if not torch.compiler.is_compiling():  # autograd's own in-place errors, before anything is written
+            positions_, offsets_t, off, xs, base_, _, _, shift, scale_ = args
+            _check_add(x, positions_, offsets_t, off, xs, base_, shift, scale_, inplace=True)
+            check_inplace_autograd("x", x)
         return _AddSinusoidalInplaceFunction.apply(x, *args)
     torch.ops.posenc.add_sinusoidal_(x, *args)
     return x

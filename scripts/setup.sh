@@ -1,4 +1,4 @@
-# Sourced by scripts/test and scripts/bench: a virtual environment in .venv with torch, triton, the test
+# Sourced by scripts/test and scripts/bench (it sets -euo pipefail for them): a virtual environment in .venv with torch, triton, the test
 # tools and this package (editable). Idempotent and quick on re-runs.
 #
 # torch: an already-installed torch is kept. Otherwise a CUDA machine (nvidia-smi sees a GPU) gets the
@@ -23,9 +23,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     _pip install "torch==${POSENC_TORCH_VERSION:-2.13.0}"
   fi
 fi
-_stamp=".venv-posenc-installed"
-[ "${POSENC_NO_VENV:-0}" = "1" ] && _stamp="/tmp/posenc-installed-$(id -u)"
-_want="$(cat setup.py pyproject.toml | sha256sum | cut -c1-16)"
+# The stamp lives inside the environment it describes, so a recreated venv always gets its install.
+_stamp="$(python -c 'import sys; print(sys.prefix)')/.posenc-installed"
+_want="$( (cat setup.py pyproject.toml; pwd) | sha256sum | cut -c1-16)"
 if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
   _pip install -e ".[test]"
   echo "$_want" > "$_stamp"

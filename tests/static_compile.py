@@ -122,6 +122,7 @@ def facts(compiled):
         "st_v4": count(r"st\.global(\.\w+)*\.v4\."),
         "ld_v2": count(r"ld\.global(\.\w+)*\.v2\."),
         "st_v2": count(r"st\.global(\.\w+)*\.v2\."),
+        "st_all": count(r"\bst\.global\."),
         # 16-bit scalar global accesses: an unvectorised bf16/fp16 path would show up here.
         "ld_b16_scalar": count(r"ld\.global(\.\w+)*\.(b16|u16|f16|bf16)\s"),
         "st_b16_scalar": count(r"st\.global(\.\w+)*\.(b16|u16|f16|bf16)\s"),

@@ -73,6 +73,8 @@ def test_model_configs(backend, config, dtype):
         (2, 7, 5, 1, 64, 32),  # partial rotary 0.5, odd head count
         (1, 6, 2, 0, 32, 32),  # k = None
         (1, 5, 1, 1, 16, 2),  # a single rotary pair
+        (2, 5, 1, 4, 32, 16),  # more k heads than q heads, partial rotary
+        (2, 5, 0, 2, 32, 16),  # no q heads at all, partial rotary (out of place must still copy k's tail)
     ],
 )
 def test_shapes_and_layouts(backend, B, S, Hq, Hk, D, R, interleaved, inplace):
@@ -361,7 +363,7 @@ def _bad_cases():
         "k_device": (lambda: dict(k=torch.randn(2, 4, 1, 16, device=other)), ValueError, "k must be on the same device"),
         "q_stride": (lambda: dict(q=torch.randn(2, 4, 3, 32, device=DEVICE)[..., ::2]), ValueError, "q must have stride"),
         "k_stride": (lambda: dict(k=torch.randn(2, 4, 1, 32, device=DEVICE)[..., ::2]), ValueError, "k must have stride"),
-        "k_alias": (lambda: {"alias": True}, ValueError, "k must not alias q"),
+        "k_alias": (lambda: {"alias": True}, ValueError, "k must not overlap q"),
         "q_expanded": (
             lambda: dict(q=torch.randn(2, 4, 1, 16, device=DEVICE).expand(2, 4, 3, 16)),
             ValueError,
@@ -496,3 +498,68 @@ def test_unchecked_out_of_table_rows_become_nan():
         pk.set_value_checks(True)
     assert torch.isnan(q[:, [1, 3]]).all() and torch.isnan(k[:, [1, 3]]).all()
     assert max_err(q[:, [0, 2]], truth_q[:, [0, 2]]) < 1e-5
+
+
+def _q_k_pairs_sharing_memory():
+    buf = torch.randn(2, 5, 6, 16, device=DEVICE)
+    yield "partial head overlap", buf[:, :, 0:3], buf[:, :, 2:4]
+    buf = torch.randn(2, 5, 6, 16, device=DEVICE)
+    yield "k a slice of q", buf, buf[:, :, :1]
+    buf = torch.randn(2, 5, 6, 16, device=DEVICE)
+    yield "different strides", buf[:, :, 0:4], buf[:, :, 1::2][:, :, :2]  # heads 1 and 3 in both
+
+
+def test_overlapping_q_k_refused_before_writing(backend):
+    cos, sin = tables(8, 16)
+    for what, q, k in _q_k_pairs_sharing_memory():
+        base = q._base if q._base is not None else q
+        before = base.clone()
+        with pytest.raises(ValueError, match="k must not overlap q"):
+            pk.apply_rope_(q, k, cos, sin)
+        assert torch.equal(base, before), what
+
+
+def test_overlapping_q_k_refused_before_writing_under_grad(backend):
+    cos, sin = tables(8, 16)
+    x = torch.randn(2, 5, 6, 16, device=DEVICE, requires_grad=True)
+    y = x * 1.0
+    before = y.detach().clone()
+    with pytest.raises(ValueError, match="k must not overlap q"):
+        pk.apply_rope_(y[:, :, 0:3], y[:, :, 2:4], cos, sin)
+    assert torch.equal(y.detach(), before)
+
+
+def test_packed_qkv_slices_are_not_overlap(backend):
+    qkv = torch.randn(2, 5, 8, 16, device=DEVICE)
+    cos, sin = tables(5, 16)
+    pk.apply_rope_(qkv[:, :, 0:4], qkv[:, :, 4:6], cos, sin)  # disjoint head ranges: accepted
+    x = torch.randn(2, 5, 4, 48, device=DEVICE)
+    pk.apply_rope_(x[..., 0:16], x[..., 16:32], cos, sin)  # disjoint channel ranges: accepted
+
+
+@pytest.mark.parametrize(
+    "case", ["leaf_q", "leaf_k", "view_of_leaf", "split_views", "expanded_k"]
+)
+def test_inplace_autograd_errors_raised_before_writing(backend, case):
+    cos, sin = tables(8, 16)
+    x = torch.randn(2, 5, 6, 16, device=DEVICE, requires_grad=True)
+    if case == "leaf_q":
+        q, k = torch.randn(2, 5, 2, 16, device=DEVICE, requires_grad=True), None
+        exc, msg = RuntimeError, "leaf Variable that requires grad"
+    elif case == "leaf_k":
+        q, k = x * 1.0, torch.randn(2, 5, 1, 16, device=DEVICE, requires_grad=True)
+        exc, msg = RuntimeError, "k: a leaf Variable"
+    elif case == "view_of_leaf":
+        q, k = x[:, :, :2], None
+        exc, msg = RuntimeError, "view of a leaf Variable"
+    elif case == "split_views":
+        q, k, _ = (x * 1.0).split([3, 2, 1], dim=2)
+        exc, msg = RuntimeError, "multi-output op"
+    else:
+        q, k = x * 1.0, (torch.randn(2, 5, 1, 16, device=DEVICE) * 1.0).expand(2, 5, 3, 16)
+        exc, msg = ValueError, "k has internally overlapping memory"
+    snapshot = [t.detach().clone() for t in (q, k) if t is not None]
+    with pytest.raises(exc, match=msg):
+        pk.apply_rope_(q, k, cos, sin)
+    for before, t in zip(snapshot, [t for t in (q, k) if t is not None]):
+        assert torch.equal(before, t.detach()), "written although the call raised"

@@ -25,29 +25,31 @@ def truth_table(pos, dim, **kw):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dim", [512, 64, 17, 6])
+@pytest.mark.parametrize("dim", [512, 64, 6])  # the paper defines even d_model only
 def test_transformer_paper(backend, dim):
     length = 300
-    ours = pk.sinusoidal_table(length, dim, **CONV["transformer"]).to(DEVICE)
-    published = ref.published_transformer(length, dim - dim % 2)
-    published = torch.nn.functional.pad(published, (0, dim % 2))
+    ours = pk.sinusoidal_table(length, dim, **CONV["transformer"], device=DEVICE)
+    published = ref.published_transformer(length, dim)
     truth = truth_table(torch.arange(length), dim, **CONV["transformer"])
     assert_dtype_tolerance(ours.cpu(), truth, published, what="transformer")
 
 
-@pytest.mark.parametrize("channels", [512, 33, 4])
-def test_tensor2tensor(backend, channels):
+@pytest.mark.parametrize("channels,min_ts,max_ts", [(512, 1.0, 1e4), (33, 1.0, 1e4), (4, 1.0, 1e4), (64, 2.0, 5e3)])
+def test_tensor2tensor(backend, channels, min_ts, max_ts):
     length = 257
-    ours = pk.sinusoidal_table(length, channels, **CONV["tensor2tensor"])
-    published = ref.published_tensor2tensor(length, channels)
-    truth = truth_table(torch.arange(length), channels, **CONV["tensor2tensor"])
+    # min_timescale != 1: base = max/min, and the angle is scaled by 1/min_timescale... as inv_timescales
+    # are multiplied by min_timescale in the source, scale = min_timescale reproduces it.
+    kw = dict(**CONV["tensor2tensor"], base=max_ts / min_ts, scale=min_ts)
+    ours = pk.sinusoidal_table(length, channels, **kw, device=DEVICE)
+    published = ref.published_tensor2tensor(length, channels, min_timescale=min_ts, max_timescale=max_ts)
+    truth = truth_table(torch.arange(length), channels, **kw)
     assert_dtype_tolerance(ours.cpu(), truth, published, what="tensor2tensor")
 
 
 @pytest.mark.parametrize("dim", [1024, 65, 10])
 def test_fairseq(backend, dim):
     n = 130
-    ours = pk.sinusoidal_table(n, dim, **CONV["fairseq"])
+    ours = pk.sinusoidal_table(n, dim, **CONV["fairseq"], device=DEVICE)
     published = ref.published_fairseq(n, dim)
     truth = truth_table(torch.arange(n), dim, **CONV["fairseq"])
     assert_dtype_tolerance(ours.cpu(), truth, published, what="fairseq")
@@ -81,10 +83,12 @@ def test_table_layouts_and_dtypes(backend, interleaved, cos_first, dtype):
 
 
 def test_table_empty_and_tiny(backend):
-    assert pk.sinusoidal_table(0, 8).shape == (0, 8)
+    assert pk.sinusoidal_table(0, 8, device=DEVICE).shape == (0, 8)
     assert pk.sinusoidal_table(torch.empty(0, 3, device=DEVICE), 8).shape == (0, 3, 8)
-    one = pk.sinusoidal_table(3, 1)  # no frequency at all: the zero column only
-    assert torch.equal(one, torch.zeros(3, 1))
+    one = pk.sinusoidal_table(3, 1, device=DEVICE)  # no frequency at all: the zero column only
+    assert torch.equal(one.cpu(), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="device .* must match the positions' device"):
+        pk.sinusoidal_table(torch.arange(3), 8, device="meta")
 
 
 def test_table_writes_every_element(backend):
@@ -129,7 +133,7 @@ def test_add_model_widths(backend, config, dtype, inplace):
 
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
 @pytest.mark.parametrize(
-    "mode", ["offset_tensor", "positions_2d", "positions_1d", "float_positions", "tokens_2d", "odd_dim", "gptj_layout"]
+    "mode", ["offset_tensor", "positions_2d", "positions_1d", "float_positions", "tokens_2d", "odd_dim", "halves_layout"]
 )
 def test_add_modes(backend, mode, inplace):
     B, S, D = 3, 7, 24
@@ -149,9 +153,34 @@ def test_add_modes(backend, mode, inplace):
     elif mode == "odd_dim":
         x = torch.randn(B, S, 25, device=DEVICE)
         kw = dict(x_scale=0.5, cos_first=True)
-    elif mode == "gptj_layout":
+    elif mode == "halves_layout":
         kw = dict(interleaved=False, scale=3.0, base=100.0)
     check_add(x, inplace=inplace, what=mode, **kw)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
+def test_float64_is_computed_in_float64(backend, inplace):
+    """fp64 inputs get fp64 angles: error near fp64 rounding, not fp32's, even at large positions."""
+    x = torch.randn(2, 5, 32, dtype=torch.float64, device=DEVICE)
+    pos = torch.tensor([3001.0, 12345.5, 7.25, 99999.0, 0.0], dtype=torch.float64, device=DEVICE)
+    truth = ref.add_sinusoidal_reference(x, positions=pos, x_scale=1.5)
+    out = (pk.add_sinusoidal_ if inplace else pk.add_sinusoidal)(x.clone(), positions=pos, x_scale=1.5)
+    assert max_err(out, truth) < 1e-11
+    table = pk.sinusoidal_table(pos, 32, dtype=torch.float64)
+    assert max_err(table, ref.sinusoidal_table_reference(pos, 32)) < 1e-11
+
+
+def test_add_inplace_autograd_errors_before_writing(backend):
+    leaf = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        pk.add_sinusoidal_(leaf)
+    assert torch.equal(leaf.detach(), before)
+    a, b = (leaf * 1.0).split([1, 2], dim=1)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="multi-output op"):
+        pk.add_sinusoidal_(a)
+    assert torch.equal(a.detach(), before)
 
 
 def test_add_non_contiguous_in_place(backend):
@@ -317,7 +346,7 @@ def test_add_bad_input(backend, case, inplace):
     elif case == "positions_device":
         kw, msg = dict(positions=torch.zeros(5, device="meta")), "positions must be on the same device"
     elif case == "offset_shape":
-        kw, msg = dict(offset=torch.zeros(3, dtype=torch.long, device=DEVICE)), r"offsets must have shape \[B\]"
+        kw, msg = dict(offset=torch.zeros(3, dtype=torch.long, device=DEVICE)), r"offset must have shape \[B\]"
     elif case == "both":
         kw, msg = dict(positions=torch.zeros(5, device=DEVICE), offset=2), "not both"
     elif case == "freq_shift_zero":
