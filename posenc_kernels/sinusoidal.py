@@ -33,6 +33,7 @@ from ._common import (
     check_writable,
     device_guard,
     next_pow2,
+    prev_pow2,
     resolve_backend,
     split_offsets,
     tl_acc_dtype,
@@ -236,10 +237,7 @@ def _sinusoidal_launch(x, out, positions, offsets, offset, x_scale, base, interl
     else:
         pos_mode, pos, spos_b, spos_s = POS_OFFSET, None, 0, 0
     xx = x if x is not None else out
-    block_c = max(1, min(next_pow2(half), 256))
-    block_t = max(1, min(2048 // block_c, next_pow2(B * S), 64))
-    tile = block_t * block_c * 2
-    num_warps = 8 if tile >= 8192 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
+    block_c, block_t, num_warps = _sinusoidal_blocks(half, B * S)
     grid = (triton.cdiv(B * S, block_t), max(1, triton.cdiv(half, block_c)))
     with device_guard(out):
         _sinusoidal_kernel[grid](
@@ -250,6 +248,21 @@ def _sinusoidal_launch(x, out, positions, offsets, offset, x_scale, base, interl
             HAS_X=x is not None, INTERLEAVED=interleaved, COS_FIRST=cos_first, ACC=tl_acc_dtype(out.dtype),
             num_warps=num_warps,
         )  # fmt: skip
+
+
+_ANGLES_PER_PROGRAM = 2048
+
+
+def _sinusoidal_blocks(half: int, n_tokens: int):
+    """Tile heuristic: about 2048 angles (4096 outputs) per program over 8 warps, ~8 sin/cos pairs per
+    thread; up to 128 frequencies wide, the rest in tokens. Chosen by compiling the candidates for sm_90
+    with Triton 3.6 and 3.9: this one spills in neither (1024 angles over 4 warps spilled 4 bytes in
+    libdevice's sinf slow path, 256-wide tiles spilled 20 bytes for odd D); tests/test_static_ptx.py
+    keeps it so."""
+    block_c = max(1, min(next_pow2(half), 128))
+    block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(n_tokens), 64))
+    num_warps = prev_pow2(min(8, max(1, block_t * block_c // 256)))
+    return block_c, block_t, num_warps
 
 
 def _as_bsd(x: torch.Tensor) -> torch.Tensor:
