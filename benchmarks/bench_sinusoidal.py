@@ -59,3 +59,33 @@ def test_add_sinusoidal(benchmark, case, provider):
             fn = lambda: _compiled(x, pe, scale)  # noqa: E731
     run(benchmark, fn, op="add_sinusoidal_", shape=f"{'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')}",
         provider=provider, nbytes=2 * x.nbytes)  # fmt: skip
+
+
+def _eager_concat(x, pe):
+    return torch.cat((x, pe[: x.shape[1]].expand(x.shape[0], -1, -1)), dim=-1)
+
+
+_compiled_concat = None
+
+
+@pytest.mark.parametrize("provider", ["posenc", "eager_buffer", "eager_buffer_compiled"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + str(c[1]).replace("torch.", ""))
+def test_concat_sinusoidal(benchmark, case, provider):
+    """The concatenation alternative, dim_pe = D/4: bytes are x read once plus the wider output written."""
+    global _compiled_concat
+    shape, dtype = case
+    x = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    dim_pe = shape[-1] // 4
+    nbytes = x.nbytes + x.nbytes * (shape[-1] + dim_pe) // shape[-1]
+    if provider == "posenc":
+        fn = lambda: pk.concat_sinusoidal(x, dim_pe)  # noqa: E731
+    else:
+        pe = pk.sinusoidal_table(shape[1], dim_pe).to(device=DEVICE, dtype=dtype)
+        if provider == "eager_buffer":
+            fn = lambda: _eager_concat(x, pe)  # noqa: E731
+        else:
+            if _compiled_concat is None:
+                _compiled_concat = torch.compile(_eager_concat, dynamic=False)
+            fn = lambda: _compiled_concat(x, pe)  # noqa: E731
+    run(benchmark, fn, op="concat_sinusoidal", shape=f"{'x'.join(map(str, shape))}+{dim_pe} {str(dtype).replace('torch.', '')}",
+        provider=provider, nbytes=nbytes)  # fmt: skip

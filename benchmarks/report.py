@@ -7,7 +7,14 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = {"apply_rope_": "hf_eager", "add_sinusoidal_": "eager_buffer"}
+BASELINES = {
+    "apply_rope_": "hf_eager",
+    "add_sinusoidal_": "eager_buffer",
+    "concat_sinusoidal": "eager_buffer",
+    "add_position_embedding_": "eager",
+    "alibi_bias": "eager",
+    "t5_relative_bias": "eager",
+}
 
 
 def main(path: str) -> int:

@@ -13,6 +13,7 @@ from .sinusoidal import (
     SinusoidalPositionalEncoding,
     add_sinusoidal,
     add_sinusoidal_,
+    concat_sinusoidal,
     sinusoidal_table,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "add_sinusoidal",
     "add_sinusoidal_",
+    "concat_sinusoidal",
     "sinusoidal_table",
     "get_backend",
     "set_backend",

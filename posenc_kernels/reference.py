@@ -194,6 +194,28 @@ def add_sinusoidal_reference(
     return out.reshape(x.shape)
 
 
+def concat_sinusoidal_reference(
+    x: torch.Tensor,
+    dim_pe: int,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    dtype: torch.dtype = torch.float64,
+    **convention,
+) -> torch.Tensor:
+    """The definition of ``concat_sinusoidal``: ``[x | PE]`` in ``dtype``."""
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
+    B, S, _ = x3.shape
+    if positions is not None:
+        pos = positions.expand(B, S)
+    else:
+        s = torch.arange(S, device=x.device)
+        pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
+    pos = pos.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    pe = sinusoidal_table_reference(pos, dim_pe, dtype=dtype, **convention)
+    return torch.cat((x3.to(dtype), pe), dim=-1).reshape(*x.shape[:-1], x.shape[-1] + dim_pe)
+
+
 def published_transformer(length: int, d_model: int) -> torch.Tensor:
     """Vaswani et al. 2017 as commonly written (the Annotated Transformer), fp32."""
     pe = torch.zeros(length, d_model)

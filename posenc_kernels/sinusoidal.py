@@ -50,6 +50,7 @@ __all__ = [
     "sinusoidal_table",
     "add_sinusoidal_",
     "add_sinusoidal",
+    "concat_sinusoidal",
     "SinusoidalPositionalEncoding",
 ]
 
@@ -409,6 +410,62 @@ class _AddSinusoidalInplaceFunction(torch.autograd.Function):
         return _add_backward(ctx, grad)
 
 
+def _check_concat(x, positions, offsets, offset, dim_pe, base, freq_shift, scale) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    if isinstance(dim_pe, bool) or not isinstance(dim_pe, (int, torch.SymInt)) or dim_pe <= 0:
+        raise ValueError(f"dim_pe must be a positive int, got {dim_pe!r}")
+    _check_convention(dim_pe, base, freq_shift, scale)
+    x3 = _as_bsd(x)
+    check_position_args(
+        positions, offsets, offset, batch=x3.shape[0], seqlen=x3.shape[1], device=x.device,
+        integer_positions=False, offsets_name="offset",
+    )  # fmt: skip
+
+
+@torch.library.custom_op("posenc::concat_sinusoidal", mutates_args=())
+def _concat_sinusoidal_op(
+    x: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    offset: int,
+    dim_pe: int,
+    base: float,
+    interleaved: bool,
+    cos_first: bool,
+    freq_shift: float,
+    scale: float,
+) -> torch.Tensor:
+    """[x | PE]: x's D channels then dim_pe encoding channels. x is read once and the output written
+    once: the encoding part by the sinusoidal kernel writing into the output's tail view (table mode),
+    the x part by a copy into its head view."""
+    _check_concat(x, positions, offsets, offset, dim_pe, base, freq_shift, scale)
+    D = x.shape[-1]
+    out = x.new_empty(tuple(x.shape[:-1]) + (D + dim_pe,))
+    o3 = _as_bsd(out)
+    _sinusoidal_launch(
+        None, o3[..., D:], positions, offsets, offset, 1.0, base, interleaved, cos_first, freq_shift, scale
+    )
+    o3[..., :D].copy_(_as_bsd(x))
+    return out
+
+
+@_concat_sinusoidal_op.register_fake
+def _(x, positions, offsets, offset, dim_pe, base, interleaved, cos_first, freq_shift, scale):
+    _check_concat(x, positions, offsets, offset, dim_pe, base, freq_shift, scale)
+    return x.new_empty(tuple(x.shape[:-1]) + (x.shape[-1] + dim_pe,))
+
+
+def _concat_setup_context(ctx, inputs, output):
+    ctx.d = inputs[0].shape[-1]
+
+
+def _concat_backward(ctx, grad):
+    return grad[..., : ctx.d], None, None, None, None, None, None, None, None, None
+
+
+_concat_sinusoidal_op.register_autograd(_concat_backward, setup_context=_concat_setup_context)
+
+
 # ==============================================================================================
 # Public functions
 # ==============================================================================================
@@ -517,6 +574,36 @@ def add_sinusoidal(
     """
     args = _add_args(positions, offset, x_scale, base, interleaved, cos_first, freq_shift, scale)
     return torch.ops.posenc.add_sinusoidal(x, *args)
+
+
+def concat_sinusoidal(
+    x: torch.Tensor,
+    dim_pe: int,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    base: float = 10000.0,
+    interleaved: bool = True,
+    cos_first: bool = False,
+    freq_shift: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Concatenate instead of add: returns ``[x | PE]`` of shape ``[..., D + dim_pe]``.
+
+    ``x`` is ``[B, S, D]`` or ``[T, D]``; positions/offset and the convention keywords as in
+    :func:`add_sinusoidal_`. x is read once and the output written once (its encoding part is computed in
+    the kernel, never read from a table). Differentiable w.r.t. x. Compared with the add, the output is
+    wider (D + dim_pe channels to write instead of D) and every layer after it grows with it.
+
+    >>> import torch, posenc_kernels as pk
+    >>> y = pk.concat_sinusoidal(torch.ones(2, 5, 8), 4)
+    >>> y.shape, bool((y[..., :8] == 1).all())
+    (torch.Size([2, 5, 12]), True)
+    """
+    offsets_t, off = split_offsets(offset, "offset")
+    return torch.ops.posenc.concat_sinusoidal(
+        x, positions, offsets_t, off, dim_pe, float(base), interleaved, cos_first, float(freq_shift), float(scale)
+    )
 
 
 class SinusoidalPositionalEncoding(torch.nn.Module):
