@@ -27,7 +27,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+        # Pictures: python -m posenc_kernels.plot ...
+        "plot": ["matplotlib"],
     },
     license="Apache-2.0",
     classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux"],

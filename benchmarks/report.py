@@ -12,8 +12,10 @@ BASELINES = {
     "add_sinusoidal_": "eager_buffer",
     "concat_sinusoidal": "eager_buffer",
     "add_position_embedding_": "eager",
+    "position_embedding_backward": "eager",
     "alibi_bias": "eager",
     "t5_relative_bias": "eager",
+    "t5_relative_bias_fwd_bwd": "eager",
 }
 
 

@@ -7,6 +7,23 @@ interpreter when ``TRITON_INTERPRET=1`` is set before import. :func:`set_backend
 """
 
 from ._common import get_backend, interpreter_enabled, set_backend, set_value_checks, use_backend
+from .learned import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
+from .positions import (
+    fairseq_positions,
+    opt_positions,
+    position_ids_from_attention_mask,
+    positions_from_cu_seqlens,
+)
+from .relative import (
+    T5RelativePositionBias,
+    alibi_bias,
+    alibi_score_mod,
+    alibi_slopes,
+    t5_bucket_thresholds,
+    t5_relative_bias,
+    t5_relative_bucket,
+    t5_score_mod,
+)
 from .rope import apply_rope, apply_rope_, rope_cos_sin, rope_frequencies
 from .sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
@@ -30,6 +47,21 @@ __all__ = [
     "add_sinusoidal_",
     "concat_sinusoidal",
     "sinusoidal_table",
+    "add_position_embedding_",
+    "add_position_embedding",
+    "LearnedPositionEmbedding",
+    "alibi_slopes",
+    "alibi_bias",
+    "alibi_score_mod",
+    "t5_bucket_thresholds",
+    "t5_relative_bucket",
+    "t5_relative_bias",
+    "t5_score_mod",
+    "T5RelativePositionBias",
+    "position_ids_from_attention_mask",
+    "opt_positions",
+    "fairseq_positions",
+    "positions_from_cu_seqlens",
     "get_backend",
     "set_backend",
     "use_backend",

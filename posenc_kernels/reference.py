@@ -270,3 +270,26 @@ def published_diffusers(
     if embedding_dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
     return emb
+
+
+# ----------------------------------------------------------------------------------------------
+# The other families keep their references beside their own module files; this module is still the one
+# place tests, benchmarks and users import every reference from.
+# ----------------------------------------------------------------------------------------------
+from ._reference_learned import (  # noqa: E402,F401
+    add_position_embedding_reference,
+    position_embedding_eager,
+    position_embedding_grad_reference,
+)
+from ._reference_relative import (  # noqa: E402,F401
+    alibi_bias_eager,
+    alibi_bias_reference,
+    alibi_slopes_bloom,
+    alibi_slopes_paper,
+    alibi_slopes_reference,
+    attention_reference,
+    bloom_alibi_row_bias,
+    t5_relative_bias_hf_eager,
+    t5_relative_bias_reference,
+    t5_relative_bucket_hf,
+)

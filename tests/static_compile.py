@@ -23,6 +23,8 @@ try:
 except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
 
+import posenc_kernels.learned as learned  # noqa: E402
+import posenc_kernels.relative as relative  # noqa: E402
 import posenc_kernels.rope as rope  # noqa: E402
 import posenc_kernels.sinusoidal as sinus  # noqa: E402
 
@@ -194,7 +196,78 @@ def main():
         sinus._sinusoidal_launch(x if has_x else None, x, None, None, 0, 1.0, 1e4, interleaved, False, 0.0, 1.0)
         (grid, args, kwargs), = rec.calls
         out[name] = facts(compile_call(sin_jit, args, kwargs))
+    out.update(learned_cases())
+    out.update(relative_cases())
     json.dump(out, sys.stdout, indent=1)
+
+
+def record(module, kernel_name, launch):
+    """Run ``launch`` with ``module.kernel_name`` swapped for a recorder; compile what it recorded."""
+    jit = getattr(module, kernel_name)
+    rec = Recorder(None)
+    setattr(module, kernel_name, rec)
+    try:
+        launch()
+    finally:
+        setattr(module, kernel_name, jit)
+    (grid, args, kwargs), = rec.calls
+    return facts(compile_call(jit, args, kwargs))
+
+
+def learned_cases():
+    learned.resolve_backend = lambda device: "triton"
+
+    def fwd(B, S, D, dt, tdt):
+        x, t = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=tdt)
+        return lambda: learned._pe_add_launch(x, x, t, torch.zeros(B, S, dtype=torch.int64))
+
+    def bwd(B, S, D, dt, det):
+        g, out = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=dt)
+        return lambda: learned._grad_table_triton(g, torch.zeros(B, S, dtype=torch.int64), out, -1, det)
+
+    return {
+        "learned_add_gpt2_bf16_d768": record(learned, "_pe_add_kernel", fwd(8, 1024, 768, torch.bfloat16, torch.bfloat16)),
+        "learned_add_fp16_d1023": record(learned, "_pe_add_kernel", fwd(4, 256, 1023, torch.float16, torch.float32)),
+        "learned_grad_atomic_bf16_d768": record(learned, "_pe_grad_atomic_kernel", bwd(8, 1024, 768, torch.bfloat16, False)),
+        "learned_grad_sorted_fp32_d4096": record(learned, "_pe_grad_sorted_kernel", bwd(2, 512, 4096, torch.float32, True)),
+    }
+
+
+
+def relative_cases():
+    def alibi(H, Lq, Lk, dt):
+        out, slopes = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(H)
+        return lambda: relative._alibi_triton(out, slopes, Lq, Lk, True, 0)
+
+    def t5(H, Lq, Lk, dt):
+        out, table = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(32, H)
+        return lambda: relative._t5_triton(out, table, Lq, Lk, 0, True, 128)
+
+    def t5_bwd():
+        grad, gtable = torch.empty(32, 1024, 1024), torch.empty(32, 32)
+        return lambda: relative._t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
+
+    def record_both():
+        # The backward launches two kernels: record both in one run.
+        jits = {n: getattr(relative, n) for n in ("_diagonal_sum_kernel", "_t5_bucket_grad_kernel")}
+        recs = {n: Recorder(None) for n in jits}
+        for n, r in recs.items():
+            setattr(relative, n, r)
+        try:
+            t5_bwd()()
+        finally:
+            for n, j in jits.items():
+                setattr(relative, n, j)
+        return {n: facts(compile_call(jits[n], *recs[n].calls[0][1:])) for n in jits}
+
+    bwd = record_both()
+    return {
+        "alibi_bias_bf16": record(relative, "_alibi_kernel", alibi(32, 4096, 4096, torch.bfloat16)),
+        "alibi_bias_fp32_decode": record(relative, "_alibi_kernel", alibi(32, 1, 4096, torch.float32)),
+        "t5_bias_bf16": record(relative, "_t5_bias_kernel", t5(32, 1024, 1024, torch.bfloat16)),
+        "t5_grad_diagonal_sum": bwd["_diagonal_sum_kernel"],
+        "t5_grad_buckets": bwd["_t5_bucket_grad_kernel"],
+    }
 
 
 if __name__ == "__main__":

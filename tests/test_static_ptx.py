@@ -32,6 +32,9 @@ KERNEL_CASES = [
     "rope_llama3_interleaved_bf16", "rope_phi2_fp16_positions", "rope_headdim80_fp16",
     "rope_out_of_place_partial_fp32", "rope_decode_gemma_bf16", "rope_cos_sin", "add_sinusoidal_bf16_d4096",
     "add_sinusoidal_bf16_d4096_halves", "add_sinusoidal_fp32_d1023", "sinusoidal_table_fp32_d512",
+    "learned_add_gpt2_bf16_d768", "learned_add_fp16_d1023", "learned_grad_atomic_bf16_d768",
+    "learned_grad_sorted_fp32_d4096", "alibi_bias_bf16", "alibi_bias_fp32_decode", "t5_bias_bf16",
+    "t5_grad_diagonal_sum", "t5_grad_buckets",
 ]  # fmt: skip
 
 
@@ -55,6 +58,16 @@ def test_rope_has_no_local_memory_and_moves_128_bit_vectors(report, case):
     # come on top, so there are at least as many 128-bit loads as stores, and no 16-bit scalar loads.
     assert facts["ld_v4"] >= facts["st_v4"], f"{case}: fewer 128-bit loads than stores: {facts}"
     assert facts["ld_b16_scalar"] == 0 and facts["st_b16_scalar"] == 0, f"{case}: scalar 16-bit accesses"
+
+
+@pytest.mark.parametrize(
+    "case", ["learned_add_gpt2_bf16_d768", "alibi_bias_bf16", "alibi_bias_fp32_decode", "t5_bias_bf16"]
+)
+def test_forward_kernels_store_128_bit_vectors(report, case):
+    facts = report[case]
+    assert facts["local_memory"] == 0
+    assert facts["st_all"] > 0 and facts["st_v4"] == facts["st_all"], facts
+    assert facts["ld_b16_scalar"] == 0
 
 
 @pytest.mark.parametrize("case", ["add_sinusoidal_bf16_d4096", "add_sinusoidal_bf16_d4096_halves"])

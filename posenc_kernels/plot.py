@@ -1,0 +1,459 @@
+"""Pictures of the position encodings and of the benchmark results (the README's figures).
+
+    python -m posenc_kernels.plot {sinusoidal,rope-decay,alibi,t5,bench,all} --out DIR [--bench-json PATH]
+
+writes ``sinusoidal.png``, ``rope_decay.png``, ``alibi.png``, ``t5.png`` and ``bench.png`` into ``DIR``.
+Each ``plot_*`` function writes one PNG and returns its path.
+
+matplotlib is an optional dependency (``pip install matplotlib``, or the package's ``plot`` extra); it is
+imported only when a picture is drawn, and only its object-oriented API is used (``Figure`` + the Agg
+canvas): drawing never changes the pyplot backend or state of the calling program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+__all__ = [
+    "plot_sinusoidal",
+    "plot_rope_decay",
+    "plot_alibi",
+    "plot_t5",
+    "plot_benchmarks",
+    "main",
+]
+
+FILENAMES = {
+    "sinusoidal": "sinusoidal.png",
+    "rope-decay": "rope_decay.png",
+    "alibi": "alibi.png",
+    "t5": "t5.png",
+    "bench": "bench.png",
+}
+
+_DPI = 110
+
+
+# ==============================================================================================
+# matplotlib plumbing
+# ==============================================================================================
+
+
+def _figure(width: float, height: float):
+    """A standalone Figure on an Agg canvas (no pyplot, so no global backend switch)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - exercised only where matplotlib is absent
+        raise ImportError(
+            "posenc_kernels.plot needs matplotlib, an optional dependency: pip install matplotlib "
+            "(or pip install 'posenc_kernels[plot]')"
+        ) from e
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: PathLike) -> Path:
+    """Write ``fig`` as a PNG with a 256-colour palette (a third of the RGB size, no visible change: the
+    colormaps have 256 entries) so the README's pictures stay small."""
+    from PIL import Image  # a dependency of matplotlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=_DPI, format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
+    return path
+
+
+# ==============================================================================================
+# 1. Sinusoidal table
+# ==============================================================================================
+
+
+def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Path:
+    """Heatmaps (positions x channels) of :func:`posenc_kernels.sinusoidal_table` in the Transformer's
+    interleaved layout and in the ``[sin | cos]`` layout of tensor2tensor/fairseq."""
+    from .sinusoidal import SINUSOIDAL_CONVENTIONS, sinusoidal_table
+
+    fig = _figure(11, 4.6)
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = [
+        ("transformer", "Vaswani et al.: interleaved sin/cos pairs"),
+        ("tensor2tensor", "tensor2tensor / fairseq: [sin | cos] halves"),
+    ]
+    for ax, (name, title) in zip(axes, panels):
+        table = sinusoidal_table(length, dim, **SINUSOIDAL_CONVENTIONS[name])
+        im = ax.imshow(table.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("channel")
+    axes[0].set_ylabel("position")
+    fig.colorbar(im, ax=axes, shrink=0.9, label="PE value")
+    fig.suptitle(f"Sinusoidal position encodings: sinusoidal_table({length}, {dim})", fontsize=12)
+    return _save(fig, path)
+
+
+# ==============================================================================================
+# 2. RoPE long-term decay under context-extension schedules
+# ==============================================================================================
+
+
+def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained_length: int) -> torch.Tensor:
+    """Inverse frequencies of the context-extension schedules, fp32 ``[head_dim // 2]``.
+
+    The package implements only the default schedule (:func:`posenc_kernels.rope_frequencies`); the others
+    are written out here, for this picture only, after the definitions in Hugging Face transformers'
+    ``modeling_rope_utils`` (``linear``, ``ntk``, ``yarn``, ``llama3``). YaRN's attention factor (mscale) is
+    left out: it scales every logit alike, not the rotation, and would only shift its curve.
+    """
+    from .rope import rope_frequencies
+
+    d = head_dim
+    inv = rope_frequencies(d, base).double()
+    if kind == "default":
+        out = inv
+    elif kind == "linear":  # position interpolation (Chen et al. 2023): every frequency / factor
+        out = inv / factor
+    elif kind == "ntk":  # "NTK-aware" scaling (bloc97): a larger base, base * factor^(d / (d - 2))
+        out = rope_frequencies(d, base * factor ** (d / (d - 2))).double()
+    elif kind == "yarn":  # YaRN (Peng et al. 2023), beta_fast 32, beta_slow 1
+        def correction_dim(rotations):  # the dim index whose wavelength fits `rotations` times in the context
+            return d * math.log(trained_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(32)), 0)
+        high = min(math.ceil(correction_dim(1)), d - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (high frequencies unchanged), 0: interpolate (divide by factor)
+        out = inv / factor * (1 - keep) + inv * keep
+    elif kind == "llama3":  # Llama 3.1: low_freq_factor 1, high_freq_factor 4
+        low_freq_factor, high_freq_factor = 1.0, 4.0
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = trained_length / low_freq_factor, trained_length / high_freq_factor
+        smooth = (trained_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        out = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    else:
+        raise ValueError(f"kind must be one of default, linear, ntk, yarn, llama3; got {kind!r}")
+    return out.to(torch.float32)
+
+
+ROPE_SCHEDULES = {
+    "default": "default (no scaling)",
+    "linear": "linear / PI",
+    "ntk": "NTK-aware",
+    "yarn": "YaRN",
+    "llama3": "Llama 3.1",
+}
+
+
+def _rope_decay_curves(inv_freq: torch.Tensor, max_distance: int, samples: int, generator: torch.Generator):
+    """For distances ``0..max_distance``: the RoFormer relative upper bound ``mean_j |S_j|`` with
+    ``S_j = sum_{i<j} exp(1j * dist * theta_i)``, and the mean score ``<R(dist) q, R(0) q>`` over random unit
+    ``q`` (a key with the query's content ``dist`` tokens away). Both rotate with the package's
+    ``rope_cos_sin`` / ``apply_rope``."""
+    from .rope import apply_rope, rope_cos_sin
+
+    half = inv_freq.shape[0]
+    cos, sin = rope_cos_sin(max_distance + 1, inv_freq)  # row p = angles of distance p
+    partial = torch.complex(cos.double(), sin.double()).cumsum(-1)
+    bound = partial.abs().mean(-1)
+
+    q = torch.randn(samples, 2 * half, generator=generator)
+    q = q / q.norm(dim=-1, keepdim=True)
+    score = torch.empty(max_distance + 1, dtype=torch.float64)
+    chunk = max(1, (1 << 22) // (samples * 2 * half))
+    for p0 in range(0, max_distance + 1, chunk):
+        p1 = min(max_distance + 1, p0 + chunk)
+        rows = q[None, None].expand(1, p1 - p0, samples, 2 * half).contiguous()  # [1, S, N, D]
+        rotated, _ = apply_rope(rows, None, cos[p0:p1], sin[p0:p1])  # token p rotated by distance p
+        score[p0:p1] = (rotated[0] * q[None]).sum(-1).mean(-1).double()  # key at distance 0: no rotation
+    return bound, score
+
+
+def _log_bins(values: torch.Tensor, n_bins: int):
+    """Distances 1..len-1 grouped into ``n_bins`` log-spaced bins: (bin centre, mean, min, max), so that
+    the curves stay readable where they oscillate faster than a pixel."""
+    n = values.shape[0] - 1
+    edges = torch.unique(torch.logspace(0, math.log10(n + 1), n_bins + 1).long().clamp(1, n + 1))
+    centre, mean, lo, hi = [], [], [], []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        v = values[a:b]
+        centre.append(math.sqrt(a * max(a, b - 1)))
+        mean.append(float(v.mean()))
+        lo.append(float(v.min()))
+        hi.append(float(v.max()))
+    return centre, mean, lo, hi
+
+
+def plot_rope_decay(
+    path: PathLike,
+    *,
+    head_dim: int = 128,
+    base: float = 10000.0,
+    trained_length: int = 4096,
+    factor: float = 4.0,
+    max_distance: Optional[int] = None,
+    samples: int = 32,
+    n_bins: int = 100,
+) -> Path:
+    """RoPE's long-term decay with distance, for the default schedule and the context-extension schedules
+    (linear/PI, NTK-aware, YaRN, Llama 3.1) at ``factor`` x the trained length: the RoFormer paper's
+    relative upper bound and the mean attention score of a key that matches the query. Each curve is the
+    mean over log-spaced distance bins; the band is the bin's min..max (the oscillation)."""
+    max_distance = int(factor * trained_length) if max_distance is None else max_distance
+    gen = torch.Generator().manual_seed(0)
+    curves = {}
+    for kind in ROPE_SCHEDULES:
+        inv = _rope_schedule(kind, head_dim, base, factor, trained_length)
+        curves[kind] = _rope_decay_curves(inv, max_distance, samples, gen)
+
+    fig = _figure(11, 4.4)
+    axes = fig.subplots(1, 2)
+    colors = {"default": "black", "linear": "C0", "ntk": "C1", "yarn": "C2", "llama3": "C3"}
+    for kind, pair in curves.items():
+        for ax, values in zip(axes, pair):
+            x, mean, lo, hi = _log_bins(values, n_bins)
+            ax.fill_between(x, lo, hi, color=colors[kind], alpha=0.10, lw=0)
+            ax.plot(x, mean, color=colors[kind], lw=1.6 if kind == "default" else 1.2, label=ROPE_SCHEDULES[kind])
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlim(1, max_distance)
+        ax.axvline(trained_length, color="0.4", ls="--", lw=1)
+        ax.text(trained_length, 0.98, " trained length", transform=ax.get_xaxis_transform(), va="top",
+                fontsize=8, color="0.3")  # fmt: skip
+        ax.set_xlabel("relative distance m (tokens)")
+        ax.grid(alpha=0.3, which="major", lw=0.5)
+    axes[0].set_title("RoFormer upper bound: mean$_j$ |$\\sum_{i<j} e^{\\mathrm{i}\\,m\\theta_i}$|", fontsize=11)
+    axes[0].set_ylabel("relative upper bound")
+    axes[1].set_title("mean score $\\langle R_m q, q\\rangle$ over random unit q", fontsize=11)
+    axes[1].set_ylabel("attention logit (unit q = k)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(
+        f"RoPE long-term decay: head_dim {head_dim}, base {base:g}, trained on {trained_length} tokens, "
+        f"schedules scaled x{factor:g}",
+        fontsize=12,
+    )
+    return _save(fig, path)
+
+
+# ==============================================================================================
+# 3. ALiBi and T5 relative biases
+# ==============================================================================================
+# These use posenc_kernels.relative when it is importable; otherwise the few-line local formulas below
+# (the same definitions: ALiBi, Press et al. 2022; T5's bucketing, Raffel et al. 2020).
+
+
+def _alibi_slopes_local(num_heads: int) -> torch.Tensor:
+    n = 1 << (num_heads.bit_length() - 1)  # largest power of two <= num_heads
+    exps = [8.0 * (i + 1) / n for i in range(n)] + [8.0 * (2 * i + 1) / (2 * n) for i in range(num_heads - n)]
+    return torch.exp2(-torch.tensor(exps, dtype=torch.float64)).to(torch.float32)
+
+
+def _alibi_bias_local(slopes: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
+    rel = torch.arange(Lk)[None, :] - (torch.arange(Lq)[:, None] + (Lk - Lq))  # key - query position
+    return slopes[:, None, None].double() * rel.double()  # causal form: slope * (j - i) <= 0 where visible
+
+
+def _t5_bucket_local(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        out = out + (rel > 0).long() * num_buckets
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_part = torch.log(dist.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_part * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return out + torch.where(dist < max_exact, dist, large)
+
+
+def _t5_bias_local(table: torch.Tensor, Lq: int, Lk: int, bidirectional: bool, max_distance: int) -> torch.Tensor:
+    rel = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
+    buckets = _t5_bucket_local(rel, bidirectional, table.shape[0], max_distance)
+    return table[buckets].permute(2, 0, 1)
+
+
+def _relative_module():
+    try:
+        from . import relative  # written beside this module; absent in older trees
+    except ImportError:
+        return None
+    needed = ("alibi_slopes", "alibi_bias", "t5_relative_bias")
+    return relative if all(hasattr(relative, n) for n in needed) else None
+
+
+def plot_alibi(path: PathLike, *, num_heads: int = 8, length: int = 24, heads: Sequence[int] = (0, 3, 7)) -> Path:
+    """Causal ALiBi bias matrices ``slope_h * (key - query)`` for a few heads, and every head's slope."""
+    rel = _relative_module()
+    if rel is not None:
+        slopes = rel.alibi_slopes(num_heads).float()
+        bias = rel.alibi_bias(slopes, length, length, causal=True).double().reshape(num_heads, length, length)
+    else:
+        slopes = _alibi_slopes_local(num_heads)
+        bias = _alibi_bias_local(slopes, length, length)
+    future = torch.arange(length)[None, :] > torch.arange(length)[:, None]
+    bias = bias.masked_fill(future, float("nan"))  # masked (future) keys shown blank
+
+    heads = [h for h in heads if h < num_heads]
+    fig = _figure(3.0 * len(heads) + 3.6, 3.6)
+    axes = fig.subplots(1, len(heads) + 1, gridspec_kw={"width_ratios": [1] * len(heads) + [1.15]})
+    vmin = float(bias[heads].nan_to_num(0).min())
+    for ax, h in zip(axes, heads):
+        im = ax.imshow(bias[h].numpy(), cmap="viridis", vmin=vmin, vmax=0, interpolation="nearest")
+        ax.set_title(f"head {h}: slope 2^{math.log2(float(slopes[h])):g}", fontsize=10)
+        ax.set_xlabel("key position")
+    axes[0].set_ylabel("query position")
+    fig.colorbar(im, ax=list(axes[: len(heads)]), shrink=0.85, label="bias added to the logit")
+    ax = axes[-1]
+    ax.bar(range(num_heads), slopes.numpy(), color="C0")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("head")
+    ax.set_ylabel("slope")
+    ax.set_title(f"slopes, {num_heads} heads", fontsize=10)
+    fig.suptitle(f"ALiBi: causal bias = slope x (key - query), {length} tokens", fontsize=12)
+    return _save(fig, path)
+
+
+def plot_t5(path: PathLike, *, length: int = 160, num_buckets: int = 32, max_distance: int = 128) -> Path:
+    """T5's relative-position buckets (the row of the learned ``[num_buckets, H]`` table each query/key pair
+    reads) for the bidirectional encoder and the causal decoder: exact near the diagonal, logarithmic
+    further out, one shared bucket beyond ``max_distance``."""
+    table = torch.arange(num_buckets, dtype=torch.float32)[:, None]  # one head whose bias is its bucket id
+    rel = _relative_module()
+    fig = _figure(11, 5.0)
+    axes = fig.subplots(1, 2)
+    for ax, bidirectional in zip(axes, (True, False)):
+        if rel is not None:
+            b = rel.t5_relative_bias(table, length, length, bidirectional=bidirectional, max_distance=max_distance)
+        else:
+            b = _t5_bias_local(table, length, length, bidirectional, max_distance)
+        b = b.reshape(length, length).double()
+        im = ax.imshow(b.numpy(), cmap="turbo", vmin=0, vmax=num_buckets - 1, interpolation="nearest")
+        kind = "encoder (bidirectional)" if bidirectional else "decoder (causal; future keys: bucket 0, masked)"
+        ax.set_title(kind, fontsize=11)
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+        ax.axline((0, max_distance), slope=1, color="white", ls=":", lw=0.8)  # key = query - max_distance
+        if bidirectional:
+            ax.axline((max_distance, 0), slope=1, color="white", ls=":", lw=0.8)
+    fig.colorbar(im, ax=list(axes), shrink=0.85, label="bucket (row of the learned bias table)")
+    fig.suptitle(
+        f"T5 relative position buckets: {num_buckets} buckets, max_distance {max_distance} (dotted), {length} tokens",
+        fontsize=12,
+    )
+    return _save(fig, path)
+
+
+# ==============================================================================================
+# 4. Benchmarks
+# ==============================================================================================
+
+
+def _bench_rows(bench_json: PathLike) -> list:
+    with open(bench_json) as f:
+        data = json.load(f)
+    rows = [b["extra_info"] for b in data.get("benchmarks", []) if "gbps" in b.get("extra_info", {})]
+    if not rows:
+        raise ValueError(f"bench_json {str(bench_json)!r} holds no benchmark with extra_info gbps")
+    return rows
+
+
+def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchmarks.json") -> Path:
+    """Effective bandwidth (GB/s) per provider and shape, one panel per op, from the pytest-benchmark JSON
+    that ``scripts/bench`` writes; a black tick marks a device-to-device copy of the same bytes."""
+    rows = _bench_rows(bench_json)
+    by_op = defaultdict(list)
+    for r in rows:
+        by_op[r["op"]].append(r)
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+
+    ops = list(by_op)
+    n_shapes = [len(dict.fromkeys(r["shape"] for r in by_op[op])) for op in ops]
+    fig = _figure(max(7.0, 1.9 * sum(n_shapes) + 2.5), 4.6)
+    axes = fig.subplots(1, len(ops), squeeze=False, gridspec_kw={"width_ratios": n_shapes})[0]
+    for ax, op in zip(axes, ops):
+        op_rows = by_op[op]
+        shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
+        op_providers = [p for p in providers if any(r["provider"] == p for r in op_rows)]
+        width = 0.8 / len(op_providers)
+        for i, shape in enumerate(shapes):
+            cell = {r["provider"]: r for r in op_rows if r["shape"] == shape}
+            for j, p in enumerate(op_providers):
+                if p in cell:
+                    ax.bar(i - 0.4 + (j + 0.5) * width, cell[p]["gbps"], width, color=colors[p],
+                           label=p if i == 0 else None)  # fmt: skip
+            copies = [r["gbps"] / r["copy_ratio"] for r in cell.values() if r.get("copy_ratio")]
+            if copies:
+                copy = sorted(copies)[len(copies) // 2]
+                ax.hlines(copy, i - 0.45, i + 0.45, color="black", lw=2, label="copy, same bytes" if i == 0 else None)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([textwrap.fill(s, 16) for s in shapes], fontsize=8)
+        ax.set_title(op, fontsize=11)
+        ax.set_ylabel("effective GB/s (minimal bytes / median time)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    first = rows[0]
+    fig.suptitle(f"{first.get('device', 'unknown device')}: {first.get('timing', '')}", fontsize=11)
+    return _save(fig, path)
+
+
+# ==============================================================================================
+# Command line
+# ==============================================================================================
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posenc_kernels.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=list(FILENAMES) + ["all"], help="which picture (all: every one)")
+    parser.add_argument("--out", default="docs/images", help="output folder (default: docs/images)")
+    parser.add_argument(
+        "--bench-json",
+        default="bench-results/benchmarks.json",
+        help="pytest-benchmark JSON for 'bench' (default: bench-results/benchmarks.json, what scripts/bench writes)",
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    makers = {
+        "sinusoidal": lambda p: plot_sinusoidal(p),
+        "rope-decay": lambda p: plot_rope_decay(p),
+        "alibi": lambda p: plot_alibi(p),
+        "t5": lambda p: plot_t5(p),
+        "bench": lambda p: plot_benchmarks(p, args.bench_json),
+    }
+    todo = list(FILENAMES) if args.what == "all" else [args.what]
+    if args.what == "all" and not Path(args.bench_json).exists():
+        print(f"skipping bench: {args.bench_json} not found (run scripts/bench first)", file=sys.stderr)
+        todo.remove("bench")
+    if args.what == "bench" and not Path(args.bench_json).exists():
+        parser.error(f"--bench-json {args.bench_json} not found (run scripts/bench first)")
+    try:
+        for name in todo:
+            print(makers[name](out / FILENAMES[name]))
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

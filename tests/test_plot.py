@@ -1,0 +1,329 @@
+"""posenc_kernels.plot: every picture is written (a real PNG of plausible size), the numbers behind the RoPE
+decay picture are right, the local schedule/bias formulas match transcriptions of the published code, and
+the command line works."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402  (installed with matplotlib)
+
+from posenc_kernels import plot  # noqa: E402
+from posenc_kernels.rope import rope_frequencies  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path, *, min_width=500, min_height=250, max_bytes=400_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert 5_000 < len(data) < max_bytes, f"{path}: {len(data)} bytes"
+    with Image.open(path) as im:
+        im.load()
+        width, height = im.size
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert width >= min_width and height >= min_height, (width, height)
+    assert colors is None or len(colors) > 20, "nearly blank picture"
+
+
+# ----------------------------------------------------------------------------------------------
+# Each picture, small sizes (the Triton interpreter runs the kernels behind them)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal(tmp_path):
+    out = plot.plot_sinusoidal(tmp_path / "s.png", length=24, dim=18)
+    assert out == tmp_path / "s.png"
+    check_png(out)
+
+
+def test_rope_decay(tmp_path):
+    out = plot.plot_rope_decay(
+        tmp_path / "sub" / "r.png", head_dim=32, trained_length=64, max_distance=300, samples=4
+    )
+    check_png(out)
+
+
+def test_alibi_non_power_of_two_heads(tmp_path):
+    check_png(plot.plot_alibi(tmp_path / "a.png", num_heads=12, length=10, heads=(0, 11)))
+
+
+def test_t5(tmp_path):
+    check_png(plot.plot_t5(tmp_path / "t.png", length=40, num_buckets=8, max_distance=16))
+
+
+def synthetic_bench_json(path: Path) -> Path:
+    rows = []
+    for op, shapes, providers in [
+        ("apply_rope_", ["llama3-8b 512 tok bfloat16", "llama3-8b 4096 tok bfloat16"], ["posenc", "hf_eager"]),
+        ("add_sinusoidal_", ["4x1024x1024 float32"], ["posenc", "eager_buffer", "eager_compute"]),
+    ]:
+        for i, shape in enumerate(shapes):
+            for j, provider in enumerate(providers):
+                gbps = 100.0 * (i + 1) / (j + 1)
+                rows.append({"name": f"{op}-{shape}-{provider}", "extra_info": {
+                    "op": op, "shape": shape, "provider": provider, "gbps": gbps, "median_us": 10.0 * (j + 1),
+                    "copy_ratio": gbps / 300.0, "device": "Test GPU", "timing": "synthetic"}})  # fmt: skip
+    rows.append({"name": "no-extra-info", "extra_info": {}})  # ignored, as benchmarks/report.py does
+    path.write_text(json.dumps({"benchmarks": rows}))
+    return path
+
+
+def test_bench(tmp_path):
+    src = synthetic_bench_json(tmp_path / "bench.json")
+    check_png(plot.plot_benchmarks(tmp_path / "b.png", src))
+
+
+def test_bench_from_the_repo_json_if_present(tmp_path):
+    src = REPO / "bench-results" / "benchmarks.json"
+    if not src.exists():
+        pytest.skip("no bench-results/benchmarks.json in this checkout (scripts/bench writes it)")
+    check_png(plot.plot_benchmarks(tmp_path / "b.png", src))
+
+
+def test_bench_without_results_names_the_file(tmp_path):
+    src = tmp_path / "empty.json"
+    src.write_text(json.dumps({"benchmarks": [{"extra_info": {}}]}))
+    with pytest.raises(ValueError, match="bench_json .*empty.json"):
+        plot.plot_benchmarks(tmp_path / "b.png", src)
+
+
+def test_missing_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot.plot_alibi(tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_plotting_leaves_pyplot_state_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    plot.plot_alibi(tmp_path / "a.png", num_heads=4, length=6)
+    assert matplotlib.get_backend() == before
+    assert had_pyplot or "matplotlib.pyplot" not in sys.modules, "plotting imported pyplot"
+
+
+# ----------------------------------------------------------------------------------------------
+# The numbers behind the RoPE picture
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rope_decay_curves_match_closed_form():
+    """Rotation preserves each pair's norm, so <R_m q, q> = sum_i |q_pair_i|^2 cos(m theta_i) exactly; the
+    RoFormer bound at m = 0 is mean_j j = (d/2 + 1) / 2."""
+    inv = rope_frequencies(16, 10000.0)
+    gen = torch.Generator().manual_seed(3)
+    bound, score = plot._rope_decay_curves(inv, 50, 5, gen)
+    q = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    q = (q / q.norm(dim=-1, keepdim=True)).double()
+    pair_norm = q[:, :8] ** 2 + q[:, 8:] ** 2  # rotate-half layout: channel i pairs with i + d/2
+    angles = torch.arange(51, dtype=torch.float64)[:, None] * inv.double()[None, :]
+    want = (pair_norm[None, :, :] * angles.cos()[:, None, :]).sum(-1).mean(-1)
+    assert torch.allclose(score, want, atol=1e-5)
+    assert bound[0].item() == pytest.approx((8 + 1) / 2)
+    s = torch.complex(angles.cos(), angles.sin()).cumsum(-1).abs().mean(-1)
+    assert torch.allclose(bound, s, atol=1e-4)
+
+
+# Transcriptions of Hugging Face transformers' modeling_rope_utils (default/linear/ntk/yarn/llama3).
+def hf_default(base, dim):
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def hf_yarn(base, dim, factor, max_position_embeddings, beta_fast=32, beta_slow=1):
+    def find_correction_dim(num_rotations, dim, base, max_position_embeddings):
+        return (dim * math.log(max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    def find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings):
+        low = math.floor(find_correction_dim(low_rot, dim, base, max_position_embeddings))
+        high = math.ceil(find_correction_dim(high_rot, dim, base, max_position_embeddings))
+        return max(low, 0), min(high, dim - 1)
+
+    def linear_ramp_factor(min, max, dim):
+        if min == max:
+            max += 0.001
+        linear_func = (torch.arange(dim, dtype=torch.float32) - min) / (max - min)
+        return torch.clamp(linear_func, 0, 1)
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    low, high = find_correction_range(beta_fast, beta_slow, dim, base, max_position_embeddings)
+    inv_freq_extrapolation_factor = 1 - linear_ramp_factor(low, high, dim // 2).float()
+    return (
+        inv_freq_interpolation * (1 - inv_freq_extrapolation_factor)
+        + inv_freq_extrapolation * inv_freq_extrapolation_factor
+    )
+
+
+def hf_llama3(base, dim, factor, old_context_len, low_freq_factor=1.0, high_freq_factor=4.0):
+    inv_freq = hf_default(base, dim)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+SCHEDULE_CASES = [
+    (128, 10000.0, 4.0, 4096),  # Llama-2 x4
+    (128, 500000.0, 8.0, 8192),  # Llama-3.1's own setting
+    (64, 500000.0, 8.0, 8192),
+    (32, 10000.0, 2.0, 2048),
+]
+
+
+@pytest.mark.parametrize("dim, base, factor, trained", SCHEDULE_CASES)
+def test_rope_schedules_match_hf(dim, base, factor, trained):
+    got = {k: plot._rope_schedule(k, dim, base, factor, trained).double() for k in plot.ROPE_SCHEDULES}
+    default = hf_default(base, dim).double()
+    want = {
+        "default": default,
+        "linear": default / factor,
+        "ntk": hf_default(base * factor ** (dim / (dim - 2)), dim).double(),
+        "yarn": hf_yarn(base, dim, factor, trained).double(),
+        "llama3": hf_llama3(base, dim, factor, trained).double(),
+    }
+    for kind in plot.ROPE_SCHEDULES:
+        assert got[kind].shape == (dim // 2,)
+        assert torch.allclose(got[kind], want[kind], rtol=1e-6, atol=0), kind
+    # What the schedules are for: the highest frequency is kept (except PI), the lowest divided by ~factor.
+    for kind in ("yarn", "llama3"):
+        assert got[kind][0] == pytest.approx(default[0].item(), rel=1e-6)
+        assert got[kind][-1] == pytest.approx(default[-1].item() / factor, rel=1e-6)
+
+
+def test_rope_schedule_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plot._rope_schedule("longrope", 64, 10000.0, 2.0, 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# The local ALiBi / T5 formulas (used until posenc_kernels.relative is present)
+# ----------------------------------------------------------------------------------------------
+
+
+def paper_get_slopes(n):
+    """ALiBi paper (ofirpress/attention_with_linear_biases) get_slopes, transcribed."""
+
+    def get_slopes_power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        ratio = start
+        return [start * ratio**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return get_slopes_power_of_2(n)
+    closest_power_of_2 = 2 ** math.floor(math.log2(n))
+    return (
+        get_slopes_power_of_2(closest_power_of_2)
+        + paper_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
+    )
+
+
+def hf_t5_relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+    """HF transformers T5Attention._relative_position_bucket, transcribed."""
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+@pytest.mark.parametrize("heads", [1, 2, 5, 8, 12, 16, 24, 40])
+def test_local_alibi_slopes(heads):
+    want = torch.tensor(paper_get_slopes(heads), dtype=torch.float32)
+    assert torch.allclose(plot._alibi_slopes_local(heads), want, rtol=1e-6)
+
+
+def test_local_alibi_bias():
+    slopes = plot._alibi_slopes_local(4)
+    bias = plot._alibi_bias_local(slopes, 3, 5)  # queries at positions 2, 3, 4 of 5 keys
+    assert bias.shape == (4, 3, 5)
+    m = slopes[1].item()
+    assert bias[1, 0].tolist() == pytest.approx([-2 * m, -m, 0, m, 2 * m])
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 16), (32, 64)])
+def test_local_t5_buckets(bidirectional, num_buckets, max_distance):
+    rel = torch.arange(-300, 301)
+    want = hf_t5_relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    got = plot._t5_bucket_local(rel, bidirectional, num_buckets, max_distance)
+    assert torch.equal(got, want)
+    table = torch.randn(num_buckets, 3)
+    bias = plot._t5_bias_local(table, 7, 9, bidirectional, max_distance)
+    memory_minus_context = torch.arange(9)[None, :] - torch.arange(7)[:, None]
+    buckets = hf_t5_relative_position_bucket(memory_minus_context, bidirectional, num_buckets, max_distance)
+    assert torch.equal(bias, table[buckets].permute(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_subprocess(tmp_path):
+    src = synthetic_bench_json(tmp_path / "bench.json")
+    out = tmp_path / "images"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "posenc_kernels.plot", "bench", "--out", str(out), "--bench-json", str(src)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out / "bench.png")
+    check_png(out / "bench.png")
+
+
+def test_cli_in_process(tmp_path, capsys):
+    assert plot.main(["alibi", "--out", str(tmp_path)]) == 0
+    check_png(tmp_path / "alibi.png")
+    with pytest.raises(SystemExit) as e:
+        plot.main(["bench", "--out", str(tmp_path), "--bench-json", str(tmp_path / "missing.json")])
+    assert e.value.code == 2
+    assert "missing.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot.main(["nope", "--out", str(tmp_path)])
+
+
+def test_local_formulas_agree_with_the_package():
+    """The pictures use posenc_kernels.relative when it is importable; its matrices equal the local ones."""
+    rel = plot._relative_module()
+    if rel is None:
+        pytest.skip("posenc_kernels.relative is not in this tree: the pictures use the local formulas")
+    for heads in (8, 12):
+        slopes = plot._alibi_slopes_local(heads)
+        assert torch.allclose(rel.alibi_slopes(heads), slopes, rtol=1e-6)
+        want = plot._alibi_bias_local(slopes, 6, 6)
+        assert torch.allclose(rel.alibi_bias(slopes, 6, 6, causal=True).double(), want, rtol=1e-6)
+    table = torch.arange(32, dtype=torch.float32)[:, None]
+    for bidirectional in (True, False):
+        got = rel.t5_relative_bias(table, 90, 90, bidirectional=bidirectional, max_distance=64)
+        assert torch.equal(got, plot._t5_bias_local(table, 90, 90, bidirectional, 64))
