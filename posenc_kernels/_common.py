@@ -192,14 +192,18 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return
 
-    def span(t):
-        lo = t.storage_offset()
-        return lo, lo + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    def byte_span(t):
+        lo = t.storage_offset() * t.element_size()
+        return lo, lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
 
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
     if a1 <= b0 or b1 <= a0:
         return
-    msg = f"{name_b} must not overlap {name_a}: shared elements would be rotated twice"
+    msg = f"{name_b} must not overlap {name_a}: they share memory that is written in place"
+    if a.element_size() != b.element_size():
+        raise ValueError(msg + " (views of one buffer with different dtypes)")
+    esize = a.element_size()
+    a0, a1, b0, b1 = a0 // esize, a1 // esize, b0 // esize, b1 // esize
     if a.stride() == b.stride() and _nested_layout(tuple(map(max, a.shape, b.shape)), a.stride()):
         # Same nested layout (packed QKV head slices): the offset between the views is a box shift.
         delta = b.storage_offset() - a.storage_offset()

@@ -132,12 +132,14 @@ if HAS_TRITON:
             s = p
             pos = tl.load(pos_ptr + s * stride_pos_s, mask=p_mask, other=0).to(tl.int64)
             g = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC)
-            for bi in range(0, n_batch):
+            bi = 0
+            while bi < n_batch:  # while, not range(): Triton 3.6's interpreter cannot range() over int args
                 g += tl.load(
                     g_ptr + (bi * stride_g_b + s * stride_g_s)[:, None] + d[None, :],
                     mask=p_mask[:, None] & d_mask,
                     other=0.0,
                 ).to(ACC)
+                bi += 1
         else:
             b = p // seqlen
             s = p - b * seqlen
@@ -186,7 +188,10 @@ if HAS_TRITON:
             nb = 1
         n_entries = (end - start) * nb
         acc = tl.zeros([BLOCK_D], dtype=ACC)
-        for j0 in range(0, n_entries, BLOCK_K):
+        # A while loop over the row's entries: data-dependent bounds work in every Triton interpreter (a
+        # range() over in-kernel values does not in 3.6's) and compile to the same loop.
+        j0 = n_entries * 0
+        while j0 < n_entries:
             j = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = j < n_entries
             tok = tl.load(order_ptr + start + j // nb, mask=j_mask, other=0)
@@ -202,6 +207,7 @@ if HAS_TRITON:
                 other=0.0,
             ).to(ACC)
             acc += tl.sum(g, axis=0)
+            j0 += BLOCK_K
         tl.store(out_ptr + r * stride_o_p + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -691,10 +697,16 @@ class LearnedPositionEmbedding(torch.nn.Module):
             with torch.no_grad():
                 self.weight[self.padding_idx].zero_()
 
-    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
+        """``x + weight[positions]``; without positions, tokens sit at ``offset + s`` (decode: pass the
+        cache length, as with :class:`SinusoidalPositionalEncoding`)."""
         if positions is None:
+            if isinstance(offset, bool) or not isinstance(offset, int):
+                raise TypeError(f"offset must be an int, got {type(offset).__name__}")
             seqlen = x.shape[-2] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
-            positions = torch.arange(seqlen, device=x.device if isinstance(x, torch.Tensor) else None)
+            positions = offset + torch.arange(seqlen, device=x.device if isinstance(x, torch.Tensor) else None)
+        elif offset != 0:
+            raise ValueError("pass positions or offset, not both")
         return add_position_embedding(x, self.weight, positions, padding_idx=self.padding_idx)
 
     def extra_repr(self) -> str:

@@ -257,63 +257,26 @@ def plot_rope_decay(
 # ==============================================================================================
 # 3. ALiBi and T5 relative biases
 # ==============================================================================================
-# These use posenc_kernels.relative when it is importable; otherwise the few-line local formulas below
-# (the same definitions: ALiBi, Press et al. 2022; T5's bucketing, Raffel et al. 2020).
+# The matrices come from posenc_kernels.relative, the package's own kernels.
 
 
-def _alibi_slopes_local(num_heads: int) -> torch.Tensor:
-    n = 1 << (num_heads.bit_length() - 1)  # largest power of two <= num_heads
-    exps = [8.0 * (i + 1) / n for i in range(n)] + [8.0 * (2 * i + 1) / (2 * n) for i in range(num_heads - n)]
-    return torch.exp2(-torch.tensor(exps, dtype=torch.float64)).to(torch.float32)
-
-
-def _alibi_bias_local(slopes: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
-    rel = torch.arange(Lk)[None, :] - (torch.arange(Lq)[:, None] + (Lk - Lq))  # key - query position
-    return slopes[:, None, None].double() * rel.double()  # causal form: slope * (j - i) <= 0 where visible
-
-
-def _t5_bucket_local(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
-    out = torch.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        out = out + (rel > 0).long() * num_buckets
-        dist = rel.abs()
-    else:
-        dist = (-rel).clamp(min=0)
-    max_exact = num_buckets // 2
-    log_part = torch.log(dist.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
-    large = (max_exact + (log_part * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
-    return out + torch.where(dist < max_exact, dist, large)
-
-
-def _t5_bias_local(table: torch.Tensor, Lq: int, Lk: int, bidirectional: bool, max_distance: int) -> torch.Tensor:
-    rel = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
-    buckets = _t5_bucket_local(rel, bidirectional, table.shape[0], max_distance)
-    return table[buckets].permute(2, 0, 1)
-
-
-def _relative_module():
-    try:
-        from . import relative  # written beside this module; absent in older trees
-    except ImportError:
-        return None
-    needed = ("alibi_slopes", "alibi_bias", "t5_relative_bias")
-    return relative if all(hasattr(relative, n) for n in needed) else None
-
-
-def plot_alibi(path: PathLike, *, num_heads: int = 8, length: int = 24, heads: Sequence[int] = (0, 3, 7)) -> Path:
+def plot_alibi(
+    path: PathLike, *, num_heads: int = 8, length: int = 24, heads: Optional[Sequence[int]] = None
+) -> Path:
     """Causal ALiBi bias matrices ``slope_h * (key - query)`` for a few heads, and every head's slope."""
-    rel = _relative_module()
-    if rel is not None:
-        slopes = rel.alibi_slopes(num_heads).float()
-        bias = rel.alibi_bias(slopes, length, length, causal=True).double().reshape(num_heads, length, length)
-    else:
-        slopes = _alibi_slopes_local(num_heads)
-        bias = _alibi_bias_local(slopes, length, length)
+    from . import relative
+
+    if heads is None:  # first, middle and last head
+        heads = sorted({0, (num_heads - 1) // 2, num_heads - 1})
+    bad = [h for h in heads if not 0 <= h < num_heads]
+    if not heads or bad:
+        raise ValueError(f"heads must be a non-empty list of head indices in [0, {num_heads}), got {list(heads)}")
+    slopes = relative.alibi_slopes(num_heads)
+    bias = relative.alibi_bias(slopes, length, length, causal=True).double()
     future = torch.arange(length)[None, :] > torch.arange(length)[:, None]
     bias = bias.masked_fill(future, float("nan"))  # masked (future) keys shown blank
 
-    heads = [h for h in heads if h < num_heads]
+    heads = list(heads)
     fig = _figure(3.0 * len(heads) + 3.6, 3.6)
     axes = fig.subplots(1, len(heads) + 1, gridspec_kw={"width_ratios": [1] * len(heads) + [1.15]})
     vmin = float(bias[heads].nan_to_num(0).min())
@@ -338,14 +301,12 @@ def plot_t5(path: PathLike, *, length: int = 160, num_buckets: int = 32, max_dis
     reads) for the bidirectional encoder and the causal decoder: exact near the diagonal, logarithmic
     further out, one shared bucket beyond ``max_distance``."""
     table = torch.arange(num_buckets, dtype=torch.float32)[:, None]  # one head whose bias is its bucket id
-    rel = _relative_module()
+    from . import relative
+
     fig = _figure(11, 5.0)
     axes = fig.subplots(1, 2)
     for ax, bidirectional in zip(axes, (True, False)):
-        if rel is not None:
-            b = rel.t5_relative_bias(table, length, length, bidirectional=bidirectional, max_distance=max_distance)
-        else:
-            b = _t5_bias_local(table, length, length, bidirectional, max_distance)
+        b = relative.t5_relative_bias(table, length, length, bidirectional=bidirectional, max_distance=max_distance)
         b = b.reshape(length, length).double()
         im = ax.imshow(b.numpy(), cmap="turbo", vmin=0, vmax=num_buckets - 1, interpolation="nearest")
         kind = "encoder (bidirectional)" if bidirectional else "decoder (causal; future keys: bucket 0, masked)"

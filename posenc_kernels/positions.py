@@ -174,8 +174,10 @@ def positions_from_cu_seqlens(
     sequence's KV-cache length during chunked prefill or decode) is added to every position of its sequence.
 
     ``total_tokens`` is the packed length ``T``. Pass it (you know it: it is the packed tensor's
-    ``shape[0]``) to avoid reading ``cu_seqlens[-1]`` back to the host; that makes the call sync-free and
-    CUDA-graph capturable. It may exceed ``cu_seqlens[-1]`` (a padded graph bucket): the trailing tokens
+    ``shape[0]``) to avoid reading ``cu_seqlens[-1]`` back to the host. The value checks below still read
+    ``cu_seqlens`` once per call while they are on; with ``total_tokens`` given *and* the checks off
+    (``set_value_checks(False)``, or automatically under CUDA-graph capture and torch.compile tracing) the
+    call is sync-free. It may exceed ``cu_seqlens[-1]`` (a padded graph bucket): the trailing tokens
     belong to no sequence and get position 0. Returns int64 ``[T]`` on ``cu_seqlens``' device.
 
     Value checks (starts at 0, non-decreasing, ``total_tokens >= cu_seqlens[-1]``) read the tensor, so they

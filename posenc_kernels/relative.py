@@ -205,11 +205,13 @@ if HAS_TRITON:
         else:
             dist = -(tl.abs(rel).to(ACC))
         h0 = tl.program_id(1).to(tl.int64) * heads_per_program
-        for hh in range(0, tl.minimum(heads_per_program, n_heads - h0)):
-            h = h0 + hh
+        # heads_per_program divides n_heads (see _bias_blocks): every group is full, no head mask.
+        h = h0
+        while h < h0 + heads_per_program:  # while: Triton 3.6's interpreter cannot range() over int args
             slope = tl.load(slopes_ptr + h * stride_s).to(ACC)
             val = (slope * dist).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + h * stride_o_h + offs, val, mask=mask)
+            h += 1
 
     @triton.jit
     def _t5_bias_kernel(
@@ -238,10 +240,11 @@ if HAS_TRITON:
         rel, mask, offs = _relative_tile(tl.program_id(0), n_k_tiles, Lq, Lk, q_offset, stride_o_q, BLOCK_Q, BLOCK_K)
         row = t5_bucket_tl(rel, thr_ptr, HALF, MAX_EXACT, NUM_T, BIDIRECTIONAL) * stride_t_b
         h0 = tl.program_id(1).to(tl.int64) * heads_per_program
-        for hh in range(0, tl.minimum(heads_per_program, n_heads - h0)):
-            h = h0 + hh
+        h = h0
+        while h < h0 + heads_per_program:  # a divisor of n_heads: every group full (see _alibi_kernel)
             val = tl.load(table_ptr + row + h * stride_t_h, mask=mask, other=0.0)
             tl.store(out_ptr + h * stride_o_h + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+            h += 1
 
     @triton.jit
     def _diagonal_sum_kernel(
@@ -274,11 +277,15 @@ if HAS_TRITON:
         i_hi = tl.minimum(Lk - q_offset - r_lo, Lq)
         base = grad_ptr + h * stride_g_h
         acc = tl.zeros([BLOCK_I, BLOCK_R], dtype=ACC)
-        for i0 in range(i_lo, i_hi, BLOCK_I):
+        # A while loop: its data-dependent bounds work in every Triton interpreter (a range() over
+        # in-kernel values does not in 3.6's).
+        i0 = i_lo
+        while i0 < i_hi:
             i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
             j = i[:, None] + q_offset + r[None, :]
             m = (i < i_hi)[:, None] & (j >= 0) & (j < Lk) & (idx < n_rel)[None, :]
             acc += tl.load(base + i[:, None] * stride_g_q + j * stride_g_k, mask=m, other=0.0).to(ACC)
+            i0 += BLOCK_I
         tl.store(diag_ptr + h * stride_d_h + idx, tl.sum(acc, axis=0), mask=idx < n_rel)
 
     @triton.jit
@@ -305,11 +312,13 @@ if HAS_TRITON:
         h = tl.program_id(0).to(tl.int64)
         b = tl.arange(0, NB_P2)
         acc = tl.zeros([NB_P2, BLOCK_R], dtype=ACC)
-        for r0 in range(0, n_rel, BLOCK_R):
+        r0 = 0
+        while r0 < n_rel:  # while: Triton 3.6's interpreter cannot range() over int args
             idx = r0 + tl.arange(0, BLOCK_R)
             d = tl.load(diag_ptr + h * stride_d_h + idx, mask=idx < n_rel, other=0.0)
             bucket = t5_bucket_tl(r_min + idx.to(tl.int64), thr_ptr, HALF, MAX_EXACT, NUM_T, BIDIRECTIONAL)
             acc += tl.where(bucket[None, :] == b[:, None], d[None, :], 0.0)
+            r0 += BLOCK_R
         out = tl.sum(acc, axis=1).to(gtable_ptr.dtype.element_ty)
         tl.store(gtable_ptr + b * stride_gt_b + h * stride_gt_h, out, mask=b < NUM_BUCKETS)
 
@@ -415,7 +424,9 @@ def _bias_blocks(H: int, Lq: int, Lk: int):
     block_q = max(1, min(next_pow2(Lq), _TILE_ELEMS // block_k))
     n_k = triton.cdiv(Lk, block_k)
     tiles = triton.cdiv(Lq, block_q) * n_k
-    heads_per_program = max(1, min(H, (tiles * H) // _TARGET_PROGRAMS))
+    want = max(1, min(H, (tiles * H) // _TARGET_PROGRAMS))
+    # A divisor of H, so every group is full and the kernels' head loops need no mask.
+    heads_per_program = max(d for d in range(1, want + 1) if H % d == 0)
     return block_q, block_k, n_k, tiles, heads_per_program
 
 
@@ -680,11 +691,16 @@ def t5_relative_bucket(
 ) -> torch.Tensor:
     """T5 bucket of every ``key_pos - query_pos`` in an int tensor of any shape (same shape, same dtype).
 
-    Equal to HF transformers' ``T5Attention._relative_position_bucket``: ``bidirectional`` gives keys after
+    The exact value of T5's bucket formula (HF transformers' ``T5Attention._relative_position_bucket``):
+    ``bidirectional`` gives keys after
     the query the upper ``num_buckets / 2`` buckets; per direction, half the buckets are exact distances and
     the rest logarithmic up to ``max_distance`` (farther keys share the last bucket); unidirectional maps
     every key after the query to bucket 0. Computed with the exact integer thresholds of
-    :func:`t5_bucket_thresholds` (comparisons only: usable in score_mods and compiled graphs).
+    :func:`t5_bucket_thresholds` (comparisons only: usable in score_mods and compiled graphs). HF's fp32
+    ``log`` gives the same buckets for T5's own settings and every common one (tested on [-1000, 1000]);
+    in a few exotic (num_buckets, max_distance) pairs where the log ratio is exactly a bucket boundary -
+    e.g. num_buckets=34, max_distance=27 at offset -18, exactly bucket 14 - HF's fp32 rounding lands one
+    bucket off and this function keeps the exact value.
 
     >>> import torch, posenc_kernels.relative as rel
     >>> rel.t5_relative_bucket(torch.tensor([-200, -16, -1, 0, 1, 15, 16, 1000]))
@@ -697,8 +713,13 @@ def t5_relative_bucket(
         raise TypeError(f"relative_position must be an integer tensor, got dtype {relative_position.dtype}")
     _check_bucket_args(num_buckets, max_distance, bidirectional)
     half, m, thr = _bucket_layout(int(num_buckets), int(max_distance), bidirectional)
-    rel = relative_position if relative_position.dtype.is_signed else relative_position.to(torch.int64)
-    return _bucket_torch(rel, half, m, thr, bidirectional).to(relative_position.dtype)
+    if torch.iinfo(relative_position.dtype).max < int(num_buckets) - 1:
+        raise ValueError(
+            f"relative_position's dtype {relative_position.dtype} cannot hold buckets up to {int(num_buckets) - 1}; "
+            "pass a wider integer tensor"
+        )
+    # Computed in int64 whatever the input dtype (|int8(-128)| and friends overflow in their own dtype).
+    return _bucket_torch(relative_position.to(torch.int64), half, m, thr, bidirectional).to(relative_position.dtype)
 
 
 def _resolve_num_buckets(table, num_buckets):

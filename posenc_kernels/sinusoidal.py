@@ -201,7 +201,9 @@ def _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved,
 
 
 def _check_convention(dim, base, freq_shift, scale) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, (int, torch.SymInt)) or dim <= 0:
+    if isinstance(dim, bool) or not isinstance(dim, (int, torch.SymInt)):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
         raise ValueError(f"base must be a positive finite number, got {base!r}")
@@ -412,7 +414,9 @@ class _AddSinusoidalInplaceFunction(torch.autograd.Function):
 
 def _check_concat(x, positions, offsets, offset, dim_pe, base, freq_shift, scale) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
-    if isinstance(dim_pe, bool) or not isinstance(dim_pe, (int, torch.SymInt)) or dim_pe <= 0:
+    if isinstance(dim_pe, bool) or not isinstance(dim_pe, (int, torch.SymInt)):
+        raise TypeError(f"dim_pe must be an int, got {type(dim_pe).__name__}")
+    if dim_pe <= 0:
         raise ValueError(f"dim_pe must be a positive int, got {dim_pe!r}")
     _check_convention(dim_pe, base, freq_shift, scale)
     x3 = _as_bsd(x)

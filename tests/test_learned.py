@@ -14,7 +14,8 @@ from posenc_kernels.learned import (
     add_position_embedding_,
 )
 
-from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
+from conftest import DEVICE, DTYPES, INTERPRET, assert_dtype_tolerance, max_err, ulp_err
+from posenc_kernels import get_backend
 
 P = 13  # table rows: odd on purpose
 
@@ -36,6 +37,13 @@ def check_forward(x, table, positions, *, inplace, what=""):
         assert torch.equal(x, x0)
     assert out.dtype == x0.dtype and out.shape == x0.shape
     assert_dtype_tolerance(out, truth, same_in_torch, what=what)
+    # Stronger than the rule: the add happens in fp32 (or fp64) and is rounded once, so the result is the
+    # correctly rounded sum up to fp32 noise. (The interpreter's fp32 -> bf16 cast truncates instead of
+    # rounding: up to 1 ulp there; GPUs round to nearest.)
+    if x0.dtype != torch.float64:
+        trunc = x0.dtype == torch.bfloat16 and INTERPRET and get_backend() != "torch"
+        limit = (1.0 if trunc else 0.5) + 1e-3
+        assert ulp_err(out, truth, x0.dtype) <= limit, f"{what}: not a single rounding of the fp32 sum"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,3 +472,22 @@ def test_inplace_autograd_errors_before_writing(backend):
     with pytest.raises(RuntimeError, match="multi-output op"):
         add_position_embedding_(a, table[:, :3].clone().requires_grad_(), pos)
     assert torch.equal(a, before)
+
+
+def test_table_sharing_x_memory_through_another_dtype_is_refused(backend):
+    buf = torch.zeros(1600, device=DEVICE)
+    x = buf.view(1, 200, 8)
+    table = buf.view(torch.float16)[1600:2000].view(50, 8)  # inside x's bytes, as fp16
+    before = x.clone()
+    with pytest.raises(ValueError, match="table must not overlap x"):
+        add_position_embedding_(x, table, torch.zeros(200, dtype=torch.long, device=DEVICE))
+    assert torch.equal(x, before)
+
+
+def test_module_offset_for_decode(backend):
+    emb = pk.LearnedPositionEmbedding(16, 8).to(DEVICE)
+    x = torch.randn(2, 1, 8, device=DEVICE)
+    with torch.no_grad():
+        assert torch.allclose(emb(x, offset=5), x + emb.weight[5])
+        with pytest.raises(ValueError, match="not both"):
+            emb(x, torch.zeros(1, dtype=torch.long, device=DEVICE), offset=1)

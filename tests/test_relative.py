@@ -516,3 +516,22 @@ T, REL = torch.ones(32, 2), torch.zeros(3, dtype=torch.long)
 def test_bad_input(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def test_bucket_narrow_integer_dtypes_do_not_overflow():
+    from posenc_kernels.relative import t5_relative_bucket
+
+    wide = t5_relative_bucket(torch.tensor([-128, -1, 0, 5, 127]))
+    assert torch.equal(t5_relative_bucket(torch.tensor([-128, -1, 0, 5, 127], dtype=torch.int8)).long(), wide)
+    uni = t5_relative_bucket(torch.tensor([-32768, 7], dtype=torch.int16), bidirectional=False)
+    assert uni.tolist() == [31, 0]
+    with pytest.raises(ValueError, match="cannot hold buckets up to"):
+        t5_relative_bucket(torch.tensor([5], dtype=torch.int8), num_buckets=320, max_distance=1000)
+
+
+def test_bucket_keeps_the_exact_value_where_fp32_log_rounds_low():
+    """num_buckets 34, max_distance 27, offset -18: log(18/8)/log(27/8) is exactly 2/3, so the bucket is
+    8 + 6 = 14; HF's fp32 log lands on 13."""
+    from posenc_kernels.relative import t5_relative_bucket
+
+    assert t5_relative_bucket(torch.tensor([-18]), num_buckets=34, max_distance=27).item() == 14
