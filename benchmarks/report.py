@@ -32,7 +32,9 @@ def main(path: str) -> int:
     print(f"\nDevice: {rows[0]['device']}  |  timing: {rows[0]['timing']}")
     print("copy% = effective GB/s as a share of a device-to-device copy of the same bytes, same run")
     print("peak MiB = memory allocated above the starting level during one call (CUDA only)\n")
-    header = f"| {'op':<16} | {'shape':<30} | {'provider':<22} | {'median us':>11} | {'GB/s':>8} | {'copy%':>6} | {'vs eager':>8} | {'peak MiB':>8} |"
+    w_op = max(16, *(len(r["op"]) for r in rows))
+    w_shape = max(30, *(len(r["shape"]) for r in rows))
+    header = f"| {'op':<{w_op}} | {'shape':<{w_shape}} | {'provider':<22} | {'median us':>11} | {'GB/s':>8} | {'copy%':>6} | {'vs eager':>8} | {'peak MiB':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for (op, shape), rs in groups.items():
@@ -41,7 +43,7 @@ def main(path: str) -> int:
             speed = f"{base['median_us'] / r['median_us']:.2f}x" if base else "-"
             peak = "-" if r.get("peak_extra_mb") is None else f"{r['peak_extra_mb']:.1f}"
             print(
-                f"| {op:<16} | {shape:<30} | {r['provider']:<22} | {r['median_us']:>11.1f} | {r['gbps']:>8.1f} | "
+                f"| {op:<{w_op}} | {shape:<{w_shape}} | {r['provider']:<22} | {r['median_us']:>11.1f} | {r['gbps']:>8.1f} | "
                 f"{100 * r['copy_ratio']:>5.1f}% | {speed:>8} | {peak:>8} |"
             )
     return 0

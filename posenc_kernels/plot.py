@@ -350,8 +350,14 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
 
     ops = list(by_op)
     n_shapes = [len(dict.fromkeys(r["shape"] for r in by_op[op])) for op in ops]
-    fig = _figure(max(7.0, 1.9 * sum(n_shapes) + 2.5), 4.6)
-    axes = fig.subplots(1, len(ops), squeeze=False, gridspec_kw={"width_ratios": n_shapes})[0]
+    # A grid of panels, at most 3 per row, so many ops stay readable.
+    ncols = min(3, len(ops))
+    nrows = -(-len(ops) // ncols)
+    fig = _figure(max(7.0, 2.2 * max(n_shapes) * ncols + 2.0), 4.4 * nrows)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(ops):]:
+        ax.set_visible(False)
     for ax, op in zip(axes, ops):
         op_rows = by_op[op]
         shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
