@@ -226,15 +226,18 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
         raise ValueError(msg)
 
 
-def check_inplace_autograd(name: str, t: torch.Tensor) -> None:
+def check_inplace_autograd(name: str, t: torch.Tensor, *, grad_from_other_input: bool = False) -> None:
     """The errors PyTorch's own in-place ops raise under autograd, raised here before anything is
-    written (a custom autograd.Function would only raise them after its forward had run)."""
-    if not (torch.is_grad_enabled() and t.requires_grad):
+    written (a custom autograd.Function would only raise them after its forward had run).
+
+    ``grad_from_other_input``: ``t`` does not require grad but the op writes a value that does (e.g. a
+    table that requires grad added into x): only the view rules apply then."""
+    if not torch.is_grad_enabled() or not (t.requires_grad or grad_from_other_input):
         return
-    if t.is_leaf:
+    if t.requires_grad and t.is_leaf:
         raise RuntimeError(f"{name}: a leaf Variable that requires grad is being used in an in-place operation.")
     if t._is_view():
-        if t._base.is_leaf:
+        if t.requires_grad and t._base.is_leaf:
             raise RuntimeError(
                 f"{name}: a view of a leaf Variable that requires grad is being used in an in-place operation."
             )

@@ -582,18 +582,7 @@ def _resolve_deterministic(deterministic: Optional[bool]) -> bool:
 def _check_inplace_target(x: torch.Tensor, table) -> None:
     """Autograd's in-place errors, raised before anything is written: for x itself when it requires grad,
     and, when only the table does, for views autograd refuses to let become part of a graph."""
-    if not torch.is_grad_enabled():
-        return
-    if x.requires_grad:
-        check_inplace_autograd("x", x)
-    elif table.requires_grad and x._is_view():
-        meta = torch._C._autograd._get_creation_meta(x)
-        if meta != torch._C._autograd.CreationMeta.DEFAULT:
-            raise RuntimeError(
-                f"x is a view created by a multi-output op (split/chunk/unbind), in no_grad or inference mode, or "
-                f"in a custom Function ({meta}); autograd cannot track it being modified in place with a table "
-                "that requires grad: slice it instead or clone it"
-            )
+    check_inplace_autograd("x", x, grad_from_other_input=table.requires_grad)
 
 
 def add_position_embedding_(

@@ -170,6 +170,19 @@ def sinusoidal_table_reference(
     return pe
 
 
+def _sinusoidal_positions(x3: torch.Tensor, positions, offset) -> torch.Tensor:
+    """Position of every token of ``x3`` ``[B, S, D]``: positions if given, else offset + s. The kernels
+    take positions to fp32 first (as every published implementation does), fp64 for fp64 inputs: so does
+    the truth."""
+    B, S = x3.shape[0], x3.shape[1]
+    if positions is not None:
+        pos = positions.expand(B, S)
+    else:
+        s = torch.arange(S, device=x3.device)
+        pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
+    return pos.to(torch.float64 if x3.dtype == torch.float64 else torch.float32)
+
+
 def add_sinusoidal_reference(
     x: torch.Tensor,
     *,
@@ -181,16 +194,8 @@ def add_sinusoidal_reference(
 ) -> torch.Tensor:
     """The definition of ``add_sinusoidal``: ``x * x_scale + PE`` in ``dtype``; x is [B, S, D] or [T, D]."""
     x3 = x.unsqueeze(0) if x.dim() == 2 else x
-    B, S, D = x3.shape
-    if positions is not None:
-        pos = positions.expand(B, S)
-    else:
-        s = torch.arange(S, device=x.device)
-        pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
-    # The kernels take positions to fp32 first (as every published implementation does), fp64 for fp64
-    # inputs: so does the truth.
-    pos = pos.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    out = x3.to(dtype) * x_scale + sinusoidal_table_reference(pos, D, dtype=dtype, **convention)
+    pos = _sinusoidal_positions(x3, positions, offset)
+    out = x3.to(dtype) * x_scale + sinusoidal_table_reference(pos, x3.shape[-1], dtype=dtype, **convention)
     return out.reshape(x.shape)
 
 
@@ -205,14 +210,7 @@ def concat_sinusoidal_reference(
 ) -> torch.Tensor:
     """The definition of ``concat_sinusoidal``: ``[x | PE]`` in ``dtype``."""
     x3 = x.unsqueeze(0) if x.dim() == 2 else x
-    B, S, _ = x3.shape
-    if positions is not None:
-        pos = positions.expand(B, S)
-    else:
-        s = torch.arange(S, device=x.device)
-        pos = offset.to(torch.int64)[:, None] + s if isinstance(offset, torch.Tensor) else (s + offset).expand(B, S)
-    pos = pos.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    pe = sinusoidal_table_reference(pos, dim_pe, dtype=dtype, **convention)
+    pe = sinusoidal_table_reference(_sinusoidal_positions(x3, positions, offset), dim_pe, dtype=dtype, **convention)
     return torch.cat((x3.to(dtype), pe), dim=-1).reshape(*x.shape[:-1], x.shape[-1] + dim_pe)
 
 

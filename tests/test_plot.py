@@ -212,48 +212,8 @@ def test_rope_schedule_rejects_unknown_kind():
 
 
 # ----------------------------------------------------------------------------------------------
-# The local ALiBi / T5 formulas (used until posenc_kernels.relative is present)
+# ALiBi / T5 pictures
 # ----------------------------------------------------------------------------------------------
-
-
-def paper_get_slopes(n):
-    """ALiBi paper (ofirpress/attention_with_linear_biases) get_slopes, transcribed."""
-
-    def get_slopes_power_of_2(n):
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        ratio = start
-        return [start * ratio**i for i in range(n)]
-
-    if math.log2(n).is_integer():
-        return get_slopes_power_of_2(n)
-    closest_power_of_2 = 2 ** math.floor(math.log2(n))
-    return (
-        get_slopes_power_of_2(closest_power_of_2)
-        + paper_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
-    )
-
-
-def hf_t5_relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
-    """HF transformers T5Attention._relative_position_bucket, transcribed."""
-    relative_buckets = 0
-    if bidirectional:
-        num_buckets //= 2
-        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
-        relative_position = torch.abs(relative_position)
-    else:
-        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    relative_position_if_large = max_exact + (
-        torch.log(relative_position.float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).to(torch.long)
-    relative_position_if_large = torch.min(
-        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
-    )
-    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
-    return relative_buckets
 
 
 def test_alibi_heads_validated(tmp_path):
