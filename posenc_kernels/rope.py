@@ -277,9 +277,10 @@ def _rope_torch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interl
 # ==============================================================================================
 
 
-def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, values: bool) -> None:
+def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, values: bool, rows: bool = True) -> None:
     """Every check runs before anything is written. ``values`` adds the checks that need real tensors
-    (position values, aliasing, overlap): the op implementations run them, fakes and traced code cannot."""
+    (aliasing, overlap and, with ``rows``, the position values - a host sync on CUDA): the op
+    implementations run them, fakes and traced code cannot."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     dev = q.device
     B, S, Hq, D = q.shape
@@ -308,7 +309,7 @@ def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, va
         if k is not None:
             check_writable("k", k)
             check_disjoint("q", q, "k", k)
-    if values and B * S > 0:  # zero tokens is a no-op whatever the table
+    if values and rows and B * S > 0:  # zero tokens is a no-op whatever the table
         check_position_values(positions, offsets, offset, seqlen=S, num_rows=cos.shape[0], device=dev)
 
 
@@ -612,7 +613,9 @@ def apply_rope_(
         # itself would raise, which a custom Function only raises after its forward ran. Traced code
         # (torch.compile) has no storage to inspect; tracing raises autograd's errors before running.
         real = not torch.compiler.is_compiling()
-        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=real)
+        # Position values are left to q's launch, which checks them before writing q (k shares them):
+        # checking them here as well would be one more host sync per call on CUDA.
+        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=real, rows=False)
         if real:
             check_inplace_autograd("q", q)
             if k is not None:

@@ -563,3 +563,15 @@ def test_inplace_autograd_errors_raised_before_writing(backend, case):
         pk.apply_rope_(q, k, cos, sin)
     for before, t in zip(snapshot, [t for t in (q, k) if t is not None]):
         assert torch.equal(before, t.detach()), "written although the call raised"
+
+
+def test_bad_positions_under_grad_write_nothing(backend):
+    """Under autograd q and k take one launch each; q's launch checks the shared positions before writing
+    anything, so a bad position leaves both untouched."""
+    cos, sin = tables(6, 16)
+    x = torch.randn(2, 4, 3, 16, device=DEVICE, requires_grad=True)
+    q, k = x[:, :, :2] * 1.0, x[:, :, 2:] * 1.0
+    before = (q.detach().clone(), k.detach().clone())
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 6\)"):
+        pk.apply_rope_(q, k, cos, sin, positions=torch.tensor([0, 1, 2, 6], device=DEVICE))
+    assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1])
