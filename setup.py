@@ -27,7 +27,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+        # transformers: parity tests against HF's rope functions and models (CPU, tiny random models).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6"],
         # Pictures: python -m posenc_kernels.plot ...
         "plot": ["matplotlib"],
     },

@@ -31,7 +31,7 @@ def _setup(name, tokens, dtype):
     B, S = 1, tokens
     q = torch.randn(B, S, cfg.num_heads_q, cfg.head_dim, device=DEVICE, dtype=dtype)
     k = torch.randn(B, S, cfg.num_heads_kv, cfg.head_dim, device=DEVICE, dtype=dtype)
-    inv = pk.rope_frequencies(cfg.rotary_dim, cfg.rope_theta).to(DEVICE)
+    inv = pk.rope_frequencies(cfg.rotary_dim, cfg.rope_theta)[0].to(DEVICE)
     cos, sin = pk.rope_cos_sin(S, inv)
     return cfg, q, k, cos, sin
 

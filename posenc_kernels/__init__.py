@@ -24,7 +24,8 @@ from .relative import (
     t5_relative_bucket,
     t5_score_mod,
 )
-from .rope import apply_rope, apply_rope_, rope_cos_sin, rope_frequencies
+from .rope import apply_rope, apply_rope_, rope_cos_sin
+from .schedules import rope_frequencies
 from .sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
     SinusoidalPositionalEncoding,

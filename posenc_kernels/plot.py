@@ -121,16 +121,16 @@ def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained
     ``modeling_rope_utils`` (``linear``, ``ntk``, ``yarn``, ``llama3``). YaRN's attention factor (mscale) is
     left out: it scales every logit alike, not the rotation, and would only shift its curve.
     """
-    from .rope import rope_frequencies
+    from .schedules import rope_frequencies
 
     d = head_dim
-    inv = rope_frequencies(d, base).double()
+    inv = rope_frequencies(d, base)[0].double()
     if kind == "default":
         out = inv
     elif kind == "linear":  # position interpolation (Chen et al. 2023): every frequency / factor
         out = inv / factor
     elif kind == "ntk":  # "NTK-aware" scaling (bloc97): a larger base, base * factor^(d / (d - 2))
-        out = rope_frequencies(d, base * factor ** (d / (d - 2))).double()
+        out = rope_frequencies(d, base * factor ** (d / (d - 2)))[0].double()
     elif kind == "yarn":  # YaRN (Peng et al. 2023), beta_fast 32, beta_slow 1
         def correction_dim(rotations):  # the dim index whose wavelength fits `rotations` times in the context
             return d * math.log(trained_length / (rotations * 2 * math.pi)) / (2 * math.log(base))

@@ -46,7 +46,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope_", "apply_rope"]
+__all__ = ["rope_cos_sin", "apply_rope_", "apply_rope"]
 
 # Position modes shared by the kernels: how the table row of a token is found.
 POS_OFFSET = 0  # row = offset + s (int offset)
@@ -533,25 +533,6 @@ class _RopeInplaceFunction(torch.autograd.Function):
 # ==============================================================================================
 
 
-def rope_frequencies(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Inverse frequencies ``base ** (-2i / rotary_dim)`` for ``i < rotary_dim / 2``, as fp32.
-
-    Computed in float64 and rounded once, so every entry is the fp32 value nearest the exact one.
-
-    >>> import posenc_kernels as pk
-    >>> pk.rope_frequencies(8)
-    tensor([1.0000, 0.1000, 0.0100, 0.0010])
-    """
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
-        raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
-    if rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be a positive even int (channels rotate in pairs), got {rotary_dim}")
-    if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
-        raise ValueError(f"base must be a positive finite number, got {base!r}")
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    return (float(base) ** -exponent).to(torch.float32)
-
-
 def rope_cos_sin(
     positions_or_length: Union[int, torch.Tensor],
     inv_freq: torch.Tensor,
@@ -566,7 +547,7 @@ def rope_cos_sin(
     Triton kernel on CUDA.
 
     >>> import posenc_kernels as pk
-    >>> cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(8))
+    >>> cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(8)[0])
     >>> cos.shape, sin.dtype
     (torch.Size([16, 4]), torch.float32)
     """
@@ -599,7 +580,7 @@ def apply_rope_(
 
     >>> import torch, posenc_kernels as pk
     >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
-    >>> cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(16))
+    >>> cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(16)[0])
     >>> q2, k2 = pk.apply_rope_(q, k, cos, sin)
     >>> q2 is q
     True
@@ -643,7 +624,7 @@ def apply_rope(
 
     >>> import torch, posenc_kernels as pk
     >>> q = torch.randn(1, 3, 2, 8)
-    >>> cos, sin = pk.rope_cos_sin(3, pk.rope_frequencies(8))
+    >>> cos, sin = pk.rope_cos_sin(3, pk.rope_frequencies(8)[0])
     >>> q_rot, _ = pk.apply_rope(q, None, cos, sin)
     >>> torch.equal(q_rot[:, 0], q[:, 0])  # position 0 is the identity rotation
     True

@@ -17,7 +17,7 @@ def test_rope_cuda_graph_capture_and_replay():
     dev = torch.device("cuda")
     q = torch.randn(4, 1, 32, 128, device=dev, dtype=torch.bfloat16)
     k = torch.randn(4, 1, 8, 128, device=dev, dtype=torch.bfloat16)
-    cos, sin = pk.rope_cos_sin(4096, pk.rope_frequencies(128, 500000.0).to(dev))
+    cos, sin = pk.rope_cos_sin(4096, pk.rope_frequencies(128, 500000.0)[0].to(dev))
     pos = torch.tensor([[3], [100], [4000], [0]], device=dev)
     static_q, static_k = q.clone(), k.clone()
     pk.apply_rope_(static_q.clone(), static_k.clone(), cos, sin, positions=pos)  # warm-up (compilation)
@@ -42,7 +42,7 @@ def test_inplace_ops_allocate_nothing_proportional(op):
     dev = torch.device("cuda")
     q = torch.randn(1, 8192, 32, 128, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, 8192, 8, 128, device=dev, dtype=torch.bfloat16)
-    cos, sin = pk.rope_cos_sin(8192, pk.rope_frequencies(128).to(dev))
+    cos, sin = pk.rope_cos_sin(8192, pk.rope_frequencies(128)[0].to(dev))
     x = torch.randn(4, 8192, 1024, device=dev, dtype=torch.bfloat16)
     fn = (lambda: pk.apply_rope_(q, k, cos, sin)) if op == "rope" else (lambda: pk.add_sinusoidal_(x))
     fn()
@@ -58,7 +58,7 @@ def test_inplace_ops_allocate_nothing_proportional(op):
 def test_second_device():
     dev = torch.device("cuda:1")
     q = torch.randn(2, 5, 4, 64, device=dev)
-    cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(64).to(dev))
+    cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(64)[0].to(dev))
     out, _ = pk.apply_rope(q, None, cos, sin)
     truth, _ = ref.rope_reference(q, None, cos, sin)
     assert (out.double() - truth).abs().max() < 1e-5

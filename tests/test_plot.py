@@ -16,7 +16,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (installed with matplotlib)
 
 from posenc_kernels import plot  # noqa: E402
-from posenc_kernels.rope import rope_frequencies  # noqa: E402
+from posenc_kernels.schedules import rope_frequencies  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -121,7 +121,7 @@ def test_plotting_leaves_pyplot_state_alone(tmp_path):
 def test_rope_decay_curves_match_closed_form():
     """Rotation preserves each pair's norm, so <R_m q, q> = sum_i |q_pair_i|^2 cos(m theta_i) exactly; the
     RoFormer bound at m = 0 is mean_j j = (d/2 + 1) / 2."""
-    inv = rope_frequencies(16, 10000.0)
+    inv = rope_frequencies(16, 10000.0)[0]
     gen = torch.Generator().manual_seed(3)
     bound, score = plot._rope_decay_curves(inv, 50, 5, gen)
     q = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))

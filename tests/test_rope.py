@@ -23,7 +23,7 @@ def make_qk(B, S, Hq, Hk, D, dtype, *, hf_layout=False, device=DEVICE):
 
 
 def tables(P, R, *, base=10000.0, dtype=torch.float32, device=DEVICE):
-    inv = pk.rope_frequencies(R, base).to(device)
+    inv = pk.rope_frequencies(R, base)[0].to(device)
     return pk.rope_cos_sin(P, inv, dtype=dtype)
 
 
@@ -186,7 +186,7 @@ def test_out_of_place_writes_every_element(backend, dtype, interleaved):
 
 @pytest.mark.parametrize("R,base", [(128, 10000.0), (64, 500000.0), (2, 10000.0), (80, 1e6)])
 def test_rope_frequencies_nearest_fp32(R, base):
-    inv = pk.rope_frequencies(R, base)
+    inv = pk.rope_frequencies(R, base)[0]
     truth = ref.rope_frequencies_reference(R, base)
     assert inv.dtype == torch.float32 and inv.shape == (R // 2,)
     assert torch.equal(inv, truth.to(torch.float32)), "not the fp32 value nearest the exact frequency"
@@ -195,7 +195,7 @@ def test_rope_frequencies_nearest_fp32(R, base):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("positions", ["length", "int2d", "float"])
 def test_rope_cos_sin(backend, positions, dtype):
-    inv = pk.rope_frequencies(48, 10000.0).to(DEVICE)
+    inv = pk.rope_frequencies(48, 10000.0)[0].to(DEVICE)
     pos = {
         "length": 37,
         "int2d": torch.randint(0, 5000, (3, 11), device=DEVICE),
@@ -313,7 +313,7 @@ def test_opcheck(backend):
     qg = q.clone().requires_grad_()
     torch.library.opcheck(torch.ops.posenc.rope.default, (qg, k.clone().requires_grad_(), cos, sin, pos, None, 0, True, False))
     torch.library.opcheck(torch.ops.posenc.rope.default, (qg, None, cos, sin, None, offs, 0, False, False))
-    inv = pk.rope_frequencies(16).to(DEVICE)
+    inv = pk.rope_frequencies(16)[0].to(DEVICE)
     torch.library.opcheck(torch.ops.posenc.rope_cos_sin.default, (pos, inv, 1.0, torch.bfloat16))
 
 
@@ -442,17 +442,17 @@ def test_bad_input(backend, case, inplace):
 
 def test_rope_frequencies_bad_input():
     with pytest.raises(ValueError, match="rotary_dim must be a positive even int"):
-        pk.rope_frequencies(7)
+        pk.rope_frequencies(7)[0]
     with pytest.raises(ValueError, match="rotary_dim must be a positive even int"):
-        pk.rope_frequencies(0)
+        pk.rope_frequencies(0)[0]
     with pytest.raises(TypeError, match="rotary_dim must be an int"):
-        pk.rope_frequencies(8.0)
+        pk.rope_frequencies(8.0)[0]
     with pytest.raises(ValueError, match="base must be a positive finite"):
-        pk.rope_frequencies(8, base=-1.0)
+        pk.rope_frequencies(8, base=-1.0)[0]
 
 
 def test_rope_cos_sin_bad_input():
-    inv = pk.rope_frequencies(8).to(DEVICE)
+    inv = pk.rope_frequencies(8)[0].to(DEVICE)
     with pytest.raises(TypeError, match="dtype must be a floating dtype"):
         pk.rope_cos_sin(4, inv, dtype=torch.int32)
     with pytest.raises(ValueError, match="inv_freq must have 1 dimensions"):
