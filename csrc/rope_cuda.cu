@@ -1,0 +1,306 @@
+// RoPE, CUDA: rotate q [B, S, Hq, D] and k [B, S, Hk, D] in one launch (in place or out of place).
+//
+// Read top-down: angle of one pair -> the pair rotations of one 16-byte unit -> the kernel -> the
+// launcher (path choice, block-size heuristic) -> explicit instantiations.
+//
+// Work split. A block owns `tok` consecutive tokens (flattened b * S + s) and a group of heads taken from
+// the concatenated list [q heads | k heads], so q and k share one launch and one angle computation:
+//   phase 0: the block's token bases (b, s -> element offsets) and rows, into shared memory;
+//   phase 1: cos/sin of every (token, pair) into shared memory, in the math type, from the table (NaN for
+//            rows outside it: never an out-of-bounds read) or computed from inv_freq; conjugate negates
+//            sin here, so it costs nothing in the hot loop;
+//   phase 2: threadIdx.x walks the 16-byte units of a head row, threadIdx.y the (token, head) rows, so a
+//            warp covers whole contiguous head rows: every load and store is a 16-byte vector access
+//            (ld.global.v4 / st.global.v4) when pointers and strides allow, a scalar loop otherwise.
+// Heads with more than kRopeSlots pairs per token are processed in chunks of pairs (phases 1-2 repeat).
+// Out of place with partial rotary, channels [R, D) are copied after the rotary ones.
+
+#include <cmath>
+
+#include "posenc_cuda_utils.cuh"
+
+namespace posenc_cuda {
+namespace {
+
+constexpr int kRopeThreads = 256;
+constexpr int kRopeMaxTokens = 16;       // tokens per block (phase 0 keeps their bases in shared memory)
+constexpr int kRopeSlots = 2048;         // (token, pair) cos/sin slots in shared memory: 16 KiB fp32, 32 fp64
+constexpr int kRopeUnitsPerBlock = 2048; // target work per block: ~8 units of 16 bytes per thread
+
+// 2*pi as a double-double for the reduction a - 2*pi * rint(a / 2*pi): each fma rounds once, so the
+// reduced angle carries the rounding of the product `a` itself and little more.
+constexpr double kTwoPi = 6.283185307179586476925286766559;
+constexpr double kTwoPiHi = 6.28318530717958623199592693709;  // fp64 nearest 2*pi
+constexpr double kTwoPiLo = 2.44929359829470635445e-16;       // 2*pi - kTwoPiHi
+
+// cos and sin of pair i of table row / position `row`.
+template <typename Acc>
+__device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int64_t i, Acc& c, Acc& s) {
+  if (p.angle_mode == kAngleTable) {
+    if (row < 0 || row >= p.n_rows) {  // only reachable when the host-side value checks were skipped
+      c = s = static_cast<Acc>(NAN);
+      return;
+    }
+    c = load_float<Acc>(p.cos, p.cos_dtype, row * p.cos_sp + i);
+    s = load_float<Acc>(p.sin, p.sin_dtype, row * p.sin_sp + i);
+    return;
+  }
+  const int64_t fi = i * p.inv_freq_stride;
+  if (p.angle_mode == kAngleInvFreq) {
+    // HF numerics: one fp32 product of the fp32-rounded position and frequency, precise fp32 sincos.
+    const float a = static_cast<float>(row) * load_float<float>(p.inv_freq, p.inv_freq_dtype, fi);
+    float sf, cf;
+    sincosf(a, &sf, &cf);
+    c = static_cast<Acc>(cf * p.attention_factor);
+    s = static_cast<Acc>(sf * p.attention_factor);
+    return;
+  }
+  // Exact: the angle in double, reduced to [-pi, pi] in double, then sincos of the reduced angle (fp32
+  // for fp32 math, where it is correct to about 1 ulp at any position; fp64 for double storage).
+  const double a = static_cast<double>(row) * load_float<double>(p.inv_freq, p.inv_freq_dtype, fi);
+  const double k = rint(a / kTwoPi);
+  const double r = fma(-k, kTwoPiLo, fma(-k, kTwoPiHi, a));
+  if constexpr (std::is_same<Acc, double>::value) {
+    double sd, cd;
+    sincos(r, &sd, &cd);
+    c = cd * static_cast<double>(p.attention_factor);
+    s = sd * static_cast<double>(p.attention_factor);
+  } else {
+    float sf, cf;
+    sincosf(static_cast<float>(r), &sf, &cf);
+    c = cf * p.attention_factor;
+    s = sf * p.attention_factor;
+  }
+}
+
+// N consecutive math-type values from shared memory: 16-byte loads when N values fill whole 16-byte
+// words (then every unit's offset is 16-byte aligned), scalar loads otherwise.
+template <typename Acc, int N>
+__device__ __forceinline__ void load_shared(const Acc* p, Acc (&out)[N]) {
+  if constexpr ((N * sizeof(Acc)) % 16 == 0) {
+#pragma unroll
+    for (int w = 0; w < static_cast<int>(N * sizeof(Acc) / 16); ++w) {
+      reinterpret_cast<uint4*>(out)[w] = reinterpret_cast<const uint4*>(p)[w];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = p[e];
+  }
+}
+
+// Rotates one unit of PAIRS pairs (pair index i0 onwards) of one head row: in -> out (may alias).
+// cs/sn point at the cos/sin of pair i0 in shared memory.
+template <typename T, int VEC, bool INTERLEAVED>
+struct RopeUnit {
+  static constexpr bool kVector = VEC > 1;
+  // pairs per unit: a 16-byte vector holds VEC/2 interleaved pairs, or VEC first halves (+ VEC second)
+  static constexpr int kPairs = INTERLEAVED ? (VEC >= 2 ? VEC / 2 : 1) : VEC;
+  using Acc = acc_t<T>;
+
+  __device__ __forceinline__ static void run(const T* in, T* out, int64_t i0, int64_t half, const Acc* cs_sh,
+                                             const Acc* sn_sh) {
+    alignas(16) Acc cs[kPairs];
+    alignas(16) Acc sn[kPairs];
+    load_shared<Acc, kPairs>(cs_sh, cs);
+    load_shared<Acc, kPairs>(sn_sh, sn);
+    if constexpr (INTERLEAVED) {
+      const Vec<T, 2 * kPairs> x = load_vec<T, 2 * kPairs, kVector>(in + 2 * i0);
+      Vec<T, 2 * kPairs> o;
+#pragma unroll
+      for (int e = 0; e < kPairs; ++e) {
+        const Acc x1 = to_acc(x.v[2 * e]), x2 = to_acc(x.v[2 * e + 1]);
+        o.v[2 * e] = from_acc<T>(x1 * cs[e] - x2 * sn[e]);
+        o.v[2 * e + 1] = from_acc<T>(x2 * cs[e] + x1 * sn[e]);
+      }
+      store_vec<T, 2 * kPairs, kVector>(out + 2 * i0, o);
+    } else {
+      const Vec<T, kPairs> a = load_vec<T, kPairs, kVector>(in + i0);
+      const Vec<T, kPairs> b = load_vec<T, kPairs, kVector>(in + half + i0);
+      Vec<T, kPairs> oa, ob;
+#pragma unroll
+      for (int e = 0; e < kPairs; ++e) {
+        const Acc x1 = to_acc(a.v[e]), x2 = to_acc(b.v[e]);
+        oa.v[e] = from_acc<T>(x1 * cs[e] - x2 * sn[e]);
+        ob.v[e] = from_acc<T>(x2 * cs[e] + x1 * sn[e]);
+      }
+      store_vec<T, kPairs, kVector>(out + i0, oa);
+      store_vec<T, kPairs, kVector>(out + half + i0, ob);
+    }
+  }
+};
+
+struct RopeLaunch {
+  int tok;    // tokens per block
+  int heads;  // heads per block
+  int chunk;  // pairs per phase-1/2 round (multiple of the unit's pairs)
+};
+
+template <typename T, int VEC, bool INTERLEAVED>
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, const RopeLaunch L) {
+  using Acc = acc_t<T>;
+  using Unit = RopeUnit<T, VEC, INTERLEAVED>;
+  constexpr int kPairs = Unit::kPairs;
+  constexpr bool kVector = VEC > 1;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* s_cos = reinterpret_cast<Acc*>(smem_raw);
+  Acc* s_sin = s_cos + L.tok * L.chunk;
+  __shared__ int64_t s_base[kRopeMaxTokens][4];  // element offsets of token t in q, k, q_out, k_out
+  __shared__ int64_t s_row[kRopeMaxTokens];
+
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tok;
+  const int ntok = static_cast<int>(min(static_cast<int64_t>(L.tok), p.n_tokens - tok0));
+  const int heads_q = static_cast<int>(p.heads_q);
+  const int h0 = static_cast<int>(blockIdx.y) * L.heads;
+  const int nh = min(L.heads, heads_q + static_cast<int>(p.heads_k) - h0);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  const int64_t half = p.half;
+
+  // Phase 0: token bases and rows.
+  if (tid < ntok) {
+    const int64_t t = tok0 + tid;
+    const int64_t b = t / p.seqlen;
+    const int64_t s = t - b * p.seqlen;
+    s_base[tid][0] = b * p.q_sb + s * p.q_ss;
+    s_base[tid][1] = b * p.k_sb + s * p.k_ss;
+    s_base[tid][2] = b * p.qo_sb + s * p.qo_ss;
+    s_base[tid][3] = b * p.ko_sb + s * p.ko_ss;
+    s_row[tid] = token_row(p.pos_mode, p.pos, p.pos_dtype, p.pos_sb, p.pos_ss, p.offset, b, s);
+  }
+  __syncthreads();
+
+  const int rows = ntok * nh;  // (token, head) rows of this block
+  for (int64_t c0 = 0; c0 < half; c0 += L.chunk) {
+    const int nc = static_cast<int>(min(static_cast<int64_t>(L.chunk), half - c0));
+    // Phase 1: cos/sin of the chunk's pairs for every token.
+    for (int i = tid; i < ntok * nc; i += nthreads) {
+      const int t = i / nc;
+      const int j = i - t * nc;
+      Acc c, s;
+      rope_angle<Acc>(p, s_row[t], c0 + j, c, s);
+      s_cos[t * L.chunk + j] = c;
+      s_sin[t * L.chunk + j] = p.conjugate ? -s : s;
+    }
+    __syncthreads();
+    // Phase 2: rotate.
+    const int units = nc / kPairs;
+    for (int r = threadIdx.y; r < rows; r += blockDim.y) {
+      const int t = r / nh;
+      const int h = h0 + (r - t * nh);
+      const bool is_q = h < heads_q;
+      const int64_t hh = is_q ? h : h - heads_q;
+      const T* in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh);
+      T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh);
+      const Acc* cs = s_cos + t * L.chunk;
+      const Acc* sn = s_sin + t * L.chunk;
+      for (int u = threadIdx.x; u < units; u += blockDim.x) {
+        Unit::run(in, out, c0 + static_cast<int64_t>(u) * kPairs, half, cs + u * kPairs, sn + u * kPairs);
+      }
+    }
+    if (c0 + L.chunk < half) __syncthreads();  // the next chunk overwrites the shared cos/sin
+  }
+
+  // Pass-through channels [R, D) when out of place (in place they are simply not touched).
+  if (p.copy_tail_q || p.copy_tail_k) {
+    const int64_t R = 2 * half;
+    const int64_t tail = p.head_dim - R;
+    for (int r = threadIdx.y; r < rows; r += blockDim.y) {
+      const int t = r / nh;
+      const int h = h0 + (r - t * nh);
+      const bool is_q = h < heads_q;
+      if (!(is_q ? p.copy_tail_q : p.copy_tail_k)) continue;
+      const int64_t hh = is_q ? h : h - heads_q;
+      const T* in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh) + R;
+      T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh) + R;
+      for (int64_t e = static_cast<int64_t>(threadIdx.x) * VEC; e < tail; e += static_cast<int64_t>(blockDim.x) * VEC) {
+        if (e + VEC <= tail) {
+          store_vec<T, VEC, kVector>(out + e, load_vec<T, VEC, kVector>(in + e));
+        } else {
+          for (int64_t f = e; f < tail; ++f) out[f] = in[f];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int VEC, bool INTERLEAVED>
+cudaError_t launch(const RopeParams& p, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  constexpr int kPairs = RopeUnit<T, VEC, INTERLEAVED>::kPairs;
+  const int64_t heads = p.heads_q + p.heads_k;
+  // Chunk of pairs held in shared memory per token; the whole head in one round up to kRopeSlots pairs.
+  int chunk = static_cast<int>(p.half < kRopeSlots ? p.half : kRopeSlots);
+  chunk -= chunk % kPairs;  // kRopeSlots is a multiple of every kPairs; p.half is one on the vector path
+  const int units = chunk / kPairs;
+  const int64_t tail_units = (p.copy_tail_q || p.copy_tail_k) ? (p.head_dim - 2 * p.half + VEC - 1) / VEC : 0;
+  const int64_t units_per_token = heads * ((p.half + kPairs - 1) / kPairs + tail_units);
+  // Tokens per block: ~kRopeUnitsPerBlock units of work, bounded by the shared-memory slots.
+  int64_t tok = kRopeUnitsPerBlock / (units_per_token > 0 ? units_per_token : 1);
+  tok = tok < 1 ? 1 : (tok > kRopeMaxTokens ? kRopeMaxTokens : tok);
+  if (tok * chunk > kRopeSlots) tok = kRopeSlots / chunk;
+  if (tok > p.n_tokens) tok = p.n_tokens;
+  const int64_t token_blocks = (p.n_tokens + tok - 1) / tok;
+  // Head groups: split the heads over grid.y when there are too few token blocks to fill the GPU (decode)
+  // or when one token's heads are far more work than a block should do, keeping >= 64 units per block.
+  const int64_t want_blocks = 2 * static_cast<int64_t>(num_sms());
+  int64_t groups = 1;
+  if (token_blocks < want_blocks) groups = (want_blocks + token_blocks - 1) / token_blocks;
+  const int64_t max_groups_by_work = (tok * units_per_token + 63) / 64;
+  if (groups > max_groups_by_work) groups = max_groups_by_work;
+  const int64_t min_groups = (tok * units_per_token + 4 * kRopeUnitsPerBlock - 1) / (4 * kRopeUnitsPerBlock);
+  if (groups < min_groups) groups = min_groups;
+  if (groups > heads) groups = heads;
+  if (groups < 1) groups = 1;
+  const int64_t heads_per_block = (heads + groups - 1) / groups;
+  groups = (heads + heads_per_block - 1) / heads_per_block;
+  if (token_blocks > 0x7fffffffLL || groups > 65535) return cudaErrorInvalidConfiguration;
+
+  RopeLaunch L{static_cast<int>(tok), static_cast<int>(heads_per_block), chunk};
+  const int bx = units < kRopeThreads ? (units > 0 ? units : 1) : kRopeThreads;
+  int64_t by = kRopeThreads / bx;
+  if (by > tok * heads_per_block) by = tok * heads_per_block;
+  if (by * bx < 32 && tok * heads_per_block * bx >= 32) by = (32 + bx - 1) / bx;
+  const dim3 block(bx, static_cast<unsigned>(by < 1 ? 1 : by));
+  const dim3 grid(static_cast<unsigned>(token_blocks), static_cast<unsigned>(groups));
+  const size_t smem = 2 * sizeof(Acc) * static_cast<size_t>(L.tok) * static_cast<size_t>(L.chunk);
+  rope_kernel<T, VEC, INTERLEAVED><<<grid, block, smem, stream>>>(p, L);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int rope_vector_width(const RopeParams& p, int elem_size) {
+  const int vec = 16 / elem_size;
+  const bool has_k = p.heads_k > 0;
+  bool ok = aligned16(p.q) && aligned16(p.q_out) && (!has_k || (aligned16(p.k) && aligned16(p.k_out)));
+  // the dims: b has n_tokens / seqlen entries, s has seqlen, h has heads
+  const int64_t nb = p.seqlen > 0 ? p.n_tokens / p.seqlen : 0;
+  ok = ok && stride_ok(p.q_sb, nb, vec) && stride_ok(p.q_ss, p.seqlen, vec) && stride_ok(p.q_sh, p.heads_q, vec);
+  ok = ok && stride_ok(p.qo_sb, nb, vec) && stride_ok(p.qo_ss, p.seqlen, vec) && stride_ok(p.qo_sh, p.heads_q, vec);
+  if (has_k) {
+    ok = ok && stride_ok(p.k_sb, nb, vec) && stride_ok(p.k_ss, p.seqlen, vec) && stride_ok(p.k_sh, p.heads_k, vec);
+    ok = ok && stride_ok(p.ko_sb, nb, vec) && stride_ok(p.ko_ss, p.seqlen, vec) && stride_ok(p.ko_sh, p.heads_k, vec);
+  }
+  // A vector must hold whole pairs of one half: interleaved R % vec, else (R/2) % vec.
+  ok = ok && (p.interleaved ? (2 * p.half) % vec == 0 : p.half % vec == 0);
+  return ok ? vec : 1;
+}
+
+template <typename T>
+cudaError_t launch_rope(const RopeParams& p, cudaStream_t stream) {
+  if (p.n_tokens == 0 || p.heads_q + p.heads_k == 0 || p.half == 0) return cudaSuccess;
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vector = rope_vector_width(p, sizeof(T)) == kVec;
+  if (p.interleaved) {
+    return vector ? launch<T, kVec, true>(p, stream) : launch<T, 1, true>(p, stream);
+  }
+  return vector ? launch<T, kVec, false>(p, stream) : launch<T, 1, false>(p, stream);
+}
+
+template cudaError_t launch_rope<__half>(const RopeParams&, cudaStream_t);
+template cudaError_t launch_rope<__nv_bfloat16>(const RopeParams&, cudaStream_t);
+template cudaError_t launch_rope<float>(const RopeParams&, cudaStream_t);
+template cudaError_t launch_rope<double>(const RopeParams&, cudaStream_t);
+
+}  // namespace posenc_cuda
