@@ -24,7 +24,7 @@ from .relative import (
     t5_relative_bucket,
     t5_score_mod,
 )
-from .rope import apply_rope, apply_rope_, rope_cos_sin
+from .rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
 from .schedules import rope_frequencies
 from .sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
@@ -40,6 +40,9 @@ __version__ = "0.1.0"
 __all__ = [
     "apply_rope",
     "apply_rope_",
+    "apply_rope_qkv_",
+    "mrope_axis_map",
+    "axial_positions",
     "rope_cos_sin",
     "rope_frequencies",
     "SINUSOIDAL_CONVENTIONS",

@@ -48,6 +48,11 @@ def set_value_checks(enabled: bool) -> None:
     _value_checks = bool(enabled)
 
 
+def value_checks_enabled() -> bool:
+    """Whether :func:`set_value_checks` is on."""
+    return _value_checks
+
+
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set before import: Triton kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -98,7 +103,7 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-def resolve_backend(device: torch.device) -> str:
+def resolve_backend(device: torch.device, native: Optional[str] = None) -> str:
     """Which implementation runs for tensors on ``device`` under the current setting."""
     triton_ok = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _INTERPRET))
     if _backend == "torch":

@@ -13,12 +13,22 @@ Layout conventions (the public contract):
   else ``offsets + s`` with ``offsets`` an int or a ``[B]`` tensor.
 * ``interleaved=False`` pairs channel ``d`` with ``d + R/2`` (GPT-NeoX / HF); ``True`` pairs ``2i`` with
   ``2i + 1`` (GPT-J).
+* Packed (varlen) batches: ``q`` ``[T, Hq, D]`` / ``k`` ``[T, Hk, D]`` with ``cu_seqlens`` ``[N + 1]``
+  (sequence ``n`` owns tokens ``cu_seqlens[n]:cu_seqlens[n+1]``; its positions restart at ``offsets[n]``
+  or the int ``offsets``; tokens past ``cu_seqlens[-1]``, a padded graph bucket, take position 0), or
+  with per-token ``positions`` ``[T]``.
+* Angles come from the tables, or on the fly from ``inv_freq`` ``[R/2]`` (no table): by default one fp32
+  product ``fp32(pos) * inv_freq`` then fp32 cos/sin (HF's numerics), scaled by ``attention_factor``;
+  ``exact=True`` takes float64 ``inv_freq``, forms the angle in float64 and reduces it mod 2*pi before
+  the fp32 cos/sin (within 1e-6 rad of the float64 truth up to positions 2**22 and beyond).
+* Multi-axis positions (M-RoPE, axial RoPE): ``axis_map`` ``[R/2]`` says which row of ``positions``
+  ``[A, B, S]`` (or ``[A, S]``) frequency ``i`` follows; see :func:`mrope_axis_map`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -35,10 +45,12 @@ from ._common import (
     check_writable,
     device_guard,
     next_pow2,
+    on_cuda_graph_capture,
     prev_pow2,
     resolve_backend,
     split_offsets,
     tl_acc_dtype,
+    value_checks_enabled,
     token_positions,
 )
 
@@ -46,12 +58,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["rope_cos_sin", "apply_rope_", "apply_rope"]
+__all__ = ["rope_cos_sin", "apply_rope_", "apply_rope", "apply_rope_qkv_", "mrope_axis_map", "axial_positions"]
 
 # Position modes shared by the kernels: how the table row of a token is found.
 POS_OFFSET = 0  # row = offset + s (int offset)
 POS_OFFSETS = 1  # row = offsets[b] + s
-POS_POSITIONS = 2  # row = positions[b, s]
+POS_POSITIONS = 2  # row = positions[b, s] (per frequency axis with an axis map)
+POS_CU_SEQLENS = 3  # packed varlen: row = offset(s)[n] + t - cu_seqlens[n]
 
 
 # ==============================================================================================
@@ -123,13 +136,19 @@ if HAS_TRITON:
         ko_ptr,
         cos_ptr,
         sin_ptr,
+        inv_ptr,
         pos_ptr,
+        off_ptr,
+        axis_ptr,
         n_tokens,
         seqlen,
         n_heads_q,
         n_heads_k,
         n_rows,
         offset,
+        n_seqs,
+        n_search,
+        attention_factor,
         stride_q_b,
         stride_q_s,
         stride_q_h,
@@ -144,8 +163,10 @@ if HAS_TRITON:
         stride_ko_h,
         stride_cos_p,
         stride_sin_p,
+        stride_pos_a,
         stride_pos_b,
         stride_pos_s,
+        stride_off,
         HALF: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         TAIL: tl.constexpr,
@@ -153,31 +174,80 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BLOCK_H: tl.constexpr,
         POS_MODE: tl.constexpr,
+        SEQ_OFFSETS: tl.constexpr,
+        MULTI_AXIS: tl.constexpr,
+        ANGLES: tl.constexpr,
         INTERLEAVED: tl.constexpr,
         CONJUGATE: tl.constexpr,
         COPY_TAIL: tl.constexpr,
         ACC: tl.constexpr,
     ):
-        """Grid: (token blocks, q head blocks + k head blocks). One launch rotates q and k."""
+        """Grid: (token blocks, q head blocks + k head blocks). One launch rotates q and k.
+
+        The cos/sin tile [BLOCK_T, BLOCK_HALF] is built once per program (table gather or on-the-fly
+        angles) and serves every head of the block."""
         pid_t = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1)
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         tok_mask = t < n_tokens
         b = t // seqlen
         s = t - b * seqlen
-        if POS_MODE == 0:
-            pos = s + offset
-        elif POS_MODE == 1:
-            pos = tl.load(pos_ptr + b * stride_pos_b, mask=tok_mask, other=0).to(tl.int64) + s
-        else:
-            pos = tl.load(pos_ptr + b * stride_pos_b + s * stride_pos_s, mask=tok_mask, other=0).to(tl.int64)
-        # Rows outside the table read as NaN (only reachable when host-side checks are skipped, i.e. under
-        # CUDA graph capture): a loud result instead of an out-of-bounds read.
-        row_ok = tok_mask & (pos >= 0) & (pos < n_rows)
         c = tl.arange(0, BLOCK_HALF)[None, :]
-        cm = row_ok[:, None] & (c < HALF)
-        cos = tl.load(cos_ptr + pos[:, None] * stride_cos_p + c, mask=cm, other=float("nan")).to(ACC)
-        sin = tl.load(sin_ptr + pos[:, None] * stride_sin_p + c, mask=cm, other=float("nan")).to(ACC)
+        cmask = c < HALF
+        # ---- the position of every (token, frequency): [BLOCK_T, 1], or [BLOCK_T, BLOCK_HALF] with axes
+        if POS_MODE == 0:
+            pos = (s + offset)[:, None]
+        elif POS_MODE == 1:
+            pos = (tl.load(off_ptr + b * stride_off, mask=tok_mask, other=0).to(tl.int64) + s)[:, None]
+        elif POS_MODE == 2:
+            tok_off = b * stride_pos_b + s * stride_pos_s
+            if MULTI_AXIS:
+                # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE).
+                ax = tl.load(axis_ptr + c, mask=cmask, other=0).to(tl.int64)
+                pm = tok_mask[:, None] & cmask
+                pos = tl.load(pos_ptr + ax * stride_pos_a + tok_off[:, None], mask=pm, other=0).to(tl.int64)
+            else:
+                pos = tl.load(pos_ptr + tok_off, mask=tok_mask, other=0).to(tl.int64)[:, None]
+        else:
+            # Packed varlen: sequence n owns tokens [cu[n], cu[n+1]); binary search for the largest n with
+            # cu[n] <= t (n_search = ceil(log2(n_seqs)) rounds; empty sequences are skipped naturally).
+            lo = tl.zeros([BLOCK_T], dtype=tl.int64)
+            hi = tl.zeros([BLOCK_T], dtype=tl.int64) + (n_seqs - 1)
+            i = 0
+            while i < n_search:
+                mid = (lo + hi + 1) // 2
+                go = tl.load(pos_ptr + mid, mask=tok_mask, other=0).to(tl.int64) <= t
+                lo = tl.where(go, mid, lo)
+                hi = tl.where(go, hi, mid - 1)
+                i += 1
+            start = tl.load(pos_ptr + lo, mask=tok_mask, other=0).to(tl.int64)
+            end = tl.load(pos_ptr + n_seqs).to(tl.int64)
+            if SEQ_OFFSETS:
+                base = tl.load(off_ptr + lo * stride_off, mask=tok_mask, other=0).to(tl.int64)
+            else:
+                base = offset
+            # Tokens past cu_seqlens[-1] (a padded graph bucket) belong to no sequence: position 0.
+            pos = tl.where(t < end, t - start + base, 0)[:, None]
+        # ---- cos/sin in ACC
+        if ANGLES == 0:
+            # Table rows outside the table read as NaN (only reachable when host-side value checks are
+            # skipped, e.g. under CUDA graph capture): a loud result instead of an out-of-bounds read.
+            cm = tok_mask[:, None] & (pos >= 0) & (pos < n_rows) & cmask
+            cos = tl.load(cos_ptr + pos * stride_cos_p + c, mask=cm, other=float("nan")).to(ACC)
+            sin = tl.load(sin_ptr + pos * stride_sin_p + c, mask=cm, other=float("nan")).to(ACC)
+        else:
+            inv = tl.load(inv_ptr + c, mask=cmask, other=0.0)
+            if ANGLES == 1:
+                # HF numerics: one fp32 product, then fp32 cos/sin.
+                angle = pos.to(tl.float32) * inv.to(tl.float32)
+            else:
+                # Exact: fp64 product, reduced mod 2*pi with 2*pi split in two fp32-representable parts (so
+                # k * part is exact in fp64 for any k < 2**29), then fp32 cos/sin of an angle in [-pi, pi].
+                a = pos.to(tl.float64) * inv.to(tl.float64)
+                kk = tl.floor(a * 0.15915494309189535 + 0.5)
+                angle = ((a - kk * 6.2831854820251465) - kk * -1.7484556025237907e-07).to(tl.float32)
+            cos = (tl.cos(angle) * attention_factor).to(ACC)
+            sin = (tl.sin(angle) * attention_factor).to(ACC)
         if CONJUGATE:
             sin = -sin
         n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
@@ -223,31 +293,80 @@ if HAS_TRITON:
 
 
 # ==============================================================================================
-# Pure-torch implementation (CPU default until native kernels land; any device)
+# Pure-torch implementation (any device; the CPU path when no native kernel is built)
 # ==============================================================================================
 _TORCH_CHUNK_ELEMS = 1 << 21  # bounds the fp32 temporaries of the torch path (8 MiB each)
+_TWO_PI_HI = 6.2831854820251465  # float32(2*pi): k * _TWO_PI_HI is exact in float64 for k < 2**29
+_TWO_PI_LO = -1.7484556025237907e-07  # 2*pi - _TWO_PI_HI
 
 
-def _rotate_torch(x_in, x_out, cos, sin, rows, interleaved, conjugate):
-    """Rotate ``x_in`` into ``x_out`` (which may be ``x_in``) chunk by chunk along S, math in fp32/fp64.
+class _RopeArgs(NamedTuple):
+    """Everything but q/k, in the ops' argument order."""
+
+    cos: Optional[torch.Tensor]
+    sin: Optional[torch.Tensor]
+    inv_freq: Optional[torch.Tensor]
+    positions: Optional[torch.Tensor]
+    offsets: Optional[torch.Tensor]
+    offset: int
+    cu_seqlens: Optional[torch.Tensor]
+    axis_map: Optional[torch.Tensor]
+    attention_factor: float
+    interleaved: bool
+    conjugate: bool
+    exact: bool
+
+    @property
+    def half(self) -> int:
+        return (self.cos if self.inv_freq is None else self.inv_freq).shape[-1]
+
+
+def _exact_angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """fp32 angle within ~2e-7 rad of pos * inv_freq: a float64 product reduced mod 2*pi (as the kernel)."""
+    a = pos.to(torch.float64) * inv_freq.to(torch.float64)
+    k = torch.floor(a * (0.5 / math.pi) + 0.5)
+    return ((a - k * _TWO_PI_HI) - k * _TWO_PI_LO).to(torch.float32)
+
+
+def _angles_torch(pos: torch.Tensor, a: _RopeArgs, acc: torch.dtype):
+    """cos/sin ``[..., half]`` for positions ``pos`` ``[..., 1]`` (one axis) or ``[..., half]`` (per
+    frequency axis), from the tables or on the fly, with the kernels' numerics."""
+    if a.inv_freq is None:
+        if pos.shape[-1] == 1:
+            r = pos[..., 0]
+            return a.cos[r].to(acc), a.sin[r].to(acc)
+        col = torch.arange(a.half, device=pos.device)
+        return a.cos[pos, col].to(acc), a.sin[pos, col].to(acc)
+    if a.exact:
+        angle = _exact_angles(pos, a.inv_freq)
+    else:
+        angle = pos.to(torch.float32) * a.inv_freq.to(torch.float32)  # one fp32 product (HF numerics)
+    return (angle.cos() * a.attention_factor).to(acc), (angle.sin() * a.attention_factor).to(acc)
+
+
+def _rotate_torch(x_in, x_out, rows, a: _RopeArgs):
+    """Rotate ``x_in`` ``[B, S, H, D]`` into ``x_out`` (which may be ``x_in``) chunk by chunk along S, math
+    in fp32/fp64. ``rows`` is ``[B, S]`` (or ``[A, B, S]`` with an axis map), possibly expanded.
 
     Temporaries are bounded by the chunk size, never proportional to the input."""
     B, S, H, D = x_in.shape
-    half = cos.shape[-1]
+    half = a.half
     R = 2 * half
     acc = torch.float64 if x_in.dtype == torch.float64 else torch.float32
     chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, B * H * R))
-    shared_rows = rows.stride(0) == 0  # same rows for every sequence: gather the tables once
+    shared_rows = rows.stride(-2) == 0  # same rows for every sequence: build cos/sin once
+    axis = a.axis_map.to(device=rows.device, dtype=torch.int64) if a.axis_map is not None else None
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        r = rows[:1, s0:s1] if shared_rows else rows[:, s0:s1]
-        c = cos[r].to(acc).unsqueeze(2)  # [B or 1, s, 1, half]
-        sn = sin[r].to(acc).unsqueeze(2)
-        if conjugate:
+        r = rows[..., :1, s0:s1] if shared_rows else rows[..., s0:s1]
+        pos = r[axis].permute(1, 2, 0) if axis is not None else r[..., None]  # [b, s, half or 1]
+        c, sn = _angles_torch(pos, a, acc)
+        c, sn = c.unsqueeze(2), sn.unsqueeze(2)
+        if a.conjugate:
             sn = -sn
         xi = x_in[:, s0:s1, :, :R]
         xo = x_out[:, s0:s1, :, :R]
-        if interleaved:
+        if a.interleaved:
             pairs = xi.unflatten(-1, (half, 2))
             x1, x2 = pairs[..., 0].to(acc), pairs[..., 1].to(acc)
         else:
@@ -255,7 +374,7 @@ def _rotate_torch(x_in, x_out, cos, sin, rows, interleaved, conjugate):
         # Both outputs are computed before either is written back (for fp32 x1/x2 alias the input).
         o1 = torch.addcmul(x1 * c, x2, sn, value=-1)
         o2 = torch.addcmul(x2 * c, x1, sn)
-        if interleaved:
+        if a.interleaved:
             xo.unflatten(-1, (half, 2)).copy_(torch.stack((o1, o2), dim=-1))
         else:
             xo[..., :half].copy_(o1)
@@ -264,12 +383,31 @@ def _rotate_torch(x_in, x_out, cos, sin, rows, interleaved, conjugate):
             x_out[:, s0:s1, :, R:].copy_(x_in[:, s0:s1, :, R:])
 
 
-def _rope_torch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate):
-    B, S = q.shape[0], q.shape[1]
-    rows = token_positions(positions, offsets, offset, B, S, q.device)
-    _rotate_torch(q, q_out, cos, sin, rows, interleaved, conjugate)
+def _cu_positions(a: _RopeArgs, n_tokens: int) -> torch.Tensor:
+    """Per-token positions ``[T]`` of a packed batch (no host sync: the values were checked before)."""
+    seq = torch.searchsorted(a.cu_seqlens[1:], torch.arange(n_tokens, device=a.cu_seqlens.device), right=True)
+    seq = seq.clamp_(max=a.cu_seqlens.shape[0] - 2)
+    cu = a.cu_seqlens.to(torch.int64)
+    t = torch.arange(n_tokens, device=cu.device)
+    base = a.offsets.to(torch.int64)[seq] if a.offsets is not None else a.offset
+    return torch.where(t < cu[-1], t - cu[seq] + base, 0)
+
+
+def _token_rows(a: _RopeArgs, B: int, S: int, device) -> torch.Tensor:
+    """Positions of every token: ``[B, S]``, or ``[A, B, S]`` with an axis map (int64, maybe expanded)."""
+    if a.cu_seqlens is not None:
+        return _cu_positions(a, S)[None, :]
+    if a.axis_map is not None:
+        p = a.positions.to(torch.int64)
+        return p[:, None, :].expand(-1, B, S) if p.dim() == 2 else p
+    return token_positions(a.positions, a.offsets, a.offset, B, S, device)
+
+
+def _rope_torch(q, k, q_out, k_out, a: _RopeArgs):
+    rows = _token_rows(a, q.shape[0], q.shape[1], q.device)
+    _rotate_torch(q, q_out, rows, a)
     if k is not None:
-        _rotate_torch(k, k_out, cos, sin, rows, interleaved, conjugate)
+        _rotate_torch(k, k_out, rows, a)
 
 
 # ==============================================================================================
@@ -277,40 +415,151 @@ def _rope_torch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interl
 # ==============================================================================================
 
 
-def _check_rope(q, k, cos, sin, positions, offsets, offset, *, inplace: bool, values: bool, rows: bool = True) -> None:
+def _check_angles(a: _RopeArgs, D: int, dev) -> int:
+    """Tables or frequencies; returns R/2."""
+    if a.inv_freq is None:
+        if a.cos is None or a.sin is None:
+            raise ValueError("pass cos and sin tables, or inv_freq for on-the-fly angles")
+        for name, t in (("cos", a.cos), ("sin", a.sin)):
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+        if a.cos.shape != a.sin.shape:
+            raise ValueError(f"cos and sin must have the same shape, got {tuple(a.cos.shape)} and {tuple(a.sin.shape)}")
+        if a.attention_factor != 1.0:
+            raise ValueError(
+                "attention_factor scales on-the-fly angles (inv_freq); tables carry it already "
+                "(rope_cos_sin(..., attention_factor=...))"
+            )
+        if a.exact:
+            raise ValueError("exact applies to on-the-fly angles: pass inv_freq (float64) instead of cos/sin tables")
+        half = a.cos.shape[1]
+        what = "cos must have R/2 >= 1 columns (R = rotary dim), got 0"
+        src = "2 * cos.shape[-1]"
+    else:
+        if a.cos is not None or a.sin is not None:
+            raise ValueError("pass cos/sin tables or inv_freq, not both")
+        check_tensor("inv_freq", a.inv_freq, dtypes=FLOAT_DTYPES, ndim=1, device=dev)
+        if a.exact and a.inv_freq.dtype != torch.float64:
+            raise TypeError(
+                "exact=True needs inv_freq in float64 (rope_frequencies(..., dtype=torch.float64)): an fp32 "
+                f"frequency alone is up to 0.25 rad off at position 2**22; got {a.inv_freq.dtype}"
+            )
+        if not math.isfinite(a.attention_factor):
+            raise ValueError(f"attention_factor must be finite, got {a.attention_factor!r}")
+        half = a.inv_freq.shape[0]
+        what = "inv_freq must have R/2 >= 1 entries (R = rotary dim), got 0"
+        src = "2 * inv_freq.shape[0]"
+    if half == 0:
+        raise ValueError(what)
+    if 2 * half > D:
+        raise ValueError(f"rotary dim R = {src} = {2 * half} exceeds head_dim D = {D}")
+    return half
+
+
+def _check_positions(a: _RopeArgs, B: int, S: int, packed: bool, half: int, dev) -> None:
+    if a.cu_seqlens is not None:
+        if not packed:
+            raise ValueError("cu_seqlens needs packed q/k [T, H, D] (tokens of all sequences back to back)")
+        cu = a.cu_seqlens
+        if cu.dtype == torch.bool or cu.dtype not in INT_DTYPES:
+            raise TypeError(f"cu_seqlens must be an integer tensor, got dtype {cu.dtype}")
+        check_tensor("cu_seqlens", cu, ndim=1, device=dev)
+        if cu.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must be [N + 1] with N >= 1 sequences, got shape {tuple(cu.shape)}")
+        if a.positions is not None:
+            raise ValueError("pass positions or cu_seqlens, not both")
+        if a.axis_map is not None:
+            raise ValueError("axis_map needs explicit positions [A, ...]; it cannot be combined with cu_seqlens")
+        check_position_args(None, a.offsets, a.offset, batch=cu.shape[0] - 1, seqlen=S, device=dev)
+        return
+    if a.axis_map is not None:
+        m = a.axis_map
+        if m.dtype == torch.bool or m.dtype not in INT_DTYPES:
+            raise TypeError(f"axis_map must be an integer tensor, got dtype {m.dtype}")
+        check_tensor("axis_map", m, ndim=1, device=dev)
+        if m.shape[0] != half:
+            raise ValueError(f"axis_map must have one entry per frequency, [R/2] = [{half}], got {tuple(m.shape)}")
+        if a.positions is None:
+            raise ValueError("axis_map needs positions [A, B, S] or [A, S] (one row of positions per axis)")
+        p = a.positions
+        check_tensor("positions", p, ndim=(2, 3), device=dev)
+        want = [(S,), (B, S)]
+        if tuple(p.shape[1:]) not in want or p.shape[0] < 1:
+            raise ValueError(
+                f"with axis_map, positions must be [A, S] = [A, {S}] or [A, B, S] = [A, {B}, {S}], got {tuple(p.shape)}"
+            )
+        check_position_args(p[0], a.offsets, a.offset, batch=B, seqlen=S, device=dev)
+        return
+    check_position_args(a.positions, a.offsets, a.offset, batch=B, seqlen=S, device=dev)
+
+
+def _value_checks_on(dev) -> bool:
+    return value_checks_enabled() and not on_cuda_graph_capture(dev)
+
+
+def _check_position_values(a: _RopeArgs, S: int, dev) -> None:
+    """Checks that read tensor values (a host sync on CUDA; skipped under graph capture or when turned off)."""
+    if a.cu_seqlens is not None:
+        if not _value_checks_on(dev):
+            return
+        cu = a.cu_seqlens.to(torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0 or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu.tolist()[:16]}")
+        if last > S:
+            raise ValueError(f"cu_seqlens[-1] = {last} exceeds the {S} packed tokens of q")
+        if a.inv_freq is None:  # the rows used must lie in the table
+            start = a.offsets.to(torch.int64) if a.offsets is not None else torch.full_like(lengths, a.offset)
+            used = lengths > 0
+            rows = a.cos.shape[0]
+            if bool(used.any()):
+                lo, hi = int(start[used].min()), int((start + lengths - 1)[used].max())
+                if lo < 0 or hi >= rows:
+                    raise ValueError(
+                        f"offsets + positions within each sequence must lie in [0, {rows}) (the table's rows), "
+                        f"got rows in [{lo}, {hi}]"
+                    )
+            if last < S and rows < 1:
+                raise ValueError("padded tokens past cu_seqlens[-1] use table row 0, but the table is empty")
+        return
+    if a.axis_map is not None and a.axis_map.numel() and _value_checks_on(dev):
+        lo, hi = (int(v) for v in torch.aminmax(a.axis_map.to(torch.int64)))
+        if lo < 0 or hi >= a.positions.shape[0]:
+            raise ValueError(f"axis_map values must lie in [0, {a.positions.shape[0]}) (positions' axes), got [{lo}, {hi}]")
+    if a.inv_freq is None:
+        check_position_values(a.positions, a.offsets, a.offset, seqlen=S, num_rows=a.cos.shape[0], device=dev)
+
+
+def _check_rope(q, k, a: _RopeArgs, *, inplace: bool, values: bool, rows: bool = True) -> None:
     """Every check runs before anything is written. ``values`` adds the checks that need real tensors
     (aliasing, overlap and, with ``rows``, the position values - a host sync on CUDA): the op
     implementations run them, fakes and traced code cannot."""
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=(3, 4))
     dev = q.device
-    B, S, Hq, D = q.shape
+    packed = q.dim() == 3
+    B, S = (1, q.shape[0]) if packed else (q.shape[0], q.shape[1])
+    D = q.shape[-1]
     check_last_stride("q", q)
     if k is not None:
-        check_tensor("k", k, ndim=4, device=dev)
+        check_tensor("k", k, ndim=q.dim(), device=dev)
         if k.dtype != q.dtype:
             raise TypeError(f"k must have the same dtype as q ({q.dtype}), got {k.dtype}")
-        if (k.shape[0], k.shape[1], k.shape[3]) != (B, S, D):
+        if packed and (k.shape[0], k.shape[2]) != (S, D):
+            raise ValueError(f"k must be [T, Hk, D] = [{S}, Hk, {D}] to match q, got {tuple(k.shape)}")
+        if not packed and (k.shape[0], k.shape[1], k.shape[3]) != (B, S, D):
             raise ValueError(f"k must be [B, S, Hk, D] = [{B}, {S}, Hk, {D}] to match q, got {tuple(k.shape)}")
         check_last_stride("k", k)
         if inplace and k is q:
             raise ValueError("k must not overlap q: shared elements would be rotated twice")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    half = cos.shape[1]
-    if half == 0:
-        raise ValueError("cos must have R/2 >= 1 columns (R = rotary dim), got 0")
-    if 2 * half > D:
-        raise ValueError(f"rotary dim R = 2 * cos.shape[-1] = {2 * half} exceeds head_dim D = {D}")
-    check_position_args(positions, offsets, offset, batch=B, seqlen=S, device=dev)
+    half = _check_angles(a, D, dev)
+    _check_positions(a, B, S, packed, half, dev)
     if inplace and values:  # memory-layout checks need real tensors (fakes have no storage)
         check_writable("q", q)
         if k is not None:
             check_writable("k", k)
             check_disjoint("q", q, "k", k)
     if values and rows and B * S > 0:  # zero tokens is a no-op whatever the table
-        check_position_values(positions, offsets, offset, seqlen=S, num_rows=cos.shape[0], device=dev)
+        _check_position_values(a, S, dev)
 
 
 def _rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int):
@@ -333,24 +582,44 @@ def _rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int
     return block_half, block_tail, block_h, block_t, num_warps
 
 
-def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate):
+def _rope_triton(q, k, q_out, k_out, a: _RopeArgs):
     B, S, Hq, D = q.shape
     Hk = k.shape[2] if k is not None else 0
     n_tokens = B * S
-    half = cos.shape[1]
+    half = a.half
     if n_tokens == 0 or Hq + Hk == 0:
         return
-    # Tables are read-only and small: a non-unit column stride is fixed with a copy of the table.
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    if positions is not None:
-        pos_mode, pos = POS_POSITIONS, positions
-        spos_b = positions.stride(0) if positions.dim() == 2 else 0
-        spos_s = positions.stride(-1)
-    elif offsets is not None:
-        pos_mode, pos, spos_b, spos_s = POS_OFFSETS, offsets, offsets.stride(0), 0
+    cos, sin, inv = a.cos, a.sin, a.inv_freq
+    if inv is None:
+        # Tables are read-only and small: a non-unit column stride is fixed with a copy of the table.
+        cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+        sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+        angles, n_rows, scos, ssin = 0, cos.shape[0], cos.stride(0), sin.stride(0)
     else:
-        pos_mode, pos, spos_b, spos_s = POS_OFFSET, None, 0, 0
+        inv = inv if inv.stride(0) == 1 else inv.contiguous()
+        angles, n_rows, scos, ssin = (2 if a.exact else 1), 0, 0, 0
+        cos = sin = inv  # dummies: no program reads them
+    pos = off = axis = None
+    spos_a = spos_b = spos_s = soff = 0
+    n_seqs = n_search = 0
+    seq_offsets = False
+    if a.cu_seqlens is not None:
+        pos_mode, pos = POS_CU_SEQLENS, a.cu_seqlens
+        n_seqs = a.cu_seqlens.shape[0] - 1
+        n_search = (n_seqs - 1).bit_length()
+        if a.offsets is not None:
+            seq_offsets, off, soff = True, a.offsets, a.offsets.stride(0)
+    elif a.positions is not None:
+        pos_mode, pos = POS_POSITIONS, a.positions
+        p = pos[0] if a.axis_map is not None else pos
+        spos_b = p.stride(0) if p.dim() == 2 else 0
+        spos_s = p.stride(-1)
+        if a.axis_map is not None:
+            spos_a, axis = pos.stride(0), a.axis_map
+    elif a.offsets is not None:
+        pos_mode, off, soff = POS_OFFSETS, a.offsets, a.offsets.stride(0)
+    else:
+        pos_mode = POS_OFFSET
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
     copy_tail = q_out is not q and 2 * half < D
@@ -359,24 +628,45 @@ def _rope_triton(q, k, q_out, k_out, cos, sin, positions, offsets, offset, inter
     grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
         _rope_kernel[grid](
-            q, kk, q_out, ko, cos, sin, pos,
-            n_tokens, S, Hq, Hk, cos.shape[0], offset,
+            q, kk, q_out, ko, cos, sin, inv, pos, off, axis,
+            n_tokens, S, Hq, Hk, n_rows, a.offset, n_seqs, n_search, float(a.attention_factor),
             q.stride(0), q.stride(1), q.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             ko.stride(0), ko.stride(1), ko.stride(2),
-            cos.stride(0), sin.stride(0), spos_b, spos_s,
+            scos, ssin, spos_a, spos_b, spos_s, soff,
             HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=max(block_tail, 1),
-            BLOCK_T=block_t, BLOCK_H=block_h, POS_MODE=pos_mode, INTERLEAVED=interleaved,
-            CONJUGATE=conjugate, COPY_TAIL=copy_tail, ACC=tl_acc_dtype(q.dtype), num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_H=block_h, POS_MODE=pos_mode, SEQ_OFFSETS=seq_offsets,
+            MULTI_AXIS=a.axis_map is not None, ANGLES=angles, INTERLEAVED=a.interleaved,
+            CONJUGATE=a.conjugate, COPY_TAIL=copy_tail, ACC=tl_acc_dtype(q.dtype), num_warps=num_warps,
         )  # fmt: skip
 
 
-def _rope_dispatch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate):
+def _rope_native(q, k, q_out, k_out, a: _RopeArgs):
+    from . import _native
+
+    positions, offsets, offset = a.positions, a.offsets, a.offset
+    if a.cu_seqlens is not None:  # the native kernels take per-token positions: O(T) int64, no sync
+        positions, offsets, offset = _cu_positions(a, q.shape[1]), None, 0
+    _native.rope(
+        q, k, q_out, k_out, a.cos, a.sin, a.inv_freq, positions, offsets, offset,
+        float(a.attention_factor), a.interleaved, a.conjugate, a.exact,
+    )  # fmt: skip
+
+
+def _as_4d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.unsqueeze(0) if t is not None and t.dim() == 3 else t
+
+
+def _rope_dispatch(q, k, q_out, k_out, a: _RopeArgs):
+    q, k, q_out, k_out = _as_4d(q), _as_4d(k), _as_4d(q_out), _as_4d(k_out)
     if q.shape[0] * q.shape[1] == 0:
         return  # zero tokens: nothing to do
-    impl = _rope_triton if resolve_backend(q.device) == "triton" else _rope_torch
-    impl(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate)
+    backend = resolve_backend(q.device, native="rope")
+    if backend == "native" and a.axis_map is not None:
+        backend = "triton" if HAS_TRITON and q.device.type == "cuda" else "torch"  # no native axis maps
+    impl = {"triton": _rope_triton, "native": _rope_native}.get(backend, _rope_torch)
+    impl(q, k, q_out, k_out, a)
 
 
 def _cos_sin_torch(positions, inv_freq, attention_factor, cos, sin):
@@ -414,47 +704,61 @@ def _check_cos_sin(positions, inv_freq, dtype):
 def _rope_inplace_op(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    inv_freq: Optional[torch.Tensor],
     positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
     offset: int,
+    cu_seqlens: Optional[torch.Tensor],
+    axis_map: Optional[torch.Tensor],
+    attention_factor: float,
     interleaved: bool,
     conjugate: bool,
+    exact: bool,
 ) -> None:
     """In place: q, k <- rotate(q, k) (by -theta when ``conjugate``). One kernel launch for both."""
-    _check_rope(q, k, cos, sin, positions, offsets, offset, inplace=True, values=True)
-    _rope_dispatch(q, k, q, k, cos, sin, positions, offsets, offset, interleaved, conjugate)
+    a = _RopeArgs(cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map, attention_factor,
+                  interleaved, conjugate, exact)  # fmt: skip
+    _check_rope(q, k, a, inplace=True, values=True)
+    _rope_dispatch(q, k, q, k, a)
 
 
 @_rope_inplace_op.register_fake
-def _(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate):
-    _check_rope(q, k, cos, sin, positions, offsets, offset, inplace=True, values=False)
+def _(q, k, *rest):
+    _check_rope(q, k, _RopeArgs(*rest), inplace=True, values=False)
 
 
 @torch.library.custom_op("posenc::rope", mutates_args=())
 def _rope_op(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    inv_freq: Optional[torch.Tensor],
     positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
     offset: int,
+    cu_seqlens: Optional[torch.Tensor],
+    axis_map: Optional[torch.Tensor],
+    attention_factor: float,
     interleaved: bool,
     conjugate: bool,
+    exact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Out of place: returns (rotated q, rotated k); with k None the second output is an empty tensor."""
-    _check_rope(q, k, cos, sin, positions, offsets, offset, inplace=False, values=True)
+    a = _RopeArgs(cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map, attention_factor,
+                  interleaved, conjugate, exact)  # fmt: skip
+    _check_rope(q, k, a, inplace=False, values=True)
     q_out = torch.empty_like(q)
     k_out = torch.empty_like(k) if k is not None else None
-    _rope_dispatch(q, k, q_out, k_out, cos, sin, positions, offsets, offset, interleaved, conjugate)
+    _rope_dispatch(q, k, q_out, k_out, a)
     return q_out, (k_out if k_out is not None else q.new_empty(0))
 
 
 @_rope_op.register_fake
-def _(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate):
-    _check_rope(q, k, cos, sin, positions, offsets, offset, inplace=False, values=False)
+def _(q, k, *rest):
+    _check_rope(q, k, _RopeArgs(*rest), inplace=False, values=False)
     return torch.empty_like(q), (torch.empty_like(k) if k is not None else q.new_empty(0))
 
 
@@ -463,25 +767,32 @@ def _unit_stride(g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return g if g is None or g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous()
 
 
-def _rope_backward_common(ctx, grad_q, grad_k):
-    cos, sin, positions, offsets = ctx.saved_tensors
-    gk = _unit_stride(grad_k) if ctx.has_k else None
-    gq, gk = torch.ops.posenc.rope(
-        _unit_stride(grad_q), gk, cos, sin, positions, offsets, ctx.offset, ctx.interleaved, not ctx.conjugate
-    )
-    return gq, (gk if ctx.has_k else None)
+_TENSOR_ARGS = ("cos", "sin", "inv_freq", "positions", "offsets", "cu_seqlens", "axis_map")
 
 
 def _rope_setup_context(ctx, inputs, output):
-    q, k, cos, sin, positions, offsets, offset, interleaved, conjugate = inputs
-    ctx.save_for_backward(cos, sin, positions, offsets)
-    ctx.has_k = k is not None
-    ctx.offset, ctx.interleaved, ctx.conjugate = offset, interleaved, conjugate
+    a = _RopeArgs(*inputs[2:])
+    ctx.save_for_backward(*(getattr(a, n) for n in _TENSOR_ARGS))
+    ctx.has_k = inputs[1] is not None
+    ctx.scalars = (a.offset, a.attention_factor, a.interleaved, a.conjugate, a.exact)
+
+
+def _rope_backward_common(ctx, grad_q, grad_k):
+    t = dict(zip(_TENSOR_ARGS, ctx.saved_tensors))
+    offset, attention_factor, interleaved, conjugate, exact = ctx.scalars
+    a = _RopeArgs(t["cos"], t["sin"], t["inv_freq"], t["positions"], t["offsets"], offset, t["cu_seqlens"],
+                  t["axis_map"], attention_factor, interleaved, not conjugate, exact)  # fmt: skip
+    gk = _unit_stride(grad_k) if ctx.has_k else None
+    gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
+    return gq, (gk if ctx.has_k else None)
+
+
+_N_ROPE_ARGS = len(_RopeArgs._fields)
 
 
 def _rope_backward(ctx, grad_q, grad_k):
     gq, gk = _rope_backward_common(ctx, grad_q, grad_k)
-    return gq, gk, None, None, None, None, None, None, None
+    return (gq, gk) + (None,) * _N_ROPE_ARGS
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -516,16 +827,16 @@ def _(positions, inv_freq, attention_factor, dtype):
 # projection), so when gradients are recorded q and k take one launch each.
 class _RopeInplaceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin, positions, offsets, offset, interleaved, conjugate):
-        torch.ops.posenc.rope_(x, None, cos, sin, positions, offsets, offset, interleaved, conjugate)
-        _rope_setup_context(ctx, (x, None, cos, sin, positions, offsets, offset, interleaved, conjugate), None)
+    def forward(ctx, x, *rest):
+        torch.ops.posenc.rope_(x, None, *rest)
+        _rope_setup_context(ctx, (x, None) + rest, None)
         ctx.mark_dirty(x)
         return x
 
     @staticmethod
     def backward(ctx, grad):
         gx, _ = _rope_backward_common(ctx, grad, None)
-        return gx, None, None, None, None, None, None, None
+        return (gx,) + (None,) * _N_ROPE_ARGS
 
 
 # ==============================================================================================
@@ -563,29 +874,13 @@ def rope_cos_sin(
     return torch.ops.posenc.rope_cos_sin(positions, inv_freq, float(attention_factor), dtype)
 
 
-def apply_rope_(
-    q: torch.Tensor,
-    k: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    positions: Optional[torch.Tensor] = None,
-    offsets: Union[int, torch.Tensor] = 0,
-    interleaved: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Rotate ``q`` ``[B, S, Hq, D]`` and ``k`` ``[B, S, Hk, D]`` in place, in one kernel launch.
-
-    See the module docstring for layouts. Returns ``(q, k)`` (the same tensors). Differentiable w.r.t. q
-    and k under PyTorch's in-place rules (a leaf that requires grad raises, as for ``x.mul_``).
-
-    >>> import torch, posenc_kernels as pk
-    >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
-    >>> cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(16)[0])
-    >>> q2, k2 = pk.apply_rope_(q, k, cos, sin)
-    >>> q2 is q
-    True
-    """
+def _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact):
     offsets_t, offset = split_offsets(offsets)
+    return _RopeArgs(cos, sin, inv_freq, positions, offsets_t, offset, cu_seqlens, axis_map,
+                     float(attention_factor), bool(interleaved), False, bool(exact))  # fmt: skip
+
+
+def _rope_inplace(q, k, a: _RopeArgs):
     needs_grad = torch.is_grad_enabled() and (
         (isinstance(q, torch.Tensor) and q.requires_grad) or (isinstance(k, torch.Tensor) and k.requires_grad)
     )
@@ -596,28 +891,68 @@ def apply_rope_(
         real = not torch.compiler.is_compiling()
         # Position values are left to q's launch, which checks them before writing q (k shares them):
         # checking them here as well would be one more host sync per call on CUDA.
-        _check_rope(q, k, cos, sin, positions, offsets_t, offset, inplace=True, values=real, rows=False)
+        _check_rope(q, k, a, inplace=True, values=real, rows=False)
         if real:
             check_inplace_autograd("q", q)
             if k is not None:
                 check_inplace_autograd("k", k)
-        args = (cos, sin, positions, offsets_t, offset, interleaved, False)
-        q = _RopeInplaceFunction.apply(q, *args)
+        q = _RopeInplaceFunction.apply(q, *a)
         if k is not None:
-            k = _RopeInplaceFunction.apply(k, *args)
+            k = _RopeInplaceFunction.apply(k, *a)
         return q, k
-    torch.ops.posenc.rope_(q, k, cos, sin, positions, offsets_t, offset, interleaved, False)
+    torch.ops.posenc.rope_(q, k, *a)
     return q, k
+
+
+def apply_rope_(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rotate ``q`` ``[B, S, Hq, D]`` and ``k`` ``[B, S, Hk, D]`` in place, in one kernel launch.
+
+    See the module docstring for layouts, angle sources (``cos``/``sin`` tables or ``inv_freq``), packed
+    ``[T, H, D]`` inputs with ``cu_seqlens`` and multi-axis positions (``axis_map``). Returns ``(q, k)``
+    (the same tensors). Differentiable w.r.t. q and k under PyTorch's in-place rules (a leaf that requires
+    grad raises, as for ``x.mul_``).
+
+    >>> import torch, posenc_kernels as pk
+    >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
+    >>> inv_freq, _ = pk.rope_frequencies(16)
+    >>> cos, sin = pk.rope_cos_sin(5, inv_freq)
+    >>> q2, k2 = pk.apply_rope_(q, k, cos, sin)
+    >>> q2 is q
+    True
+    >>> q3, _ = pk.apply_rope_(torch.randn(7, 4, 16), None, inv_freq=inv_freq,  # packed, on the fly
+    ...                        cu_seqlens=torch.tensor([0, 3, 7]))
+    """
+    return _rope_inplace(q, k, _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map,
+                                          attention_factor, interleaved, exact))  # fmt: skip
 
 
 def apply_rope(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
     *,
     positions: Optional[torch.Tensor] = None,
     offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
     interleaved: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place twin of :func:`apply_rope_`: returns new rotated tensors, inputs untouched.
@@ -629,6 +964,96 @@ def apply_rope(
     >>> torch.equal(q_rot[:, 0], q[:, 0])  # position 0 is the identity rotation
     True
     """
-    offsets_t, offset = split_offsets(offsets)
-    q_out, k_out = torch.ops.posenc.rope(q, k, cos, sin, positions, offsets_t, offset, interleaved, False)
+    a = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    q_out, k_out = torch.ops.posenc.rope(q, k, *a)
     return q_out, (k_out if k is not None else None)
+
+
+def apply_rope_qkv_(
+    qkv: torch.Tensor,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    num_heads_q: int,
+    num_heads_kv: int,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate the q and k heads of a fused projection ``[B, S, Hq + 2*Hkv, D]`` (or packed
+    ``[T, Hq + 2*Hkv, D]``) in place, in one launch; the v heads are untouched. Returns ``qkv``.
+
+    Heads ``[0, Hq)`` are q, ``[Hq, Hq + Hkv)`` are k, the rest v (the layout of a fused QKV linear
+    viewed as heads). Other arguments as in :func:`apply_rope_`.
+
+    >>> import torch, posenc_kernels as pk
+    >>> qkv = torch.randn(2, 6, 4 + 2 * 2, 32)
+    >>> v = qkv[:, :, 6:].clone()
+    >>> cos, sin = pk.rope_cos_sin(6, pk.rope_frequencies(32)[0])
+    >>> out = pk.apply_rope_qkv_(qkv, cos, sin, num_heads_q=4, num_heads_kv=2)
+    >>> out is qkv, torch.equal(qkv[:, :, 6:], v)
+    (True, True)
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if qkv.shape[-2] != num_heads_q + 2 * num_heads_kv:
+        raise ValueError(
+            f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {num_heads_q + 2 * num_heads_kv} "
+            f"heads (dim -2), got {qkv.shape[-2]}"
+        )
+    q = qkv[..., :num_heads_q, :]
+    k = qkv[..., num_heads_q : num_heads_q + num_heads_kv, :]
+    a = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    _rope_inplace(q, k, a)  # under autograd, in-place ops on the views rebase qkv's history
+    return qkv
+
+
+def mrope_axis_map(mrope_section, *, interleaved: bool = False, device=None) -> torch.Tensor:
+    """Which position axis each frequency follows, for multi-axis RoPE (``axis_map`` of
+    :func:`apply_rope_`), from a section list such as Qwen2-VL's ``mrope_section`` ``[16, 24, 24]``.
+
+    ``interleaved=False`` (Qwen2-VL): frequencies ``[0, s0)`` follow axis 0 (time), the next ``s1`` axis 1
+    (height), ... ``interleaved=True`` (Qwen3-VL): frequency ``i`` follows axis ``a = i % A`` when
+    ``a >= 1`` and ``i < A * s_a``, else axis 0. 2-D axial RoPE for image patches is ``[n/2, n/2]`` with
+    positions ``[2, ...]`` = (row, column) (see :func:`axial_positions`). Returns int32 ``[sum(sections)]``.
+
+    >>> import posenc_kernels as pk
+    >>> pk.mrope_axis_map([2, 1, 1])
+    tensor([0, 0, 1, 2], dtype=torch.int32)
+    >>> pk.mrope_axis_map([2, 2, 2], interleaved=True)
+    tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)
+    """
+    sections = [int(v) for v in mrope_section]
+    if not sections or any(v < 0 for v in sections) or sum(sections) == 0:
+        raise ValueError(f"mrope_section must be non-negative ints with a positive sum, got {list(mrope_section)}")
+    n_axes, half = len(sections), sum(sections)
+    if not interleaved:
+        axes = [a for a, n in enumerate(sections) for _ in range(n)]
+    else:
+        axes = []
+        for i in range(half):
+            a = i % n_axes
+            axes.append(a if a >= 1 and i < n_axes * sections[a] else 0)
+    return torch.tensor(axes, dtype=torch.int32, device=device)
+
+
+def axial_positions(*sizes: int, device=None) -> torch.Tensor:
+    """Positions ``[A, prod(sizes)]`` of a row-major grid (``axial_positions(H, W)`` gives each image patch
+    its (row, column)), for 2-D / 3-D axial RoPE with :func:`mrope_axis_map`.
+
+    >>> import posenc_kernels as pk
+    >>> pk.axial_positions(2, 3)
+    tensor([[0, 0, 0, 1, 1, 1],
+            [0, 1, 2, 0, 1, 2]])
+    """
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+        raise ValueError(f"sizes must be non-negative ints, got {sizes}")
+    grids = torch.meshgrid(*(torch.arange(n, device=device) for n in sizes), indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids])

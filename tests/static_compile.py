@@ -134,18 +134,26 @@ def facts(compiled):
     }
 
 
-def rope_case(B, S, Hq, Hk, D, R, dtype, *, interleaved=False, hf_layout=False, out_of_place=False, positions=False):
+def rope_case(B, S, Hq, Hk, D, R, dtype, *, interleaved=False, hf_layout=False, out_of_place=False, positions=False,
+              angles="table", varlen=False, axes=0):
     if hf_layout:
         q = torch.empty(B, Hq, S, D, dtype=dtype).transpose(1, 2)
         k = torch.empty(B, Hk, S, D, dtype=dtype).transpose(1, 2)
     else:
         q = torch.empty(B, S, Hq, D, dtype=dtype)
         k = torch.empty(B, S, Hk, D, dtype=dtype)
-    cos = torch.empty(S + 8, R // 2, dtype=torch.float32)
+    cos = torch.empty(S + 8, R // 2, dtype=torch.float32) if angles == "table" else None
+    inv = None if angles == "table" else torch.empty(R // 2, dtype=torch.float64 if angles == "exact" else torch.float32)
     pos = torch.zeros(B, S, dtype=torch.int64) if positions else None
+    axis_map = None
+    if axes:
+        pos = torch.zeros(axes, B, S, dtype=torch.int64)
+        axis_map = torch.zeros(R // 2, dtype=torch.int32)
+    cu = torch.tensor([0, S * B], dtype=torch.int32) if varlen else None
     q_out = torch.empty_like(q) if out_of_place else q
     k_out = torch.empty_like(k) if out_of_place else k
-    rope._rope_triton(q, k, q_out, k_out, cos, cos, pos, None, 0, interleaved, False)
+    a = rope._RopeArgs(cos, cos, inv, pos, None, 0, cu, axis_map, 1.0, interleaved, False, angles == "exact")
+    rope._rope_triton(q, k, q_out, k_out, a)
 
 
 def main():
@@ -163,6 +171,10 @@ def main():
         "rope_headdim80_fp16": dict(B=1, S=64, Hq=32, Hk=32, D=80, R=80, dtype=torch.float16),
         "rope_out_of_place_partial_fp32": dict(B=1, S=64, Hq=8, Hk=8, D=256, R=64, dtype=torch.float32, out_of_place=True),
         "rope_decode_gemma_bf16": dict(B=64, S=1, Hq=8, Hk=1, D=256, R=256, dtype=torch.bfloat16),
+        "rope_on_the_fly_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, angles="freq"),
+        "rope_exact_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, angles="exact"),
+        "rope_varlen_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, varlen=True),
+        "rope_mrope_bf16": dict(B=1, S=64, Hq=28, Hk=4, D=128, R=128, dtype=torch.bfloat16, axes=3),
     }
     for name, kw in cases.items():
         rec.calls.clear()

@@ -6,7 +6,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import reference as ref
 from posenc_kernels.configs import MODEL_CONFIGS
-from posenc_kernels.rope import _rope_dispatch
+from posenc_kernels.rope import _RopeArgs, _rope_dispatch
 
 from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
 
@@ -159,8 +159,8 @@ def test_inverse_rotation_roundtrip(backend):
     q, k = make_qk(2, 7, 4, 2, 64, torch.float32)
     q0, k0 = q.clone(), k.clone()
     cos, sin = tables(7, 64)
-    torch.ops.posenc.rope_(q, k, cos, sin, None, None, 0, False, False)
-    torch.ops.posenc.rope_(q, k, cos, sin, None, None, 0, False, True)
+    torch.ops.posenc.rope_(q, k, cos, sin, None, None, None, 0, None, None, 1.0, False, False, False)
+    torch.ops.posenc.rope_(q, k, cos, sin, None, None, None, 0, None, None, 1.0, False, True, False)
     assert max_err(q, q0) < 1e-5 and max_err(k, k0) < 1e-5
 
 
@@ -172,7 +172,7 @@ def test_out_of_place_writes_every_element(backend, dtype, interleaved):
     cos, sin = tables(5, 16)
     q_out = torch.full_like(q, float("nan"))
     k_out = torch.full_like(k, float("nan"))
-    _rope_dispatch(q, k, q_out, k_out, cos, sin, None, None, 0, interleaved, False)
+    _rope_dispatch(q, k, q_out, k_out, _RopeArgs(cos, sin, None, None, None, 0, None, None, 1.0, interleaved, False, False))
     truth_q, truth_k = ref.rope_reference(q, k, cos, sin, interleaved=interleaved)
     eager_q, eager_k = ref.rope_hf_eager(q, k, cos, sin, interleaved=interleaved)
     assert_dtype_tolerance(q_out, truth_q, eager_q)
@@ -305,14 +305,14 @@ def test_opcheck(backend):
     pos = torch.randint(0, 8, (2, 5), device=DEVICE)
     offs = torch.tensor([1, 3], device=DEVICE)
     for args in [
-        (q.clone(), k.clone(), cos, sin, None, None, 2, False, False),
-        (q.clone(), None, cos, sin, pos, None, 0, True, False),
-        (q.clone(), k.clone(), cos, sin, None, offs, 0, False, True),
+        (q.clone(), k.clone(), cos, sin, None, None, None, 2, None, None, 1.0, False, False, False),
+        (q.clone(), None, cos, sin, None, pos, None, 0, None, None, 1.0, True, False, False),
+        (q.clone(), k.clone(), cos, sin, None, None, offs, 0, None, None, 1.0, False, True, False),
     ]:
         torch.library.opcheck(torch.ops.posenc.rope_.default, args)
     qg = q.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.posenc.rope.default, (qg, k.clone().requires_grad_(), cos, sin, pos, None, 0, True, False))
-    torch.library.opcheck(torch.ops.posenc.rope.default, (qg, None, cos, sin, None, offs, 0, False, False))
+    torch.library.opcheck(torch.ops.posenc.rope.default, (qg, k.clone().requires_grad_(), cos, sin, None, pos, None, 0, None, None, 1.0, True, False, False))
+    torch.library.opcheck(torch.ops.posenc.rope.default, (qg, None, cos, sin, None, None, offs, 0, None, None, 1.0, False, False, False))
     inv = pk.rope_frequencies(16)[0].to(DEVICE)
     torch.library.opcheck(torch.ops.posenc.rope_cos_sin.default, (pos, inv, 1.0, torch.bfloat16))
 
@@ -357,7 +357,7 @@ def _bad_cases():
     other = torch.device("meta")
     return {
         "q_int": (lambda: dict(q=q().to(torch.int32)), TypeError, "q must have dtype"),
-        "q_rank": (lambda: dict(q=torch.randn(4, 3, 16, device=DEVICE)), ValueError, "q must have 4 dimensions"),
+        "q_rank": (lambda: dict(q=torch.randn(4, 16, device=DEVICE)), ValueError, "q must have 3 or 4 dimensions"),
         "k_dtype": (lambda: dict(k=k().half()), TypeError, "k must have the same dtype as q"),
         "k_shape": (lambda: dict(k=torch.randn(2, 5, 1, 16, device=DEVICE)), ValueError, "k must be"),
         "k_device": (lambda: dict(k=torch.randn(2, 4, 1, 16, device=other)), ValueError, "k must be on the same device"),

@@ -30,7 +30,8 @@ def report():
 KERNEL_CASES = [
     "rope_llama3_8b_bf16", "rope_llama3_8b_bf16_hf_layout", "rope_gptj_interleaved_bf16",
     "rope_llama3_interleaved_bf16", "rope_phi2_fp16_positions", "rope_headdim80_fp16",
-    "rope_out_of_place_partial_fp32", "rope_decode_gemma_bf16", "rope_cos_sin", "add_sinusoidal_bf16_d4096",
+    "rope_out_of_place_partial_fp32", "rope_decode_gemma_bf16", "rope_on_the_fly_bf16", "rope_exact_bf16",
+    "rope_varlen_bf16", "rope_mrope_bf16", "rope_cos_sin", "add_sinusoidal_bf16_d4096",
     "add_sinusoidal_bf16_d4096_halves", "add_sinusoidal_fp32_d1023", "sinusoidal_table_fp32_d512",
     "learned_add_gpt2_bf16_d768", "learned_add_fp16_d1023", "learned_grad_atomic_bf16_d768",
     "learned_grad_sorted_fp32_d4096", "alibi_bias_bf16", "alibi_bias_fp32_decode", "t5_bias_bf16",
@@ -51,7 +52,13 @@ def test_compiles_without_spills(report, case):
 @pytest.mark.parametrize("case", [c for c in KERNEL_CASES if c.startswith("rope_") and c != "rope_cos_sin"])
 def test_rope_has_no_local_memory_and_moves_128_bit_vectors(report, case):
     facts = report[case]
-    assert facts["local_memory"] == 0, f"{case}: local-memory traffic in the RoPE kernel"
+    if case in ("rope_on_the_fly_bf16", "rope_exact_bf16"):
+        # In-kernel angles call libdevice's accurate sinf/cosf, whose large-argument range reduction has a
+        # local stack frame (as in the sinusoidal kernels); no spills (checked above). Exact mode reduces
+        # the angle to [-pi, pi] first, so that path never runs, but the compiler cannot know.
+        assert facts["local_memory"] <= report["rope_cos_sin"]["local_memory"] * 2, facts
+    else:
+        assert facts["local_memory"] == 0, f"{case}: local-memory traffic in the RoPE kernel"
     # Every global store is q/k data, and every one is a 128-bit vector.
     assert facts["st_all"] > 0 and facts["st_v4"] == facts["st_all"], f"{case}: stores not all 128-bit: {facts}"
     # The data loads mirror the stores (each stored vector was loaded as one); table and position loads
