@@ -25,7 +25,8 @@ from .relative import (
     t5_score_mod,
 )
 from .rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
-from .schedules import rope_frequencies
+from .rotary import RotaryEmbedding
+from .schedules import ROPE_TYPES, rope_frequencies
 from .sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
     SinusoidalPositionalEncoding,
@@ -45,6 +46,8 @@ __all__ = [
     "axial_positions",
     "rope_cos_sin",
     "rope_frequencies",
+    "ROPE_TYPES",
+    "RotaryEmbedding",
     "SINUSOIDAL_CONVENTIONS",
     "SinusoidalPositionalEncoding",
     "add_sinusoidal",

@@ -113,46 +113,28 @@ def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Pat
 # ==============================================================================================
 
 
-def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained_length: int) -> torch.Tensor:
-    """Inverse frequencies of the context-extension schedules, fp32 ``[head_dim // 2]``.
+def _rope_scaling(kind: str, factor: float, trained_length: int) -> Optional[dict]:
+    """HF ``rope_parameters`` of each pictured schedule at ``factor`` x ``trained_length`` (YaRN with its
+    default beta_fast 32 / beta_slow 1; Llama 3.1 with low_freq_factor 1, high_freq_factor 4)."""
+    if kind == "default":
+        return None
+    if kind in ("linear", "ntk"):  # position interpolation / static NTK-aware (a larger base)
+        return {"rope_type": kind, "factor": factor}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": trained_length}
+    if kind == "llama3":
+        return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": trained_length}  # fmt: skip
+    raise ValueError(f"kind must be one of {', '.join(ROPE_SCHEDULES)}; got {kind!r}")
 
-    The package implements only the default schedule (:func:`posenc_kernels.rope_frequencies`); the others
-    are written out here, for this picture only, after the definitions in Hugging Face transformers'
-    ``modeling_rope_utils`` (``linear``, ``ntk``, ``yarn``, ``llama3``). YaRN's attention factor (mscale) is
-    left out: it scales every logit alike, not the rotation, and would only shift its curve.
-    """
+
+def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained_length: int) -> torch.Tensor:
+    """Inverse frequencies of a context-extension schedule, fp32 ``[head_dim // 2]``, from the package's
+    :func:`posenc_kernels.rope_frequencies`. The attention factor (YaRN's mscale) is left out: it scales every
+    logit alike, not the rotation, and would only shift its curve."""
     from .schedules import rope_frequencies
 
-    d = head_dim
-    inv = rope_frequencies(d, base)[0].double()
-    if kind == "default":
-        out = inv
-    elif kind == "linear":  # position interpolation (Chen et al. 2023): every frequency / factor
-        out = inv / factor
-    elif kind == "ntk":  # "NTK-aware" scaling (bloc97): a larger base, base * factor^(d / (d - 2))
-        out = rope_frequencies(d, base * factor ** (d / (d - 2)))[0].double()
-    elif kind == "yarn":  # YaRN (Peng et al. 2023), beta_fast 32, beta_slow 1
-        def correction_dim(rotations):  # the dim index whose wavelength fits `rotations` times in the context
-            return d * math.log(trained_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low = max(math.floor(correction_dim(32)), 0)
-        high = min(math.ceil(correction_dim(1)), d - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        keep = 1 - ramp  # 1: extrapolate (high frequencies unchanged), 0: interpolate (divide by factor)
-        out = inv / factor * (1 - keep) + inv * keep
-    elif kind == "llama3":  # Llama 3.1: low_freq_factor 1, high_freq_factor 4
-        low_freq_factor, high_freq_factor = 1.0, 4.0
-        wavelen = 2 * math.pi / inv
-        low_wavelen, high_wavelen = trained_length / low_freq_factor, trained_length / high_freq_factor
-        smooth = (trained_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        out = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    else:
-        raise ValueError(f"kind must be one of default, linear, ntk, yarn, llama3; got {kind!r}")
-    return out.to(torch.float32)
+    return rope_frequencies(head_dim, base, scaling=_rope_scaling(kind, factor, trained_length))[0]
 
 
 ROPE_SCHEDULES = {

@@ -1,44 +1,376 @@
 """RoPE frequency schedules: the inverse frequencies (and attention factor) of every HF rope type.
 
-Everything is computed in float64 and rounded once to the requested dtype.
+:func:`rope_frequencies` takes Hugging Face's ``rope_parameters`` dict (``config.rope_parameters`` in
+transformers 5, ``config.rope_scaling`` before) with HF's key names, so a model config passes straight
+through, and reproduces the semantics of ``transformers.modeling_rope_utils`` (its ``ROPE_INIT_FUNCTIONS``
+and the models' ``compute_default_rope_parameters``):
+
+=============  ====================================================================================
+rope_type      inverse frequency ``inv[i]``, ``x_i = 2i / d`` (``d`` = rotary_dim), attention factor
+=============  ====================================================================================
+default        ``base ** -x_i``; 1
+linear         ``base ** -x_i / factor`` (position interpolation); 1
+dynamic        NTK-by-parts of the *current* length: ``base' = base * (factor * L / L0 - (factor - 1))
+               ** (d / (d - 2))`` with ``L = max(seq_len, L0)``, ``L0 = max_position_embeddings``: the
+               original frequencies at or below the original length; 1
+ntk            static NTK-aware (bloc97; not an HF type): ``base' = base * factor ** (d / (d - 2))``; 1
+yarn           YaRN: a linear ramp between extrapolation (high frequencies kept) and interpolation
+               (``/ factor``) over the dims whose wavelengths fit ``beta_fast .. beta_slow`` times in
+               ``original_max_position_embeddings``; ``attention_factor`` or ``0.1 ln(factor) + 1``, or
+               with ``mscale`` and ``mscale_all_dim`` (DeepSeek) the ratio of the two such terms
+longrope       ``1 / (ext_i * base ** x_i)``, ``ext`` = ``long_factor`` when ``seq_len >
+               original_max_position_embeddings``, else ``short_factor``; ``attention_factor`` or
+               ``sqrt(1 + ln(factor) / ln(original))`` (1 when ``factor <= 1``)
+llama3         Llama 3.1: wavelengths above ``original / low_freq_factor`` divided by ``factor``,
+               below ``original / high_freq_factor`` kept, a smooth blend between; 1
+proportional   Gemma-style: ``base ** (-2i / d)`` for the first ``partial_rotary_factor * d / 2``
+               pairs, 0 (no rotation) for the rest, all ``/ factor``; 1
+=============  ====================================================================================
+
+Aliases accepted as HF does: the old key ``"type"`` for ``"rope_type"``, ``"mrope"`` (Qwen2-VL) for
+``default``, ``"su"`` (early Phi-3) for ``longrope``.
+
+Keys that are not schedule keys are tolerated and ignored: ``rope_theta`` (the base, see ``base``),
+``partial_rotary_factor``, ``mrope_section``, ``mrope_interleaved``. Keys unknown for the rope type give a
+``UserWarning`` (HF logs a warning too), never an error, so real configs pass through.
+
+``partial_rotary_factor`` is honoured by the *caller*: ``rotary_dim`` is the number of rotated channels
+(``int(head_dim * partial_rotary_factor)``, what :class:`~posenc_kernels.rotary.RotaryEmbedding` computes),
+exactly the ``dim`` HF's init functions derive. The exception is ``proportional``, whose frequencies span the
+whole head with zeros in the non-rotated pairs: there ``rotary_dim`` is the head dim and the factor is read
+from ``scaling``.
+
+Numerics: every formula is evaluated in float64 and rounded once to ``dtype``; fp32 results are the values
+nearest the exact ones (HF evaluates in fp32 and lands a few fp32 ulps away; the tests measure it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+import warnings
+from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["rope_frequencies"]
+__all__ = ["rope_frequencies", "ROPE_TYPES"]
+
+# rope_type -> the keys of ``scaling`` it reads (besides rope_type itself).
+_SCHEDULE_KEYS = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor", "original_max_position_embeddings"}),
+    "ntk": frozenset({"factor"}),
+    "yarn": frozenset(
+        {
+            "factor",
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        }
+    ),
+    "longrope": frozenset(
+        {"short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"}
+    ),
+    "llama3": frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
+    "proportional": frozenset({"factor", "partial_rotary_factor"}),
+}
+ROPE_TYPES = tuple(_SCHEDULE_KEYS)
+_ALIASES = {"mrope": "default", "su": "longrope"}
+# Keys of an HF rope_parameters dict that are not schedule keys: tolerated, never warned about.
+_NOT_SCHEDULE_KEYS = frozenset(
+    {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument readers: every error names the key and what was expected
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _missing(rope_type: str, key: str, hint: str = "") -> ValueError:
+    return ValueError(f"scaling[{key!r}] is required for rope_type {rope_type!r}{hint}")
+
+
+def _number(p: Mapping, key: str, rope_type: str, *, default=None, positive: bool = True) -> Optional[float]:
+    """``p[key]`` as a finite float (``> 0`` if ``positive``); ``default`` when absent or None."""
+    v = p.get(key)
+    if v is None:
+        return default
+    if not _is_number(v) or not math.isfinite(float(v)) or (positive and float(v) <= 0):
+        want = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"scaling[{key!r}] must be {want} for rope_type {rope_type!r}, got {v!r}")
+    return float(v)
+
+
+def _length(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) <= 0:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _original_length(p: Mapping, rope_type: str, max_position_embeddings: Optional[int]) -> int:
+    """``original_max_position_embeddings``; like HF's ``standardize_rope_params``, falls back to
+    ``max_position_embeddings`` when the key is absent."""
+    v = p.get("original_max_position_embeddings")
+    if v is not None:
+        return _length(v, f"scaling['original_max_position_embeddings'] (rope_type {rope_type!r})")
+    if max_position_embeddings is not None:
+        return max_position_embeddings
+    raise _missing(rope_type, "original_max_position_embeddings", " (or pass max_position_embeddings=)")
+
+
+def _factor_list(p: Mapping, key: str, rope_type: str, n: int) -> torch.Tensor:
+    v = p.get(key)
+    if v is None:
+        raise _missing(rope_type, key)
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+        raise ValueError(f"scaling[{key!r}] must be a list of numbers for rope_type {rope_type!r}, got {v!r}")
+    if len(v) != n:
+        raise ValueError(f"scaling[{key!r}] must have rotary_dim / 2 = {n} entries, got {len(v)}")
+    t = torch.tensor([float(x) for x in v], dtype=torch.float64)
+    if not (torch.isfinite(t).all() and (t > 0).all()):
+        raise ValueError(f"scaling[{key!r}] entries must be positive finite numbers, got {v!r}")
+    return t
+
+
+def _rope_type(scaling: Mapping) -> str:
+    # HF: rope_type wins over the old "type" key.
+    name = scaling.get("rope_type", scaling.get("type", "default"))
+    name = _ALIASES.get(name, name)
+    if name not in _SCHEDULE_KEYS:
+        raise ValueError(f"unknown rope_type {name!r}: expected one of {', '.join(ROPE_TYPES)}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedules, float64
+# ----------------------------------------------------------------------------------------------
+
+
+def _powers(base: float, d: int, n: Optional[int] = None) -> torch.Tensor:
+    """float64 ``base ** (-2i / d)`` for ``i < n`` (``d / 2`` by default)."""
+    stop = d if n is None else 2 * n
+    return float(base) ** -(torch.arange(0, stop, 2, dtype=torch.float64) / d)
+
+
+def _ntk_exponent(d: int, rope_type: str) -> float:
+    if d <= 2:
+        raise ValueError(f"rope_type {rope_type!r} needs rotary_dim > 2 (its base is raised to d / (d - 2)), got {d}")
+    return d / (d - 2)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
+    if rope_type == "default":
+        return _powers(base, d), 1.0
+
+    if rope_type == "linear":
+        factor = _number(p, "factor", rope_type)
+        if factor is None:
+            raise _missing(rope_type, "factor")
+        return _powers(base, d) / factor, 1.0
+
+    if rope_type == "ntk":
+        factor = _number(p, "factor", rope_type)
+        if factor is None:
+            raise _missing(rope_type, "factor")
+        return _powers(base * factor ** _ntk_exponent(d, rope_type), d), 1.0
+
+    if rope_type == "dynamic":
+        factor = _number(p, "factor", rope_type)
+        if factor is None:
+            raise _missing(rope_type, "factor")
+        # HF reads config.max_position_embeddings; the scaling key is the fallback for a bare dict.
+        if max_position_embeddings is not None:
+            original = max_position_embeddings
+        else:
+            original = _original_length(p, rope_type, None)
+        length = original if seq_len is None else max(seq_len, original)
+        new_base = base * (factor * length / original - (factor - 1)) ** _ntk_exponent(d, rope_type)
+        return _powers(new_base, d), 1.0
+
+    if rope_type == "yarn":
+        original = _original_length(p, rope_type, max_position_embeddings)
+        factor = _number(p, "factor", rope_type)
+        if factor is None:  # DeepSeek-V3: the ratio of the two lengths
+            if max_position_embeddings is None:
+                raise _missing(rope_type, "factor", " (or pass max_position_embeddings= to derive it)")
+            factor = max_position_embeddings / original
+        attention_factor = _number(p, "attention_factor", rope_type)
+        if attention_factor is None:
+            mscale = _number(p, "mscale", rope_type, positive=False)
+            mscale_all_dim = _number(p, "mscale_all_dim", rope_type, positive=False)
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        beta_fast = _number(p, "beta_fast", rope_type, default=32.0)
+        beta_slow = _number(p, "beta_slow", rope_type, default=1.0)
+        if base == 1:
+            raise ValueError("base must not be 1 for rope_type 'yarn' (its correction range divides by log(base))")
+        truncate = p.get("truncate")
+        if truncate is None:
+            truncate = True
+        if not isinstance(truncate, bool):
+            raise ValueError(f"scaling['truncate'] must be a bool for rope_type 'yarn', got {truncate!r}")
+
+        def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # HF: avoid the singular ramp
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        # ramp 0: extrapolate (frequency kept), 1: interpolate (frequency / factor).
+        return _powers(base, d) * (ramp / factor + (1 - ramp)), float(attention_factor)
+
+    if rope_type == "longrope":
+        original = _original_length(p, rope_type, max_position_embeddings)
+        long_factor = _factor_list(p, "long_factor", rope_type, d // 2)
+        short_factor = _factor_list(p, "short_factor", rope_type, d // 2)
+        factor = _number(p, "factor", rope_type)
+        if factor is None:  # Phi-3: the ratio of the two lengths
+            if max_position_embeddings is None:
+                raise _missing(rope_type, "factor", " (or pass max_position_embeddings= to derive it)")
+            factor = max_position_embeddings / original
+        attention_factor = _number(p, "attention_factor", rope_type)
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = long_factor if (seq_len is not None and seq_len > original) else short_factor
+        return 1.0 / (ext * float(base) ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), float(attention_factor)
+
+    if rope_type == "llama3":
+        factor = _number(p, "factor", rope_type)
+        if factor is None:
+            raise _missing(rope_type, "factor")
+        low_ff = _number(p, "low_freq_factor", rope_type)
+        if low_ff is None:
+            raise _missing(rope_type, "low_freq_factor")
+        high_ff = _number(p, "high_freq_factor", rope_type)
+        if high_ff is None:
+            raise _missing(rope_type, "high_freq_factor")
+        if high_ff <= low_ff:
+            raise ValueError(
+                f"scaling['high_freq_factor'] must exceed scaling['low_freq_factor'] for rope_type 'llama3', "
+                f"got {high_ff!r} <= {low_ff!r}"
+            )
+        original = _original_length(p, rope_type, max_position_embeddings)
+        inv = _powers(base, d)
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = original / low_ff, original / high_ff
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+
+    if rope_type == "proportional":
+        factor = _number(p, "factor", rope_type, default=1.0)
+        fraction = _number(p, "partial_rotary_factor", rope_type, default=1.0)
+        if fraction > 1:
+            raise ValueError(
+                f"scaling['partial_rotary_factor'] must be in (0, 1] for rope_type 'proportional', got {fraction!r}"
+            )
+        rotated = int(fraction * d // 2)
+        inv = torch.zeros(d // 2, dtype=torch.float64)
+        inv[:rotated] = _powers(base, d, rotated)
+        return inv / factor, 1.0
+
+    raise AssertionError(rope_type)  # pragma: no cover - _rope_type() filters
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
 
 
 def rope_frequencies(
     rotary_dim: int,
-    base: float = 10000.0,
+    base: Optional[float] = None,
     *,
-    scaling: Optional[dict] = None,
+    scaling: Optional[Mapping[str, Any]] = None,
     seq_len: Optional[int] = None,
+    max_position_embeddings: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, float]:
-    """``(inv_freq, attention_factor)``: inverse frequencies ``base ** (-2i / rotary_dim)`` for
-    ``i < rotary_dim / 2`` as ``dtype`` (fp32 by default; float64 for ``exact`` on-the-fly angles), and
-    the factor cos/sin are scaled by.
+    """``(inv_freq, attention_factor)``: the ``rotary_dim / 2`` inverse frequencies of a RoPE schedule as
+    ``dtype`` (fp32 by default; float64 for ``exact`` on-the-fly angles), and the factor cos/sin are scaled
+    by (a Python float).
 
-    Computed in float64 and rounded once, so every entry is the value nearest the exact one.
+    Args:
+        rotary_dim: channels that rotate (even). With partial rotary this is ``int(head_dim *
+            partial_rotary_factor)``: the caller applies ``partial_rotary_factor`` (except for
+            ``proportional``, where ``rotary_dim`` is the head dim; see the module docstring).
+        base: ``rope_theta``. ``None`` (default) takes ``scaling["rope_theta"]`` when present, else 10000. An
+            explicit base that disagrees with ``scaling["rope_theta"]`` is an error, not a silent choice.
+        scaling: HF ``rope_parameters`` dict (``rope_type``/``type``, ``factor``,
+            ``original_max_position_embeddings``, ...); ``None`` is the default schedule.
+        seq_len: current length (HF: largest position + 1), read by ``dynamic`` and ``longrope`` only.
+        max_position_embeddings: the model's ``config.max_position_embeddings``: the original length of
+            ``dynamic``; the fallback for a missing ``original_max_position_embeddings`` and the source of
+            ``factor = max_position_embeddings / original`` when ``yarn``/``longrope`` have no factor, as in HF.
+        dtype: a floating dtype; values are computed in float64 and rounded once.
+
+    Errors name the argument or key: ``ValueError`` for an unknown rope_type, a missing required key, or a
+    bad value (e.g. ``factor <= 0``).
 
     >>> import posenc_kernels as pk
     >>> inv_freq, attention_factor = pk.rope_frequencies(8)
     >>> inv_freq, attention_factor
     (tensor([1.0000, 0.1000, 0.0100, 0.0010]), 1.0)
+    >>> pk.rope_frequencies(8, scaling={"rope_type": "linear", "factor": 4.0})[0]
+    tensor([0.2500, 0.0250, 0.0025, 0.0003])
+    >>> yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    >>> round(pk.rope_frequencies(128, 1e6, scaling=yarn)[1], 4)  # 0.1 ln(4) + 1
+    1.1386
     """
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be a positive even int (channels rotate in pairs), got {rotary_dim}")
-    if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise TypeError(f"scaling must be a dict of HF rope_parameters or None, got {type(scaling).__name__}")
+    p = dict(scaling or {})
+
+    theta = p.get("rope_theta")
+    if base is None:
+        base = 10000.0 if theta is None else theta
+    elif theta is not None and _is_number(theta) and float(theta) != float(base):
+        raise ValueError(f"base={base!r} disagrees with scaling['rope_theta']={theta!r}: pass one of them")
+    if not (_is_number(base) and math.isfinite(base) and base > 0):
         raise ValueError(f"base must be a positive finite number, got {base!r}")
-    if scaling is not None:
-        raise NotImplementedError("scaling schedules land with issue 3")
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    return (float(base) ** -exponent).to(dtype), 1.0
+    base = float(base)
+    if seq_len is not None:
+        if isinstance(seq_len, torch.Tensor) and seq_len.numel() == 1 and not seq_len.is_floating_point():
+            seq_len = int(seq_len.item())  # a host sync on an accelerator: pass an int where you can
+        seq_len = _length(seq_len, "seq_len")
+    if max_position_embeddings is not None:
+        max_position_embeddings = _length(max_position_embeddings, "max_position_embeddings")
+
+    rope_type = _rope_type(p)
+    unknown = set(p) - _SCHEDULE_KEYS[rope_type] - _NOT_SCHEDULE_KEYS
+    if unknown:
+        warnings.warn(
+            f"rope_frequencies: keys {sorted(unknown)} are not used by rope_type {rope_type!r} and are ignored",
+            stacklevel=2,
+        )
+    inv_freq, attention_factor = _schedule(rope_type, p, rotary_dim, base, seq_len, max_position_embeddings)
+    return inv_freq.to(dtype), float(attention_factor)

@@ -1,9 +1,7 @@
 """posenc_kernels.plot: every picture is written (a real PNG of plausible size), the numbers behind the RoPE
-decay picture are right, the local schedule/bias formulas match transcriptions of the published code, and
-the command line works."""
+decay picture are right (its schedules are the package's rope_frequencies), and the command line works."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -135,79 +133,34 @@ def test_rope_decay_curves_match_closed_form():
     assert torch.allclose(bound, s, atol=1e-4)
 
 
-# Transcriptions of Hugging Face transformers' modeling_rope_utils (default/linear/ntk/yarn/llama3).
-def hf_default(base, dim):
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-
-
-def hf_yarn(base, dim, factor, max_position_embeddings, beta_fast=32, beta_slow=1):
-    def find_correction_dim(num_rotations, dim, base, max_position_embeddings):
-        return (dim * math.log(max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    def find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings):
-        low = math.floor(find_correction_dim(low_rot, dim, base, max_position_embeddings))
-        high = math.ceil(find_correction_dim(high_rot, dim, base, max_position_embeddings))
-        return max(low, 0), min(high, dim - 1)
-
-    def linear_ramp_factor(min, max, dim):
-        if min == max:
-            max += 0.001
-        linear_func = (torch.arange(dim, dtype=torch.float32) - min) / (max - min)
-        return torch.clamp(linear_func, 0, 1)
-
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    inv_freq_extrapolation = 1.0 / pos_freqs
-    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
-    low, high = find_correction_range(beta_fast, beta_slow, dim, base, max_position_embeddings)
-    inv_freq_extrapolation_factor = 1 - linear_ramp_factor(low, high, dim // 2).float()
-    return (
-        inv_freq_interpolation * (1 - inv_freq_extrapolation_factor)
-        + inv_freq_extrapolation * inv_freq_extrapolation_factor
-    )
-
-
-def hf_llama3(base, dim, factor, old_context_len, low_freq_factor=1.0, high_freq_factor=4.0):
-    inv_freq = hf_default(base, dim)
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
-    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
-
-
-SCHEDULE_CASES = [
-    (128, 10000.0, 4.0, 4096),  # Llama-2 x4
-    (128, 500000.0, 8.0, 8192),  # Llama-3.1's own setting
-    (64, 500000.0, 8.0, 8192),
-    (32, 10000.0, 2.0, 2048),
-]
-
-
-@pytest.mark.parametrize("dim, base, factor, trained", SCHEDULE_CASES)
-def test_rope_schedules_match_hf(dim, base, factor, trained):
-    got = {k: plot._rope_schedule(k, dim, base, factor, trained).double() for k in plot.ROPE_SCHEDULES}
-    default = hf_default(base, dim).double()
+@pytest.mark.parametrize("dim, base, factor, trained", [(128, 10000.0, 4.0, 4096), (128, 500000.0, 8.0, 8192), (32, 10000.0, 2.0, 2048)])
+def test_rope_schedules_are_the_packages(dim, base, factor, trained):
+    """The picture's schedules are rope_frequencies with HF rope_parameters (HF parity: test_schedules.py)."""
     want = {
-        "default": default,
-        "linear": default / factor,
-        "ntk": hf_default(base * factor ** (dim / (dim - 2)), dim).double(),
-        "yarn": hf_yarn(base, dim, factor, trained).double(),
-        "llama3": hf_llama3(base, dim, factor, trained).double(),
+        "default": rope_frequencies(dim, base)[0],
+        "linear": rope_frequencies(dim, base, scaling={"rope_type": "linear", "factor": factor})[0],
+        "ntk": rope_frequencies(dim, base * factor ** (dim / (dim - 2)))[0],  # NTK-aware: only the base grows
+        "yarn": rope_frequencies(dim, base, scaling={"type": "yarn", "factor": factor, "beta_fast": 32, "beta_slow": 1,
+                                                     "original_max_position_embeddings": trained})[0],  # fmt: skip
+        "llama3": rope_frequencies(dim, base, scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1,
+                                                       "high_freq_factor": 4, "original_max_position_embeddings": trained})[0],  # fmt: skip
     }
+    assert set(plot.ROPE_SCHEDULES) == set(want)
+    got = {k: plot._rope_schedule(k, dim, base, factor, trained) for k in plot.ROPE_SCHEDULES}
     for kind in plot.ROPE_SCHEDULES:
-        assert got[kind].shape == (dim // 2,)
-        assert torch.allclose(got[kind], want[kind], rtol=1e-6, atol=0), kind
-    # What the schedules are for: the highest frequency is kept (except PI), the lowest divided by ~factor.
-    for kind in ("yarn", "llama3"):
-        assert got[kind][0] == pytest.approx(default[0].item(), rel=1e-6)
-        assert got[kind][-1] == pytest.approx(default[-1].item() / factor, rel=1e-6)
+        assert got[kind].dtype == torch.float32 and got[kind].shape == (dim // 2,)
+        assert torch.equal(got[kind], want[kind]), kind
+    # What the picture shows: PI divides every frequency by the factor; YaRN, Llama 3.1 and NTK-aware keep the
+    # highest frequency and divide the lowest by the factor (NTK: base' ** -(d-2)/d = base ** -(d-2)/d / factor).
+    default = got["default"].double()
+    assert torch.allclose(got["linear"].double(), default / factor, rtol=1e-6, atol=0)
+    for kind in ("yarn", "llama3", "ntk"):
+        assert got[kind][0] == default[0]
+        assert got[kind][-1].item() == pytest.approx(default[-1].item() / factor, rel=1e-6)
 
 
 def test_rope_schedule_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="kind must be one of default, linear, ntk, yarn, llama3; got 'longrope'"):
         plot._rope_schedule("longrope", 64, 10000.0, 2.0, 1024)
 
 
