@@ -1,0 +1,381 @@
+"""Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` and :func:`patch` for HF models.
+
+Read top-down: how an HF call maps onto the kernel -> HF's own math (the fallback) -> the two entry points
+-> the model patch.
+
+HF's contract (``transformers.models.<arch>.modeling_<arch>``):
+
+* ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: ``q``/``k`` are ``[B, H, S, D]`` with
+  ``unsqueeze_dim=1`` or ``[B, S, H, D]`` with ``unsqueeze_dim=2``; ``cos``/``sin`` are ``[B or 1, S, R]``,
+  already multiplied by the rotary module's ``attention_scaling`` and cast to the activation dtype. The
+  first ``R`` channels rotate (``R < D`` only in the partial-rotary models, Phi-3 and GPT-NeoX, whose HF
+  function slices and concatenates); the result is new tensors of dtype ``promote(q, cos)``.
+* GPT-J has its own ``apply_rotary_pos_emb(tensor, sin, cos)``: ``tensor`` ``[B, S, H, R]``, ``sin``/``cos``
+  ``[B or 1, S, R/2]``, pairs ``(2i, 2i+1)``; its attention slices the first ``rotary_dim`` channels itself.
+
+Mapping onto :func:`posenc_kernels.apply_rope` without copying q or k (only the outputs are written):
+HF's cos rows are per token, so the table is ``cos[..., :R/2]`` viewed ``[B*S, R/2]`` and token ``(b, s)``
+reads row ``b*S + s`` (row ``s`` when cos has batch 1). q ``[B, H, S, D]`` is passed as
+``q.transpose(1, 2)``. When that ``[B, S, H, D]`` view can be flattened to ``[1, B*S, H, D]`` (always, for
+the projections HF attention produces) the row is the token index and no positions tensor is needed -
+hence no position-value check, no host sync; otherwise an ``arange`` positions tensor is passed.
+
+**Assumption**: ``cos``/``sin`` have HF's duplicated-halves layout ``cat(f, f)`` (column ``j`` equals
+column ``j + R/2``); every HF rotary module produces it, and only the first half is read. Values are not
+checked (that would cost a pass over the tables and a sync per call). Inputs whose *structure* does not
+fit - cos/sin that require grad (the kernel gives no gradient for the tables), shapes other than the two
+HF layouts, odd ``R``, ``R > D``, q/k of different dtypes or devices, ``stride(-1) != 1`` - take HF's own
+math instead, so results are HF's in every case.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+
+from ..rope import apply_rope, apply_rope_
+
+__all__ = [
+    "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_gptj",
+    "patch",
+    "unpatch",
+    "RotaryPatch",
+    "SUPPORTED_ARCHITECTURES",
+]
+
+
+# ==============================================================================================
+# Mapping an HF call onto the kernel
+# ==============================================================================================
+
+
+def _is_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tables_need_grad(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
+def _plan(x_bshd: torch.Tensor, others, cos: torch.Tensor, sin: torch.Tensor, half: int):
+    """``(xs, table_cos, table_sin, positions, unflatten)`` for tokens laid out ``[B, S, H, D]``, or None
+    when the HF structure does not hold. ``others`` are tensors that must share x's B, S, D, dtype, device."""
+    B, S, _, D = x_bshd.shape
+    if cos.dim() != 3 or sin.shape != cos.shape or cos.shape[0] not in (1, B) or cos.shape[1] != S:
+        return None
+    if half < 1 or 2 * half > D or cos.device != x_bshd.device or sin.device != x_bshd.device:
+        return None
+    xs = [x_bshd] + list(others)
+    for t in xs:
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, S, D) or t.dtype != x_bshd.dtype:
+            return None
+        if t.device != x_bshd.device or (D > 1 and t.stride(-1) != 1):
+            return None
+    rows = cos.shape[0] * S
+    table_cos = cos[..., :half].reshape(rows, half)  # a view for contiguous HF tables
+    table_sin = sin[..., :half].reshape(rows, half)
+    if cos.shape[0] == 1 or B == 1:
+        return xs, table_cos, table_sin, None, False  # row = s, or b*S + s with B == 1: offsets=0
+    if all(t.stride(0) == S * t.stride(1) or S == 1 for t in xs):
+        # [B, S, H, D] -> [1, B*S, H, D] is a view: the row of a token is its flat index (offsets=0).
+        return [t.view(1, B * S, t.shape[2], D) for t in xs], table_cos, table_sin, None, True
+    positions = torch.arange(B * S, device=x_bshd.device).view(B, S)
+    return xs, table_cos, table_sin, positions, False
+
+
+def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
+    """Out-of-place rotation of one or two tensors ([q] or [q, k]) in one launch; outputs in out_dtype."""
+    q = xs[0]
+    k = xs[1] if len(xs) > 1 else None
+    if out_dtype == q.dtype:
+        return apply_rope(q, k, table_cos, table_sin, positions=positions, interleaved=interleaved)
+    # HF promotes (e.g. bf16 q with fp32 cos gives fp32): the promoted copy is the output, rotated in place.
+    q_out = q.to(out_dtype)
+    k_out = k.to(out_dtype) if k is not None else None
+    return apply_rope_(q_out, k_out, table_cos, table_sin, positions=positions, interleaved=interleaved)
+
+
+# ==============================================================================================
+# HF's math (the reference behaviour, and the fallback when the structure does not hold)
+# ==============================================================================================
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _hf_math(q, k, cos, sin, unsqueeze_dim):
+    """HF's partial-rotary ``apply_rotary_pos_emb`` (Phi-3 / GPT-NeoX); with ``R == D`` it is Llama's."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+
+    def one(x):
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        out = (x_rot * cos) + (_rotate_half(x_rot) * sin)
+        return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+    return one(q), (one(k) if k is not None else None)
+
+
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def _hf_gptj_math(tensor, sin, cos):
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    return (tensor * cos) + (_rotate_every_two(tensor) * sin)
+
+
+# ==============================================================================================
+# Entry points
+# ==============================================================================================
+
+
+def _check_is_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Drop-in for HF's ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, ...).
+
+    ``q``/``k``: ``[B, H, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, H, D]`` (``unsqueeze_dim=2``);
+    ``cos``/``sin``: ``[B or 1, S, R]`` in HF's duplicated-halves layout ``cat(f, f)`` (see the module
+    docstring). ``R < D`` rotates the first ``R`` channels and passes the rest through (Phi-3 / GPT-NeoX
+    semantics). Returns new ``(q_embed, k_embed)`` of dtype ``promote(q.dtype, cos.dtype)``; ``k`` may be
+    None. Differentiable w.r.t. q and k; cos/sin that require grad take HF's math (their gradient is HF's).
+
+    >>> import torch
+    >>> from posenc_kernels.integrations.hf import apply_rotary_pos_emb
+    >>> q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 1, 5, 16)
+    >>> freqs = torch.arange(5.0)[:, None] * 0.5 ** torch.arange(8.0)
+    >>> emb = torch.cat((freqs, freqs), -1)[None]
+    >>> q2, k2 = apply_rotary_pos_emb(q, k, emb.cos(), emb.sin())
+    >>> q2.shape, k2.shape
+    (torch.Size([2, 4, 5, 16]), torch.Size([2, 1, 5, 16]))
+    """
+    _check_is_tensor("q", q)
+    _check_is_tensor("k", k, optional=True)
+    _check_is_tensor("cos", cos)
+    _check_is_tensor("sin", sin)
+    plan = None
+    ud = unsqueeze_dim % 4 if isinstance(unsqueeze_dim, int) and -4 <= unsqueeze_dim < 4 else None
+    if (
+        ud in (1, 2)
+        and q.dim() == 4
+        and _is_float(q)
+        and _is_float(cos)
+        and _is_float(sin)
+        and cos.dim() == 3
+        and cos.shape[-1] % 2 == 0
+        and not _tables_need_grad(cos, sin)
+    ):
+        to_bshd = (lambda t: t.transpose(1, 2)) if ud == 1 else (lambda t: t)
+        others = [to_bshd(k)] if k is not None and k.dim() == 4 else ([] if k is None else None)
+        if others is not None:
+            plan = _plan(to_bshd(q), others, cos, sin, cos.shape[-1] // 2)
+    if plan is None:
+        return _hf_math(q, k, cos, sin, unsqueeze_dim)
+    xs, table_cos, table_sin, positions, flat = plan
+    out_dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    q_out, k_out = _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved=False)
+    B, S = q.shape[0], (q.shape[2] if ud == 1 else q.shape[1])
+
+    def back(t):
+        if t is None:
+            return None
+        if flat:
+            t = t.view(B, S, t.shape[2], t.shape[3])
+        return t.transpose(1, 2) if ud == 1 else t
+
+    return back(q_out), back(k_out)
+
+
+def apply_rotary_pos_emb_gptj(tensor: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Drop-in for GPT-J's ``apply_rotary_pos_emb(tensor, sin, cos)`` (note the argument order).
+
+    ``tensor``: ``[B, S, H, D]``; ``sin``/``cos``: ``[B or 1, S, R/2]`` (GPT-J's rotary module output,
+    not duplicated); pairs ``(2i, 2i+1)`` rotate. HF requires ``D == R``; here ``R < D`` also works and
+    passes the tail through. Returns a new tensor of dtype ``promote(tensor, cos)``.
+
+    >>> import torch
+    >>> from posenc_kernels.integrations.hf import apply_rotary_pos_emb_gptj
+    >>> x = torch.randn(1, 3, 2, 8)
+    >>> angle = torch.arange(3.0)[None, :, None] * torch.ones(4)
+    >>> apply_rotary_pos_emb_gptj(x, angle.sin(), angle.cos()).shape
+    torch.Size([1, 3, 2, 8])
+    """
+    _check_is_tensor("tensor", tensor)
+    _check_is_tensor("sin", sin)
+    _check_is_tensor("cos", cos)
+    plan = None
+    tables_ok = _is_float(cos) and _is_float(sin) and not _tables_need_grad(cos, sin)
+    if tensor.dim() == 4 and _is_float(tensor) and tables_ok:
+        plan = _plan(tensor, [], cos, sin, cos.shape[-1] if cos.dim() == 3 else 0)
+    if plan is None:
+        return _hf_gptj_math(tensor, sin, cos)
+    xs, table_cos, table_sin, positions, flat = plan
+    out_dtype = torch.promote_types(torch.promote_types(tensor.dtype, cos.dtype), sin.dtype)
+    out, _ = _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved=True)
+    return out.view(tensor.shape) if flat else out
+
+
+# ==============================================================================================
+# Patching HF models
+# ==============================================================================================
+
+# model_type -> (module, function name, replacement). Each attention forward looks the function up in its
+# module's globals at call time, so replacing that global swaps the rotary application.
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, object]] = {
+    "llama": ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "gemma": ("transformers.models.gemma.modeling_gemma", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "phi3": ("transformers.models.phi3.modeling_phi3", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "gpt_neox": ("transformers.models.gpt_neox.modeling_gpt_neox", "apply_rotary_pos_emb", apply_rotary_pos_emb),
+    "gptj": ("transformers.models.gptj.modeling_gptj", "apply_rotary_pos_emb", apply_rotary_pos_emb_gptj),
+}
+
+_lock = threading.Lock()
+_originals: dict[tuple[str, str], object] = {}  # (module, name) -> HF's function, while patched
+_counts: dict[tuple[str, str], int] = {}  # live handles per patched global
+_active: list["RotaryPatch"] = []
+
+
+def _architectures_of(model) -> list[str]:
+    by_module = {mod: arch for arch, (mod, _, _) in SUPPORTED_ARCHITECTURES.items()}
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    found = []
+    for m in modules:
+        arch = by_module.get(type(m).__module__)
+        if arch is not None and arch not in found:
+            found.append(arch)
+    if not found:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ValueError(
+            f"model ({type(model).__name__}) contains no module of a supported architecture ({supported}); "
+            "pass architectures=[...] to patch by name"
+        )
+    return found
+
+
+class RotaryPatch:
+    """Handle returned by :func:`patch`: ``unpatch()`` restores HF's functions; also a context manager.
+
+    Patching replaces module-level functions, so it is process-wide: every model of a patched architecture
+    uses the kernels while the handle is active, not only the model passed to :func:`patch`. Handles nest:
+    HF's function comes back when the last handle patching it is undone."""
+
+    def __init__(self, architectures: tuple[str, ...]):
+        self.architectures = architectures
+        self.active = False
+
+    def _install(self) -> None:
+        with _lock:
+            targets = []
+            for arch in self.architectures:
+                mod_name, fn_name, replacement = SUPPORTED_ARCHITECTURES[arch]
+                targets.append((importlib.import_module(mod_name), mod_name, fn_name, replacement))
+            for module, mod_name, fn_name, replacement in targets:  # imports all succeeded: now install
+                key = (mod_name, fn_name)
+                if key not in _originals:
+                    _originals[key] = getattr(module, fn_name)
+                    setattr(module, fn_name, replacement)
+                _counts[key] = _counts.get(key, 0) + 1
+            self.active = True
+            _active.append(self)
+
+    def unpatch(self) -> None:
+        """Undo this handle's patch (a no-op when already undone)."""
+        with _lock:
+            if not self.active:
+                return
+            self.active = False
+            _active.remove(self)
+            for arch in self.architectures:
+                mod_name, fn_name, replacement = SUPPORTED_ARCHITECTURES[arch]
+                key = (mod_name, fn_name)
+                _counts[key] -= 1
+                if _counts[key]:
+                    continue
+                del _counts[key]
+                original = _originals.pop(key)
+                module = importlib.import_module(mod_name)
+                if getattr(module, fn_name) is replacement:
+                    setattr(module, fn_name, original)
+                else:
+                    warnings.warn(
+                        f"{mod_name}.{fn_name} was replaced by someone else after posenc_kernels patched it; "
+                        "leaving the newer replacement in place",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+
+    def __enter__(self) -> "RotaryPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"RotaryPatch({list(self.architectures)}, {state})"
+
+
+def patch(
+    model: Optional[torch.nn.Module] = None, *, architectures: Optional[Union[str, Iterable[str]]] = None
+) -> RotaryPatch:
+    """Route the rotary application of HF models through the posenc kernels; returns a :class:`RotaryPatch`.
+
+    ``model``: patch the architectures found among its modules. ``architectures``: HF ``model_type`` names
+    from :data:`SUPPORTED_ARCHITECTURES` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``,
+    ``"gemma"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary modules
+    (cos/sin per token, once per forward for all layers) stay HF's, so every rope type HF implements
+    (dynamic, longrope, yarn, ...) keeps working. Use as ``with patch(model): ...`` or ``h = patch();
+    ...; h.unpatch()``; :func:`unpatch` undoes every patch.
+    """
+    if model is not None and architectures is not None:
+        raise TypeError("pass model or architectures, not both")
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        archs = _architectures_of(model)
+    elif architectures is None:
+        archs = list(SUPPORTED_ARCHITECTURES)
+    else:
+        archs = [architectures] if isinstance(architectures, str) else list(architectures)
+        for a in archs:
+            if a not in SUPPORTED_ARCHITECTURES:
+                supported = ", ".join(SUPPORTED_ARCHITECTURES)
+                raise ValueError(f"architectures: unknown architecture {a!r}; supported: {supported}")
+        if not archs:
+            raise ValueError("architectures must name at least one architecture")
+    handle = RotaryPatch(tuple(dict.fromkeys(archs)))
+    handle._install()
+    return handle
+
+
+def unpatch() -> None:
+    """Undo every active :func:`patch`, restoring HF's functions."""
+    for handle in list(_active):
+        handle.unpatch()
