@@ -9,6 +9,10 @@ from collections import defaultdict
 
 BASELINES = {
     "apply_rope_": "hf_eager",
+    "apply_rope_ decode": "hf_eager",
+    "apply_rope_ decode CUDA graph": "hf_eager",
+    "apply_rope_ varlen": "hf_eager",
+    "apply_rope_qkv_": "hf_eager",
     "add_sinusoidal_": "eager_buffer",
     "concat_sinusoidal": "eager_buffer",
     "add_position_embedding_": "eager",
