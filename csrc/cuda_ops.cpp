@@ -4,17 +4,22 @@
 // counts), fill the plain parameter structs of posenc_cuda.h, pick the storage type with a switch on the
 // ScalarType (AT_DISPATCH without its header weight) and launch on the current stream under a device
 // guard. Nothing here reads tensor values or synchronises, so the ops are CUDA-graph capturable; the
-// Python wrappers run the value checks (table rows, aliasing) before calling in.
+// Python wrappers run the value checks (table rows) before calling in. Aliasing is checked here too, from
+// metadata only (sizes, strides, data pointers, storages): outputs without internal overlap, and an output
+// either exactly its input (in place) or disjoint from every tensor the launch reads or writes.
 //
-// Lean on purpose: the ATen core Tensor, torch/library.h and c10/cuda's guard and stream headers - no
-// ATen/cuda/CUDAContext.h (it pulls cuBLAS/cuSPARSE headers) and no torch/all.h.
+// Lean on purpose: the ATen core Tensor, ATen/MemoryOverlap.h (declarations only), torch/library.h and
+// c10/cuda's guard and stream headers - no ATen/cuda/CUDAContext.h (it pulls cuBLAS/cuSPARSE headers) and
+// no torch/all.h.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 
 #include "posenc_cuda.h"
@@ -52,6 +57,45 @@ void check_last_stride(const Tensor& t, const char* name) {
               " must have stride(-1) == 1 (contiguous channels; other strides are fine), got strides ", t.strides());
 }
 
+// Aliasing, from metadata only (no sync, graph-capture safe). at::get_overlap_status reports Full/Partial
+// only where it can prove shared elements (the same storage and dense tensors); two non-dense views of one
+// storage (e.g. head slices of a fused qkv) are TooHard and pass, as in ATen's own out= checks.
+void check_no_internal_overlap(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " has internally overlapping memory (an expanded or as_strided view whose elements share memory,"
+              " strides ", t.strides(), "); it cannot be written: pass a tensor with distinct elements");
+}
+
+bool shares_memory(const Tensor& a, const Tensor& b) {
+  const auto st = at::get_overlap_status(a, b);
+  return st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial;
+}
+
+// In place: out is exactly in - the same first element and the same strides wherever a stride matters
+// (dims of size > 1; the callers have checked the sizes equal), so every element is at the same address.
+bool same_elements(const Tensor& out, const Tensor& in) {
+  if (out.data_ptr() != in.data_ptr()) return false;
+  for (int64_t d = 0; d < in.dim(); ++d) {
+    if (in.size(d) > 1 && out.stride(d) != in.stride(d)) return false;
+  }
+  return true;
+}
+
+// out must be exactly in (in place) or share no memory with it.
+void check_out_vs_in(const Tensor& out, const char* out_name, const Tensor& in, const char* in_name) {
+  if (same_elements(out, in)) return;
+  TORCH_CHECK(!shares_memory(out, in), out_name, " overlaps ", in_name, " without being exactly ", in_name,
+              " (in place needs the same data_ptr and strides ", in.strides(), "; got strides ", out.strides(),
+              " and a data_ptr ",
+              reinterpret_cast<intptr_t>(out.data_ptr()) - reinterpret_cast<intptr_t>(in.data_ptr()),
+              " bytes from ", in_name, "'s): pass ", in_name, " itself or a tensor that shares no memory with it");
+}
+
+void check_disjoint(const Tensor& out, const char* out_name, const Tensor& other, const char* other_name) {
+  TORCH_CHECK(!shares_memory(out, other), out_name, " must not overlap ", other_name,
+              ": one launch writes ", out_name, " while it reads or writes ", other_name);
+}
+
 // Row source shared by both ops: positions [B, S] / [S], else offsets [B], else the int offset.
 void fill_positions(const optional<Tensor>& positions, const optional<Tensor>& offsets, int64_t offset,
                     int64_t B, int64_t S, const Tensor& ref, bool float_positions_ok, int32_t& mode,
@@ -65,7 +109,8 @@ void fill_positions(const optional<Tensor>& positions, const optional<Tensor>& o
                 p.scalar_type());
     TORCH_CHECK((p.dim() == 1 && p.size(0) == S) || (p.dim() == 2 && p.size(0) == B && p.size(1) == S),
                 "positions must have shape [S] = [", S, "] or [B, S] = [", B, ", ", S, "], got ", p.sizes());
-    TORCH_CHECK(!offsets.has_value() && offset == 0, "pass positions or offsets, not both");
+    TORCH_CHECK(!offsets.has_value(), "pass positions or offsets, not both");
+    TORCH_CHECK(offset == 0, "offset must be 0 when positions are given (positions are absolute), got ", offset);
     mode = posenc_cuda::kPosPositions;
     ptr = p.data_ptr();
     dtype = aux_dtype(p, "positions");
@@ -77,6 +122,8 @@ void fill_positions(const optional<Tensor>& positions, const optional<Tensor>& o
     TORCH_CHECK(!is_floating(o) && o.scalar_type() != at::kBool, "offsets must be an integer tensor, got ",
                 o.scalar_type());
     TORCH_CHECK(o.dim() == 1 && o.size(0) == B, "offsets must have shape [B] = [", B, "], got ", o.sizes());
+    TORCH_CHECK(offset == 0, "offset must be 0 when offsets are given (pass the per-sequence offsets only), got ",
+                offset);
     mode = posenc_cuda::kPosOffsets;
     ptr = o.data_ptr();
     dtype = aux_dtype(o, "offsets");
@@ -133,6 +180,9 @@ void native_rope_cuda(const Tensor& q, const optional<Tensor>& k, const Tensor& 
     TORCH_CHECK(cos->sizes() == sin->sizes(), "cos and sin must have the same shape, got ", cos->sizes(), " and ",
                 sin->sizes());
     half = cos->size(1);
+    TORCH_CHECK(attention_factor == 1.0, "attention_factor applies to on-the-fly angles (inv_freq); cos/sin tables "
+                "carry it already, so it must be 1.0 with tables, got ", attention_factor);
+    TORCH_CHECK(!exact, "exact applies to on-the-fly angles: pass float64 inv_freq instead of cos/sin tables");
     p.angle_mode = posenc_cuda::kAngleTable;
     p.cos = cos->data_ptr();
     p.sin = sin->data_ptr();
@@ -154,12 +204,22 @@ void native_rope_cuda(const Tensor& q, const optional<Tensor>& k, const Tensor& 
     p.inv_freq = f.data_ptr();
     p.inv_freq_dtype = aux_dtype(f, "inv_freq");
     p.inv_freq_stride = f.stride(0);
-    p.attention_factor = static_cast<float>(attention_factor);
+    p.attention_factor = static_cast<float>(attention_factor);  // fp32 scalar, as Triton's (posenc_cuda.h)
   }
   TORCH_CHECK(half >= 1, "the rotary dim R = 2 * (table columns or inv_freq size) must be >= 2, got ", 2 * half);
   TORCH_CHECK(2 * half <= D, "rotary dim R = ", 2 * half, " exceeds head_dim D = ", D);
   fill_positions(positions, offsets, offset, B, S, q, /*float_positions_ok=*/false, p.pos_mode, p.pos, p.pos_dtype,
                  p.pos_sb, p.pos_ss, p.offset);
+  // Aliasing (before any write). q and k may overlap each other: both are only read.
+  check_no_internal_overlap(q_out, "q_out");
+  check_out_vs_in(q_out, "q_out", q, "q");
+  if (k.has_value()) {
+    check_no_internal_overlap(*k_out, "k_out");
+    check_out_vs_in(*k_out, "k_out", *k, "k");
+    check_disjoint(q_out, "q_out", *k_out, "k_out");
+    check_disjoint(q_out, "q_out", *k, "k");
+    check_disjoint(*k_out, "k_out", q, "q");
+  }
   if (B * S == 0 || Hq + Hk == 0) return;
 
   p.q = q.data_ptr();
@@ -174,13 +234,13 @@ void native_rope_cuda(const Tensor& q, const optional<Tensor>& k, const Tensor& 
   p.qo_sb = q_out.stride(0), p.qo_ss = q_out.stride(1), p.qo_sh = q_out.stride(2);
   const bool partial = 2 * half < D;
   // in place (same memory and layout): the pass-through channels are already where they belong
-  p.copy_tail_q = partial && !(q_out.data_ptr() == q.data_ptr() && q_out.strides() == q.strides());
+  p.copy_tail_q = partial && !same_elements(q_out, q);
   if (Hk > 0) {
     p.k = k->data_ptr();
     p.k_out = k_out->data_ptr();
     p.k_sb = k->stride(0), p.k_ss = k->stride(1), p.k_sh = k->stride(2);
     p.ko_sb = k_out->stride(0), p.ko_ss = k_out->stride(1), p.ko_sh = k_out->stride(2);
-    p.copy_tail_k = partial && !(k_out->data_ptr() == k->data_ptr() && k_out->strides() == k->strides());
+    p.copy_tail_k = partial && !same_elements(*k_out, *k);
   }
   p.interleaved = interleaved;
   p.conjugate = conjugate;
@@ -220,6 +280,8 @@ void native_sinusoidal_cuda(const optional<Tensor>& x, const Tensor& out, const 
               inv_freq.sizes());
   fill_positions(positions, offsets, offset, B, S, out, /*float_positions_ok=*/true, p.pos_mode, p.pos, p.pos_dtype,
                  p.pos_sb, p.pos_ss, p.offset);
+  check_no_internal_overlap(out, "out");
+  if (x.has_value()) check_out_vs_in(out, "out", *x, "x");
   if (B * S == 0 || D == 0) return;
 
   p.x = x.has_value() ? x->data_ptr() : nullptr;

@@ -44,7 +44,8 @@ enum PosMode : int32_t {
 enum AngleMode : int32_t {
   kAngleTable = 0,       // cos/sin tables [P, R/2]; rows outside [0, n_rows) give NaN
   kAngleInvFreq = 1,     // fp32(row) * fp32(inv_freq[i]) (one fp32 product), fp32 sincos, * attention_factor
-  kAngleInvFreqExact = 2 // double(row) * inv_freq[i] (fp64), reduced mod 2*pi in double, then sincos
+  kAngleInvFreqExact = 2 // double(row) * inv_freq[i] (fp64), reduced mod 2*pi in double, then fp32 sincos of
+                         // the reduced angle * attention_factor (fp32), for every storage type (as Triton/torch)
 };
 
 struct RopeParams {
@@ -77,7 +78,10 @@ struct RopeParams {
   const void* inv_freq = nullptr;
   int32_t inv_freq_dtype = kFloat;
   int64_t inv_freq_stride = 1;
-  float attention_factor = 1.0f;  // on-the-fly angles only
+  // On-the-fly angles only (tables carry it already): an fp32 scalar multiplying the fp32 cos/sin, in both
+  // angle modes and for every storage type, as the Triton kernel's fp32 argument and the torch path's
+  // fp32 tensor * Python float do; the product is then converted to the math type.
+  float attention_factor = 1.0f;
   // rows
   int32_t pos_mode = kPosOffset;
   const void* pos = nullptr;

@@ -2,6 +2,7 @@
 // vectors, and the runtime-typed loads of auxiliary tensors (tables, inv_freq, positions, offsets).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -147,16 +148,18 @@ __host__ __forceinline__ bool stride_ok(int64_t stride, int64_t size, int vec) {
 }
 
 __host__ __forceinline__ int num_sms() {
-  // Per-device cache; cudaDeviceGetAttribute is no stream operation (allowed during graph capture).
-  static int cache[128] = {0};
+  // Per-device cache; cudaDeviceGetAttribute is no stream operation (allowed during graph capture). Launches
+  // may come from several host threads: relaxed atomics make the cache race-free (every writer stores the
+  // same value for a device, so no ordering is needed beyond the value itself).
+  static std::atomic<int> cache[128];  // static storage: zero-initialised
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 128) return 132;
-  if (cache[dev] == 0) {
-    int n = 0;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
-    cache[dev] = n;
+    cache[dev].store(n, std::memory_order_relaxed);
   }
-  return cache[dev];
+  return n;
 }
 
 }  // namespace posenc_cuda

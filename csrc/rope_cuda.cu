@@ -26,6 +26,7 @@ constexpr int kRopeThreads = 256;
 constexpr int kRopeMaxTokens = 16;       // tokens per block (phase 0 keeps their bases in shared memory)
 constexpr int kRopeSlots = 2048;         // (token, pair) cos/sin slots in shared memory: 16 KiB fp32, 32 fp64
 constexpr int kRopeUnitsPerBlock = 2048; // target work per block: ~8 units of 16 bytes per thread
+constexpr int64_t kMaxGridY = 65535;       // CUDA limit on gridDim.y (the head groups)
 
 // 2*pi as a double-double for the reduction a - 2*pi * rint(a / 2*pi): each fma rounds once, so the
 // reduced angle carries the rounding of the product `a` itself and little more.
@@ -55,22 +56,17 @@ __device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int
     s = static_cast<Acc>(sf * p.attention_factor);
     return;
   }
-  // Exact: the angle in double, reduced to [-pi, pi] in double, then sincos of the reduced angle (fp32
-  // for fp32 math, where it is correct to about 1 ulp at any position; fp64 for double storage).
+  // Exact: the angle in double, reduced to [-pi, pi] in double, then fp32 sincos of the reduced angle (correct
+  // to about 1 ulp at any position) and the fp32 product with attention_factor, for every storage type: the
+  // numerics of the Triton kernel and the torch path (posenc_kernels/rope.py), so the backends agree. For
+  // double storage the fp32 cos/sin is then widened to the math type, as there.
   const double a = static_cast<double>(row) * load_float<double>(p.inv_freq, p.inv_freq_dtype, fi);
   const double k = rint(a / kTwoPi);
   const double r = fma(-k, kTwoPiLo, fma(-k, kTwoPiHi, a));
-  if constexpr (std::is_same<Acc, double>::value) {
-    double sd, cd;
-    sincos(r, &sd, &cd);
-    c = cd * static_cast<double>(p.attention_factor);
-    s = sd * static_cast<double>(p.attention_factor);
-  } else {
-    float sf, cf;
-    sincosf(static_cast<float>(r), &sf, &cf);
-    c = cf * p.attention_factor;
-    s = sf * p.attention_factor;
-  }
+  float sf, cf;
+  sincosf(static_cast<float>(r), &sf, &cf);
+  c = static_cast<Acc>(cf * p.attention_factor);
+  s = static_cast<Acc>(sf * p.attention_factor);
 }
 
 // N consecutive math-type values from shared memory: 16-byte loads when N values fill whole 16-byte
@@ -251,10 +247,15 @@ cudaError_t launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t min_groups = (tok * units_per_token + 4 * kRopeUnitsPerBlock - 1) / (4 * kRopeUnitsPerBlock);
   if (groups < min_groups) groups = min_groups;
   if (groups > heads) groups = heads;
+  if (groups > kMaxGridY) groups = kMaxGridY;  // grid.y limit: more heads per block instead of a failed launch
   if (groups < 1) groups = 1;
+  // heads_per_block >= heads / groups, so the recomputed groups is <= the clamped one (<= kMaxGridY). The
+  // kernel's int arithmetic holds: a block's first head (groups - 1) * heads_per_block < heads < 2^31, and its
+  // rows tok * heads_per_block stay small: groups >= min(heads, min_groups, kMaxGridY) bounds heads_per_block
+  // by about max(kRopeUnitsPerBlock * 4 / tok, 2^31 / kMaxGridY) = 2^15, so tok * heads_per_block <~ 2^19.
   const int64_t heads_per_block = (heads + groups - 1) / groups;
   groups = (heads + heads_per_block - 1) / heads_per_block;
-  if (token_blocks > 0x7fffffffLL || groups > 65535) return cudaErrorInvalidConfiguration;
+  if (token_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
 
   RopeLaunch L{static_cast<int>(tok), static_cast<int>(heads_per_block), chunk};
   const int bx = units < kRopeThreads ? (units > 0 ? units : 1) : kRopeThreads;

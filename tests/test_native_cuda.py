@@ -15,6 +15,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import _native
 from posenc_kernels import reference as ref
+from posenc_kernels.rope import _exact_angles
 from posenc_kernels.sinusoidal import _inv_freq
 
 from conftest import assert_dtype_tolerance
@@ -167,8 +168,9 @@ def test_rope_on_the_fly_matches_hf_numerics(dtype, interleaved, af):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_rope_exact_angles_far_positions(dtype):
-    """exact=True: the angle in double, reduced mod 2*pi in double: accurate at positions ~1e6, where an
-    fp32 angle is off by up to ~0.03 rad."""
+    """exact=True: the angle in double, reduced mod 2*pi in double, then fp32 cos/sin of the reduced angle
+    (for every storage type, float64 included: the Triton and torch paths' numerics): accurate at positions
+    ~1e6, where an fp32 angle is off by up to ~0.03 rad."""
     B, S, H, D = 1, 16, 2, 64
     q = torch.randn(B, S, H, D, device=DEV, dtype=dtype)
     inv = ref.rope_frequencies_reference(D, 10000.0).to(DEV)  # float64
@@ -177,15 +179,43 @@ def test_rope_exact_angles_far_positions(dtype):
     cos64, sin64 = ref.rope_cos_sin_reference(positions.reshape(-1), inv)
     rows = torch.arange(B * S, device=DEV).view(B, S)
     truth = ref.rotate_reference(q, cos64, sin64, rows)
-    # the same computation by torch: the angle reduced in double, cos/sin in the math type, then HF eager
-    a = positions.reshape(-1).double()[:, None] * inv[None, :]
-    r = a - 2 * math.pi * torch.round(a / (2 * math.pi))
-    r = r if dtype == torch.float64 else r.float()
+    # the same computation by torch: the torch path's fp32 reduced angle, fp32 cos/sin, then HF eager in the
+    # dtype (float64 too: the fp32 cos/sin widened, as the spec has it)
+    r = _exact_angles(positions.reshape(-1)[:, None], inv[None, :])
+    assert r.dtype == torch.float32
     base = _eager(q, r.cos(), r.sin(), rows, False, False)
     assert_dtype_tolerance(qo, truth, base, what="exact")
     # and the default (fp32 angle) path is measurably worse there, so the test can tell them apart
     qf, _ = _native_rope(q, None, inv_freq=inv.float(), positions=positions)
     assert (qf.double() - truth).abs().max() > 10 * (qo.double() - truth).abs().max()
+
+
+@pytest.mark.parametrize("af", [1.0, 0.7])
+def test_rope_exact_float64_uses_fp32_sincos(af):
+    """float64 q/k with exact=True: fp32 cos/sin of the fp32 reduced angle, times attention_factor in fp32,
+    widened to float64 - the spec (rope.py _angles_torch / _rope_kernel), not a float64 sincos. Rebuilt here
+    from the torch path's own _exact_angles, the kernel's result matches to float64 rounding in nearly every
+    element; a float64 sincos (or a float64 attention_factor product) differs by ~1e-8 in nearly all."""
+    B, S, Hq, Hk, D = 2, 16, 4, 2, 128
+    q, k = _qk(B, S, Hq, Hk, D, torch.float64)
+    inv = ref.rope_frequencies_reference(D, 10000.0).to(DEV)
+    positions = torch.randint(0, 1_000_000, (B, S), device=DEV)
+    qo, ko = _native_rope(q, k, inv_freq=inv, positions=positions, af=af, exact=True)
+    r = _exact_angles(positions.reshape(-1)[:, None], inv[None, :])
+    cos, sin = (r.cos() * af).double(), (r.sin() * af).double()  # fp32 product with fp32(af), then widened
+    rows = torch.arange(B * S, device=DEV).view(B, S)
+    for out, x, name in ((qo, q, "q"), (ko, k, "k")):
+        expected = ref.rotate_reference(x, cos, sin, rows)
+        diff = (out - expected).abs()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+        same = (diff <= 1e-13 * (1 + expected.abs())).double().mean().item()
+        assert same > 0.98, f"{name}: only {same:.1%} of elements match the fp32-sincos spec"
+    # and the other GPU backends agree to about an fp32 ulp of cos/sin
+    for backend in ("torch", "triton"):
+        with pk.use_backend(backend):
+            qb, kb = pk.apply_rope(q, k, inv_freq=inv, positions=positions, attention_factor=af, exact=True)
+        torch.testing.assert_close(qo, qb, rtol=0, atol=1e-6 * q.abs().max().item(), msg=backend)
+        torch.testing.assert_close(ko, kb, rtol=0, atol=1e-6 * k.abs().max().item(), msg=backend)
 
 
 def test_rope_rows_outside_the_table_are_nan():
@@ -209,6 +239,117 @@ def test_rope_empty_and_errors():
         _native_rope(q[..., :32], None, cos, sin)
     with pytest.raises(RuntimeError, match="float64"):
         _native_rope(q, None, inv_freq=torch.ones(32, device=DEV), exact=True)
+
+
+def _rope_call(q, k, qo, ko, cos, sin, *, positions=None, offsets=None, offset=0, af=1.0, exact=False):
+    _native.rope(q, k, qo, ko, cos, sin, None, positions, offsets, offset, af, False, False, exact)
+
+
+def test_rope_ignored_arguments_are_errors():
+    """Arguments the chosen mode would ignore are refused, not silently dropped."""
+    q = torch.randn(2, 3, 2, 64, device=DEV)
+    qo = _nan_like(q)
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
+    with pytest.raises(RuntimeError, match="attention_factor"):
+        _rope_call(q, None, qo, None, cos, sin, af=0.5)
+    with pytest.raises(RuntimeError, match="exact applies to on-the-fly angles"):
+        _rope_call(q, None, qo, None, cos, sin, exact=True)
+    offsets = torch.tensor([0, 2], device=DEV)
+    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+        _rope_call(q, None, qo, None, cos, sin, offsets=offsets, offset=3)
+    positions = torch.zeros(2, 3, device=DEV, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="offset must be 0 when positions are given"):
+        _rope_call(q, None, qo, None, cos, sin, positions=positions, offset=3)
+    with pytest.raises(RuntimeError, match="positions or offsets, not both"):
+        _rope_call(q, None, qo, None, cos, sin, positions=positions, offsets=offsets)
+    inv = _inv_freq(32, 10000.0, 0.0, DEV, torch.float32)
+    out = torch.full((2, 3, 64), float("nan"), device=DEV)
+    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+        _native_sin(None, out, inv, offsets=offsets, offset=3)
+    assert qo.isnan().all() and out.isnan().all(), "nothing may be written before an error"
+    # the accepted forms still run: an offset alone, attention_factor 1.0 with tables
+    _rope_call(q, None, qo, None, cos, sin, offset=3)
+    _check_rope(qo, q, cos, sin, _rows(2, 3, None, None, 3), False, False, "offset 3")
+
+
+def test_rope_aliasing_checks():
+    """Outputs must not overlap internally, must be exactly their input or disjoint from it, and must not
+    overlap the other tensors of the launch. Checked from metadata before any write."""
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
+    Hq, Hk, D = 4, 2, 64
+
+    def fresh():  # B = S = 1: head slices stay dense, so ATen's overlap test can prove an overlap
+        q, k = _qk(1, 1, Hq, Hk, D, torch.float32)
+        return q, k, _nan_like(q), _nan_like(k)
+
+    q, k, qo, ko = fresh()
+    q0, k0 = q.clone(), k.clone()
+    cases = [
+        ("q_out has internally overlapping memory", lambda: (q, k, qo[:, :, :1].expand_as(q), ko)),
+        ("k_out has internally overlapping memory", lambda: (q, k, qo, ko[:, :, :1].expand_as(k))),
+        ("q_out must not overlap k_out", lambda: (q, k, qo, qo[:, :, :Hk])),
+        ("q_out must not overlap k", lambda: (q, qo[:, :, :Hk], qo, ko)),
+        ("k_out must not overlap q", lambda: (q, k, qo, q[:, :, :Hk])),
+        ("q_out must not overlap k_out", lambda: (q, q[:, :, :Hk], q, q[:, :, :Hk])),  # in place, k inside q
+    ]
+    for msg, make in cases:
+        a = make()
+        with pytest.raises(RuntimeError, match=msg):
+            _rope_call(*a, cos, sin)
+        assert torch.equal(q, q0) and torch.equal(k, k0) and qo.isnan().all() and ko.isnan().all(), msg
+    # q_out partially overlapping q (shifted by one token), and q_out at q's address with other strides
+    buf = torch.randn(1, 5, Hq, D, device=DEV)
+    with pytest.raises(RuntimeError, match="q_out overlaps q without being exactly q"):
+        _rope_call(buf[:, :4], None, buf[:, 1:], None, cos, sin)
+    base = torch.randn(1, Hq, 3, D, device=DEV)  # [B, H, S, D]: its transpose and a plain view of it share
+    with pytest.raises(RuntimeError, match="q_out overlaps q without being exactly q"):  # the address only
+        _rope_call(base.transpose(1, 2), None, base.view(1, 3, Hq, D), None, cos, sin)
+    q3 = torch.randn(1, 3, Hq, D, device=DEV)
+    kbase = torch.randn(1, Hk, 3, D, device=DEV)
+    with pytest.raises(RuntimeError, match="k_out overlaps k without being exactly k"):
+        _rope_call(q3, kbase.transpose(1, 2), _nan_like(q3), kbase.view(1, 3, Hk, D), cos, sin)
+
+    # accepted: in place through another tensor object with the same layout; the heads of one fused qkv
+    # buffer (non-dense head slices: disjoint, not provably so, accepted as by ATen); a dense [3, ...] split
+    q, k, _, _ = fresh()
+    q0 = q.clone()
+    _rope_call(q, None, q.view_as(q), None, cos, sin)
+    _check_rope(q, q0, cos, sin, _rows(1, 1, None, None, 0), False, False, "in place via a view")
+    for qkv, split in (
+        (torch.randn(2, 5, Hq + 2 * Hk, D, device=DEV), lambda t: (t[:, :, :Hq], t[:, :, Hq:Hq + Hk])),
+        (torch.randn(3, 2, 5, Hq, D, device=DEV), lambda t: (t[0], t[1])),
+    ):
+        q, k = split(qkv)
+        q0, k0 = q.clone(), k.clone()
+        _rope_call(q, k, q, k, cos, sin)
+        rows = _rows(q.shape[0], q.shape[1], None, None, 0)
+        _check_rope(q, q0, cos, sin, rows, False, False, "fused q")
+        _check_rope(k, k0, cos, sin, rows, False, False, "fused k")
+
+
+def test_rope_more_head_groups_than_grid_y():
+    """Heads x work so large that the head split would need more than 65535 blocks along grid.y: the
+    launcher caps the groups and gives each block more heads (it used to fail with an invalid config)."""
+    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs ~10 GiB of free GPU memory (4.5 GiB of q/q_out plus chunked temporaries)")
+    Hq, Hk, D = 560_000_000, 8, 2  # D = 2: one unit per head (scalar path), ~68k groups before the cap
+    cos, sin = pk.rope_cos_sin(4, pk.rope_frequencies(D)[0].to(DEV))
+    q = torch.randn(1, 1, Hq, D, device=DEV, dtype=torch.float16)
+    k = torch.randn(1, 1, Hk, D, device=DEV, dtype=torch.float16)
+    qo, ko = _nan_like(q), _nan_like(k)
+    _rope_call(q, k, qo, ko, cos, sin, offset=3)
+    torch.cuda.synchronize()
+    c, s = cos[3, 0].item(), sin[3, 0].item()
+
+    def check(out, x, name):
+        for h0 in range(0, x.shape[2], 1 << 26):  # every head, in chunks (bounded temporaries)
+            xs, got = x[0, 0, h0:h0 + (1 << 26)].float(), out[0, 0, h0:h0 + (1 << 26)].float()
+            want = torch.stack((xs[:, 0] * c - xs[:, 1] * s, xs[:, 1] * c + xs[:, 0] * s), -1)
+            assert not got.isnan().any(), f"{name}: heads from {h0} not written"
+            torch.testing.assert_close(got, want.half().float(), rtol=2**-10, atol=2**-14, msg=f"{name} {h0}")
+
+    check(qo, q, "q")
+    check(ko, k, "k")
 
 
 def test_rope_cuda_graph_capture_and_no_allocation():
@@ -325,6 +466,23 @@ def test_sinusoidal_graph_and_no_allocation():
         g.replay()
         truth = ref.sinusoidal_table_reference((torch.arange(16, device=DEV) + start).float(), 64)
         torch.testing.assert_close(out[1], truth.float(), rtol=0, atol=2e-6 * max(1, start / 100))
+
+
+def test_sinusoidal_aliasing_checks():
+    inv = _inv_freq(32, 10000.0, 0.0, DEV, torch.float32)
+    out = torch.full((1, 1, 64), float("nan"), device=DEV)
+    with pytest.raises(RuntimeError, match="out has internally overlapping memory"):
+        _native_sin(None, out.expand(2, 3, 64), inv)
+    buf = torch.randn(1, 6, 64, device=DEV)
+    buf0 = buf.clone()
+    with pytest.raises(RuntimeError, match="out overlaps x without being exactly x"):
+        _native_sin(buf[:, :5], buf[:, 1:], inv)
+    assert torch.equal(buf, buf0), "nothing may be written before an error"
+    # in place through another tensor object with the same layout is fine
+    x = buf[:, :5]
+    truth = ref.add_sinusoidal_reference(x.clone())
+    _native_sin(x, x.view_as(x), inv)
+    torch.testing.assert_close(x, truth.float(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
