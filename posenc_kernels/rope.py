@@ -28,6 +28,7 @@ Layout conventions (the public contract):
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -530,6 +531,13 @@ def _check_position_values(a: _RopeArgs, S: int, dev) -> None:
         check_position_values(a.positions, a.offsets, a.offset, seqlen=S, num_rows=a.cos.shape[0], device=dev)
 
 
+# Set while backward re-applies the rotation with the tensors forward saved: their values were checked
+# then (and autograd's saved-tensor version check catches any in-place change since), so backward skips
+# the value checks and their host sync on CUDA. Thread-local: CUDA backward runs on autograd's device
+# threads, each call synchronously within one.
+_backward_state = threading.local()
+
+
 def _check_rope(q, k, a: _RopeArgs, *, inplace: bool, values: bool, rows: bool = True) -> None:
     """Every check runs before anything is written. ``values`` adds the checks that need real tensors
     (aliasing, overlap and, with ``rows``, the position values - a host sync on CUDA): the op
@@ -558,8 +566,8 @@ def _check_rope(q, k, a: _RopeArgs, *, inplace: bool, values: bool, rows: bool =
         if k is not None:
             check_writable("k", k)
             check_disjoint("q", q, "k", k)
-    if values and rows and B * S > 0:  # zero tokens is a no-op whatever the table
-        _check_position_values(a, S, dev)
+    if values and rows and B * S > 0 and not getattr(_backward_state, "values_checked", False):
+        _check_position_values(a, S, dev)  # zero tokens is a no-op whatever the table
 
 
 def _rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int):
@@ -783,7 +791,11 @@ def _rope_backward_common(ctx, grad_q, grad_k):
     a = _RopeArgs(t["cos"], t["sin"], t["inv_freq"], t["positions"], t["offsets"], offset, t["cu_seqlens"],
                   t["axis_map"], attention_factor, interleaved, not conjugate, exact)  # fmt: skip
     gk = _unit_stride(grad_k) if ctx.has_k else None
-    gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
+    _backward_state.values_checked = True
+    try:
+        gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
+    finally:
+        _backward_state.values_checked = False
     return gq, (gk if ctx.has_k else None)
 
 

@@ -387,3 +387,28 @@ def test_compile_fullgraph_varlen_on_the_fly():
     want = f(x, y)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_backward_skips_the_value_checks_forward_did(monkeypatch):
+    """The value checks (a host sync on CUDA) run once per forward, never again in backward: backward
+    rotates with the very tensors forward checked."""
+    import posenc_kernels.rope as rope
+
+    calls = []
+    real = rope._check_position_values
+    monkeypatch.setattr(rope, "_check_position_values", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(16)[0].to(DEVICE))
+    pos = torch.randint(0, 16, (2, 5), device=DEVICE)
+    q = torch.randn(2, 5, 2, 16, device=DEVICE, requires_grad=True)
+    out, _ = pk.apply_rope(q, None, cos, sin, positions=pos)
+    assert len(calls) == 1
+    out.sum().backward()
+    assert len(calls) == 1, "backward re-checked position values"
+    x = q.detach() * 1
+    x.requires_grad_()
+    y = x * 2
+    pk.apply_rope_(y, None, cos, sin, positions=pos)
+    y.sum().backward()
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="positions must lie in"):  # the checks still run in forward
+        pk.apply_rope(q, None, cos, sin, positions=pos + 16)

@@ -487,3 +487,19 @@ def test_forward_errors_leave_inputs_unchanged(backend, args, kwargs, exc, msg):
         rope(*args, **kwargs)
     for b, a in zip(before, [a for a in args if isinstance(a, torch.Tensor)]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_module_under_torch_compile_fullgraph(cache):
+    """int offsets need no host value: the module traces without graph breaks (cache growth is Python)."""
+    rope = RotaryEmbedding(head_dim=64, base=10000.0, max_position_embeddings=256, cache=cache)
+
+    def f(x, y):
+        q, k = x * 1, y * 1
+        rope(q, k, offsets=3)
+        return q, k
+
+    x, y = torch.randn(2, 8, 4, 64), torch.randn(2, 8, 2, 64)
+    want = f(x, y)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
