@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import _native  # cheap: the extension itself loads on first use, never at import
+
 try:  # Triton is optional on CPU-only machines: the torch backend needs nothing else.
     import triton
     import triton.language as tl
@@ -21,7 +23,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -62,11 +64,15 @@ _INTERPRET = interpreter_enabled()
 
 
 def set_backend(name: str) -> None:
-    """Force an implementation for every op: ``"auto"`` (default), ``"triton"`` or ``"torch"``.
+    """Force an implementation for every op: ``"auto"`` (default), ``"triton"``, ``"native"`` or ``"torch"``.
 
     ``auto`` runs the Triton kernels on CUDA tensors (and on CPU tensors when the Triton interpreter is on,
-    ``TRITON_INTERPRET=1`` before import) and the pure-torch implementation otherwise. The environment
-    variable ``POSENC_BACKEND`` sets the initial value.
+    ``TRITON_INTERPRET=1`` before import); on CPU otherwise the C++ kernel of the op when the native
+    extension is available (see ``posenc_kernels._native``: prebuilt, or built once on first use), else the
+    pure-torch implementation. ``native`` forces the C++/CUDA extension for the ops that have a native
+    kernel (an error where it is unavailable for the device; ops without one run as under ``auto``). The
+    environment variable ``POSENC_BACKEND`` sets the initial value; ``POSENC_NATIVE=0`` keeps ``auto`` off
+    the extension.
 
     >>> import posenc_kernels as pk
     >>> pk.set_backend("torch"); pk.get_backend()
@@ -104,7 +110,12 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def resolve_backend(device: torch.device, native: Optional[str] = None) -> str:
-    """Which implementation runs for tensors on ``device`` under the current setting."""
+    """Which implementation runs for tensors on ``device`` under the current setting.
+
+    ``native`` names the op's kernel in the C++/CUDA extension (``"rope"``, ``"sinusoidal"``); ops without
+    one pass None and run as under ``auto`` when ``native`` is forced. Returns ``"triton"``, ``"native"`` or
+    ``"torch"``. Asking about a native kernel loads the extension on first use (maybe building it once, see
+    ``posenc_kernels._native``)."""
     triton_ok = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _INTERPRET))
     if _backend == "torch":
         return "torch"
@@ -115,7 +126,24 @@ def resolve_backend(device: torch.device, native: Optional[str] = None) -> str:
                 "CUDA device, or TRITON_INTERPRET=1 set before importing posenc_kernels for CPU tensors"
             )
         return "triton"
-    return "triton" if triton_ok else "torch"
+    if _backend == "native" and native is not None:  # ops without a native kernel run as under auto
+        if _native.has_op(native, device.type):
+            return "native"
+        if _native.load_error() is not None:
+            why = f"the extension is unavailable: {_native.load_error()}"
+        else:
+            why = f"the extension has no {device.type} kernel for {native!r}"
+        raise RuntimeError(
+            f"backend 'native' was forced but cannot run on {device.type} tensors: {why}. Build it with "
+            "POSENC_BUILD_EXT=1 pip install --no-build-isolation . or let it build on first use (needs a C++ "
+            "compiler, and nvcc for the CUDA kernels)"
+        )
+    if triton_ok:
+        return "triton"
+    # No Triton for this device: the op's native kernel when the extension has one (CPU; CUDA without Triton).
+    if native is not None and device.type in ("cpu", "cuda") and _native.has_op(native, device.type):
+        return "native"
+    return "torch"
 
 
 def next_pow2(n: int) -> int:

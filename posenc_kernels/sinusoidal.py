@@ -227,7 +227,13 @@ def _sinusoidal_launch(x, out, positions, offsets, offset, x_scale, base, interl
     half = D // 2
     math_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
     inv_freq = _inv_freq(half, float(base), float(freq_shift), out.device, math_dtype)
-    if resolve_backend(out.device) != "triton":
+    backend = resolve_backend(out.device, native="sinusoidal")
+    if backend == "native":
+        from . import _native
+
+        _native.sinusoidal(x, out, positions, offsets, offset, float(x_scale), inv_freq, float(scale), interleaved, cos_first)
+        return
+    if backend != "triton":
         rows = token_positions(positions, offsets, offset, B, S, out.device)
         _sinusoidal_torch(x, out, rows, inv_freq, half, x_scale, scale, interleaved, cos_first)
         return
