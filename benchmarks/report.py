@@ -13,6 +13,8 @@ BASELINES = {
     "apply_rope_ decode CUDA graph": "hf_eager",
     "apply_rope_ varlen": "hf_eager",
     "apply_rope_qkv_": "hf_eager",
+    "apply_rope_ CPU": "hf_eager",
+    "apply_rope_ CPU decode": "empty_custom_op",
     "add_sinusoidal_": "eager_buffer",
     "concat_sinusoidal": "eager_buffer",
     "add_position_embedding_": "eager",

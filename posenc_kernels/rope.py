@@ -32,6 +32,7 @@ import threading
 from typing import NamedTuple, Optional, Union
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from ._common import (
     FLOAT_DTYPES,
@@ -656,6 +657,11 @@ def _rope_native(q, k, q_out, k_out, a: _RopeArgs):
     positions, offsets, offset = a.positions, a.offsets, a.offset
     if a.cu_seqlens is not None:  # the native kernels take per-token positions: O(T) int64, no sync
         positions, offsets, offset = _cu_positions(a, q.shape[1]), None, 0
+    # The native kernels read int32/int64 positions; narrower integer types are widened (O(tokens)).
+    if positions is not None and positions.dtype not in (torch.int32, torch.int64):
+        positions = positions.to(torch.int64)
+    if offsets is not None and offsets.dtype not in (torch.int32, torch.int64):
+        offsets = offsets.to(torch.int64)
     _native.rope(
         q, k, q_out, k_out, a.cos, a.sin, a.inv_freq, positions, offsets, offset,
         float(a.attention_factor), a.interleaved, a.conjugate, a.exact,
@@ -791,11 +797,14 @@ def _rope_backward_common(ctx, grad_q, grad_k):
     a = _RopeArgs(t["cos"], t["sin"], t["inv_freq"], t["positions"], t["offsets"], offset, t["cu_seqlens"],
                   t["axis_map"], attention_factor, interleaved, not conjugate, exact)  # fmt: skip
     gk = _unit_stride(grad_k) if ctx.has_k else None
-    _backward_state.values_checked = True
-    try:
+    if torch.compiler.is_compiling():  # traced: no value checks run (fake tensors), and no flag to set
         gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
-    finally:
-        _backward_state.values_checked = False
+    else:
+        _backward_state.values_checked = True
+        try:
+            gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
+        finally:
+            _backward_state.values_checked = False
     return gq, (gk if ctx.has_k else None)
 
 
@@ -892,10 +901,24 @@ def _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, att
                      float(attention_factor), bool(interleaved), False, bool(exact))  # fmt: skip
 
 
+def _direct_call_ok(*tensors) -> bool:
+    """True when the op's implementation may run without the custom-op layer: eager code, plain tensors,
+    no dispatch or function modes, no functorch transforms. That layer costs ~60 us per call of these
+    14-argument ops in torch 2.13 (most of it in ``torch._library.utils.fill_defaults``), more than the
+    kernel of a decode step; traced, faked, vmapped or intercepted calls still go through the op."""
+    if torch.compiler.is_compiling() or _get_dispatch_mode() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _any_requires_grad(*ts) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
 def _rope_inplace(q, k, a: _RopeArgs):
-    needs_grad = torch.is_grad_enabled() and (
-        (isinstance(q, torch.Tensor) and q.requires_grad) or (isinstance(k, torch.Tensor) and k.requires_grad)
-    )
+    needs_grad = torch.is_grad_enabled() and _any_requires_grad(q, k)
     if needs_grad:
         # Everything is checked for both tensors before either is written - including the errors autograd
         # itself would raise, which a custom Function only raises after its forward ran. Traced code
@@ -911,6 +934,13 @@ def _rope_inplace(q, k, a: _RopeArgs):
         q = _RopeInplaceFunction.apply(q, *a)
         if k is not None:
             k = _RopeInplaceFunction.apply(k, *a)
+        return q, k
+    if _direct_call_ok(q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map):
+        # What the op does, minus its Python dispatch layer; the version counters are bumped as the
+        # dispatcher does for a mutating op, so autograd still sees the write.
+        _check_rope(q, k, a, inplace=True, values=True)
+        _rope_dispatch(q, k, q, k, a)
+        torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
         return q, k
     torch.ops.posenc.rope_(q, k, *a)
     return q, k
@@ -977,6 +1007,14 @@ def apply_rope(
     True
     """
     a = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    if not (torch.is_grad_enabled() and _any_requires_grad(q, k)) and _direct_call_ok(
+        q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map
+    ):
+        _check_rope(q, k, a, inplace=False, values=True)  # the op's body, without its dispatch layer
+        q_out = torch.empty_like(q)
+        k_out = torch.empty_like(k) if k is not None else None
+        _rope_dispatch(q, k, q_out, k_out, a)
+        return q_out, k_out
     q_out, k_out = torch.ops.posenc.rope(q, k, *a)
     return q_out, (k_out if k is not None else None)
 

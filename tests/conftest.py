@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import posenc_kernels as pk
+from posenc_kernels import _native
 from posenc_kernels._common import HAS_TRITON
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,7 +30,21 @@ def _seed():
     pk.set_backend("auto")
 
 
-@pytest.fixture(params=BACKENDS)
+# The native C++ extension has kernels for RoPE and the sinusoidal ops: their suites run on it too when it
+# is built (CI builds it; tests/test_native.py fails there if it is missing).
+NATIVE_CPU = DEVICE.type == "cpu" and _native.has_op("rope", "cpu")
+NATIVE_MODULES = ("test_rope", "test_rope_long", "test_sinusoidal")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        names = list(BACKENDS)
+        if NATIVE_CPU and metafunc.module.__name__ in NATIVE_MODULES:
+            names.append("native")
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture
 def backend(request):
     with pk.use_backend(request.param):
         yield request.param
