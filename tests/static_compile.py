@@ -196,7 +196,7 @@ def main():
     sin_jit = sinus._sinusoidal_kernel
     sinus._sinusoidal_kernel = rec
     # resolve_backend picks torch on CPU; force the Triton path for the recorder.
-    sinus.resolve_backend = lambda device: "triton"
+    sinus.resolve_backend = lambda device, native=None: "triton"
     sin_cases = {
         "add_sinusoidal_bf16_d4096": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, True),
         "add_sinusoidal_bf16_d4096_halves": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, False),
@@ -227,7 +227,7 @@ def record(module, kernel_name, launch):
 
 
 def learned_cases():
-    learned.resolve_backend = lambda device: "triton"
+    learned.resolve_backend = lambda device, native=None: "triton"
 
     def fwd(B, S, D, dt, tdt):
         x, t = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=tdt)
