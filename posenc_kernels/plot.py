@@ -322,7 +322,8 @@ def _bench_rows(bench_json: PathLike) -> list:
 
 def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchmarks.json") -> Path:
     """Effective bandwidth (GB/s) per provider and shape, one panel per op, from the pytest-benchmark JSON
-    that ``scripts/bench`` writes; a black tick marks a device-to-device copy of the same bytes."""
+    that ``scripts/bench`` writes; a black tick marks a device-to-device copy of the same bytes. Ops that
+    count no bytes (per-call overhead) are drawn as median time per call instead."""
     rows = _bench_rows(bench_json)
     by_op = defaultdict(list)
     for r in rows:
@@ -345,11 +346,13 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
         shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
         op_providers = [p for p in providers if any(r["provider"] == p for r in op_rows)]
         width = 0.8 / len(op_providers)
+        # Dispatch-bound ops (no bytes counted, e.g. per-call overhead) are drawn as time per call.
+        metric = "gbps" if any(r.get("gbps", 0) > 0 for r in op_rows) else "median_us"
         for i, shape in enumerate(shapes):
             cell = {r["provider"]: r for r in op_rows if r["shape"] == shape}
             for j, p in enumerate(op_providers):
                 if p in cell:
-                    ax.bar(i - 0.4 + (j + 0.5) * width, cell[p]["gbps"], width, color=colors[p],
+                    ax.bar(i - 0.4 + (j + 0.5) * width, cell[p][metric], width, color=colors[p],
                            label=p if i == 0 else None)  # fmt: skip
             copies = [r["gbps"] / r["copy_ratio"] for r in cell.values() if r.get("copy_ratio")]
             if copies:
@@ -358,7 +361,7 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels([textwrap.fill(s, 16) for s in shapes], fontsize=8)
         ax.set_title(op, fontsize=11)
-        ax.set_ylabel("effective GB/s (minimal bytes / median time)")
+        ax.set_ylabel("effective GB/s (minimal bytes / median time)" if metric == "gbps" else "median µs per call")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     first = rows[0]
