@@ -22,12 +22,14 @@
 #include <cstdint>
 #include <optional>
 
+#include "alias_checks.h"
 #include "posenc_cuda.h"
 
 namespace {
 
 using at::Tensor;
 using std::optional;
+using namespace posenc_alias;
 
 int32_t aux_dtype(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -55,45 +57,6 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
 void check_last_stride(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               " must have stride(-1) == 1 (contiguous channels; other strides are fine), got strides ", t.strides());
-}
-
-// Aliasing, from metadata only (no sync, graph-capture safe). at::get_overlap_status reports Full/Partial
-// only where it can prove shared elements (the same storage and dense tensors); two non-dense views of one
-// storage (e.g. head slices of a fused qkv) are TooHard and pass, as in ATen's own out= checks.
-void check_no_internal_overlap(const Tensor& t, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
-              " has internally overlapping memory (an expanded or as_strided view whose elements share memory,"
-              " strides ", t.strides(), "); it cannot be written: pass a tensor with distinct elements");
-}
-
-bool shares_memory(const Tensor& a, const Tensor& b) {
-  const auto st = at::get_overlap_status(a, b);
-  return st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial;
-}
-
-// In place: out is exactly in - the same first element and the same strides wherever a stride matters
-// (dims of size > 1; the callers have checked the sizes equal), so every element is at the same address.
-bool same_elements(const Tensor& out, const Tensor& in) {
-  if (out.data_ptr() != in.data_ptr()) return false;
-  for (int64_t d = 0; d < in.dim(); ++d) {
-    if (in.size(d) > 1 && out.stride(d) != in.stride(d)) return false;
-  }
-  return true;
-}
-
-// out must be exactly in (in place) or share no memory with it.
-void check_out_vs_in(const Tensor& out, const char* out_name, const Tensor& in, const char* in_name) {
-  if (same_elements(out, in)) return;
-  TORCH_CHECK(!shares_memory(out, in), out_name, " overlaps ", in_name, " without being exactly ", in_name,
-              " (in place needs the same data_ptr and strides ", in.strides(), "; got strides ", out.strides(),
-              " and a data_ptr ",
-              reinterpret_cast<intptr_t>(out.data_ptr()) - reinterpret_cast<intptr_t>(in.data_ptr()),
-              " bytes from ", in_name, "'s): pass ", in_name, " itself or a tensor that shares no memory with it");
-}
-
-void check_disjoint(const Tensor& out, const char* out_name, const Tensor& other, const char* other_name) {
-  TORCH_CHECK(!shares_memory(out, other), out_name, " must not overlap ", other_name,
-              ": one launch writes ", out_name, " while it reads or writes ", other_name);
 }
 
 // Row source shared by both ops: positions [B, S] / [S], else offsets [B], else the int offset.

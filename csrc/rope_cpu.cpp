@@ -284,6 +284,8 @@ ItemsFn items_avx512() { return nullptr; }
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "alias_checks.h"
+
 namespace posenc::rope_cpu {
 ItemsFn items_avx2();
 ItemsFn items_avx512();
@@ -418,6 +420,25 @@ void native_rope_cpu(const Tensor& q, const std::optional<Tensor>& k, const Tens
                      double attention_factor, bool interleaved, bool conjugate, bool exact) {
   const int64_t half = check_rope_args(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, exact);
   TORCH_CHECK(q.device().is_cpu(), "native_rope (CPU kernel): q must be a CPU tensor, got ", q.device());
+  // Arguments the chosen mode would ignore are errors, not silently dropped (as in the CUDA glue).
+  TORCH_CHECK(!cos.has_value() || (attention_factor == 1.0 && !exact),
+              "native_rope: attention_factor and exact apply to inv_freq angles; tables carry the factor already");
+  TORCH_CHECK(!(positions.has_value() || offsets.has_value()) || offset == 0,
+              "native_rope: offset must be 0 when positions or offsets tensors are given, got ", offset);
+  // Aliasing (before any write; metadata only): an output is exactly its input or disjoint from it, and
+  // never overlaps the other pair's tensors.
+  {
+    using namespace posenc_alias;
+    check_no_internal_overlap(q_out, "q_out");
+    check_out_vs_in(q_out, "q_out", q, "q");
+    if (k.has_value()) {
+      check_no_internal_overlap(*k_out, "k_out");
+      check_out_vs_in(*k_out, "k_out", *k, "k");
+      check_disjoint(q_out, "q_out", *k_out, "k_out");
+      check_disjoint(q_out, "q_out", *k, "k");
+      check_disjoint(*k_out, "k_out", q, "q");
+    }
+  }
   rope_cpu::Params p{};
   p.dtype = dtype_code(q.scalar_type());
   p.interleaved = interleaved;

@@ -146,6 +146,8 @@ TokensFn tokens_avx512() { return nullptr; }
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "alias_checks.h"
+
 namespace posenc::sinusoidal_cpu {
 TokensFn tokens_avx2();
 TokensFn tokens_avx512();
@@ -232,6 +234,8 @@ void native_sinusoidal_cpu(const std::optional<Tensor>& x, const Tensor& out, co
                            const Tensor& inv_freq, double scale, bool interleaved, bool cos_first) {
   check_sinusoidal_args(x, out, positions, offsets, inv_freq);
   TORCH_CHECK(out.device().is_cpu(), "native_sinusoidal (CPU kernel): out must be a CPU tensor, got ", out.device());
+  posenc_alias::check_no_internal_overlap(out, "out");
+  if (x.has_value()) posenc_alias::check_out_vs_in(out, "out", *x, "x");
   const int64_t B = out.size(0), S = out.size(1), D = out.size(2);
   if (B * S == 0 || D == 0) return;
   const auto math = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -190,6 +190,8 @@ def load() -> bool:
             try:
                 _load_jit()
                 _state["source"] = "jit"
+                if errors:  # e.g. a prebuilt module older than the sources: say why it was passed over
+                    _log.warning("posenc_kernels: using the JIT-built extension (%s)", "; ".join(errors))
             except Exception as e:
                 errors.append(f"JIT build failed: {_one_line(e)}")
         if _state["source"] is None:

@@ -290,6 +290,45 @@ def test_bad_input(match, override):
     assert torch.equal(args["q"], q0), "an error must leave the input unchanged"
 
 
+def test_aliasing_and_ignored_arguments_are_errors():
+    """The raw ops check aliasing from metadata before writing: an output is exactly its input (in place)
+    or disjoint from it, never internally overlapping, and q's and k's tensors never overlap each other."""
+    cos, sin = tables(8, 16)
+    q = torch.randn(1, 4, 4, 16)
+
+    def call(q, k, q_out, k_out, **kw):
+        args = dict(cos=cos, sin=sin, inv_freq=None, positions=None, offsets=None, offset=0, af=1.0, exact=False)
+        args.update(kw)
+        native_rope(q, k, q_out, k_out, args["cos"], args["sin"], args["inv_freq"], args["positions"],
+                    args["offsets"], args["offset"], args["af"], False, False, args["exact"])  # fmt: skip
+
+    q0 = q.clone()
+    with pytest.raises(RuntimeError, match="q_out overlaps q without being exactly q"):
+        call(q, None, q.transpose(1, 2), None)  # same shape, other strides: would race
+    buf = torch.randn(1, 9, 4, 16)
+    with pytest.raises(RuntimeError, match="q_out overlaps q"):
+        call(buf[:, :8], None, buf[:, 1:9], None)  # shifted by one token
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        call(q, q, q, q)  # k is q: every head would be rotated twice
+    with pytest.raises(RuntimeError, match="internally overlapping"):
+        call(q[:, :2, :3], None, torch.empty(1, 1, 1, 16).expand(1, 2, 3, 16), None)
+    with pytest.raises(RuntimeError, match="attention_factor and exact apply to inv_freq"):
+        call(q, None, q, None, af=2.0)
+    with pytest.raises(RuntimeError, match="offset must be 0"):
+        call(q, None, q, None, offsets=torch.zeros(1, dtype=torch.long), offset=3)
+    assert torch.equal(q, q0), "an error must leave q unchanged"
+    x = torch.randn(2, 5, 16)
+    inv = pk.rope_frequencies(16)[0]
+    with pytest.raises(RuntimeError, match="out overlaps x"):
+        torch.ops.posenc.native_sinusoidal(x, x.transpose(0, 0)[:, :, :].as_strided((2, 5, 16), (16, 32, 1)),
+                                           None, None, 0, 1.0, inv[:8], 1.0, False, False)  # fmt: skip
+    # Accepted: in place, and head slices of one fused buffer (disjoint q and k).
+    qkv = torch.randn(1, 4, 8, 16)
+    want_q, want_k = pk.apply_rope(qkv[:, :, :4], qkv[:, :, 4:6], cos[:4], sin[:4])
+    call(qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, :4], qkv[:, :, 4:6])
+    assert max_err(qkv[:, :, :4], want_q) < 1e-6 and max_err(qkv[:, :, 4:6], want_k) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library: opcheck (schema, fake/meta kernel, aliasing)
 # ---------------------------------------------------------------------------------------------
