@@ -206,7 +206,13 @@ def _nested_layout(shape, strides) -> bool:
 
 
 def check_writable(name: str, t: torch.Tensor) -> None:
-    """An in-place op must not write through a view whose elements overlap (expanded, as_strided)."""
+    """An in-place op must not write through a view whose elements overlap (expanded, as_strided), nor into
+    an inference tensor outside inference mode (PyTorch's own rule; the kernels write raw memory)."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name} is an inference tensor: in-place updates to inference tensors outside InferenceMode are "
+            "not allowed (PyTorch's rule); clone it or run under torch.inference_mode()"
+        )
     if t.numel() > 1 and not _nested_layout(t.shape, t.stride()):
         raise ValueError(
             f"{name} has internally overlapping memory (an expanded or as_strided view?); it cannot be written "

@@ -27,6 +27,7 @@ Layout conventions (the public contract):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import NamedTuple, Optional, Union
@@ -150,6 +151,7 @@ if HAS_TRITON:
         offset,
         n_seqs,
         n_search,
+        n_axes,
         attention_factor,
         stride_q_b,
         stride_q_s,
@@ -169,6 +171,7 @@ if HAS_TRITON:
         stride_pos_b,
         stride_pos_s,
         stride_off,
+        stride_axis,
         HALF: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         TAIL: tl.constexpr,
@@ -204,10 +207,14 @@ if HAS_TRITON:
         elif POS_MODE == 2:
             tok_off = b * stride_pos_b + s * stride_pos_s
             if MULTI_AXIS:
-                # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE).
-                ax = tl.load(axis_ptr + c, mask=cmask, other=0).to(tl.int64)
-                pm = tok_mask[:, None] & cmask
+                # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE). An axis outside
+                # positions (reachable only with value checks off) is never read: its position is -1, which
+                # the table path turns into NaN, and the on-the-fly path below too.
+                ax = tl.load(axis_ptr + c * stride_axis, mask=cmask, other=0).to(tl.int64)
+                ax_ok = (ax >= 0) & (ax < n_axes)
+                pm = tok_mask[:, None] & cmask & ax_ok
                 pos = tl.load(pos_ptr + ax * stride_pos_a + tok_off[:, None], mask=pm, other=0).to(tl.int64)
+                pos = tl.where(ax_ok, pos, -1)
             else:
                 pos = tl.load(pos_ptr + tok_off, mask=tok_mask, other=0).to(tl.int64)[:, None]
         else:
@@ -218,12 +225,12 @@ if HAS_TRITON:
             i = 0
             while i < n_search:
                 mid = (lo + hi + 1) // 2
-                go = tl.load(pos_ptr + mid, mask=tok_mask, other=0).to(tl.int64) <= t
+                go = tl.load(pos_ptr + mid * stride_pos_s, mask=tok_mask, other=0).to(tl.int64) <= t
                 lo = tl.where(go, mid, lo)
                 hi = tl.where(go, hi, mid - 1)
                 i += 1
-            start = tl.load(pos_ptr + lo, mask=tok_mask, other=0).to(tl.int64)
-            end = tl.load(pos_ptr + n_seqs).to(tl.int64)
+            start = tl.load(pos_ptr + lo * stride_pos_s, mask=tok_mask, other=0).to(tl.int64)
+            end = tl.load(pos_ptr + n_seqs * stride_pos_s).to(tl.int64)
             if SEQ_OFFSETS:
                 base = tl.load(off_ptr + lo * stride_off, mask=tok_mask, other=0).to(tl.int64)
             else:
@@ -248,6 +255,8 @@ if HAS_TRITON:
                 a = pos.to(tl.float64) * inv.to(tl.float64)
                 kk = tl.floor(a * 0.15915494309189535 + 0.5)
                 angle = ((a - kk * 6.2831854820251465) - kk * -1.7484556025237907e-07).to(tl.float32)
+            if MULTI_AXIS:
+                angle = tl.where(pos >= 0, angle, float("nan"))  # only a bad axis makes pos < 0 here
             cos = (tl.cos(angle) * attention_factor).to(ACC)
             sin = (tl.sin(angle) * attention_factor).to(ACC)
         if CONJUGATE:
@@ -532,11 +541,25 @@ def _check_position_values(a: _RopeArgs, S: int, dev) -> None:
         check_position_values(a.positions, a.offsets, a.offset, seqlen=S, num_rows=a.cos.shape[0], device=dev)
 
 
-# Set while backward re-applies the rotation with the tensors forward saved: their values were checked
-# then (and autograd's saved-tensor version check catches any in-place change since), so backward skips
-# the value checks and their host sync on CUDA. Thread-local: CUDA backward runs on autograd's device
-# threads, each call synchronously within one.
+# Set while a launch reuses position tensors another launch of the same call just checked: backward
+# re-applying the rotation with the tensors forward saved (autograd's saved-tensor version check catches
+# any in-place change since), or k's launch after q's under autograd. Skips the value checks and their
+# host sync on CUDA. Thread-local: CUDA backward runs on autograd's device threads, each call synchronously
+# within one.
 _backward_state = threading.local()
+
+
+@contextlib.contextmanager
+def _positions_checked():
+    """Skip the position-value checks inside (their tensors were just checked by another launch)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    _backward_state.values_checked = True
+    try:
+        yield
+    finally:
+        _backward_state.values_checked = False
 
 
 def _check_rope(q, k, a: _RopeArgs, *, inplace: bool, values: bool, rows: bool = True) -> None:
@@ -609,13 +632,14 @@ def _rope_triton(q, k, q_out, k_out, a: _RopeArgs):
         angles, n_rows, scos, ssin = (2 if a.exact else 1), 0, 0, 0
         cos = sin = inv  # dummies: no program reads them
     pos = off = axis = None
-    spos_a = spos_b = spos_s = soff = 0
-    n_seqs = n_search = 0
+    spos_a = spos_b = spos_s = soff = saxis = 0
+    n_seqs = n_search = n_axes = 0
     seq_offsets = False
     if a.cu_seqlens is not None:
         pos_mode, pos = POS_CU_SEQLENS, a.cu_seqlens
         n_seqs = a.cu_seqlens.shape[0] - 1
         n_search = (n_seqs - 1).bit_length()
+        spos_s = a.cu_seqlens.stride(0)
         if a.offsets is not None:
             seq_offsets, off, soff = True, a.offsets, a.offsets.stride(0)
     elif a.positions is not None:
@@ -624,7 +648,7 @@ def _rope_triton(q, k, q_out, k_out, a: _RopeArgs):
         spos_b = p.stride(0) if p.dim() == 2 else 0
         spos_s = p.stride(-1)
         if a.axis_map is not None:
-            spos_a, axis = pos.stride(0), a.axis_map
+            spos_a, axis, saxis, n_axes = pos.stride(0), a.axis_map, a.axis_map.stride(0), pos.shape[0]
     elif a.offsets is not None:
         pos_mode, off, soff = POS_OFFSETS, a.offsets, a.offsets.stride(0)
     else:
@@ -638,12 +662,12 @@ def _rope_triton(q, k, q_out, k_out, a: _RopeArgs):
     with device_guard(q):
         _rope_kernel[grid](
             q, kk, q_out, ko, cos, sin, inv, pos, off, axis,
-            n_tokens, S, Hq, Hk, n_rows, a.offset, n_seqs, n_search, float(a.attention_factor),
+            n_tokens, S, Hq, Hk, n_rows, a.offset, n_seqs, n_search, n_axes, float(a.attention_factor),
             q.stride(0), q.stride(1), q.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             ko.stride(0), ko.stride(1), ko.stride(2),
-            scos, ssin, spos_a, spos_b, spos_s, soff,
+            scos, ssin, spos_a, spos_b, spos_s, soff, saxis,
             HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=max(block_tail, 1),
             BLOCK_T=block_t, BLOCK_H=block_h, POS_MODE=pos_mode, SEQ_OFFSETS=seq_offsets,
             MULTI_AXIS=a.axis_map is not None, ANGLES=angles, INTERLEAVED=a.interleaved,
@@ -797,14 +821,8 @@ def _rope_backward_common(ctx, grad_q, grad_k):
     a = _RopeArgs(t["cos"], t["sin"], t["inv_freq"], t["positions"], t["offsets"], offset, t["cu_seqlens"],
                   t["axis_map"], attention_factor, interleaved, not conjugate, exact)  # fmt: skip
     gk = _unit_stride(grad_k) if ctx.has_k else None
-    if torch.compiler.is_compiling():  # traced: no value checks run (fake tensors), and no flag to set
+    with _positions_checked():  # forward checked these very tensors (saved, version-checked)
         gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
-    else:
-        _backward_state.values_checked = True
-        try:
-            gq, gk = torch.ops.posenc.rope(_unit_stride(grad_q), gk, *a)
-        finally:
-            _backward_state.values_checked = False
     return gq, (gk if ctx.has_k else None)
 
 
@@ -902,22 +920,40 @@ def _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, att
 
 
 def _direct_call_ok(*tensors) -> bool:
-    """True when the op's implementation may run without the custom-op layer: eager code, plain tensors,
-    no dispatch or function modes, no functorch transforms. That layer costs ~60 us per call of these
+    """True when the op's implementation may run without the custom-op layer: eager code (not compiled,
+    not jit-traced), plain CPU/CUDA tensors, no dispatch or function modes, no functorch transforms. That layer costs ~60 us per call of these
     14-argument ops in torch 2.13 (most of it in ``torch._library.utils.fill_defaults``), more than the
     kernel of a decode step; traced, faked, vmapped or intercepted calls still go through the op."""
-    if torch.compiler.is_compiling() or _get_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_dispatch_mode() is not None or torch._C._get_tracing_state():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or (type(t) is torch.Tensor and t.device.type in ("cpu", "cuda")) for t in tensors)
 
 
 def _any_requires_grad(*ts) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
+def _check_autograd_support(q, k, a: _RopeArgs) -> None:
+    """Gradients flow into q and k only, in reverse mode: a table or frequency tensor that requires grad
+    would silently get none, and a forward-mode tangent would be dropped, so both are errors."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        for name, t in (("q", q), ("k", k)):
+            if isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(f"forward-mode AD is not supported by the RoPE ops ({name} is a dual tensor)")
+    if torch.is_grad_enabled():
+        for name in ("cos", "sin", "inv_freq"):
+            t = getattr(a, name)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but the RoPE ops give gradients for q and k only: pass "
+                    f"{name}.detach() (or compute the rotation with differentiable tables yourself)"
+                )
+
+
 def _rope_inplace(q, k, a: _RopeArgs):
+    _check_autograd_support(q, k, a)
     needs_grad = torch.is_grad_enabled() and _any_requires_grad(q, k)
     if needs_grad:
         # Everything is checked for both tensors before either is written - including the errors autograd
@@ -933,7 +969,8 @@ def _rope_inplace(q, k, a: _RopeArgs):
                 check_inplace_autograd("k", k)
         q = _RopeInplaceFunction.apply(q, *a)
         if k is not None:
-            k = _RopeInplaceFunction.apply(k, *a)
+            with _positions_checked():  # q's launch checked the shared positions before writing q
+                k = _RopeInplaceFunction.apply(k, *a)
         return q, k
     if _direct_call_ok(q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map):
         # What the op does, minus its Python dispatch layer; the version counters are bumped as the
@@ -1007,6 +1044,7 @@ def apply_rope(
     True
     """
     a = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    _check_autograd_support(q, k, a)
     if not (torch.is_grad_enabled() and _any_requires_grad(q, k)) and _direct_call_ok(
         q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map
     ):

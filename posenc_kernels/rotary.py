@@ -43,8 +43,9 @@ from .schedules import rope_frequencies
 
 __all__ = ["RotaryEmbedding"]
 
-# Models whose rotary pairs are (2i, 2i + 1) (rotate_every_two) rather than (i, i + R/2).
-_INTERLEAVED_MODEL_TYPES = frozenset({"gptj", "codegen"})
+# Models whose rotary pairs are (2i, 2i + 1) (rotate_every_two, or a rotate_half on x[..., 0::2] /
+# x[..., 1::2]) rather than (i, i + R/2); configs with ``rope_interleave=True`` (DeepSeek-V3) too.
+_INTERLEAVED_MODEL_TYPES = frozenset({"gptj", "codegen", "glm", "glm4", "cohere"})
 # Qwen3-VL text models interleave their M-RoPE sections whatever the config says.
 _MROPE_INTERLEAVED_MODEL_TYPES = frozenset({"qwen3_vl_text", "qwen3_vl_moe_text", "qwen3_vl", "qwen3_vl_moe"})
 _MIN_TABLE_ROWS = 256
@@ -262,7 +263,7 @@ class RotaryEmbedding(nn.Module):
             head_dim=head_dim,
             scaling=params,
             max_position_embeddings=getattr(config, "max_position_embeddings", None),
-            interleaved=model_type in _INTERLEAVED_MODEL_TYPES,
+            interleaved=model_type in _INTERLEAVED_MODEL_TYPES or bool(getattr(config, "rope_interleave", False)),
         )
         rotary_dim = getattr(config, "rotary_dim", None)
         if isinstance(rotary_dim, int) and not isinstance(rotary_dim, bool):
@@ -394,7 +395,9 @@ class RotaryEmbedding(nn.Module):
 
         ``seq_len``: the largest position + 1 when the caller knows it; it skips the host sync that tensor
         positions/offsets/cu_seqlens otherwise cost for cache growth and for ``dynamic``/``longrope``. It
-        must be the true value for those two schedules (HF semantics), at least it for the cache.
+        must be the true value for those two schedules (HF semantics), at least it for the cache. (The
+        kernel call's own value checks still read tensor positions once while they are on; they are off
+        under CUDA-graph capture or with ``set_value_checks(False)``.)
         """
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")

@@ -457,3 +457,57 @@ def test_direct_eager_path_keeps_autograd_and_dispatch_semantics(backend):
         pk.apply_rope_(q, k, cos, sin)
         pk.apply_rope(q, k, cos, sin)
     assert "posenc.rope_.default" in mode.ops and "posenc.rope.default" in mode.ops
+
+
+def test_review_fixes_strided_metadata_and_guards(backend):
+    """Strided cu_seqlens and axis_map are read through their strides; tables that require grad, meta
+    tensors, jit tracing and inference tensors are handled explicitly."""
+    cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(16)[0].to(DEVICE))
+    q = torch.randn(12, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 99, 3, 99, 7, 99, 12, 99], dtype=torch.int32, device=DEVICE)[::2]
+    want, _ = pk.apply_rope(q, None, cos, sin, cu_seqlens=cu.contiguous())
+    got, _ = pk.apply_rope(q, None, cos, sin, cu_seqlens=cu)
+    assert torch.equal(got, want)
+    am = pk.mrope_axis_map([4, 2, 2], device=DEVICE)
+    am_strided = torch.stack([am, am], 1)[:, 0]
+    pos = torch.randint(0, 16, (3, 2, 5), device=DEVICE)
+    x = torch.randn(2, 5, 2, 16, device=DEVICE)
+    want, _ = pk.apply_rope(x, None, cos, sin, positions=pos, axis_map=am)
+    got, _ = pk.apply_rope(x, None, cos, sin, positions=pos, axis_map=am_strided)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="cos requires grad"):
+        pk.apply_rope(x, None, cos.clone().requires_grad_(), sin)
+    with torch.no_grad():  # no gradient is being recorded: fine
+        pk.apply_rope(x, None, cos.clone().requires_grad_(), sin)
+    with torch.inference_mode():
+        inf = torch.randn(2, 5, 2, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        pk.apply_rope_(inf, None, cos, sin)
+    with torch.inference_mode():
+        pk.apply_rope_(inf, None, cos, sin)
+    meta = torch.empty(2, 5, 2, 16, device="meta")
+    out, _ = pk.apply_rope(meta, None, cos.to("meta"), sin.to("meta"), positions=pos[0].to("meta"))
+    assert out.shape == meta.shape and out.device.type == "meta"
+    traced = torch.jit.trace(lambda t: pk.apply_rope(t, None, cos, sin)[0], (x,), check_trace=False)
+    assert "posenc::rope" in str(traced.graph)
+
+
+def test_from_config_interleaved_model_types():
+    from transformers import CohereConfig, GlmConfig
+
+    glm = GlmConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=1)
+    assert pk.RotaryEmbedding.from_config(glm).interleaved
+    coh = CohereConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    assert pk.RotaryEmbedding.from_config(coh).interleaved
+
+
+def test_forward_mode_ad_is_an_error_not_a_dropped_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(16)[0].to(DEVICE))
+    with fwAD.dual_level():
+        q = fwAD.make_dual(torch.randn(1, 4, 2, 16, device=DEVICE), torch.randn(1, 4, 2, 16, device=DEVICE))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            pk.apply_rope(q, None, cos, sin)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            pk.apply_rope_(q * 1, None, cos, sin)
