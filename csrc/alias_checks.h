@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace posenc_alias {
 
@@ -49,6 +50,22 @@ inline void check_out_vs_in(const Tensor& out, const char* out_name, const Tenso
 inline void check_disjoint(const Tensor& out, const char* out_name, const Tensor& other, const char* other_name) {
   TORCH_CHECK(!shares_memory(out, other), out_name, " must not overlap ", other_name,
               ": one launch writes ", out_name, " while it reads or writes ", other_name);
+}
+
+// native_rope's outputs, before any write: each output is exactly its input or disjoint from it, never
+// internally overlapping, and q's output never overlaps k's tensors (nor k's q's). q and k may overlap
+// each other: both are only read.
+inline void check_rope_outputs(const Tensor& q, const std::optional<Tensor>& k, const Tensor& q_out,
+                               const std::optional<Tensor>& k_out) {
+  check_no_internal_overlap(q_out, "q_out");
+  check_out_vs_in(q_out, "q_out", q, "q");
+  if (k.has_value()) {
+    check_no_internal_overlap(*k_out, "k_out");
+    check_out_vs_in(*k_out, "k_out", *k, "k");
+    check_disjoint(q_out, "q_out", *k_out, "k_out");
+    check_disjoint(q_out, "q_out", *k, "k");
+    check_disjoint(*k_out, "k_out", q, "q");
+  }
 }
 
 }  // namespace posenc_alias

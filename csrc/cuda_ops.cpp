@@ -173,16 +173,7 @@ void native_rope_cuda(const Tensor& q, const optional<Tensor>& k, const Tensor& 
   TORCH_CHECK(2 * half <= D, "rotary dim R = ", 2 * half, " exceeds head_dim D = ", D);
   fill_positions(positions, offsets, offset, B, S, q, /*float_positions_ok=*/false, p.pos_mode, p.pos, p.pos_dtype,
                  p.pos_sb, p.pos_ss, p.offset);
-  // Aliasing (before any write). q and k may overlap each other: both are only read.
-  check_no_internal_overlap(q_out, "q_out");
-  check_out_vs_in(q_out, "q_out", q, "q");
-  if (k.has_value()) {
-    check_no_internal_overlap(*k_out, "k_out");
-    check_out_vs_in(*k_out, "k_out", *k, "k");
-    check_disjoint(q_out, "q_out", *k_out, "k_out");
-    check_disjoint(q_out, "q_out", *k, "k");
-    check_disjoint(*k_out, "k_out", q, "q");
-  }
+  check_rope_outputs(q, k, q_out, k_out);  // aliasing, before any write
   if (B * S == 0 || Hq + Hk == 0) return;
 
   p.q = q.data_ptr();

@@ -425,20 +425,7 @@ void native_rope_cpu(const Tensor& q, const std::optional<Tensor>& k, const Tens
               "native_rope: attention_factor and exact apply to inv_freq angles; tables carry the factor already");
   TORCH_CHECK(!(positions.has_value() || offsets.has_value()) || offset == 0,
               "native_rope: offset must be 0 when positions or offsets tensors are given, got ", offset);
-  // Aliasing (before any write; metadata only): an output is exactly its input or disjoint from it, and
-  // never overlaps the other pair's tensors.
-  {
-    using namespace posenc_alias;
-    check_no_internal_overlap(q_out, "q_out");
-    check_out_vs_in(q_out, "q_out", q, "q");
-    if (k.has_value()) {
-      check_no_internal_overlap(*k_out, "k_out");
-      check_out_vs_in(*k_out, "k_out", *k, "k");
-      check_disjoint(q_out, "q_out", *k_out, "k_out");
-      check_disjoint(q_out, "q_out", *k, "k");
-      check_disjoint(*k_out, "k_out", q, "q");
-    }
-  }
+  posenc_alias::check_rope_outputs(q, k, q_out, k_out);  // aliasing, before any write
   rope_cpu::Params p{};
   p.dtype = dtype_code(q.scalar_type());
   p.interleaved = interleaved;
