@@ -94,8 +94,21 @@ def run(benchmark, fn, *, op: str, shape: str, provider: str, nbytes: int, **inf
     else:  # on CPU the pytest-benchmark median is the figure
         benchmark.pedantic(timed, rounds=7, iterations=1, warmup_rounds=2)
         median_us = benchmark.stats.stats.median * 1e6
-    gbps = nbytes / (median_us * 1e-6) / 1e9
-    copy_gbps = nbytes / (copy_us * 1e-6) / 1e9
+    timing = (
+        "triton.testing.do_bench median, CUDA events, L2 flushed"
+        if IS_CUDA
+        else "pytest-benchmark pedantic median, wall clock"
+    )
+    record(benchmark, op=op, shape=shape, provider=provider, nbytes=nbytes, median_us=median_us, copy_us=copy_us,
+           peak_extra_mb=peak_extra_mb(fn), timing=timing, **info)  # fmt: skip
+
+
+def record(benchmark, *, op: str, shape: str, provider: str, nbytes: int, median_us: float, copy_us: float,
+           timing: str, peak_extra_mb: float | None = None, **info) -> None:  # fmt: skip
+    """Store one result in the fields report.py reads (bandwidth and copy ratio derived here; 0 for
+    dispatch-bound cases that count no bytes)."""
+    gbps = nbytes / (median_us * 1e-6) / 1e9 if median_us > 0 else 0.0
+    copy_gbps = nbytes / (copy_us * 1e-6) / 1e9 if copy_us > 0 else 0.0
     benchmark.extra_info.update(
         op=op,
         shape=shape,
@@ -105,12 +118,8 @@ def run(benchmark, fn, *, op: str, shape: str, provider: str, nbytes: int, **inf
         median_us=round(median_us, 3),
         gbps=round(gbps, 2),
         copy_us=round(copy_us, 3),
-        copy_ratio=round(gbps / copy_gbps, 4),
-        peak_extra_mb=peak_extra_mb(fn),
-        timing=(
-            "triton.testing.do_bench median, CUDA events, L2 flushed"
-            if IS_CUDA
-            else "pytest-benchmark pedantic median, wall clock"
-        ),
+        copy_ratio=round(gbps / copy_gbps, 4) if copy_gbps > 0 else 0.0,
+        peak_extra_mb=peak_extra_mb,
+        timing=timing,
         **info,
     )

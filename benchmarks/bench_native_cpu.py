@@ -26,7 +26,7 @@ from posenc_kernels import _native
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.reference import hf_apply_rotary_pos_emb
 
-from _harness import IS_CUDA, device_name, run
+from _harness import IS_CUDA, device_name, record, run
 
 # On a CUDA machine nothing here runs, and the extension is not even loaded (short-circuit: no build).
 _SKIP = "CPU benchmarks (the CUDA kernels are measured by bench_rope.py)" if IS_CUDA else (
@@ -135,10 +135,10 @@ def test_decode(benchmark, case, provider):
     if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test
         return
     median_us = benchmark.stats.stats.median * 1e6
-    benchmark.extra_info.update(
-        op="apply_rope_ CPU decode", shape=f"llama3-8b 1 tok {str(dtype).replace('torch.', '')}", provider=provider,
-        device=device_name(), bytes=0, median_us=round(median_us, 3), gbps=0.0, copy_us=0.0, copy_ratio=0.0,
-        peak_extra_mb=None, timing=f"pytest-benchmark pedantic median of 25 rounds x {iters} calls, wall clock",
+    record(
+        benchmark, op="apply_rope_ CPU decode", shape=f"llama3-8b 1 tok {str(dtype).replace('torch.', '')}",
+        provider=provider, nbytes=0, median_us=median_us, copy_us=0.0,
+        timing=f"pytest-benchmark pedantic median of 25 rounds x {iters} calls, wall clock",
     )  # fmt: skip
     _record(tokens, dtype, provider, median_us)
 

@@ -31,7 +31,7 @@ from posenc_kernels._common import resolve_backend
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.reference import hf_apply_rotary_pos_emb
 
-from _harness import DEVICE, IS_CUDA, device_name, run
+from _harness import DEVICE, IS_CUDA, record, run
 
 CFG = MODEL_CONFIGS["llama3-8b"]
 DTYPE = torch.bfloat16
@@ -270,20 +270,11 @@ def test_decode_cuda_graph(benchmark, batch, provider):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
-    gbps = nbytes / (us * 1e-6) / 1e9
-    benchmark.extra_info.update(
-        op="apply_rope_ decode CUDA graph",
-        shape=_shape(CFG.name, f"B={batch} x 1 tok bf16, us/call of {GRAPH_CALLS}"),
-        provider=provider,
-        device=device_name(),
-        bytes=nbytes,
-        median_us=round(us, 3),
-        gbps=round(gbps, 2),
-        copy_us=round(copy_us, 3),
-        copy_ratio=round(gbps / (nbytes / (copy_us * 1e-6) / 1e9), 4),
-        peak_extra_mb=None,
-        target_us=DECODE_TARGET_US,
+    record(
+        benchmark, op="apply_rope_ decode CUDA graph",
+        shape=_shape(CFG.name, f"B={batch} x 1 tok bf16, us/call of {GRAPH_CALLS}"), provider=provider,
+        nbytes=nbytes, median_us=us, copy_us=copy_us, target_us=DECODE_TARGET_US,
         meets_target=us <= DECODE_TARGET_US,
         timing=f"{GRAPH_CALLS} calls in one CUDA graph, median of 20 replays / {GRAPH_CALLS}, CUDA events, L2 warm",
         **_backend_info(q),
-    )
+    )  # fmt: skip

@@ -512,24 +512,26 @@ def _check_position_values(a: _RopeArgs, S: int, dev) -> None:
     if a.cu_seqlens is not None:
         if not _value_checks_on(dev):
             return
+        # Every statistic in one device tensor, read back with one host sync.
         cu = a.cu_seqlens.to(torch.int64)
         lengths = cu[1:] - cu[:-1]
-        first, last = int(cu[0]), int(cu[-1])
-        if first != 0 or bool((lengths < 0).any()):
+        start = a.offsets.to(torch.int64) if a.offsets is not None else torch.full_like(lengths, a.offset)
+        used = lengths > 0
+        big = torch.iinfo(torch.int64).max
+        lo = torch.where(used, start, big).min()
+        hi = torch.where(used, start + lengths - 1, -big).max()
+        first, last, decreasing, lo, hi = torch.stack((cu[0], cu[-1], (lengths < 0).any().long(), lo, hi)).tolist()
+        if first != 0 or decreasing:
             raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu.tolist()[:16]}")
         if last > S:
             raise ValueError(f"cu_seqlens[-1] = {last} exceeds the {S} packed tokens of q")
-        if a.inv_freq is None:  # the rows used must lie in the table
-            start = a.offsets.to(torch.int64) if a.offsets is not None else torch.full_like(lengths, a.offset)
-            used = lengths > 0
+        if a.inv_freq is None:  # the rows used (by non-empty sequences) must lie in the table
             rows = a.cos.shape[0]
-            if bool(used.any()):
-                lo, hi = int(start[used].min()), int((start + lengths - 1)[used].max())
-                if lo < 0 or hi >= rows:
-                    raise ValueError(
-                        f"offsets + positions within each sequence must lie in [0, {rows}) (the table's rows), "
-                        f"got rows in [{lo}, {hi}]"
-                    )
+            if lo <= hi and (lo < 0 or hi >= rows):
+                raise ValueError(
+                    f"offsets + positions within each sequence must lie in [0, {rows}) (the table's rows), "
+                    f"got rows in [{lo}, {hi}]"
+                )
             if last < S and rows < 1:
                 raise ValueError("padded tokens past cu_seqlens[-1] use table row 0, but the table is empty")
         return
@@ -919,7 +921,7 @@ def _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, att
                      float(attention_factor), bool(interleaved), False, bool(exact))  # fmt: skip
 
 
-def _direct_call_ok(*tensors) -> bool:
+def _direct_call_ok(q, k, a: _RopeArgs) -> bool:
     """True when the op's implementation may run without the custom-op layer: eager code (not compiled,
     not jit-traced), plain CPU/CUDA tensors, no dispatch or function modes, no functorch transforms. That layer costs ~60 us per call of these
     14-argument ops in torch 2.13 (most of it in ``torch._library.utils.fill_defaults``), more than the
@@ -928,6 +930,7 @@ def _direct_call_ok(*tensors) -> bool:
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
+    tensors = (q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map)
     return all(t is None or (type(t) is torch.Tensor and t.device.type in ("cpu", "cuda")) for t in tensors)
 
 
@@ -972,7 +975,7 @@ def _rope_inplace(q, k, a: _RopeArgs):
             with _positions_checked():  # q's launch checked the shared positions before writing q
                 k = _RopeInplaceFunction.apply(k, *a)
         return q, k
-    if _direct_call_ok(q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map):
+    if _direct_call_ok(q, k, a):
         # What the op does, minus its Python dispatch layer; the version counters are bumped as the
         # dispatcher does for a mutating op, so autograd still sees the write.
         _check_rope(q, k, a, inplace=True, values=True)
@@ -1045,9 +1048,7 @@ def apply_rope(
     """
     a = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
     _check_autograd_support(q, k, a)
-    if not (torch.is_grad_enabled() and _any_requires_grad(q, k)) and _direct_call_ok(
-        q, k, a.cos, a.sin, a.inv_freq, a.positions, a.offsets, a.cu_seqlens, a.axis_map
-    ):
+    if not (torch.is_grad_enabled() and _any_requires_grad(q, k)) and _direct_call_ok(q, k, a):
         _check_rope(q, k, a, inplace=False, values=True)  # the op's body, without its dispatch layer
         q_out = torch.empty_like(q)
         k_out = torch.empty_like(k) if k is not None else None
