@@ -6,7 +6,8 @@ Triton kernels; CPU tensors run a pure-torch implementation, or the Triton kerne
 interpreter when ``TRITON_INTERPRET=1`` is set before import. :func:`set_backend` forces one.
 """
 
-from ._common import get_backend, interpreter_enabled, set_backend, set_value_checks, use_backend
+from .ops.checks import set_value_checks
+from .ops.registry import get_backend, interpreter_enabled, set_backend, use_backend
 from .learned import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
 from .positions import (
     fairseq_positions,
@@ -24,7 +25,7 @@ from .relative import (
     t5_relative_bucket,
     t5_score_mod,
 )
-from .rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
+from .ops.rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
 from .rotary import RotaryEmbedding
 from .schedules import ROPE_TYPES, rope_frequencies
 from .sinusoidal import (
@@ -37,6 +38,10 @@ from .sinusoidal import (
 )
 
 __version__ = "0.1.0"
+
+from .ops import registry as _registry  # noqa: E402
+
+_registry.finalize()  # every family has defined its ops: register their kernels
 
 __all__ = [
     "apply_rope",

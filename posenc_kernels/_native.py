@@ -263,3 +263,35 @@ def sinusoidal(x, out, positions, offsets, offset, x_scale, inv_freq, scale, int
     torch.ops.posenc.native_sinusoidal.default(
         x, out, positions, offsets, offset, x_scale, inv_freq, scale, interleaved, cos_first
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# What the op layer (posenc_kernels/ops/registry.py) asks of the extension
+# ----------------------------------------------------------------------------------------------
+_ops_for: dict = {}
+
+
+def ops_for(key: str) -> frozenset:
+    """The public ops whose kernels the loaded extension can register for dispatch key ``key`` ("CPU",
+    "CUDA"); empty without the extension. Cached: the registry asks on every Python-kernel call."""
+    hit = _ops_for.get(key)
+    if hit is None:
+        hit = frozenset()
+        if _state["source"] is not None and hasattr(torch.ops.posenc, "_native_ops"):
+            hit = frozenset(torch.ops.posenc._native_ops(key))
+        _ops_for[key] = hit
+    return hit
+
+
+def register(key: str, enable: bool) -> list:
+    """Register (or remove) the extension's kernels for ``key`` ("CPU", "CUDA", "ADInplaceOrView") on the
+    public ops; returns the op names concerned (empty without the extension)."""
+    if _state["source"] is None or not hasattr(torch.ops.posenc, "_native_register"):
+        return []
+    return list(torch.ops.posenc._native_register(key, enable))
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Mirror :func:`posenc_kernels.set_value_checks` into the extension's kernels."""
+    if _state["source"] is not None and hasattr(torch.ops.posenc, "_native_value_checks"):
+        torch.ops.posenc._native_value_checks(enabled)

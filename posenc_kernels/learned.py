@@ -224,7 +224,7 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def _values_checked(device: torch.device) -> bool:
     """Whether check_position_values ran (it is skipped with value checks off or under graph capture)."""
-    return _common._value_checks and not on_cuda_graph_capture(device)
+    return _common.value_checks_on(device)
 
 
 def _add_torch(x, out, table, rows, checked: bool) -> None:

@@ -151,7 +151,7 @@ def _rope_decay_curves(inv_freq: torch.Tensor, max_distance: int, samples: int, 
     ``S_j = sum_{i<j} exp(1j * dist * theta_i)``, and the mean score ``<R(dist) q, R(0) q>`` over random unit
     ``q`` (a key with the query's content ``dist`` tokens away). Both rotate with the package's
     ``rope_cos_sin`` / ``apply_rope``."""
-    from .rope import apply_rope, rope_cos_sin
+    from .ops.rope import apply_rope, rope_cos_sin
 
     half = inv_freq.shape[0]
     cos, sin = rope_cos_sin(max_distance + 1, inv_freq)  # row p = angles of distance p

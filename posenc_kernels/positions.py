@@ -80,7 +80,7 @@ def _check_mask(attention_mask, past_length) -> int:
 def _values_checked(device: torch.device) -> bool:
     """Whether checks that read tensor values may run now: they cost a device-to-host sync, so they are
     skipped while a CUDA graph is captured, while torch.compile traces, or when turned off."""
-    return _common._value_checks and not on_cuda_graph_capture(device) and not torch.compiler.is_compiling()
+    return _common.value_checks_on(device) and not torch.compiler.is_compiling()
 
 
 # ==============================================================================================

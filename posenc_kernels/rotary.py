@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .rope import apply_rope_, mrope_axis_map, rope_cos_sin
+from .ops.rope import apply_rope_, mrope_axis_map, rope_cos_sin
 from .schedules import rope_frequencies
 
 __all__ = ["RotaryEmbedding"]

@@ -39,7 +39,9 @@ from ._common import (
     tl_acc_dtype,
     token_positions,
 )
-from .rope import POS_OFFSET, POS_OFFSETS, POS_POSITIONS
+from .ops.positions import PosMode
+
+POS_OFFSET, POS_OFFSETS, POS_POSITIONS = int(PosMode.OFFSET), int(PosMode.OFFSETS), int(PosMode.POSITIONS)
 
 if HAS_TRITON:
     import triton

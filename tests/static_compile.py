@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 
 import posenc_kernels.learned as learned  # noqa: E402
 import posenc_kernels.relative as relative  # noqa: E402
-import posenc_kernels.rope as rope  # noqa: E402
+import posenc_kernels.ops.rope.kernel as rope  # noqa: E402
 import posenc_kernels.sinusoidal as sinus  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -152,8 +152,10 @@ def rope_case(B, S, Hq, Hk, D, R, dtype, *, interleaved=False, hf_layout=False, 
     cu = torch.tensor([0, S * B], dtype=torch.int32) if varlen else None
     q_out = torch.empty_like(q) if out_of_place else q
     k_out = torch.empty_like(k) if out_of_place else k
-    a = rope._RopeArgs(cos, cos, inv, pos, None, 0, cu, axis_map, 1.0, interleaved, False, angles == "exact")
-    rope._rope_triton(q, k, q_out, k_out, a)
+    if varlen:  # packed [T, H, D] arrives at the launcher as [1, T, H, D]
+        q, k, q_out, k_out = (t.reshape(1, B * S, *t.shape[2:]) for t in (q, k, q_out, k_out))
+    rope.rope_triton(q, k, q_out, k_out, cos, cos, inv, pos, None, 0, cu, axis_map, 1.0, interleaved, False,
+                     angles == "exact")  # fmt: skip
 
 
 def main():
@@ -187,7 +189,7 @@ def main():
     cs_jit = rope._rope_cos_sin_kernel
     rope._rope_cos_sin_kernel = rec
     inv = torch.empty(64, dtype=torch.float32)
-    rope._cos_sin_triton(torch.arange(4096), inv, 1.0, torch.empty(4096, 64), torch.empty(4096, 64))
+    rope.cos_sin_triton(torch.arange(4096), inv, 1.0, torch.empty(4096, 64), torch.empty(4096, 64))
     (grid, args, kwargs), = rec.calls
     out["rope_cos_sin"] = facts(compile_call(cs_jit, args, kwargs))
     rope._rope_cos_sin_kernel = cs_jit

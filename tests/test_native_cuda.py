@@ -15,7 +15,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import _native
 from posenc_kernels import reference as ref
-from posenc_kernels.rope import _exact_angles
+from posenc_kernels.ops.angles import exact_angles as _exact_angles
 from posenc_kernels.sinusoidal import _inv_freq
 
 from conftest import assert_dtype_tolerance

@@ -402,11 +402,11 @@ def test_compile_fullgraph_varlen_on_the_fly():
 def test_backward_skips_the_value_checks_forward_did(monkeypatch):
     """The value checks (a host sync on CUDA) run once per forward, never again in backward: backward
     rotates with the very tensors forward checked."""
-    import posenc_kernels.rope as rope
+    import posenc_kernels.ops.rope.op as rope
 
     calls = []
-    real = rope._check_position_values
-    monkeypatch.setattr(rope, "_check_position_values", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    real = rope.check_position_values
+    monkeypatch.setattr(rope, "check_position_values", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(16)[0].to(DEVICE))
     pos = torch.randint(0, 16, (2, 5), device=DEVICE)
     q = torch.randn(2, 5, 2, 16, device=DEVICE, requires_grad=True)
@@ -424,10 +424,10 @@ def test_backward_skips_the_value_checks_forward_did(monkeypatch):
         pk.apply_rope(q, None, cos, sin, positions=pos + 16)
 
 
-def test_direct_eager_path_keeps_autograd_and_dispatch_semantics(backend):
-    """Eager calls without autograd skip the custom-op dispatch layer: the write must still bump version
+def test_eager_calls_keep_autograd_and_dispatch_semantics(backend):
+    """Eager calls without autograd go through the dispatcher like any other: the write bumps version
     counters (so autograd catches a rotated tensor that a graph saved), and dispatch modes / subclasses
-    must still see the op."""
+    see the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(16)[0].to(DEVICE))

@@ -10,7 +10,7 @@ plus a few fp32 roundings of |x|. HF's own error is also bounded, which ties the
 import pytest
 import torch
 
-from posenc_kernels.rope import mrope_axis_map, rope_cos_sin
+from posenc_kernels.ops.rope import mrope_axis_map, rope_cos_sin
 from posenc_kernels.rotary import RotaryEmbedding
 from posenc_kernels.schedules import rope_frequencies
 

@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..rope import apply_rope, apply_rope_
+from ..ops.rope import apply_rope, apply_rope_
 
 __all__ = [
     "apply_rotary_pos_emb",

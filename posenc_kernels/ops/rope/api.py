@@ -1,0 +1,309 @@
+"""RoPE: the public functions. They coerce arguments and call the ops; the ops validate and dispatch.
+
+Layout conventions (the public contract):
+
+* ``q`` is ``[B, S, Hq, D]`` and ``k`` is ``[B, S, Hk, D]`` (or ``None``), with any strides (an HF
+  ``[B, H, S, D]`` tensor passed as ``.transpose(1, 2)`` works without a copy; a non-unit channel stride
+  too, on a slower path).
+* ``cos`` / ``sin`` are ``[P, R/2]`` tables; ``R = 2 * cos.shape[-1] <= D`` channels rotate, the rest are
+  untouched (partial rotary).
+* The table row of token ``(b, s)`` is ``positions[b, s]`` (or ``positions[s]``) when positions are given,
+  else ``offsets + s`` with ``offsets`` an int or a ``[B]`` tensor (see :mod:`posenc_kernels.ops.positions`).
+* ``interleaved=False`` pairs channel ``d`` with ``d + R/2`` (GPT-NeoX / HF); ``True`` pairs ``2i`` with
+  ``2i + 1`` (GPT-J).
+* Packed (varlen) batches: ``q`` ``[T, Hq, D]`` / ``k`` ``[T, Hk, D]`` with ``cu_seqlens`` ``[N + 1]``
+  (sequence ``n`` owns tokens ``cu_seqlens[n]:cu_seqlens[n+1]``; its positions restart at ``offsets[n]``
+  or the int ``offsets``; tokens past ``cu_seqlens[-1]``, a padded graph bucket, take position 0), or
+  with per-token ``positions`` ``[T]``.
+* Angles come from the tables, or on the fly from ``inv_freq`` ``[R/2]`` (no table): by default one fp32
+  product ``fp32(pos) * inv_freq`` then fp32 cos/sin (HF's numerics), scaled by ``attention_factor``;
+  ``exact=True`` takes float64 ``inv_freq`` and runs the exact algorithm of :mod:`posenc_kernels.ops.angles`
+  (within 1e-6 rad of the float64 truth up to positions 2**22 and beyond).
+* Multi-axis positions (M-RoPE, axial RoPE): ``axis_map`` ``[R/2]`` says which row of ``positions``
+  ``[A, B, S]`` (or ``[A, S]``) frequency ``i`` follows; see :func:`mrope_axis_map`.
+
+Under ``torch.compile`` the in-place functions trace the out-of-place op and copy its result back into q/k
+(``Tensor.copy_``): PyTorch 2.13 mis-traces a mutating custom op in two cases - an autograd.Function that
+marks its input dirty loses its backward (the gradient passes unrotated), and two views of one base (packed
+QKV) are regenerated at storage offset 0 under dynamic shapes - so the traced path avoids both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..checks import FLOAT_DTYPES, check_inplace_autograd, check_tensor, split_offsets
+from .op import RopeInplaceFunction, check_rope, rope_cos_sin_op, rope_inplace, rope_out, values_checked
+
+__all__ = ["rope_cos_sin", "apply_rope_", "apply_rope", "apply_rope_qkv_", "mrope_axis_map", "axial_positions"]
+
+
+def rope_cos_sin(
+    positions_or_length: Union[int, torch.Tensor],
+    inv_freq: torch.Tensor,
+    *,
+    attention_factor: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[..., R/2]`` for ``apply_rope_``: ``attention_factor * cos(pos * inv_freq)``.
+
+    ``positions_or_length`` is an int ``P`` (rows ``0..P-1``) or a tensor of positions of any shape
+    (int or float). Each angle is one fp32 product ``fp32(pos) * inv_freq`` (never a matmul), computed by a
+    Triton kernel on CUDA.
+
+    >>> import posenc_kernels as pk
+    >>> cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(8)[0])
+    >>> cos.shape, sin.dtype
+    (torch.Size([16, 4]), torch.float32)
+    """
+    if isinstance(positions_or_length, torch.Tensor):
+        positions = positions_or_length
+    elif isinstance(positions_or_length, int) and not isinstance(positions_or_length, bool):
+        if positions_or_length < 0:
+            raise ValueError(f"positions_or_length must be >= 0, got {positions_or_length}")
+        device = inv_freq.device if isinstance(inv_freq, torch.Tensor) else None
+        positions = torch.arange(positions_or_length, device=device)
+    else:
+        raise TypeError(f"positions_or_length must be an int or a tensor, got {type(positions_or_length).__name__}")
+    return rope_cos_sin_op(positions, inv_freq, float(attention_factor), dtype)
+
+
+def _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact):
+    """The ops' arguments after q and k (RopeArgs order) from the public keywords."""
+    if type(offsets) is int:  # the common case, without split_offsets' checks
+        offsets_t, offset = None, offsets
+    else:
+        offsets_t, offset = split_offsets(offsets)
+    return (cos, sin, inv_freq, positions, offsets_t, offset, cu_seqlens, axis_map, float(attention_factor),
+            bool(interleaved), False, bool(exact))  # fmt: skip
+
+
+def _explain(error: Exception, q, k, args, inplace: bool):
+    """A native kernel refused the call: raise the op's own message for it (the one a fake or the Python
+    implementations give, so eager and compiled code raise alike), else the kernel's."""
+    check_rope(q, k, *args, values=True, inplace=inplace)
+    raise error
+
+
+def _check_autograd(q, k, args) -> None:
+    """Gradients flow into q and k only, in reverse mode: a table or frequency tensor that requires grad
+    would silently get none, and a forward-mode tangent would be dropped, so both are errors."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        for name, t in (("q", q), ("k", k)):
+            if isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(f"forward-mode AD is not supported by the RoPE ops ({name} is a dual tensor)")
+    if torch.is_grad_enabled():
+        for name, t in zip(("cos", "sin", "inv_freq"), args[:3]):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but the RoPE ops give gradients for q and k only: pass "
+                    f"{name}.detach() (or compute the rotation with differentiable tables yourself)"
+                )
+
+
+def _needs_autograd(q, k, args) -> bool:
+    """Whether autograd is involved (and then, its errors raised before anything is written)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        _check_autograd(q, k, args)
+    if not torch.is_grad_enabled():
+        return False
+    if args[0] is not None and args[0].requires_grad or args[1] is not None and args[1].requires_grad:
+        _check_autograd(q, k, args)
+    if args[2] is not None and args[2].requires_grad:
+        _check_autograd(q, k, args)
+    return q.requires_grad or (k is not None and k.requires_grad)
+
+
+def _rope_inplace(q, k, args):
+    """In place on q and k: the op itself, the autograd.Function when gradients are recorded, the traced
+    out-of-place form under torch.compile (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        _check_autograd(q, k, args)
+        q_new, k_new = rope_out(q, k, *args)
+        q.copy_(q_new)
+        if k is not None:
+            k.copy_(k_new)
+        return q, k
+    if _needs_autograd(q, k, args):
+        # Everything is checked for both tensors before either is written, including the errors autograd
+        # itself would raise (a custom Function raises them only after its forward ran). The position
+        # values are left to q's launch, which checks them before writing q (k shares them).
+        with values_checked():
+            check_rope(q, k, *args, values=True, inplace=True)
+        check_inplace_autograd("q", q)
+        if k is not None:
+            check_inplace_autograd("k", k)
+        q = RopeInplaceFunction.apply(q, *args)
+        if k is not None:
+            with values_checked():
+                k = RopeInplaceFunction.apply(k, *args)
+        return q, k
+    try:
+        rope_inplace(q, k, *args)
+    except (RuntimeError, ValueError, TypeError) as e:
+        _explain(e, q, k, args, inplace=True)
+    return q, k
+
+
+def apply_rope_(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rotate ``q`` ``[B, S, Hq, D]`` and ``k`` ``[B, S, Hk, D]`` in place, in one kernel launch.
+
+    See the module docstring for layouts, angle sources (``cos``/``sin`` tables or ``inv_freq``), packed
+    ``[T, H, D]`` inputs with ``cu_seqlens`` and multi-axis positions (``axis_map``). Returns ``(q, k)``
+    (the same tensors). Differentiable w.r.t. q and k under PyTorch's in-place rules (a leaf that requires
+    grad raises, as for ``x.mul_``).
+
+    >>> import torch, posenc_kernels as pk
+    >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
+    >>> inv_freq, _ = pk.rope_frequencies(16)
+    >>> cos, sin = pk.rope_cos_sin(5, inv_freq)
+    >>> q2, k2 = pk.apply_rope_(q, k, cos, sin)
+    >>> q2 is q
+    True
+    >>> q3, _ = pk.apply_rope_(torch.randn(7, 4, 16), None, inv_freq=inv_freq,  # packed, on the fly
+    ...                        cu_seqlens=torch.tensor([0, 3, 7]))
+    """
+    return _rope_inplace(q, k, _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor,
+                                     interleaved, exact))  # fmt: skip
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place twin of :func:`apply_rope_`: returns new rotated tensors, inputs untouched.
+
+    >>> import torch, posenc_kernels as pk
+    >>> q = torch.randn(1, 3, 2, 8)
+    >>> cos, sin = pk.rope_cos_sin(3, pk.rope_frequencies(8)[0])
+    >>> q_rot, _ = pk.apply_rope(q, None, cos, sin)
+    >>> torch.equal(q_rot[:, 0], q[:, 0])  # position 0 is the identity rotation
+    True
+    """
+    args = _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    if torch.compiler.is_compiling():
+        _check_autograd(q, k, args)
+    else:
+        _needs_autograd(q, k, args)
+    try:
+        q_out, k_out = rope_out(q, k, *args)
+    except (RuntimeError, ValueError, TypeError) as e:
+        _explain(e, q, k, args, inplace=False)
+    return q_out, (k_out if k is not None else None)
+
+
+def apply_rope_qkv_(
+    qkv: torch.Tensor,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    num_heads_q: int,
+    num_heads_kv: int,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate the q and k heads of a fused projection ``[B, S, Hq + 2*Hkv, D]`` (or packed
+    ``[T, Hq + 2*Hkv, D]``) in place, in one launch; the v heads are untouched. Returns ``qkv``.
+
+    Heads ``[0, Hq)`` are q, ``[Hq, Hq + Hkv)`` are k, the rest v (the layout of a fused QKV linear
+    viewed as heads). Other arguments as in :func:`apply_rope_`.
+
+    >>> import torch, posenc_kernels as pk
+    >>> qkv = torch.randn(2, 6, 4 + 2 * 2, 32)
+    >>> v = qkv[:, :, 6:].clone()
+    >>> cos, sin = pk.rope_cos_sin(6, pk.rope_frequencies(32)[0])
+    >>> out = pk.apply_rope_qkv_(qkv, cos, sin, num_heads_q=4, num_heads_kv=2)
+    >>> out is qkv, torch.equal(qkv[:, :, 6:], v)
+    (True, True)
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if qkv.shape[-2] != num_heads_q + 2 * num_heads_kv:
+        raise ValueError(
+            f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {num_heads_q + 2 * num_heads_kv} "
+            f"heads (dim -2), got {qkv.shape[-2]}"
+        )
+    # q's and k's heads are adjacent and take the same rotation: one tensor, one launch, one mutation.
+    qk = qkv[..., : num_heads_q + num_heads_kv, :]
+    args = _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    _rope_inplace(qk, None, args)  # under autograd, the in-place op on the view rebases qkv's history
+    return qkv
+
+
+def mrope_axis_map(mrope_section, *, interleaved: bool = False, device=None) -> torch.Tensor:
+    """Which position axis each frequency follows, for multi-axis RoPE (``axis_map`` of
+    :func:`apply_rope_`), from a section list such as Qwen2-VL's ``mrope_section`` ``[16, 24, 24]``.
+
+    ``interleaved=False`` (Qwen2-VL): frequencies ``[0, s0)`` follow axis 0 (time), the next ``s1`` axis 1
+    (height), ... ``interleaved=True`` (Qwen3-VL): frequency ``i`` follows axis ``a = i % A`` when
+    ``a >= 1`` and ``i < A * s_a``, else axis 0. 2-D axial RoPE for image patches is ``[n/2, n/2]`` with
+    positions ``[2, ...]`` = (row, column) (see :func:`axial_positions`). Returns int32 ``[sum(sections)]``.
+
+    >>> import posenc_kernels as pk
+    >>> pk.mrope_axis_map([2, 1, 1])
+    tensor([0, 0, 1, 2], dtype=torch.int32)
+    >>> pk.mrope_axis_map([2, 2, 2], interleaved=True)
+    tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)
+    """
+    sections = [int(v) for v in mrope_section]
+    if not sections or any(v < 0 for v in sections) or sum(sections) == 0:
+        raise ValueError(f"mrope_section must be non-negative ints with a positive sum, got {list(mrope_section)}")
+    n_axes, half = len(sections), sum(sections)
+    if not interleaved:
+        axes = [a for a, n in enumerate(sections) for _ in range(n)]
+    else:
+        axes = []
+        for i in range(half):
+            a = i % n_axes
+            axes.append(a if a >= 1 and i < n_axes * sections[a] else 0)
+    return torch.tensor(axes, dtype=torch.int32, device=device)
+
+
+def axial_positions(*sizes: int, device=None) -> torch.Tensor:
+    """Positions ``[A, prod(sizes)]`` of a row-major grid (``axial_positions(H, W)`` gives each image patch
+    its (row, column)), for 2-D / 3-D axial RoPE with :func:`mrope_axis_map`.
+
+    >>> import posenc_kernels as pk
+    >>> pk.axial_positions(2, 3)
+    tensor([[0, 0, 0, 1, 1, 1],
+            [0, 1, 2, 0, 1, 2]])
+    """
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+        raise ValueError(f"sizes must be non-negative ints, got {sizes}")
+    grids = torch.meshgrid(*(torch.arange(n, device=device) for n in sizes), indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids])

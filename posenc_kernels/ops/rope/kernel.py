@@ -1,0 +1,265 @@
+"""RoPE Triton kernels and their launchers.
+
+One program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q *or* k (the head-block axis of the grid
+covers q's blocks then k's), so q and k take one launch. The program issues every global load it needs -
+the position (when it is a tensor), the cos/sin rows, the head rows - before it converts or broadcasts any
+of them, so their latencies overlap; tests/test_static_ptx.py reads the round trips off the SASS.
+"""
+
+from __future__ import annotations
+
+from ...ops.checks import device_guard, next_pow2, prev_pow2
+from ..positions import launch_args, token_positions_tl
+from ..registry import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..angles import exact_angle_tl
+
+    @triton.jit
+    def _rotate_block(
+        x_ptr, o_ptr, h0, n_heads, b, s, tok_mask, sxb, sxs, sxh, sxd, sob, sos, soh, sod,
+        cos_raw, sin_raw, inv, pos, attention_factor,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MULTI_AXIS: tl.constexpr, ANGLES: tl.constexpr,
+        INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr,
+        IDX64: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Rotate heads [h0, h0 + BLOCK_H) of the program's tokens. The head rows are loaded before the
+        cos/sin tile (already in flight) is converted or broadcast, so no load waits on another."""
+        h = h0 + tl.arange(0, BLOCK_H)
+        if IDX64:
+            h = h.to(tl.int64)
+        x_row = b * sxb + s[:, None, None] * sxs + h[None, :, None] * sxh  # [BLOCK_T, BLOCK_H, 1]
+        row_mask = tok_mask[:, None, None] & (h < n_heads)[None, :, None]
+        if INTERLEAVED:
+            ch = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+            m = row_mask & (ch < 2 * HALF)
+            x = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+        else:
+            ch = tl.arange(0, BLOCK_HALF)[None, None, :]
+            m = row_mask & (ch < HALF)
+            x1 = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+            x2 = tl.load(x_ptr + x_row + (HALF + ch) * sxd, mask=m, other=0.0)
+        if COPY_TAIL:  # out of place with partial rotary: channels [R, D) pass through unchanged
+            ct = tl.arange(0, BLOCK_TAIL)[None, None, :]
+            mt = row_mask & (ct < TAIL)
+            tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
+        # ---- cos/sin in ACC, broadcast over heads
+        if ANGLES == 0:
+            cos = cos_raw.to(ACC)
+            sin = sin_raw.to(ACC)
+        else:
+            if ANGLES == 1:
+                angle = pos.to(tl.float32) * inv.to(tl.float32)  # HF numerics: one fp32 product
+            else:
+                angle = exact_angle_tl(pos, inv)
+            if MULTI_AXIS:
+                angle = tl.where(pos >= 0, angle, float("nan"))  # only a bad axis makes pos < 0 here
+            cos = (tl.cos(angle) * attention_factor).to(ACC)
+            sin = (tl.sin(angle) * attention_factor).to(ACC)
+        if CONJUGATE:
+            sin = -sin
+        c3 = cos[:, None, :]
+        s3 = sin[:, None, :]
+        # ---- rotate and store (in place: the input's address chain serves the store too)
+        if INPLACE:
+            o_row = x_row
+            od = sxd
+        else:
+            o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
+            od = sod
+        if INTERLEAVED:
+            x_even, x_odd = tl.split(tl.reshape(x.to(ACC), [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
+            o_even = x_even * c3 - x_odd * s3
+            o_odd = x_odd * c3 + x_even * s3
+            out = tl.reshape(tl.join(o_even, o_odd), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF])
+            tl.store(o_ptr + o_row + ch * od, out.to(o_ptr.dtype.element_ty), mask=m)
+        else:
+            a1 = x1.to(ACC)
+            a2 = x2.to(ACC)
+            tl.store(o_ptr + o_row + ch * od, (a1 * c3 - a2 * s3).to(o_ptr.dtype.element_ty), mask=m)
+            tl.store(o_ptr + o_row + (HALF + ch) * od, (a2 * c3 + a1 * s3).to(o_ptr.dtype.element_ty), mask=m)
+        if COPY_TAIL:
+            tl.store(o_ptr + o_row + (2 * HALF + ct) * od, tail, mask=mt)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
+        seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, n_search, n_axes, attention_factor,
+        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
+        stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
+        stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        MULTI_AXIS: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
+        COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Grid: (B * token blocks, q head blocks + k head blocks). ``b`` and the token block come from one
+        scalar division per program; tokens are ``s`` within sequence ``b`` (packed inputs: ``b = 0``)."""
+        pid = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        b = pid // n_s_blocks
+        s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        if IDX64:  # the launcher found an element offset that may not fit in 32 bits
+            b = b.to(tl.int64)
+            s = s.to(tl.int64)
+        tok_mask = s < seqlen
+        c = tl.arange(0, BLOCK_HALF)[None, :]
+        cmask = c < HALF
+        # ---- positions: [BLOCK_T, 1], or [BLOCK_T, BLOCK_HALF] per frequency axis
+        if MULTI_AXIS:
+            # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE). An axis outside
+            # positions (reachable only with value checks off) is never read: its position becomes -1,
+            # which the table path turns into NaN, and the on-the-fly path too.
+            ax = tl.load(axis_ptr + c * stride_axis, mask=cmask, other=0).to(tl.int64)
+            ax_ok = (ax >= 0) & (ax < n_axes)
+            tok_off = b * stride_pos_b + s * stride_pos_s
+            pm = tok_mask[:, None] & cmask & ax_ok
+            pos = tl.load(pos_ptr + ax * stride_pos_a + tok_off[:, None], mask=pm, other=0).to(tl.int64)
+            pos = tl.where(ax_ok, pos, -1)
+        else:
+            pos = token_positions_tl(
+                b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+                n_search, POS_MODE, SEQ_OFFSETS,
+            )[:, None]  # fmt: skip
+        # ---- the cos/sin rows (or the frequencies), issued before the head rows
+        if ANGLES == 0:
+            # Rows outside the table read as NaN (reachable only when host-side value checks are skipped):
+            # a loud result instead of an out-of-bounds read.
+            cm = tok_mask[:, None] & (pos >= 0) & (pos < n_rows) & cmask
+            cos_raw = tl.load(cos_ptr + pos * stride_cos_p + c * stride_cos_f, mask=cm, other=float("nan"))
+            sin_raw = tl.load(sin_ptr + pos * stride_sin_p + c * stride_sin_f, mask=cm, other=float("nan"))
+            inv = 0.0
+        else:
+            inv = tl.load(inv_ptr + c, mask=cmask, other=0.0)
+            cos_raw = 0.0
+            sin_raw = 0.0
+        n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+        if pid_h < n_q_blocks:
+            _rotate_block(
+                q_ptr, qo_ptr, pid_h * BLOCK_H, n_heads_q, b, s, tok_mask,
+                stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
+                cos_raw, sin_raw, inv, pos, attention_factor,
+                HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, MULTI_AXIS, ANGLES, INTERLEAVED, CONJUGATE,
+                COPY_TAIL, INPLACE, IDX64, ACC,
+            )  # fmt: skip
+        else:
+            _rotate_block(
+                k_ptr, ko_ptr, (pid_h - n_q_blocks) * BLOCK_H, n_heads_k, b, s, tok_mask,
+                stride_k_b, stride_k_s, stride_k_h, stride_k_d, stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
+                cos_raw, sin_raw, inv, pos, attention_factor,
+                HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, MULTI_AXIS, ANGLES, INTERLEAVED, CONJUGATE,
+                COPY_TAIL, INPLACE, IDX64, ACC,
+            )  # fmt: skip
+
+    @triton.jit
+    def _rope_cos_sin_kernel(
+        pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, n_pos, half, attention_factor,
+        BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):  # fmt: skip
+        """cos/sin[p, f] = attention_factor * cos/sin(fp32(pos[p]) * inv_freq[f]): one fp32 product per angle."""
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        pm = p < n_pos
+        fm = f < half
+        pos = tl.load(pos_ptr + p, mask=pm, other=0).to(tl.float32)
+        inv = tl.load(inv_freq_ptr + f, mask=fm, other=0.0).to(tl.float32)
+        angle = pos[:, None] * inv[None, :]
+        m = pm[:, None] & fm[None, :]
+        off = p[:, None] * half + f[None, :]
+        tl.store(cos_ptr + off, (tl.cos(angle) * attention_factor).to(cos_ptr.dtype.element_ty), mask=m)
+        tl.store(sin_ptr + off, (tl.sin(angle) * attention_factor).to(sin_ptr.dtype.element_ty), mask=m)
+
+
+def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int):
+    """Block-size heuristic (documented in the README).
+
+    A program handles BLOCK_T tokens x BLOCK_H heads; the cos/sin rows it loads serve all of them. The
+    channels a head touches are ``width`` = the rotary ones (padded to a power of two) plus, when copying
+    out of place with partial rotary, the pass-through tail. BLOCK_H is the power of two covering the
+    smaller head count, so q and k programs are alike (Llama-3-8B: q in 4 blocks of 8 heads, k in one),
+    capped so a tile stays near 4096 elements; BLOCK_T fills the tile (at most 16 tokens and never past
+    the token count). Warps grow with the tile: about 32 elements per thread."""
+    block_half = next_pow2(half)
+    block_tail = next_pow2(tail) if tail else 0
+    width = 2 * block_half + block_tail
+    heads = min(heads_q, heads_k) if heads_k > 0 else heads_q
+    block_h = min(next_pow2(heads), prev_pow2(4096 // width))
+    block_t = min(16, prev_pow2(4096 // (block_h * width)), next_pow2(n_tokens))
+    tile = block_t * block_h * width
+    num_warps = prev_pow2(min(8, tile // 1024))
+    return block_half, block_tail, block_h, block_t, num_warps
+
+
+def _max_offset(t) -> int:
+    """The largest element offset a kernel can form for ``t`` (its extent), to choose 32/64-bit indexing."""
+    if t is None:
+        return 0
+    return t.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+
+
+_I32 = 2**31 - 1
+
+
+def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
+                attention_factor, interleaved, conjugate, exact) -> None:  # fmt: skip
+    """Launch for 4-D ``q``/``k`` ``[B, S, H, D]`` (packed inputs arrive as ``B = 1``)."""
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2] if k is not None else 0
+    if B * S == 0 or Hq + Hk == 0:
+        return
+    half = (cos if inv_freq is None else inv_freq).shape[-1]
+    if inv_freq is None:
+        angles, n_rows = 0, cos.shape[0]
+        tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    else:
+        angles, n_rows = (2 if exact else 1), 0
+        inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()  # [R/2], read-only
+        tab = (inv_freq, inv_freq, 0, 0, 0, 0)  # dummies: no program reads them
+    axis = spos_a = n_axes = saxis = 0
+    if axis_map is not None:
+        p0 = positions[0]
+        mode, pos, spb, sps, off, soff, offset, n_seqs, n_search, seq_off = launch_args(p0, None, 0, None)
+        pos, spos_a, axis, saxis, n_axes = positions, positions.stride(0), axis_map, axis_map.stride(0), positions.shape[0]
+    else:
+        mode, pos, spb, sps, off, soff, offset, n_seqs, n_search, seq_off = launch_args(positions, offsets, offset, cu_seqlens)
+        axis = None
+    kk = k if k is not None else q  # dummies when k is absent: no program touches them
+    ko = k_out if k_out is not None else q_out
+    inplace = q_out is q and (k is None or k_out is k)
+    copy_tail = not inplace and 2 * half < D
+    tail = D - 2 * half
+    block_half, block_tail, block_h, block_t, num_warps = rope_blocks(half, tail if copy_tail else 0, Hq, Hk, B * S)
+    idx64 = max(_max_offset(t) for t in (q, kk, q_out, ko)) > _I32
+    n_s_blocks = triton.cdiv(S, block_t)
+    grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    with device_guard(q):
+        _rope_kernel[grid](
+            q, kk, q_out, ko, tab[0], tab[1], inv_freq, pos, off, axis,
+            S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, n_search, n_axes, float(attention_factor),
+            *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
+            spos_a, spb, sps, soff, saxis,
+            HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=max(block_tail, 1), BLOCK_T=block_t,
+            BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, MULTI_AXIS=axis_map is not None, ANGLES=angles,
+            INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail, INPLACE=inplace, IDX64=idx64,
+            ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, num_warps=num_warps,
+        )  # fmt: skip
+
+
+def cos_sin_triton(positions, inv_freq, attention_factor, cos, sin) -> None:
+    n, half = positions.numel(), inv_freq.shape[0]
+    if n == 0 or half == 0:
+        return
+    pos = positions.reshape(-1)  # positions are O(tokens), never O(tokens x channels)
+    inv = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
+    block_f = min(next_pow2(half), 128)
+    block_p = max(1, min(2048 // block_f, next_pow2(n)))
+    grid = (triton.cdiv(n, block_p), triton.cdiv(half, block_f))
+    with device_guard(positions):
+        _rope_cos_sin_kernel[grid](pos, inv, cos, sin, n, half, float(attention_factor), BLOCK_P=block_p, BLOCK_F=block_f)

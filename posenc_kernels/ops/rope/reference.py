@@ -1,0 +1,128 @@
+"""RoPE references, written for clarity.
+
+* ``*_reference``: the definition, computed in float64 (or a dtype you pass): the truth a kernel is
+  measured against.
+* ``rope_hf_eager`` / ``hf_apply_rotary_pos_emb`` / ``rotate_half``: RoPE as HF transformers writes it, in
+  the input dtype: the "same computation done by torch" of the tolerance rule, the eager benchmark provider,
+  and the fallback of ``integrations.hf`` for calls its kernels cannot take.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..positions import token_positions
+
+def _rows(positions, offsets, batch: int, seqlen: int, device) -> torch.Tensor:
+    """Table row of every token, ``[B, S]`` int64 (``offsets`` an int or a ``[B]`` tensor)."""
+    if isinstance(offsets, torch.Tensor):
+        return token_positions(positions, offsets, 0, batch, seqlen, device)
+    return token_positions(positions, None, int(offsets), batch, seqlen, device)
+
+
+def rope_frequencies_reference(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """float64 ``base ** (-2i / rotary_dim)``."""
+    return float(base) ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
+def rope_cos_sin_reference(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0):
+    """float64 cos/sin of ``pos * inv_freq`` (positions and inv_freq taken exactly as given)."""
+    angle = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    return angle.cos() * attention_factor, angle.sin() * attention_factor
+
+
+def rotate_reference(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Rotate ``x`` ``[B, S, H, D]``: pair (a, b) of token (b, s) -> (a cos - b sin, b cos + a sin) with the
+    angle of table row ``rows[b, s]``; computed in ``dtype`` and returned in ``dtype``."""
+    half = cos.shape[-1]
+    R = 2 * half
+    c = cos.to(dtype)[rows][:, :, None, :]  # [B, S, 1, R/2]
+    s = sin.to(dtype)[rows][:, :, None, :]
+    if conjugate:
+        s = -s
+    x = x.to(dtype)
+    rot, rest = x[..., :R], x[..., R:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def rope_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    dtype: torch.dtype = torch.float64,
+):
+    """The definition of ``apply_rope``: returns (q, k) rotated, in ``dtype`` (float64 by default)."""
+    rows = _rows(positions, offsets, q.shape[0], q.shape[1], q.device)
+    kw = dict(interleaved=interleaved, conjugate=conjugate, dtype=dtype)
+    q_out = rotate_reference(q, cos, sin, rows, **kw)
+    k_out = rotate_reference(k, cos, sin, rows, **kw) if k is not None else None
+    return q_out, k_out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' helper: [x1, x2] -> [-x2, x1]."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """HF transformers' ``apply_rotary_pos_emb``: q/k ``[B, H, S, D]``, cos/sin ``[B, S, D]`` (the half
+    table duplicated, already gathered per token and cast to q's dtype). The eager benchmark provider."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def rope_hf_eager(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    interleaved: bool = False,
+):
+    """RoPE as HF transformers computes it: tables gathered and duplicated to ``[B, S, 1, R]`` in the
+    input dtype, then ``x * cos + rotate_half(x) * sin`` in the input dtype (GPT-J's ``rotate_every_two``
+    for interleaved pairs); pass-through channels concatenated back. Out of place."""
+    rows = _rows(positions, offsets, q.shape[0], q.shape[1], q.device)
+    R = 2 * cos.shape[-1]
+
+    def one(x):
+        c = cos[rows].to(x.dtype)[:, :, None, :]
+        s = sin[rows].to(x.dtype)[:, :, None, :]
+        rot, rest = x[..., :R], x[..., R:]
+        if interleaved:
+            c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+            rotated = rotate_half(rot)
+        return torch.cat((rot * c + rotated * s, rest), dim=-1)
+
+    return one(q), (one(k) if k is not None else None)
