@@ -123,8 +123,11 @@ at::Tensor sinusoidal_table_backend_select(c10::DispatchKeySet ks, const std::op
           .findSchemaOrThrow("posenc::sinusoidal_table", "")
           .typed<at::Tensor(const std::optional<at::Tensor>&, int64_t, int64_t, double, bool, bool, double, double,
                             at::ScalarType, at::Device)>();
+  // the backend of `device`, plus whatever of the caller's keys lies below BackendSelect (never BackendSelect
+  // itself again)
+  static const c10::DispatchKeySet after_backend_select(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
   const c10::DispatchKeySet key(c10::computeDispatchKey(dtype, at::kStrided, device));
-  return op.redispatch(key | (ks & c10::after_func_keyset), positions, length, dim, base, interleaved, cos_first,
+  return op.redispatch(key | (ks & after_backend_select), positions, length, dim, base, interleaved, cos_first,
                        freq_shift, scale, dtype, device);
 }
 
