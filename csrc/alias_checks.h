@@ -52,9 +52,9 @@ inline void check_disjoint(const Tensor& out, const char* out_name, const Tensor
               ": one launch writes ", out_name, " while it reads or writes ", other_name);
 }
 
-// native_rope's outputs, before any write: each output is exactly its input or disjoint from it, never
-// internally overlapping, and q's output never overlaps k's tensors (nor k's q's). q and k may overlap
-// each other: both are only read.
+// RoPE's outputs (rope_: q and k themselves; rope: fresh tensors), before any write: each output is exactly
+// its input or disjoint from it, never internally overlapping, and q's output never overlaps k's tensors
+// (nor k's q's). In place (outputs = inputs) this says q and k must be disjoint.
 inline void check_rope_outputs(const Tensor& q, const std::optional<Tensor>& k, const Tensor& q_out,
                                const std::optional<Tensor>& k_out) {
   check_no_internal_overlap(q_out, "q_out");

@@ -38,14 +38,17 @@ enum PosMode : int32_t {
   kPosOffset = 0,     // offset + s
   kPosOffsets = 1,    // pos[b * pos_sb] + s            (offsets [B], integer)
   kPosPositions = 2,  // pos[b * pos_sb + s * pos_ss]    (positions [B, S] or [S] with pos_sb = 0)
+  kPosCuSeqlens = 3,  // packed varlen (RoPE): t - cu[n] + (pos ? pos[n * pos_sb] : offset), sequence n by a
+                      // binary search of cu; tokens past cu[N] take position 0 (the codes of rope.py's POS_*)
 };
 
 // Where RoPE angles come from.
 enum AngleMode : int32_t {
   kAngleTable = 0,       // cos/sin tables [P, R/2]; rows outside [0, n_rows) give NaN
   kAngleInvFreq = 1,     // fp32(row) * fp32(inv_freq[i]) (one fp32 product), fp32 sincos, * attention_factor
-  kAngleInvFreqExact = 2 // double(row) * inv_freq[i] (fp64), reduced mod 2*pi in double, then fp32 sincos of
-                         // the reduced angle * attention_factor (fp32), for every storage type (as Triton/torch)
+  kAngleInvFreqExact = 2 // exact_angle.h's reduction of double(row) * inv_freq[i] (fp64), then fp32 sincos of
+                         // the reduced angle * attention_factor (fp32), for every storage type (one algorithm
+                         // for every backend)
 };
 
 struct RopeParams {
@@ -74,6 +77,7 @@ struct RopeParams {
   const void* sin = nullptr;
   int32_t cos_dtype = kFloat, sin_dtype = kFloat;
   int64_t cos_sp = 0, sin_sp = 0;  // row strides
+  int64_t cos_sc = 1, sin_sc = 1;  // column strides
   int64_t n_rows = 0;
   const void* inv_freq = nullptr;
   int32_t inv_freq_dtype = kFloat;
@@ -88,6 +92,18 @@ struct RopeParams {
   int32_t pos_dtype = kInt64;
   int64_t pos_sb = 0, pos_ss = 0;
   int64_t offset = 0;
+  // kPosCuSeqlens: cu_seqlens [n_seq + 1] (pos/pos_dtype/pos_sb: the per-sequence offsets, or nullptr: offset)
+  const void* cu = nullptr;
+  int32_t cu_dtype = kInt64;
+  int64_t cu_stride = 1;
+  int64_t n_seq = 0;
+  // Axis map (pos_mode kPosPositions): frequency i follows pos[axis[i] * pos_sa + b * pos_sb + s * pos_ss];
+  // an axis outside [0, n_axes) gives NaN (the host-side value checks were skipped), never a read.
+  const void* axis = nullptr;
+  int32_t axis_dtype = kInt64;
+  int64_t axis_stride = 1;
+  int64_t n_axes = 0;
+  int64_t pos_sa = 0;
 };
 
 struct SinusoidalParams {

@@ -17,6 +17,7 @@
 
 #include <cmath>
 
+#include "exact_angle.h"
 #include "posenc_cuda_utils.cuh"
 
 namespace posenc_cuda {
@@ -28,11 +29,7 @@ constexpr int kRopeSlots = 2048;         // (token, pair) cos/sin slots in share
 constexpr int kRopeUnitsPerBlock = 2048; // target work per block: ~8 units of 16 bytes per thread
 constexpr int64_t kMaxGridY = 65535;       // CUDA limit on gridDim.y (the head groups)
 
-// 2*pi as a double-double for the reduction a - 2*pi * rint(a / 2*pi): each fma rounds once, so the
-// reduced angle carries the rounding of the product `a` itself and little more.
-constexpr double kTwoPi = 6.283185307179586476925286766559;
-constexpr double kTwoPiHi = 6.28318530717958623199592693709;  // fp64 nearest 2*pi
-constexpr double kTwoPiLo = 2.44929359829470635445e-16;       // 2*pi - kTwoPiHi
+constexpr int64_t kNoRow = INT64_MIN;  // a frequency whose axis lies outside positions' axes: NaN
 
 // cos and sin of pair i of table row / position `row`.
 template <typename Acc>
@@ -42,8 +39,12 @@ __device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int
       c = s = static_cast<Acc>(NAN);
       return;
     }
-    c = load_float<Acc>(p.cos, p.cos_dtype, row * p.cos_sp + i);
-    s = load_float<Acc>(p.sin, p.sin_dtype, row * p.sin_sp + i);
+    c = load_float<Acc>(p.cos, p.cos_dtype, row * p.cos_sp + i * p.cos_sc);
+    s = load_float<Acc>(p.sin, p.sin_dtype, row * p.sin_sp + i * p.sin_sc);
+    return;
+  }
+  if (row == kNoRow) {
+    c = s = static_cast<Acc>(NAN);
     return;
   }
   const int64_t fi = i * p.inv_freq_stride;
@@ -56,17 +57,34 @@ __device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int
     s = static_cast<Acc>(sf * p.attention_factor);
     return;
   }
-  // Exact: the angle in double, reduced to [-pi, pi] in double, then fp32 sincos of the reduced angle (correct
-  // to about 1 ulp at any position) and the fp32 product with attention_factor, for every storage type: the
-  // numerics of the Triton kernel and the torch path (posenc_kernels/rope.py), so the backends agree. For
-  // double storage the fp32 cos/sin is then widened to the math type, as there.
-  const double a = static_cast<double>(row) * load_float<double>(p.inv_freq, p.inv_freq_dtype, fi);
-  const double k = rint(a / kTwoPi);
-  const double r = fma(-k, kTwoPiLo, fma(-k, kTwoPiHi, a));
+  // Exact: exact_angle.h's reduction (the one algorithm of every backend), then fp32 sincos of the reduced
+  // angle (correct to about 1 ulp at any position) and the fp32 product with attention_factor, for every
+  // storage type; for double storage the fp32 cos/sin is then widened to the math type.
+  const double inv = load_float<double>(p.inv_freq, p.inv_freq_dtype, fi);
   float sf, cf;
-  sincosf(static_cast<float>(r), &sf, &cf);
+  sincosf(posenc_exact::reduced_angle(static_cast<double>(row), inv), &sf, &cf);
   c = static_cast<Acc>(cf * p.attention_factor);
   s = static_cast<Acc>(sf * p.attention_factor);
+}
+
+// Packed varlen: the position of token t (sequence n: the last with cu[n] <= t, by binary search over
+// cu[1..N] as torch.searchsorted(cu[1:], t, right=True) clamped to N - 1); tokens past cu[N] take 0.
+// Unchecked (decreasing) values still give some n in [0, N): never an out-of-bounds read.
+__device__ __forceinline__ int64_t cu_token_row(const RopeParams& p, int64_t t) {
+  const int64_t N = p.n_seq;
+  if (t >= load_int(p.cu, p.cu_dtype, N * p.cu_stride)) return 0;
+  int64_t lo = 0, hi = N;  // first n in [0, N) with cu[n + 1] > t
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (load_int(p.cu, p.cu_dtype, (mid + 1) * p.cu_stride) > t) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  const int64_t n = lo < N ? lo : N - 1;
+  const int64_t base = p.pos ? load_int(p.pos, p.pos_dtype, n * p.pos_sb) : p.offset;
+  return t - load_int(p.cu, p.cu_dtype, n * p.cu_stride) + base;
 }
 
 // N consecutive math-type values from shared memory: 16-byte loads when N values fill whole 16-byte
@@ -143,6 +161,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
   Acc* s_sin = s_cos + L.tok * L.chunk;
   __shared__ int64_t s_base[kRopeMaxTokens][4];  // element offsets of token t in q, k, q_out, k_out
   __shared__ int64_t s_row[kRopeMaxTokens];
+  __shared__ int64_t s_bs[kRopeMaxTokens][2];  // (b, s) of token t, for per-frequency rows (axis map)
 
   const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tok;
   const int ntok = static_cast<int>(min(static_cast<int64_t>(L.tok), p.n_tokens - tok0));
@@ -162,7 +181,10 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
     s_base[tid][1] = b * p.k_sb + s * p.k_ss;
     s_base[tid][2] = b * p.qo_sb + s * p.qo_ss;
     s_base[tid][3] = b * p.ko_sb + s * p.ko_ss;
-    s_row[tid] = token_row(p.pos_mode, p.pos, p.pos_dtype, p.pos_sb, p.pos_ss, p.offset, b, s);
+    s_row[tid] = p.pos_mode == kPosCuSeqlens ? cu_token_row(p, t)
+                                             : token_row(p.pos_mode, p.pos, p.pos_dtype, p.pos_sb, p.pos_ss, p.offset, b, s);
+    s_bs[tid][0] = b;
+    s_bs[tid][1] = s;
   }
   __syncthreads();
 
@@ -173,8 +195,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
     for (int i = tid; i < ntok * nc; i += nthreads) {
       const int t = i / nc;
       const int j = i - t * nc;
+      int64_t row = s_row[t];
+      if (p.axis) {  // multi-axis positions: frequency c0 + j follows its own row of positions
+        const int64_t ax = load_int(p.axis, p.axis_dtype, (c0 + j) * p.axis_stride);
+        row = ax >= 0 && ax < p.n_axes ? load_int(p.pos, p.pos_dtype, ax * p.pos_sa + s_bs[t][0] * p.pos_sb + s_bs[t][1] * p.pos_ss)
+                                       : kNoRow;
+      }
       Acc c, s;
-      rope_angle<Acc>(p, s_row[t], c0 + j, c, s);
+      rope_angle<Acc>(p, row, c0 + j, c, s);
       s_cos[t * L.chunk + j] = c;
       s_sin[t * L.chunk + j] = p.conjugate ? -s : s;
     }
