@@ -18,8 +18,8 @@ build only when torch has CUDA and a CUDA toolkit is found (if they fail to buil
 alone, with a warning). When nothing loads (no compiler, failed build) one warning line says why and the
 Triton/torch paths keep working. A prebuilt module older than a file of the checkout's csrc/ is not loaded.
 
-The ops' schemas are in ``csrc/bindings.cpp``; the Python ops validate and normalise their arguments
-before calling :func:`rope` / :func:`sinusoidal`.
+The public ops are defined in Python (``posenc_kernels/ops``); the extension registers C++ kernels for them
+when the op layer asks (``_native_register``, see ``csrc/bindings.cpp``).
 """
 
 from __future__ import annotations
@@ -36,20 +36,18 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "has_op", "load", "load_error", "source", "rope", "sinusoidal"]
+__all__ = ["available", "has_op", "load", "load_error", "source", "ops_for", "register", "set_value_checks"]
 
 _log = logging.getLogger("posenc_kernels")
 
 _PKG = Path(__file__).resolve().parent
 # A source checkout (or editable install) has csrc/ beside the package; an installed copy ships it inside.
 CSRC = next((d for d in (_PKG.parent / "csrc", _PKG / "csrc") if (d / "bindings.cpp").is_file()), _PKG.parent / "csrc")
-# Op name (as used by the Python ops) -> schema name in the posenc namespace.
-_OPS = {"rope": "native_rope", "sinusoidal": "native_sinusoidal"}
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# A family -> the public op whose native kernel stands for it (has_op).
+_FAMILY_OPS = {"rope": "rope_", "sinusoidal": "add_sinusoidal_", "learned": "add_position_embedding_"}
 
 _lock = threading.Lock()
 _state: dict = {"done": False, "source": None, "error": None}
-_has_cache: dict = {}
 
 
 def _mode() -> str:
@@ -234,35 +232,10 @@ def load_error() -> Optional[str]:
 
 
 def has_op(name: str, device_type: str) -> bool:
-    """True when native op ``name`` (``"rope"``, ``"sinusoidal"``) has a kernel for ``device_type``.
-
-    The first call loads the extension (maybe building it); the answer is cached."""
-    key = (name, device_type)
-    hit = _has_cache.get(key)
-    if hit is not None:
-        return hit
-    ok = False
-    schema, dkey = _OPS.get(name), _DISPATCH_KEYS.get(device_type)
-    if schema is not None and dkey is not None and load():
-        ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"posenc::{schema}", dkey)
-    _has_cache[key] = ok
-    return ok
-
-
-def rope(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, attention_factor, interleaved,
-         conjugate, exact) -> None:
-    """``posenc::native_rope`` (see csrc/bindings.cpp); arguments already validated by the caller."""
-    torch.ops.posenc.native_rope.default(
-        q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, attention_factor, interleaved,
-        conjugate, exact,
-    )  # fmt: skip
-
-
-def sinusoidal(x, out, positions, offsets, offset, x_scale, inv_freq, scale, interleaved, cos_first) -> None:
-    """``posenc::native_sinusoidal`` (see csrc/bindings.cpp); arguments already validated by the caller."""
-    torch.ops.posenc.native_sinusoidal.default(
-        x, out, positions, offsets, offset, x_scale, inv_freq, scale, interleaved, cos_first
-    )
+    """True when the extension has a ``device_type`` kernel for family ``name`` (``"rope"``,
+    ``"sinusoidal"``, ``"learned"``) or public op ``name`` (``"rope_"``, ...). Loads it on first use."""
+    op = _FAMILY_OPS.get(name, name)
+    return device_type in ("cpu", "cuda") and op in ops_for(device_type.upper())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +250,7 @@ def ops_for(key: str) -> frozenset:
     hit = _ops_for.get(key)
     if hit is None:
         hit = frozenset()
-        if _state["source"] is not None and hasattr(torch.ops.posenc, "_native_ops"):
+        if load() and hasattr(torch.ops.posenc, "_native_ops"):
             hit = frozenset(torch.ops.posenc._native_ops(key))
         _ops_for[key] = hit
     return hit
