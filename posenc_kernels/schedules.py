@@ -80,6 +80,17 @@ _SCHEDULE_KEYS = {
     "proportional": frozenset({"factor", "partial_rotary_factor"}),
 }
 ROPE_TYPES = tuple(_SCHEDULE_KEYS)
+# rope_type -> the keys that must be present, checked (as HF's _check_received_keys does) before any value:
+# HF's required keys minus rope_type/rope_theta (defaulted here) and original_max_position_embeddings
+# (falls back to max_position_embeddings, as HF's standardize_rope_params fills it).
+_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "ntk": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
 _ALIASES = {"mrope": "default", "su": "longrope"}
 # Keys of an HF rope_parameters dict that are not schedule keys: tolerated, never warned about.
 _NOT_SCHEDULE_KEYS = frozenset(
@@ -396,5 +407,8 @@ def rope_frequencies(
             f"rope_frequencies: keys {sorted(unknown)} are not used by rope_type {rope_type!r} and are ignored",
             stacklevel=2,
         )
+    for key in _REQUIRED_KEYS.get(rope_type, ()):
+        if key not in p:
+            raise _missing(rope_type, key)
     inv_freq, attention_factor = _schedule(rope_type, p, rotary_dim, base, seq_len, max_position_embeddings)
     return inv_freq.to(dtype), float(attention_factor)
