@@ -295,3 +295,31 @@ def test_rotary_emb_varlen_func(inplace, interleaved, rotary_fraction, seqlen_of
     if not inplace:
         assert torch.equal(x_unpad, x_unpad_clone)
     assert_upstream_close(out, out_pt, x_grad, grad_pt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Not upstream's: last-dimension strides (issue 10, Found item 3; the kernel is the lead's refactor)
+# ----------------------------------------------------------------------------------------------
+
+LAST_DIM_STRIDES = pytest.mark.xfail(strict=True, reason="last-dim strides: lead's kernel refactor")
+
+
+@LAST_DIM_STRIDES
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_last_dim_not_unit_stride(inplace, interleaved):
+    """x whose channels have stride 2 (every other channel of a wider tensor): accepted, in place without a
+    copy (the rotation lands in x's own storage, the other channels untouched)."""
+    torch.manual_seed(0)
+    wide = torch.randn(2, 13, 3, 64, dtype=torch.float32)
+    x = wide[..., ::2]
+    assert x.stride(-1) == 2
+    cos, sin = generate_cos_sin(13, 32, torch.float32)
+    want = rotary_reference(x, cos[:13], sin[:13], interleaved=interleaved)
+    other = wide[..., 1::2].clone()
+    out = apply_rotary_emb(x, cos, sin, interleaved=interleaved, inplace=inplace)
+    torch.testing.assert_close(out, want)
+    if inplace:
+        assert out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+        torch.testing.assert_close(wide[..., ::2], want)
+    assert torch.equal(wide[..., 1::2], other)

@@ -178,3 +178,30 @@ def test_rotary_embedding(
         check_like_vllm(out_key, ref_key, true_key, single_key, dtype, "key")
     else:
         assert ref_key is None and out_key is None, "expected returned key to be None"
+
+
+# ----------------------------------------------------------------------------------------------
+# Not upstream's: last-dimension strides (issue 10, Found item 3; the kernel is the lead's refactor)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="last-dim strides: lead's kernel refactor")
+@pytest.mark.parametrize("layout", ["heads", "flat"])
+@pytest.mark.parametrize("is_neox_style", IS_NEOX_STYLE)
+def test_last_dim_not_unit_stride(layout, is_neox_style):
+    """query/key whose channels have stride 2: rotated in place in their own storage, no copy."""
+    torch.manual_seed(0)
+    T, H, D = 7, 3, 32
+    cache = vllm_cos_sin_cache(D, 64, 10000, torch.float32)
+    positions = torch.randint(0, 64, (T,))
+    wide_q, wide_k = torch.randn(T, H, 2 * D), torch.randn(T, 1, 2 * D)
+    q, k = wide_q[..., ::2], wide_k[..., ::2]
+    if layout == "flat":
+        q, k = q.flatten(-2), k.flatten(-2)  # [T, H*D] with stride(-1) == 2: still a view
+    want_q = native_forward(positions, q, D, D, cache, is_neox_style)
+    want_k = native_forward(positions, k, D, D, cache, is_neox_style)
+    ptr = q.data_ptr()
+    out_q, out_k = rotary_embedding(positions, q, k, D, cache, is_neox_style)
+    assert out_q.data_ptr() == ptr and out_q.stride(-1) == 2
+    torch.testing.assert_close(out_q, want_q)
+    torch.testing.assert_close(out_k, want_k)
