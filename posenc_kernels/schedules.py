@@ -53,7 +53,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["rope_frequencies", "ROPE_TYPES"]
+__all__ = ["rope_frequencies", "ROPE_TYPES", "MissingRopeParameter"]
 
 # rope_type -> the keys of ``scaling`` it reads (besides rope_type itself).
 _SCHEDULE_KEYS = {
@@ -80,6 +80,17 @@ _SCHEDULE_KEYS = {
     "proportional": frozenset({"factor", "partial_rotary_factor"}),
 }
 ROPE_TYPES = tuple(_SCHEDULE_KEYS)
+# rope_type -> the keys that must be present, checked (as HF's _check_received_keys does) before any value:
+# HF's required keys minus rope_type/rope_theta (defaulted here) and original_max_position_embeddings
+# (falls back to max_position_embeddings, as HF's standardize_rope_params fills it).
+_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "ntk": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
 _ALIASES = {"mrope": "default", "su": "longrope"}
 # Keys of an HF rope_parameters dict that are not schedule keys: tolerated, never warned about.
 _NOT_SCHEDULE_KEYS = frozenset(
@@ -96,8 +107,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _missing(rope_type: str, key: str, hint: str = "") -> ValueError:
-    return ValueError(f"scaling[{key!r}] is required for rope_type {rope_type!r}{hint}")
+class MissingRopeParameter(KeyError, ValueError):
+    """A required key of a rope type is absent from ``scaling``. A ``KeyError`` as in HF (its
+    ``validate_rope`` and init functions raise ``KeyError``), and a ``ValueError`` like every other bad
+    argument here."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _missing(rope_type: str, key: str, hint: str = "") -> MissingRopeParameter:
+    return MissingRopeParameter(f"scaling[{key!r}] is required for rope_type {rope_type!r}{hint}")
 
 
 def _number(p: Mapping, key: str, rope_type: str, *, default=None, positive: bool = True) -> Optional[float]:
@@ -204,11 +224,18 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         return _powers(new_base, d), 1.0
 
     if rope_type == "yarn":
+        # HF requires the key (``validate_rope`` and ``_compute_yarn_parameters`` raise KeyError without
+        # it); only an explicit ``"factor": None`` means the ratio of the two lengths (DeepSeek-V3).
+        if "factor" not in p:
+            raise _missing(rope_type, "factor", " (set it to None to derive it from max_position_embeddings)")
         original = _original_length(p, rope_type, max_position_embeddings)
         factor = _number(p, "factor", rope_type)
         if factor is None:  # DeepSeek-V3: the ratio of the two lengths
             if max_position_embeddings is None:
-                raise _missing(rope_type, "factor", " (or pass max_position_embeddings= to derive it)")
+                raise ValueError(
+                    "scaling['factor'] is None for rope_type 'yarn': pass max_position_embeddings= to derive it "
+                    "as max_position_embeddings / original_max_position_embeddings"
+                )
             factor = max_position_embeddings / original
         attention_factor = _number(p, "attention_factor", rope_type)
         if attention_factor is None:
@@ -327,8 +354,13 @@ def rope_frequencies(
             ``factor = max_position_embeddings / original`` when ``yarn``/``longrope`` have no factor, as in HF.
         dtype: a floating dtype; values are computed in float64 and rounded once.
 
-    Errors name the argument or key: ``ValueError`` for an unknown rope_type, a missing required key, or a
-    bad value (e.g. ``factor <= 0``).
+    Errors name the argument or key: ``ValueError`` for an unknown rope_type or a bad value (e.g.
+    ``factor <= 0``); a missing required key raises :class:`MissingRopeParameter`, both a ``KeyError`` (as
+    HF raises) and a ``ValueError``. Required keys, as in HF's ``_validate_*_rope_parameters``: ``factor``
+    for linear, dynamic, ntk, yarn and llama3 (yarn's may be ``None``: the ratio of the lengths);
+    ``short_factor`` and ``long_factor`` for longrope; ``low_freq_factor`` and ``high_freq_factor`` for
+    llama3; ``original_max_position_embeddings`` for yarn, longrope and llama3, which falls back to
+    ``max_position_embeddings`` as HF's ``standardize_rope_params`` fills it in.
 
     >>> import posenc_kernels as pk
     >>> inv_freq, attention_factor = pk.rope_frequencies(8)
@@ -361,7 +393,10 @@ def rope_frequencies(
     if seq_len is not None:
         if isinstance(seq_len, torch.Tensor) and seq_len.numel() == 1 and not seq_len.is_floating_point():
             seq_len = int(seq_len.item())  # a host sync on an accelerator: pass an int where you can
-        seq_len = _length(seq_len, "seq_len")
+        # 0 is accepted as HF accepts it (an empty prefix: the original-length schedule).
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or int(seq_len) < 0:
+            raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+        seq_len = int(seq_len)
     if max_position_embeddings is not None:
         max_position_embeddings = _length(max_position_embeddings, "max_position_embeddings")
 
@@ -372,5 +407,8 @@ def rope_frequencies(
             f"rope_frequencies: keys {sorted(unknown)} are not used by rope_type {rope_type!r} and are ignored",
             stacklevel=2,
         )
+    for key in _REQUIRED_KEYS.get(rope_type, ()):
+        if key not in p:
+            raise _missing(rope_type, key)
     inv_freq, attention_factor = _schedule(rope_type, p, rotary_dim, base, seq_len, max_position_embeddings)
     return inv_freq.to(dtype), float(attention_factor)

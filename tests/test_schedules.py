@@ -293,8 +293,8 @@ def test_yarn_attention_factor_variants():
     assert rope_frequencies(64, 1e4, scaling=dict(p, mscale=1.0, mscale_all_dim=0.8))[1] == pytest.approx(m(1.0) / m(0.8))
     assert rope_frequencies(64, 1e4, scaling=dict(p, mscale=1.0, mscale_all_dim=0))[1] == pytest.approx(m(1.0))
     assert rope_frequencies(64, 1e4, scaling=dict(p, factor=1.0))[1] == 1.0
-    # DeepSeek-V3 style: no factor, derived from the lengths.
-    no_factor = {"rope_type": "yarn", "original_max_position_embeddings": 4096}
+    # DeepSeek-V3 style: factor None, derived from the lengths (HF: the key must be there; absent is a KeyError).
+    no_factor = {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 4096}
     a = rope_frequencies(64, 1e4, scaling=no_factor, max_position_embeddings=163840)
     b = rope_frequencies(64, 1e4, scaling=p)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
@@ -370,7 +370,10 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
         ({"rope_type": "ntk"}, {}, ValueError, r"scaling\['factor'\] is required for rope_type 'ntk'"),
         ({"rope_type": "dynamic", "factor": 2.0}, {}, ValueError, r"scaling\['original_max_position_embeddings'\] is required .* max_position_embeddings="),
         ({"rope_type": "yarn", "factor": 2.0}, {}, ValueError, r"scaling\['original_max_position_embeddings'\] is required for rope_type 'yarn'"),
-        ({"rope_type": "yarn", "original_max_position_embeddings": 4096}, {}, ValueError, r"scaling\['factor'\] is required for rope_type 'yarn'"),
+        ({"rope_type": "yarn", "original_max_position_embeddings": 4096}, {}, KeyError, r"scaling\['factor'\] is required for rope_type 'yarn'"),
+        # issue 10: yarn without a factor used to give the default frequencies; HF raises (KeyError)
+        ({"rope_type": "yarn"}, {"max_position_embeddings": 2048}, KeyError, r"scaling\['factor'\] is required for rope_type 'yarn'"),
+        ({"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 4096}, {}, ValueError, r"scaling\['factor'\] is None .* pass max_position_embeddings="),
         ({k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}, {}, ValueError, r"scaling\['low_freq_factor'\] is required"),
         ({k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}, {}, ValueError, r"scaling\['high_freq_factor'\] is required"),
         ({k: v for k, v in LONGROPE.items() if k != "long_factor"}, {}, ValueError, r"scaling\['long_factor'\] is required for rope_type 'longrope'"),
@@ -393,7 +396,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
         ({"rope_type": "proportional", "partial_rotary_factor": 1.5}, {}, ValueError, r"partial_rotary_factor'\] must be in \(0, 1\]"),
         (["linear"], {}, TypeError, r"scaling must be a dict of HF rope_parameters or None, got list"),
         (None, {"dtype": torch.int32}, TypeError, r"dtype must be a floating dtype"),
-        (None, {"seq_len": 0}, ValueError, r"seq_len must be a positive int, got 0"),
+        (None, {"seq_len": -1}, ValueError, r"seq_len must be an int >= 0, got -1"),
         (None, {"max_position_embeddings": -1}, ValueError, r"max_position_embeddings must be a positive int"),
     ],
 )
@@ -411,3 +414,54 @@ def test_ntk_exponent_needs_more_than_one_pair(kind):
 def test_yarn_base_one_rejected():
     with pytest.raises(ValueError, match="base must not be 1 for rope_type 'yarn'"):
         rope_frequencies(16, 1.0, scaling=YARN)
+
+
+# Every required key of every rope type, as HF's own validation decides it (issue 10: yarn without a factor
+# silently gave the default schedule). For each type a complete dict loses one key at a time; HF's
+# ``validate_rope`` says whether that key is required (KeyError) and ours must then raise a KeyError naming it.
+# HF's validation runs before ``standardize_rope_params`` fills ``original_max_position_embeddings`` from
+# ``max_position_embeddings``; ours has that fallback only when ``max_position_embeddings=`` is passed, so that
+# key is checked without it and every other key with it.
+FULL = {
+    "linear": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+    "yarn": {**YARN, "rope_theta": 1e4, "attention_factor": 1.1, "beta_fast": 32.0, "beta_slow": 1.0},
+    "longrope": {**LONGROPE, "rope_theta": 1e4, "attention_factor": 1.1},
+    "llama3": {**LLAMA3, "rope_theta": 1e4},
+    "proportional": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0, "partial_rotary_factor": 0.5},
+}
+DROPS = [(t, k) for t, d in FULL.items() for k in d if k not in ("rope_type", "rope_theta")]
+
+
+def _hf_requires(params: dict) -> bool:
+    import logging
+
+    cfg = LlamaConfig(head_dim=16, hidden_size=64, num_attention_heads=4, max_position_embeddings=16384)
+    cfg.rope_parameters = dict(params)
+    logging.getLogger("transformers.modeling_rope_utils").disabled = True
+    try:
+        cfg.validate_rope()
+    except KeyError:
+        return True
+    finally:
+        logging.getLogger("transformers.modeling_rope_utils").disabled = False
+    return False
+
+
+@pytest.mark.parametrize("rope_type, key", DROPS, ids=[f"{t}-without-{k}" for t, k in DROPS])
+def test_required_keys_match_hf_validation(rope_type, key):
+    params = {k: v for k, v in FULL[rope_type].items() if k != key}
+    kwargs = {} if key == "original_max_position_embeddings" else {"max_position_embeddings": 16384}
+    if _hf_requires(params):
+        with pytest.raises(KeyError, match=rf"scaling\['{key}'\] is required for rope_type '{rope_type}'"):
+            rope_frequencies(16, scaling=params, **kwargs)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inv, af = rope_frequencies(16, scaling=params, **kwargs)
+        assert inv.shape == (8,) and math.isfinite(af)
+
+
+def test_missing_key_error_is_a_value_error_too():
+    with pytest.raises(ValueError, match=r"^scaling\['factor'\] is required for rope_type 'yarn'"):
+        rope_frequencies(128, 1e4, scaling={"rope_type": "yarn"}, max_position_embeddings=2048)
