@@ -25,7 +25,7 @@ Changes for the Triton interpreter on a 2-core CPU, and nothing else:
 Upstream uses ``torch.manual_seed(42)`` inside each test; kept.
 
 The last section is not upstream's: it holds the tests for inputs whose last dimension is not unit-stride
-(issue 10, Found item 3), strict-xfail until the kernel refactor accepts them.
+(issue 10, Found item 3), accepted in place without a copy since the op-layer kernels take any strides.
 """
 
 import math
@@ -301,10 +301,8 @@ def test_rotary_emb_varlen_func(inplace, interleaved, rotary_fraction, seqlen_of
 # Not upstream's: last-dimension strides (issue 10, Found item 3; the kernel is the lead's refactor)
 # ----------------------------------------------------------------------------------------------
 
-LAST_DIM_STRIDES = pytest.mark.xfail(strict=True, reason="last-dim strides: lead's kernel refactor")
 
 
-@LAST_DIM_STRIDES
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_last_dim_not_unit_stride(inplace, interleaved):

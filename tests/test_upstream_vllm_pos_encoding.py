@@ -29,7 +29,7 @@ ported: it tests vLLM's ``get_rope`` module cache, which the drop-in (an op, not
 counterpart of.
 
 The last section is not upstream's: tests for inputs whose last dimension is not unit-stride (issue 10,
-Found item 3), strict-xfail until the kernel refactor accepts them.
+Found item 3), accepted in place without a copy since the op-layer kernels take any strides.
 """
 
 import itertools
@@ -185,7 +185,6 @@ def test_rotary_embedding(
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="last-dim strides: lead's kernel refactor")
 @pytest.mark.parametrize("layout", ["heads", "flat"])
 @pytest.mark.parametrize("is_neox_style", IS_NEOX_STYLE)
 def test_last_dim_not_unit_stride(layout, is_neox_style):

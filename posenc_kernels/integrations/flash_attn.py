@@ -26,8 +26,8 @@ Differences from flash-attn, all tested by the CPU port of its ``tests/test_rota
   leaves such tokens unrotated (cos=1, sin=0) when ``seqlen_offsets`` is a tensor;
 * in place on a tensor autograd can record, the result is ``x`` itself (flash-attn: an alias of ``x``);
 * backward never writes the incoming gradient (flash-attn rotates it in place when ``inplace=True``);
-* ``x`` must have ``stride(-1) == 1`` for now (flash-attn takes any channel stride): issue 10's last-dim
-  strides, pending the kernel refactor (strict-xfail tests mark it).
+* any strides, the channel dimension's included, as flash-attn (a scalar path when it is not 1; on
+  CUDA the C++ backend refuses a channel stride, the default Triton one takes it).
 """
 
 from __future__ import annotations

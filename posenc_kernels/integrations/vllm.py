@@ -15,8 +15,7 @@ is inference only); the result is the fp32 rotation rounded once to the dtype, w
 (``forward_native``) rounds three times in bf16 (the CPU port of vLLM's ``test_pos_encoding.py``,
 ``tests/test_upstream_vllm_pos_encoding.py``, accepts a case past vLLM's tolerance only when ours is at least
 as close to the float64 truth as vLLM's reference); ``offsets`` (``batched_rotary_embedding``) is not
-taken. Channels must have stride 1 for now (vLLM's kernel needs it too; issue 10's last-dim strides,
-pending the kernel refactor, strict-xfail tests mark it).
+taken. Any channel stride is taken (vLLM's kernel needs stride 1), in place without a copy.
 """
 
 from __future__ import annotations
