@@ -19,10 +19,13 @@ import torch
 
 from .ops.rope.reference import (  # noqa: F401  (re-exported: the RoPE references live with their family)
     hf_apply_rotary_pos_emb,
+    hf_gptj_apply_rotary_pos_emb,
     rope_cos_sin_reference,
     rope_frequencies_reference,
     rope_hf_eager,
     rope_reference,
+    rotate_by_angles_reference,
+    rotate_every_two,
     rotate_half,
     rotate_reference,
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import posenc_kernels as pk
+from posenc_kernels import reference as ref
 from posenc_kernels.integrations import flash_attn as fa_int
 from posenc_kernels.integrations import hf as hf_int
 from posenc_kernels.integrations import vllm as vllm_int
@@ -284,46 +285,28 @@ def test_hf_gptj_gradients(backend):
 # ----------------------------------------------------------------------------------------------
 
 
+def _vllm_rotate(positions, query, key, head_size, cos_sin_cache, is_neox, dtype):
+    """vLLM's semantics through the one RoPE reference: tokens [T] x heads, the cache's first half cos, the
+    second sin, the row of token t positions[t]; ``is_neox`` pairs (i, i + R/2), else (2i, 2i + 1)."""
+    half = cos_sin_cache.shape[1] // 2
+    cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
+    rows = positions.reshape(1, -1)
+
+    def one(x):
+        x4 = x.reshape(1, positions.numel(), -1, head_size)
+        return ref.rotate_reference(x4, cos, sin, rows, interleaved=not is_neox, dtype=dtype).reshape(x.shape)
+
+    return one(query), (one(key) if key is not None else None)
+
+
 def vllm_reference(positions, query, key, head_size, cos_sin_cache, is_neox):
-    """vLLM's csrc/pos_encoding_kernels.cu, one token and one head at a time, in float64 (out of place)."""
-    q = query.double().clone().reshape(positions.numel(), -1, head_size)
-    k = key.double().clone().reshape(positions.numel(), -1, head_size) if key is not None else None
-    cache = cos_sin_cache.double()
-    rot_dim = cache.shape[1]
-    embed_dim = rot_dim // 2
-    for t, pos in enumerate(positions.reshape(-1).tolist()):
-        cos_ptr, sin_ptr = cache[pos, :embed_dim], cache[pos, embed_dim:]
-        for arr in [q[t]] + ([k[t]] if k is not None else []):
-            for h in range(arr.shape[0]):
-                for i in range(embed_dim):
-                    if is_neox:
-                        xi, yi = i, embed_dim + i
-                    else:
-                        xi, yi = 2 * i, 2 * i + 1
-                    c, s = cos_ptr[i], sin_ptr[i]
-                    x, y = arr[h, xi].clone(), arr[h, yi].clone()
-                    arr[h, xi] = x * c - y * s
-                    arr[h, yi] = y * c + x * s
-    return q.reshape(query.shape), (k.reshape(key.shape) if k is not None else None)
+    """The float64 truth (out of place)."""
+    return _vllm_rotate(positions, query, key, head_size, cos_sin_cache, is_neox, torch.float64)
 
 
 def vllm_in_dtype(positions, query, key, head_size, cos_sin_cache, is_neox):
     """The same rotation done by torch in the input dtype (the tolerance rule's baseline)."""
-    half = cos_sin_cache.shape[1] // 2
-
-    def one(x):
-        x = x.reshape(positions.numel(), -1, head_size).clone()
-        c = cos_sin_cache[positions.reshape(-1), :half][:, None, :].to(x.dtype)
-        s = cos_sin_cache[positions.reshape(-1), half:][:, None, :].to(x.dtype)
-        if is_neox:
-            x1, x2 = x[..., :half].clone(), x[..., half : 2 * half].clone()
-            x[..., :half], x[..., half : 2 * half] = x1 * c - x2 * s, x2 * c + x1 * s
-        else:
-            x1, x2 = x[..., 0 : 2 * half : 2].clone(), x[..., 1 : 2 * half : 2].clone()
-            x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2] = x1 * c - x2 * s, x2 * c + x1 * s
-        return x
-
-    return one(query).reshape(query.shape), (one(key).reshape(key.shape) if key is not None else None)
+    return _vllm_rotate(positions, query, key, head_size, cos_sin_cache, is_neox, query.dtype)
 
 
 def vllm_cache(max_pos, rot_dim, dtype):
@@ -420,44 +403,33 @@ def test_vllm_bad_input_raises_before_writing(mutate, exc, match):
 # ----------------------------------------------------------------------------------------------
 
 
+def _flash_rows(x, seqlen_offsets, cu_seqlens):
+    """flash-attn's table row per token: sequence b's token s reads seqlen_offsets[b] + s (an int: the same
+    for every sequence); packed inputs restart at each cu_seqlens boundary. ``[B, S]`` (packed: ``[1, T]``)."""
+    from posenc_kernels.ops.positions import cu_seqlens_positions, token_positions
+
+    offs_t = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
+    off = 0 if offs_t is not None else int(seqlen_offsets)
+    if cu_seqlens is not None:
+        return cu_seqlens_positions(cu_seqlens, offs_t, off, x.shape[0])[None]
+    return token_positions(None, offs_t, off, x.shape[0], x.shape[1], x.device)
+
+
 def flash_reference(x, cos, sin, interleaved=False, seqlen_offsets=0, cu_seqlens=None):
-    """flash-attn's rotary semantics, token by token in float64: sequence b's token s reads table row
-    seqlen_offsets[b] + s (int offsets: the same for every sequence); the first rotary_dim channels rotate."""
-    x = x.double()
-    out = x.clone()
-    cos, sin = cos.double(), sin.double()
-    half = cos.shape[1]
-    if cu_seqlens is None:
-        seqs = [(b, [(b, s) for s in range(x.shape[1])]) for b in range(x.shape[0])]
-    else:
-        cu = cu_seqlens.tolist()
-        seqs = [(n, [(t, t - cu[n]) for t in range(cu[n], cu[n + 1])]) for n in range(len(cu) - 1)]
-    for n, tokens in seqs:
-        off = int(seqlen_offsets[n]) if isinstance(seqlen_offsets, torch.Tensor) else seqlen_offsets
-        for idx, s in tokens:
-            c, sn = cos[off + s], sin[off + s]
-            xt = x[idx] if cu_seqlens is not None else x[idx, s]
-            ot = out[idx] if cu_seqlens is not None else out[idx, s]
-            if interleaved:
-                x1, x2 = xt[..., 0 : 2 * half : 2], xt[..., 1 : 2 * half : 2]
-                ot[..., 0 : 2 * half : 2] = x1 * c - x2 * sn
-                ot[..., 1 : 2 * half : 2] = x2 * c + x1 * sn
-            else:
-                x1, x2 = xt[..., :half], xt[..., half : 2 * half]
-                ot[..., :half] = x1 * c - x2 * sn
-                ot[..., half : 2 * half] = x2 * c + x1 * sn
-    return out
+    """flash-attn's rotary semantics in float64, through the one RoPE reference."""
+    rows = _flash_rows(x, seqlen_offsets, cu_seqlens)
+    x4 = x.unsqueeze(0) if cu_seqlens is not None else x
+    out = ref.rotate_reference(x4, cos, sin, rows, interleaved=interleaved)
+    return out[0] if cu_seqlens is not None else out
 
 
 def flash_in_dtype(x, cos, sin, interleaved, rows):
-    """Torch in the input dtype, rows [..., tokens] of the table per token (baseline for the tolerance)."""
-    half = cos.shape[1]
-    c, s = cos[rows].to(x.dtype).unsqueeze(-2), sin[rows].to(x.dtype).unsqueeze(-2)
-    out = x.clone()
-    sl = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (slice(0, half), slice(half, 2 * half))
-    x1, x2 = x[..., sl[0]], x[..., sl[1]]
-    out[..., sl[0]], out[..., sl[1]] = x1 * c - x2 * s, x2 * c + x1 * s
-    return out
+    """Torch in the input dtype, table rows ``rows`` (``[B, S]``, or ``[T]`` for packed x): the tolerance
+    rule's baseline."""
+    packed = rows.dim() == 1
+    x4, r = (x.unsqueeze(0), rows[None]) if packed else (x, rows)
+    out = ref.rotate_reference(x4, cos, sin, r, interleaved=interleaved, dtype=x.dtype)
+    return out[0] if packed else out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -528,12 +500,10 @@ def test_flash_gradients(backend, inplace):
 
 
 def flash_rotate_autograd(x, cos, sin, offs):
-    """Differentiable torch transcription (non-interleaved) for the gradient comparison."""
-    half = cos.shape[1]
+    """Differentiable torch rotation (non-interleaved) for the gradient comparison: the one reference, in
+    x's dtype."""
     rows = torch.arange(x.shape[1])[None, :] + offs[:, None]
-    c, s = cos[rows].unsqueeze(-2), sin[rows].unsqueeze(-2)
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., 2 * half :]], dim=-1)
+    return ref.rotate_reference(x, cos, sin, rows, dtype=x.dtype)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ plus a few fp32 roundings of |x|. HF's own error is also bounded, which ties the
 import pytest
 import torch
 
+from posenc_kernels import reference as ref
 from posenc_kernels.ops.rope import mrope_axis_map, rope_cos_sin
 from posenc_kernels.rotary import RotaryEmbedding
 from posenc_kernels.schedules import rope_frequencies
@@ -33,19 +34,8 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def truth_rotate(x, angle, af, *, interleaved=False):
     """float64 rotation of x [B, S, H, D] by angle [B, S, R/2] (float64), cos/sin scaled by af."""
-    half = angle.shape[-1]
-    R = 2 * half
-    x = x.double()
-    c = (angle.cos() * af)[:, :, None, :]
-    s = (angle.sin() * af)[:, :, None, :]
-    out = x.clone()
-    if interleaved:
-        x1, x2 = x[..., 0:R:2], x[..., 1:R:2]
-        out[..., 0:R:2], out[..., 1:R:2] = x1 * c - x2 * s, x2 * c + x1 * s
-    else:
-        x1, x2 = x[..., :half], x[..., half:R]
-        out[..., :half], out[..., half:R] = x1 * c - x2 * s, x2 * c + x1 * s
-    return out
+    return ref.rotate_by_angles_reference(x, angle, af, interleaved=interleaved)
+
 
 
 def truth_angles(positions, inv64, axis_map=None):

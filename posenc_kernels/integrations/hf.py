@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..ops.rope import apply_rope, apply_rope_
+from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -101,43 +102,6 @@ def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
 
 
 # ==============================================================================================
-# HF's math (the reference behaviour, and the fallback when the structure does not hold)
-# ==============================================================================================
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _hf_math(q, k, cos, sin, unsqueeze_dim):
-    """HF's partial-rotary ``apply_rotary_pos_emb`` (Phi-3 / GPT-NeoX); with ``R == D`` it is Llama's."""
-    cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    rotary_dim = cos.shape[-1]
-
-    def one(x):
-        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-        out = (x_rot * cos) + (_rotate_half(x_rot) * sin)
-        return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
-
-    return one(q), (one(k) if k is not None else None)
-
-
-def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., ::2]
-    x2 = x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def _hf_gptj_math(tensor, sin, cos):
-    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
-    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
-    return (tensor * cos) + (_rotate_every_two(tensor) * sin)
-
-
-# ==============================================================================================
 # Entry points
 # ==============================================================================================
 
@@ -194,7 +158,7 @@ def apply_rotary_pos_emb(
         if others is not None:
             plan = _plan(to_bshd(q), others, cos, sin, cos.shape[-1] // 2)
     if plan is None:
-        return _hf_math(q, k, cos, sin, unsqueeze_dim)
+        return hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     xs, table_cos, table_sin, positions, flat = plan
     out_dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
     q_out, k_out = _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved=False)
@@ -232,7 +196,7 @@ def apply_rotary_pos_emb_gptj(tensor: torch.Tensor, sin: torch.Tensor, cos: torc
     if tensor.dim() == 4 and _is_float(tensor) and tables_ok:
         plan = _plan(tensor, [], cos, sin, cos.shape[-1] if cos.dim() == 3 else 0)
     if plan is None:
-        return _hf_gptj_math(tensor, sin, cos)
+        return hf_gptj_apply_rotary_pos_emb(tensor, sin, cos)
     xs, table_cos, table_sin, positions, flat = plan
     out_dtype = torch.promote_types(torch.promote_types(tensor.dtype, cos.dtype), sin.dtype)
     out, _ = _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved=True)

@@ -62,6 +62,18 @@ def rotate_reference(
     return torch.cat((out, rest), dim=-1)
 
 
+def rotate_by_angles_reference(x, angle, attention_factor: float = 1.0, *, interleaved: bool = False,
+                               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rotate ``x`` ``[B, S, H, D]`` by per-token angles ``angle`` ``[B, S, R/2]`` (cos/sin scaled by
+    ``attention_factor``): :func:`rotate_reference` with a one-row-per-token table."""
+    B, S, half = angle.shape
+    a = angle.to(dtype)
+    rows = torch.arange(B * S, device=x.device).view(B, S)
+    cos = (a.cos() * attention_factor).reshape(B * S, half)
+    sin = (a.sin() * attention_factor).reshape(B * S, half)
+    return rotate_reference(x, cos, sin, rows, interleaved=interleaved, dtype=dtype)
+
+
 def rope_reference(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -88,12 +100,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's helper (HF ``modeling_gptj``): pairs (2i, 2i+1) -> (-x[2i+1], x[2i])."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
 def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """HF transformers' ``apply_rotary_pos_emb``: q/k ``[B, H, S, D]``, cos/sin ``[B, S, D]`` (the half
-    table duplicated, already gathered per token and cast to q's dtype). The eager benchmark provider."""
+    """HF transformers' ``apply_rotary_pos_emb``: q/k ``[B, H, S, D]`` (``unsqueeze_dim=1``) or
+    ``[B, S, H, D]`` (``2``), cos/sin ``[B, S, R]`` (the half table duplicated, gathered per token); the
+    first ``R`` channels rotate, the rest pass through (Phi-3 / GPT-NeoX partial rotary; Llama's when
+    ``R == D``); ``k`` may be None. The eager benchmark provider and ``integrations.hf``'s fallback."""
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    rotary_dim = cos.shape[-1]
+
+    def one(x):
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        out = (x_rot * cos) + (rotate_half(x_rot) * sin)
+        return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+    return one(q), (one(k) if k is not None else None)
+
+
+def hf_gptj_apply_rotary_pos_emb(tensor, sin, cos):
+    """HF GPT-J's ``apply_rotary_pos_emb(tensor, sin, cos)``: ``tensor`` ``[B, S, H, R]``, sin/cos
+    ``[B, S, R/2]``, interleaved pairs."""
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    return (tensor * cos) + (rotate_every_two(tensor) * sin)
 
 
 def rope_hf_eager(
@@ -118,8 +152,7 @@ def rope_hf_eager(
         rot, rest = x[..., :R], x[..., R:]
         if interleaved:
             c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+            rotated = rotate_every_two(rot)
         else:
             c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
             rotated = rotate_half(rot)
