@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import posenc_kernels as pk
-from posenc_kernels._common import resolve_backend
+from posenc_kernels.ops import registry
+from posenc_kernels.reference import vllm_rope_native
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.reference import hf_apply_rotary_pos_emb
 
@@ -84,23 +85,8 @@ def _hf_cos_sin(t, positions):
     return torch.cat((c, c), -1).to(DTYPE), torch.cat((s, s), -1).to(DTYPE)
 
 
-def vllm_rope_native(positions, query, key, cos_sin_cache, head_dim):
-    """vLLM's ``RotaryEmbedding.forward_native`` (NeoX pairs, full rotary): ``positions`` ``[T]``, query/key
-    ``[T, H * D]`` (or ``[T, H, D]``); the cache rows ``[cos | sin]`` are gathered inside the call."""
-    cos, sin = cos_sin_cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(-2).to(query.dtype), sin.unsqueeze(-2).to(query.dtype)
-
-    def rotate(x):
-        shape = x.shape
-        x = x.view(positions.numel(), -1, head_dim)
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(shape)
-
-    return rotate(query), rotate(key)
-
-
 def _backend_info(x):
-    return {"backend": resolve_backend(x.device, native="rope")}
+    return {"backend": registry.backend_for(registry.spec("rope_"), x.device.type)}
 
 
 def _shape(*parts):

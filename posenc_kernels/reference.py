@@ -28,6 +28,7 @@ from .ops.rope.reference import (  # noqa: F401  (re-exported: the RoPE referenc
     rotate_every_two,
     rotate_half,
     rotate_reference,
+    vllm_rope_native,
 )
 
 

@@ -2,9 +2,10 @@
 
 * ``*_reference``: the definition, computed in float64 (or a dtype you pass): the truth a kernel is
   measured against.
-* ``rope_hf_eager`` / ``hf_apply_rotary_pos_emb`` / ``rotate_half``: RoPE as HF transformers writes it, in
-  the input dtype: the "same computation done by torch" of the tolerance rule, the eager benchmark provider,
-  and the fallback of ``integrations.hf`` for calls its kernels cannot take.
+* ``rope_hf_eager`` / ``hf_apply_rotary_pos_emb`` / ``rotate_half`` (and GPT-J's): RoPE as HF transformers
+  writes it, in the input dtype: the "same computation done by torch" of the tolerance rule, the eager
+  benchmark provider, and the fallback of ``integrations.hf`` for calls its kernels cannot take;
+  ``vllm_rope_native``: vLLM's ``forward_native``, a benchmark provider.
 """
 
 from __future__ import annotations
@@ -159,3 +160,18 @@ def rope_hf_eager(
         return torch.cat((rot * c + rotated * s, rest), dim=-1)
 
     return one(q), (one(k) if k is not None else None)
+
+
+def vllm_rope_native(positions, query, key, cos_sin_cache, head_dim):
+    """vLLM's ``RotaryEmbedding.forward_native`` (NeoX pairs, full rotary): ``positions`` ``[T]``, query/key
+    ``[T, H * D]`` (or ``[T, H, D]``); the cache rows ``[cos | sin]`` are gathered inside the call."""
+    cos, sin = cos_sin_cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2).to(query.dtype), sin.unsqueeze(-2).to(query.dtype)
+
+    def rotate(x):
+        shape = x.shape
+        x = x.view(positions.numel(), -1, head_dim)
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(shape)
+
+    return rotate(query), rotate(key)
