@@ -6,7 +6,11 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
+#include <vector>
 #include <optional>
 
 namespace posenc_alias {
@@ -22,9 +26,57 @@ inline void check_no_internal_overlap(const Tensor& t, const char* name) {
               " strides ", t.strides(), "); it cannot be written: pass a tensor with distinct elements");
 }
 
+// Sorted by stride, each dimension's stride covers the whole extent of the smaller ones: distinct elements
+// (every view slicing, transposing or splitting produces). Mirrors posenc_kernels/ops/checks.py.
+inline bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 1;
+  for (const auto& [st, n] : dims) {
+    if (st < extent) return false;
+    extent += (n - 1) * st;
+  }
+  return true;
+}
+
+// Whether a and b may share an element. ATen answers for dense tensors; two non-dense views of one storage
+// (head slices of a fused qkv) are resolved as posenc_kernels/ops/checks.py check_disjoint does: disjoint
+// byte spans, or - with the same nested strides - a box shift between them that leaves one outside the
+// other in some dimension. Any other intersecting layout counts as shared (unprovable: refused).
 inline bool shares_memory(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
   const auto st = at::get_overlap_status(a, b);
-  return st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial;
+  if (st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial) return true;
+  if (st == at::MemOverlapStatus::No) return false;
+  // TooHard (a non-dense view): ATen has not compared the storages yet.
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const Tensor& t) {
+    int64_t hi = t.storage_offset() + 1;
+    for (int64_t d = 0; d < t.dim(); ++d) hi += (t.size(d) - 1) * std::abs(t.stride(d));
+    return std::make_pair(t.storage_offset() * t.element_size(), hi * t.element_size());
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  if (a1 <= b0 || b1 <= a0) return false;
+  if (a.element_size() != b.element_size() || a.strides() != b.strides() || a.dim() != b.dim()) return true;
+  std::vector<int64_t> shape(a.dim());
+  for (int64_t d = 0; d < a.dim(); ++d) shape[d] = std::max(a.size(d), b.size(d));
+  if (!nested_layout(shape, a.strides())) return true;
+  const int64_t delta = b.storage_offset() - a.storage_offset();
+  const Tensor& lo = delta >= 0 ? a : b;
+  int64_t rest = std::abs(delta);
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, lo's size), largest stride first
+  for (int64_t d = 0; d < a.dim(); ++d) dims.emplace_back(a.stride(d), lo.size(d));
+  std::sort(dims.rbegin(), dims.rend());
+  for (const auto& [stride, n_lo] : dims) {
+    const int64_t shift = stride > 0 ? rest / stride : 0;
+    rest -= shift * stride;
+    if (shift >= n_lo) return false;  // the other view starts past lo's extent in this dimension
+  }
+  return rest == 0;  // not a whole-element shift of the shared layout: no element coincides
 }
 
 // In place: out is exactly in - the same first element and the same strides wherever a stride matters

@@ -437,6 +437,8 @@ int64_t check_rope_args(const Tensor& q, const optional<Tensor>& k, const option
     TORCH_CHECK_TYPE(!exact || inv_freq->scalar_type() == at::kDouble,
                      "rope: exact=True needs float64 inv_freq, got ", inv_freq->scalar_type());
     check_cpu(*inv_freq, "inv_freq");
+    TORCH_CHECK_VALUE(std::isfinite(attention_factor), "rope: attention_factor must be finite, got ",
+                      attention_factor);
     half = inv_freq->size(0);
   }
   TORCH_CHECK(half >= 1, "rope: the rotary dim R = 2 * cos.size(-1) (or 2 * inv_freq.size(0)) must be >= 2, got "

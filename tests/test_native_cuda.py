@@ -2,11 +2,17 @@
 
 These need a GPU and run in benchmarks/gpu_check.sh on a CUDA machine (the extension is built there first);
 without CUDA every test here is skipped, and CI covers the same sources with the compile-only check
-(scripts/check_cuda_compile, run by .ci/run). The ops are called directly (``posenc::native_rope`` /
-``posenc::native_sinusoidal`` via ``posenc_kernels._native``) to reach every mode - tables, on-the-fly and
-exact angles, attention factor - then once more through the public API under ``use_backend("native")``.
+(scripts/check_cuda_compile, run by .ci/run). The extension registers its kernels straight for the public
+ops' CUDA key (``_native_register``, csrc/bindings.cpp) when the backend is native: the tests call the public
+ops ``posenc::rope_`` (in place) / ``posenc::rope`` (out of place) to reach every mode - tables, on-the-fly
+and exact angles, attention factor, packed varlen (cu_seqlens), multi-axis positions (axis_map) - after
+checking that the C++ kernel is the one registered, then once more through the public API under
+``use_backend("native")``. The CUDA kernels read no values (graph capturable): rows outside the table give
+NaN; the value checks are the Python side's. A non-unit channel stride is refused on CUDA (the CPU kernel
+has a strided path).
 """
 
+import contextlib
 import math
 
 import pytest
@@ -15,8 +21,8 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import _native
 from posenc_kernels import reference as ref
+from posenc_kernels.ops import registry
 from posenc_kernels.ops.angles import exact_angles as _exact_angles
-from posenc_kernels.sinusoidal import _inv_freq
 
 from conftest import assert_dtype_tolerance
 
@@ -24,6 +30,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 DEV = torch.device("cuda")
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+rope_ = torch.ops.posenc.rope_.default
+rope = torch.ops.posenc.rope.default
+PORTED = "add_sinusoidal_" in registry._OPS  # the sinusoidal/learned ops on the op layer (their port pending)
+needs_port = pytest.mark.skipif(
+    not PORTED, reason="the sinusoidal ops are not defined on the op layer yet (posenc::add_sinusoidal_ pending)"
+)
+
+
+def assert_native_cuda(name: str) -> None:
+    """posenc::<name>'s CUDA key is served by the C++ kernel (registered by csrc/bindings.cpp)."""
+    assert registry.registered_kernels(name)["CUDA"] == "native", registry.registered_kernels(name)
+    dump = torch._C._dispatch_dump(f"posenc::{name}")
+    line = next((ln for ln in dump.splitlines() if ln.startswith("CUDA:")), "")
+    assert "bindings.cpp" in line, line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,10 +51,43 @@ def _extension():
     # On the GPU machine the extension must be there: a missing one is a failure, not a skip.
     assert _native.load(), f"native extension did not load: {_native.load_error()}"
     assert _native.has_op("rope", "cuda") and _native.has_op("sinusoidal", "cuda"), "no CUDA kernels registered"
+    assert {"rope_", "rope", "sinusoidal_table", "add_sinusoidal_", "add_sinusoidal", "concat_sinusoidal"} <= set(
+        _native.ops_for("CUDA")
+    )
 
 
-def _nan_like(x):
-    return torch.full_like(x, float("nan"))
+@pytest.fixture(autouse=True)
+def _native_cuda():
+    """Process default "native": the C++ kernels on the CUDA key, no router (conftest resets to "auto")."""
+    pk.set_backend("native")
+    assert_native_cuda("rope_")
+    assert_native_cuda("rope")
+    yield
+    pk.set_backend("auto")
+
+
+@contextlib.contextmanager
+def nan_poisoned_allocations():
+    """The out-of-place op allocates its outputs (at::empty_like): with deterministic algorithms on, PyTorch
+    fills uninitialised allocations with NaN, so an element the kernel leaves unwritten stays NaN."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+        torch.use_deterministic_algorithms(prev)
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    pk.set_value_checks(False)
+    try:
+        yield
+    finally:
+        pk.set_value_checks(True)
 
 
 def _rows(B, S, positions, offsets, offset):
@@ -46,15 +99,25 @@ def _rows(B, S, positions, offsets, offset):
     return (s + offset).expand(B, S)
 
 
-def _native_rope(q, k, cos=None, sin=None, *, inv_freq=None, positions=None, offsets=None, offset=0, af=1.0,
-                 interleaved=False, conjugate=False, exact=False, inplace=False):
+def _args(cos=None, sin=None, inv_freq=None, positions=None, offsets=None, offset=0, cu_seqlens=None, axis_map=None,
+          af=1.0, interleaved=False, conjugate=False, exact=False):  # fmt: skip
+    """The ops' arguments after q and k, in schema order."""
+    return (cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map, float(af), interleaved, conjugate,
+            exact)  # fmt: skip
+
+
+def _native_rope(q, k, cos=None, sin=None, *, inplace=False, **kw):
+    """rope_ (in place: q, k themselves, each version counter bumped once) or rope (out of place, outputs
+    NaN-poisoned at allocation)."""
     if inplace:
-        qo, ko = q, k
-    else:
-        qo = _nan_like(q)
-        ko = _nan_like(k) if k is not None else None
-    _native.rope(q, k, qo, ko, cos, sin, inv_freq, positions, offsets, offset, af, interleaved, conjugate, exact)
-    return qo, ko
+        v = q._version if not q.is_inference() else None
+        rope_(q, k, *_args(cos, sin, **kw))
+        if v is not None:
+            assert q._version == v + 1
+        return q, k
+    with nan_poisoned_allocations():
+        qo, ko = rope(q, k, *_args(cos, sin, **kw))
+    return qo, (ko if k is not None else None)
 
 
 def _eager(x, cos, sin, rows, interleaved, conjugate):
@@ -139,7 +202,8 @@ def test_rope_partial_conjugate_no_k(dtype, interleaved, inplace):
 
 def test_rope_conjugate_inverts():
     q, k = _qk(2, 9, 4, 2, 64, torch.float64)
-    cos, sin = pk.rope_cos_sin(9, pk.rope_frequencies(64)[0].to(DEV), dtype=torch.float64)
+    # float64 tables with cos^2 + sin^2 = 1 to float64 rounding (pk.rope_cos_sin's angles are fp32)
+    cos, sin = ref.rope_cos_sin_reference(torch.arange(9, device=DEV), ref.rope_frequencies_reference(64).to(DEV))
     qo, ko = _native_rope(q, k, cos, sin)
     qb, kb = _native_rope(qo, ko, cos, sin, conjugate=True)
     torch.testing.assert_close(qb, q, rtol=1e-12, atol=1e-12)
@@ -219,112 +283,246 @@ def test_rope_exact_float64_uses_fp32_sincos(af):
 
 
 def test_rope_rows_outside_the_table_are_nan():
+    """The CUDA kernel reads no values: a row outside the table gives NaN, never an out-of-bounds read (the
+    value checks are the Python side's; off here)."""
     q, k = _qk(1, 4, 2, 1, 64, torch.float32)
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
     positions = torch.tensor([[0, 7, 8, -1]], device=DEV)  # 8 and -1 lie outside the 8-row table
-    qo, ko = _native_rope(q, k, cos, sin, positions=positions)
-    for out in (qo, ko):
-        assert not out[:, :2].isnan().any()
-        assert out[:, 2:].isnan().all()
+    with value_checks_off():
+        qo, ko = _native_rope(q, k, cos, sin, positions=positions)
+        for out in (qo, ko):
+            assert not out[:, :2].isnan().any()
+            assert out[:, 2:].isnan().all()
+        # packed with cu_seqlens: the second sequence starts past the table
+        qp = torch.randn(7, 2, 64, device=DEV)
+        qo, _ = _native_rope(qp, None, cos, sin, cu_seqlens=torch.tensor([0, 3, 7], device=DEV),
+                             offsets=torch.tensor([0, 100], device=DEV))  # fmt: skip
+        assert not qo[:3].isnan().any() and qo[3:].isnan().all()
+        # an axis map naming an axis outside positions: those frequencies NaN
+        am = torch.zeros(32, dtype=torch.int64, device=DEV)
+        am[5] = 7
+        qo, _ = _native_rope(q, None, cos, sin, positions=torch.zeros(2, 1, 4, dtype=torch.int64, device=DEV),
+                             axis_map=am)  # fmt: skip
+        assert qo[..., [5, 37]].isnan().all() and not qo[..., :5].isnan().any()
+
+
+def test_public_api_value_checks():
+    """With value checks on, the public functions refuse rows outside the table before launching (the CUDA
+    kernel itself reads no values)."""
+    q, k = _qk(1, 4, 2, 1, 64, torch.float32)
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
+    q0 = q.clone()
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 8\)"):
+        pk.apply_rope_(q, k, cos, sin, positions=torch.tensor([[0, 7, 8, -1]], device=DEV))
+    assert torch.equal(q, q0)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        pk.apply_rope(torch.randn(7, 2, 64, device=DEV), None, cos, sin, cu_seqlens=torch.tensor([1, 7], device=DEV))
 
 
 def test_rope_empty_and_errors():
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
-    q = torch.randn(0, 3, 2, 64, device=DEV)
-    _native_rope(q, None, cos, sin)  # no tokens: nothing launched, no error
+    for shape in [(0, 3, 2, 64), (2, 0, 2, 64), (0, 2, 64)]:
+        q = torch.randn(shape, device=DEV)
+        _native_rope(q, None, cos, sin, inplace=True)  # no tokens: nothing launched, no error
+        qo, _ = _native_rope(q, None, cos, sin)
+        assert qo.shape == q.shape
     q = torch.randn(1, 3, 2, 64, device=DEV)
-    with pytest.raises(RuntimeError, match="stride"):
-        _native_rope(q.transpose(2, 3).contiguous().transpose(2, 3), None, cos, sin)
+    q0 = q.clone()
+    strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # channel stride 2: refused on CUDA
+    for inplace in (True, False):
+        with pytest.raises(RuntimeError, match=r"q must have stride\(-1\) == 1"):
+            _native_rope(strided, None, cos, sin, inplace=inplace)
+        with pytest.raises(RuntimeError, match=r"k must have stride\(-1\) == 1"):
+            _native_rope(q, torch.randn(1, 3, 1, 128, device=DEV)[..., ::2], cos, sin, inplace=inplace)
     with pytest.raises(RuntimeError, match="exceeds head_dim"):
         _native_rope(q[..., :32], None, cos, sin)
     with pytest.raises(RuntimeError, match="float64"):
         _native_rope(q, None, inv_freq=torch.ones(32, device=DEV), exact=True)
-
-
-def _rope_call(q, k, qo, ko, cos, sin, *, positions=None, offsets=None, offset=0, af=1.0, exact=False):
-    _native.rope(q, k, qo, ko, cos, sin, None, positions, offsets, offset, af, False, False, exact)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor|must be on"):
+        _native_rope(q, None, cos.cpu(), sin.cpu())
+    with pytest.raises(RuntimeError, match="cu_seqlens needs packed q/k"):
+        _native_rope(q, None, cos, sin, cu_seqlens=torch.tensor([0, 3], device=DEV))
+    with pytest.raises(RuntimeError, match=r"axis_map must be an integer \[R/2\] = \[32\]"):
+        _native_rope(q, None, cos, sin, positions=torch.zeros(3, 1, 3, dtype=torch.long, device=DEV),
+                     axis_map=torch.zeros(4, dtype=torch.long, device=DEV))  # fmt: skip
+    with pytest.raises(RuntimeError, match="axis_map needs positions"):
+        _native_rope(q, None, cos, sin, axis_map=torch.zeros(32, dtype=torch.long, device=DEV))
+    with pytest.raises(RuntimeError, match=r"cu_seqlens must be an integer \[N \+ 1\]"):
+        _native_rope(q[0], None, cos, sin, cu_seqlens=torch.tensor([0], device=DEV))
+    assert torch.equal(q, q0), "nothing may be written before an error"
+    # accepted: a misaligned q (storage offset one element, channel stride 1): the scalar path
+    qm = torch.randn(1, 3, 2, 65, device=DEV)[..., 1:]
+    qo, _ = _native_rope(qm, None, cos, sin)
+    _check_rope(qo, qm, cos, sin, _rows(1, 3, None, None, 0), False, False, "misaligned")
 
 
 def test_rope_ignored_arguments_are_errors():
-    """Arguments the chosen mode would ignore are refused, not silently dropped."""
+    """Arguments the chosen mode would ignore are refused, not silently dropped; nothing is written."""
     q = torch.randn(2, 3, 2, 64, device=DEV)
-    qo = _nan_like(q)
+    q0 = q.clone()
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
-    with pytest.raises(RuntimeError, match="attention_factor"):
-        _rope_call(q, None, qo, None, cos, sin, af=0.5)
-    with pytest.raises(RuntimeError, match="exact applies to on-the-fly angles"):
-        _rope_call(q, None, qo, None, cos, sin, exact=True)
     offsets = torch.tensor([0, 2], device=DEV)
-    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
-        _rope_call(q, None, qo, None, cos, sin, offsets=offsets, offset=3)
     positions = torch.zeros(2, 3, device=DEV, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="offset must be 0 when positions are given"):
-        _rope_call(q, None, qo, None, cos, sin, positions=positions, offset=3)
-    with pytest.raises(RuntimeError, match="positions or offsets, not both"):
-        _rope_call(q, None, qo, None, cos, sin, positions=positions, offsets=offsets)
-    inv = _inv_freq(32, 10000.0, 0.0, DEV, torch.float32)
-    out = torch.full((2, 3, 64), float("nan"), device=DEV)
-    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
-        _native_sin(None, out, inv, offsets=offsets, offset=3)
-    assert qo.isnan().all() and out.isnan().all(), "nothing may be written before an error"
+    for inplace in (True, False):
+        with pytest.raises(RuntimeError, match="attention_factor"):
+            _native_rope(q, None, cos, sin, af=0.5, inplace=inplace)
+        with pytest.raises(RuntimeError, match="exact applies to on-the-fly angles"):
+            _native_rope(q, None, cos, sin, exact=True, inplace=inplace)
+        with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+            _native_rope(q, None, cos, sin, offsets=offsets, offset=3, inplace=inplace)
+        with pytest.raises(RuntimeError, match="offset must be 0 when positions are given"):
+            _native_rope(q, None, cos, sin, positions=positions, offset=3, inplace=inplace)
+        with pytest.raises(RuntimeError, match="positions or offsets, not both"):
+            _native_rope(q, None, cos, sin, positions=positions, offsets=offsets, inplace=inplace)
+    assert torch.equal(q, q0), "nothing may be written before an error"
     # the accepted forms still run: an offset alone, attention_factor 1.0 with tables
-    _rope_call(q, None, qo, None, cos, sin, offset=3)
+    qo, _ = _native_rope(q, None, cos, sin, offset=3)
     _check_rope(qo, q, cos, sin, _rows(2, 3, None, None, 3), False, False, "offset 3")
 
 
 def test_rope_aliasing_checks():
-    """Outputs must not overlap internally, must be exactly their input or disjoint from it, and must not
-    overlap the other tensors of the launch. Checked from metadata before any write."""
+    """In place, q and k must not overlap internally nor each other. Checked from metadata before any
+    write (the out-of-place op writes fresh tensors only)."""
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
     Hq, Hk, D = 4, 2, 64
-
-    def fresh():  # B = S = 1: head slices stay dense, so ATen's overlap test can prove an overlap
-        q, k = _qk(1, 1, Hq, Hk, D, torch.float32)
-        return q, k, _nan_like(q), _nan_like(k)
-
-    q, k, qo, ko = fresh()
-    q0, k0 = q.clone(), k.clone()
+    q, k = _qk(1, 1, Hq, Hk, D, torch.float32)  # B = S = 1: head slices stay dense, so ATen's overlap test
+    q0, k0 = q.clone(), k.clone()  # can prove an overlap
     cases = [
-        ("q_out has internally overlapping memory", lambda: (q, k, qo[:, :, :1].expand_as(q), ko)),
-        ("k_out has internally overlapping memory", lambda: (q, k, qo, ko[:, :, :1].expand_as(k))),
-        ("q_out must not overlap k_out", lambda: (q, k, qo, qo[:, :, :Hk])),
-        ("q_out must not overlap k", lambda: (q, qo[:, :, :Hk], qo, ko)),
-        ("k_out must not overlap q", lambda: (q, k, qo, q[:, :, :Hk])),
-        ("q_out must not overlap k_out", lambda: (q, q[:, :, :Hk], q, q[:, :, :Hk])),  # in place, k inside q
+        ("q_out has internally overlapping memory", lambda: (q[:, :, :1].expand_as(q), k)),
+        ("k_out has internally overlapping memory", lambda: (q, k[:, :, :1].expand_as(k))),
+        ("q_out must not overlap k_out", lambda: (q, q[:, :, :Hk])),  # k inside q
+        ("q_out must not overlap k_out", lambda: (q, q)),
     ]
     for msg, make in cases:
         a = make()
         with pytest.raises(RuntimeError, match=msg):
-            _rope_call(*a, cos, sin)
-        assert torch.equal(q, q0) and torch.equal(k, k0) and qo.isnan().all() and ko.isnan().all(), msg
-    # q_out partially overlapping q (shifted by one token), and q_out at q's address with other strides
+            rope_(*a, *_args(cos, sin))
+        assert torch.equal(q, q0) and torch.equal(k, k0), msg
     buf = torch.randn(1, 5, Hq, D, device=DEV)
-    with pytest.raises(RuntimeError, match="q_out overlaps q without being exactly q"):
-        _rope_call(buf[:, :4], None, buf[:, 1:], None, cos, sin)
-    base = torch.randn(1, Hq, 3, D, device=DEV)  # [B, H, S, D]: its transpose and a plain view of it share
-    with pytest.raises(RuntimeError, match="q_out overlaps q without being exactly q"):  # the address only
-        _rope_call(base.transpose(1, 2), None, base.view(1, 3, Hq, D), None, cos, sin)
-    q3 = torch.randn(1, 3, Hq, D, device=DEV)
-    kbase = torch.randn(1, Hk, 3, D, device=DEV)
-    with pytest.raises(RuntimeError, match="k_out overlaps k without being exactly k"):
-        _rope_call(q3, kbase.transpose(1, 2), _nan_like(q3), kbase.view(1, 3, Hk, D), cos, sin)
+    buf0 = buf.clone()
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        rope_(buf[:, :4], buf[:, 1:], *_args(cos, sin))  # k is q shifted by one token
+    assert torch.equal(buf, buf0)
+    # out of place reads overlapping inputs fine
+    qo, ko = _native_rope(q, q, cos, sin)
+    assert torch.equal(qo, ko) and qo.data_ptr() != q.data_ptr()
 
-    # accepted: in place through another tensor object with the same layout; the heads of one fused qkv
-    # buffer (non-dense head slices: disjoint, not provably so, accepted as by ATen); a dense [3, ...] split
-    q, k, _, _ = fresh()
-    q0 = q.clone()
-    _rope_call(q, None, q.view_as(q), None, cos, sin)
-    _check_rope(q, q0, cos, sin, _rows(1, 1, None, None, 0), False, False, "in place via a view")
+    # accepted: the heads of one fused qkv buffer (non-dense head slices: disjoint, not provably so, accepted
+    # as by ATen); a dense [3, ...] split
     for qkv, split in (
         (torch.randn(2, 5, Hq + 2 * Hk, D, device=DEV), lambda t: (t[:, :, :Hq], t[:, :, Hq:Hq + Hk])),
         (torch.randn(3, 2, 5, Hq, D, device=DEV), lambda t: (t[0], t[1])),
     ):
         q, k = split(qkv)
         q0, k0 = q.clone(), k.clone()
-        _rope_call(q, k, q, k, cos, sin)
+        rope_(q, k, *_args(cos, sin))
         rows = _rows(q.shape[0], q.shape[1], None, None, 0)
         _check_rope(q, q0, cos, sin, rows, False, False, "fused q")
         _check_rope(k, k0, cos, sin, rows, False, False, "fused k")
+
+
+def test_rope_inference_tensors_and_version_counter():
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
+    with torch.inference_mode():
+        qi = torch.randn(2, 3, 2, 64, device=DEV)
+    q0 = qi.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        rope_(qi, None, *_args(cos, sin))
+    assert torch.equal(qi, q0)
+    want, _ = rope(q0, None, *_args(cos, sin))
+    with torch.inference_mode():
+        rope_(qi, None, *_args(cos, sin))
+    assert torch.equal(qi, want)
+    q, k = _qk(2, 3, 2, 1, 64, torch.float32)
+    vq, vk = q._version, k._version
+    rope_(q, k, *_args(cos, sin))
+    assert (q._version, k._version) == (vq + 1, vk + 1)
+    rope(q, k, *_args(cos, sin))
+    assert (q._version, k._version) == (vq + 1, vk + 1)
+
+
+# ---- packed varlen (cu_seqlens), multi-axis positions (axis_map)
+
+
+def _cu_positions(cu, offsets, offset, T):
+    pos = [0] * T
+    cu = [int(v) for v in cu]
+    for n in range(len(cu) - 1):
+        start = int(offsets[n]) if offsets is not None else offset
+        for t in range(cu[n], cu[n + 1]):
+            pos[t] = t - cu[n] + start
+    return torch.tensor(pos, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("starts", ["offsets", "offset"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("angles", ["tables", "on_the_fly"])
+def test_rope_cu_seqlens(dtype, starts, inplace, angles):
+    """Packed q [T, Hq, D] / k [T, Hk, D]: an empty sequence, a padded tail past cu_seqlens[-1] (position 0),
+    positions restarting at offsets[n] (or the int offset); many sequences (the kernel's binary search)."""
+    lengths = [3, 0, 17, 1, 40, 5, 0, 9]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device=DEV, dtype=torch.int32)
+    T, D = int(cu[-1]) + 6, 128
+    offsets = torch.randint(0, 50, (len(lengths),), device=DEV) if starts == "offsets" else None
+    offset = 0 if offsets is not None else 7
+    q = torch.randn(T, 8, D, device=DEV, dtype=dtype)
+    k = torch.randn(T, 2, D, device=DEV, dtype=dtype)
+    inv = pk.rope_frequencies(D)[0].to(DEV)
+    pos = _cu_positions(cu.tolist(), offsets.tolist() if offsets is not None else None, offset, T)
+    q0, k0 = q.clone(), k.clone()
+    if angles == "tables":
+        cos, sin = pk.rope_cos_sin(128, inv)
+        qo, ko = _native_rope(q, k, cos, sin, cu_seqlens=cu, offsets=offsets, offset=offset, inplace=inplace)
+        for out, x, name in ((qo, q0, "q"), (ko, k0, "k")):
+            _check_rope(out[None], x[None], cos, sin, pos[None], False, False, f"cu_seqlens {name} {dtype}")
+        return
+    qo, ko = _native_rope(q, k, inv_freq=inv, cu_seqlens=cu, offsets=offsets, offset=offset, inplace=inplace)
+    # truth: the same fp32 angles, cos/sin in float64; baseline: fp32 tables of them in the dtype
+    angle = pos.float()[:, None] * inv[None, :]
+    cos32, sin32 = pk.rope_cos_sin(pos, inv)
+    rows = torch.arange(T, device=DEV)[None]
+    for out, x in ((qo, q0), (ko, k0)):
+        truth = ref.rotate_reference(x[None], angle.double().cos(), angle.double().sin(), rows)
+        assert_dtype_tolerance(out[None], truth, _eager(x[None], cos32, sin32, rows, False, False),
+                               what=f"cu_seqlens on the fly {dtype}")  # fmt: skip
+
+
+def _axis_tables(cos, sin, positions, axis_map, B, S):
+    p = positions.to(torch.int64)
+    if p.dim() == 2:
+        p = p[:, None, :].expand(-1, B, S)
+    rows = p[axis_map.to(torch.int64)].permute(1, 2, 0)  # [B, S, R/2]
+    i = torch.arange(cos.shape[1], device=DEV)
+    return cos[rows, i].flatten(0, 1), sin[rows, i].flatten(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pos_shape", ["ABS", "AS"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("interleaved_sections", [False, True], ids=["qwen2vl", "qwen3vl"])
+def test_rope_axis_map(dtype, pos_shape, inplace, interleaved_sections):
+    """Qwen2-VL's M-RoPE: head_dim 128, mrope_section [16, 24, 24], positions [3, B, S] (or [3, S]); tables
+    and on-the-fly angles."""
+    B, S, D = 2, 13, 128
+    am = pk.mrope_axis_map([16, 24, 24], interleaved=interleaved_sections, device=DEV)
+    positions = torch.randint(0, 64, (3, B, S) if pos_shape == "ABS" else (3, S), device=DEV)
+    q, k = _qk(B, S, 8, 2, D, dtype, "bhsd")
+    q0, k0 = q.clone(), k.clone()
+    cos, sin = pk.rope_cos_sin(64, pk.rope_frequencies(D, 1e6)[0].to(DEV))
+    qo, ko = _native_rope(q, k, cos, sin, positions=positions, axis_map=am, inplace=inplace)
+    c_eff, s_eff = _axis_tables(cos, sin, positions, am, B, S)
+    rows = torch.arange(B * S, device=DEV).view(B, S)
+    for out, x, name in ((qo, q0, "q"), (ko, k0, "k")):
+        _check_rope(out, x, c_eff, s_eff, rows, False, False, f"axis_map {name}")
+    inv = pk.rope_frequencies(D, 1e6)[0].to(DEV)
+    qf, _ = _native_rope(q0, None, inv_freq=inv, positions=positions, axis_map=am)
+    p = positions if positions.dim() == 3 else positions[:, None, :].expand(-1, B, S)
+    pos_i = p[am.long()].permute(1, 2, 0).flatten(0, 1)  # [B * S, R/2]
+    angle = pos_i.float() * inv[None, :]  # one fp32 product; truth: its cos/sin in float64
+    truth = ref.rotate_reference(q0, angle.double().cos(), angle.double().sin(), rows)
+    assert_dtype_tolerance(qf, truth, _eager(q0, angle.cos(), angle.sin(), rows, False, False),
+                           what="axis_map on the fly")  # fmt: skip
 
 
 def test_rope_more_head_groups_than_grid_y():
@@ -336,8 +534,7 @@ def test_rope_more_head_groups_than_grid_y():
     cos, sin = pk.rope_cos_sin(4, pk.rope_frequencies(D)[0].to(DEV))
     q = torch.randn(1, 1, Hq, D, device=DEV, dtype=torch.float16)
     k = torch.randn(1, 1, Hk, D, device=DEV, dtype=torch.float16)
-    qo, ko = _nan_like(q), _nan_like(k)
-    _rope_call(q, k, qo, ko, cos, sin, offset=3)
+    qo, ko = _native_rope(q, k, cos, sin, offset=3)  # outputs NaN-poisoned at allocation
     torch.cuda.synchronize()
     c, s = cos[3, 0].item(), sin[3, 0].item()
 
@@ -361,7 +558,7 @@ def test_rope_cuda_graph_capture_and_no_allocation():
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        _native_rope(sq, sk, cos, sin, positions=pos, inplace=True)
+        rope_(sq, sk, *_args(cos, sin, positions=pos))
     for _ in range(3):
         new_pos = torch.randint(0, 4096, (4, 1), device=DEV)
         pos.copy_(new_pos)
@@ -370,47 +567,88 @@ def test_rope_cuda_graph_capture_and_no_allocation():
         g.replay()
         _check_rope(sq, q, cos, sin, new_pos, False, False, "graph q")
         _check_rope(sk, k, cos, sin, new_pos, False, False, "graph k")
+    # packed varlen with cu_seqlens captured too (the kernel resolves positions: no host sync)
+    qp = torch.randn(64, 8, 128, device=DEV, dtype=torch.bfloat16)
+    sp = qp.clone()
+    cu = torch.tensor([0, 10, 64], device=DEV)
+    rope_(sp.clone(), None, *_args(cos, sin, cu_seqlens=cu))
+    torch.cuda.synchronize()
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        rope_(sp, None, *_args(cos, sin, cu_seqlens=cu))
+    cu.copy_(torch.tensor([0, 30, 50], device=DEV))  # 14 padded tokens: position 0
+    sp.copy_(qp)
+    g2.replay()
+    _check_rope(sp[None], qp[None], cos, sin, _cu_positions([0, 30, 50], None, 0, 64)[None], False, False, "graph cu")
     # in place: nothing allocated, not even temporaries
     big_q, big_k = _qk(1, 8192, 32, 8, 128, torch.bfloat16)
     cos, sin = pk.rope_cos_sin(8192, pk.rope_frequencies(128)[0].to(DEV))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    _native_rope(big_q, big_k, cos, sin, inplace=True)
+    rope_(big_q, big_k, *_args(cos, sin))
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     assert torch.cuda.max_memory_allocated() == before, "in-place native rope allocated memory"
 
 
+def test_rope_opcheck():
+    cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(64)[0].to(DEV))
+    inv = pk.rope_frequencies(64)[0].to(DEV)
+    q, k = _qk(2, 3, 4, 2, 64, torch.float32)
+    pos = torch.randint(0, 8, (2, 3), device=DEV)
+    cases = [
+        (q, k, *_args(cos, sin, offset=2)),
+        (q, k, *_args(cos, sin, positions=pos, interleaved=True, conjugate=True)),
+        (q, None, *_args(inv_freq=inv, offsets=torch.tensor([1, 4], device=DEV), af=2.0)),
+        (q.double(), None, *_args(inv_freq=inv.double(), positions=pos, exact=True)),
+        (torch.randn(7, 4, 64, device=DEV), None, *_args(cos, sin, cu_seqlens=torch.tensor([0, 3, 7], device=DEV))),
+        (q, k, *_args(cos, sin, positions=torch.randint(0, 8, (3, 2, 3), device=DEV),
+                      axis_map=pk.mrope_axis_map([8, 12, 12], device=DEV))),
+    ]
+    for args in cases:
+        torch.library.opcheck(rope_, args)
+        torch.library.opcheck(rope, args)
+
+
 # ----------------------------------------------------------------------------------------------
-# Sinusoidal
+# Sinusoidal: the public ops on the native backend (pending their port to the op layer)
 # ----------------------------------------------------------------------------------------------
 
 
-def _native_sin(x, out, inv, positions=None, offsets=None, offset=0, x_scale=1.0, scale=1.0, interleaved=True,
-                cos_first=False):
-    _native.sinusoidal(x, out, positions, offsets, offset, x_scale, inv, scale, interleaved, cos_first)
-    return out
-
-
+@needs_port
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("cos_first", [False, True])
 @pytest.mark.parametrize("D", [64, 80, 33, 1, 6])
 def test_sinusoidal_table(dtype, interleaved, cos_first, D):
-    B, S = 2, 37
+    for name in ("sinusoidal_table", "add_sinusoidal_", "add_sinusoidal", "concat_sinusoidal"):
+        assert_native_cuda(name)
+    S = 37
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     conv = dict(interleaved=interleaved, cos_first=cos_first, freq_shift=0.0, scale=1.3)
-    inv = _inv_freq(D // 2, 10000.0, 0.0, DEV, math_dtype)
-    out = _native_sin(None, torch.full((B, S, D), float("nan"), device=DEV, dtype=dtype), inv, offset=5,
-                      scale=1.3, interleaved=interleaved, cos_first=cos_first)
-    pos = (torch.arange(S, device=DEV) + 5).to(math_dtype).expand(B, S)
-    truth = ref.sinusoidal_table_reference(pos, D, **conv)
-    with pk.use_backend("torch"):
-        same_in_torch = pk.add_sinusoidal(torch.zeros(B, S, D, device=DEV, dtype=dtype), offset=5, **conv)
-    assert_dtype_tolerance(out, truth, same_in_torch, what=f"table {dtype} D={D}")
+    for positions in (torch.arange(S, device=DEV) + 5, torch.rand(2, S, device=DEV) * 1000):
+        with nan_poisoned_allocations():
+            out = pk.sinusoidal_table(positions, D, dtype=dtype, **conv)
+        truth = ref.sinusoidal_table_reference(positions.to(math_dtype), D, **conv)
+        same_in_torch = ref.sinusoidal_table_reference(positions.to(math_dtype), D, dtype=math_dtype, **conv).to(dtype)
+        assert_dtype_tolerance(out, truth, same_in_torch, what=f"table {dtype} D={D}")
+    with nan_poisoned_allocations():
+        out = pk.sinusoidal_table(S, D, dtype=dtype, device=DEV, **conv)  # no tensor argument: BackendSelect
+    assert out.device.type == "cuda"
+    truth = ref.sinusoidal_table_reference(torch.arange(S, device=DEV).to(math_dtype), D, **conv)
+    same_in_torch = ref.sinusoidal_table_reference(torch.arange(S, device=DEV).to(math_dtype), D, dtype=math_dtype,
+                                                   **conv).to(dtype)  # fmt: skip
+    assert_dtype_tolerance(out, truth, same_in_torch, what=f"table {dtype} D={D} from a length")
 
 
+def _ref_offsets_kw(fn, value):
+    import inspect
+
+    return {"offsets": value} if "offsets" in inspect.signature(fn).parameters else {"offset": value}
+
+
+@needs_port
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("rows", ["positions_int", "positions_float", "positions_s", "offsets"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
@@ -422,7 +660,7 @@ def test_sinusoidal_add(dtype, rows, layout, inplace):
         x = x[..., 1:]
     elif layout == "strided":
         x = torch.randn(S, B, D, device=DEV, dtype=dtype).transpose(0, 1)
-    kw = {}
+    kw, offsets = {}, 0
     if rows == "positions_int":
         kw["positions"] = torch.randint(0, 1000, (B, S), device=DEV, dtype=torch.int32)
     elif rows == "positions_float":
@@ -430,59 +668,72 @@ def test_sinusoidal_add(dtype, rows, layout, inplace):
     elif rows == "positions_s":
         kw["positions"] = torch.randint(0, 1000, (S,), device=DEV)
     else:
-        kw["offset"] = torch.randint(0, 100, (B,), device=DEV)
-    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    inv = _inv_freq(D // 2, 10000.0, 1.0, DEV, math_dtype)
+        offsets = torch.randint(0, 100, (B,), device=DEV)
     conv = dict(interleaved=False, cos_first=True, freq_shift=1.0)
     x0 = x.clone()
-    out = x if inplace else torch.full_like(x, float("nan"))
-    offsets = kw.get("offset")
-    _native_sin(x, out, inv, positions=kw.get("positions"), offsets=offsets, x_scale=2.0, interleaved=False,
-                cos_first=True)
-    truth = ref.add_sinusoidal_reference(x0, x_scale=2.0, **kw, **conv)
-    with pk.use_backend("torch"):
-        same_in_torch = pk.add_sinusoidal(x0, x_scale=2.0, **kw, **conv)
+    with nan_poisoned_allocations():
+        if inplace:
+            out = pk.add_sinusoidal_(x, x_scale=2.0, offsets=offsets, **kw, **conv)
+        else:
+            out = pk.add_sinusoidal(x, x_scale=2.0, offsets=offsets, **kw, **conv)
+    assert (out is x) == inplace
+    okw = _ref_offsets_kw(ref.add_sinusoidal_reference, offsets)
+    truth = ref.add_sinusoidal_reference(x0, x_scale=2.0, **kw, **okw, **conv)
+    same_in_torch = ref.add_sinusoidal_reference(x0, x_scale=2.0, dtype=dtype, **kw, **okw, **conv).to(dtype)
     assert_dtype_tolerance(out, truth, same_in_torch, what=f"add {dtype} {rows} {layout}")
 
 
+@needs_port
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sinusoidal_concat(dtype):
+    x = torch.randn(2, 9, 40, device=DEV, dtype=dtype)
+    offsets = torch.tensor([0, 50], device=DEV)
+    with nan_poisoned_allocations():
+        out = pk.concat_sinusoidal(x, 24, offsets=offsets)
+    okw = _ref_offsets_kw(ref.concat_sinusoidal_reference, offsets)
+    truth = ref.concat_sinusoidal_reference(x, 24, **okw)
+    same_in_torch = ref.concat_sinusoidal_reference(x, 24, dtype=torch.float32, **okw).to(dtype)
+    assert torch.equal(out[..., :40], x)
+    assert_dtype_tolerance(out, truth, same_in_torch, what="concat")
+
+
+@needs_port
 def test_sinusoidal_graph_and_no_allocation():
     x = torch.randn(4, 8192, 1024, device=DEV, dtype=torch.bfloat16)
-    inv = _inv_freq(512, 10000.0, 0.0, DEV, torch.float32)
-    _native_sin(x, x, inv)
+    add_ = torch.ops.posenc.add_sinusoidal_.default
+    conv = (10000.0, True, False, 0.0, 1.0)
+    add_(x, None, None, 0, 1.0, *conv)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    _native_sin(x, x, inv)
+    add_(x, None, None, 0, 1.0, *conv)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == before, "in-place native sinusoidal allocated memory"
     offsets = torch.zeros(2, device=DEV, dtype=torch.int64)
-    out = torch.empty(2, 16, 64, device=DEV)
-    inv = _inv_freq(32, 10000.0, 0.0, DEV, torch.float32)
+    out = torch.zeros(2, 16, 64, device=DEV)
+    add_(out.clone(), None, offsets, 0, 0.0, *conv)  # warm-up (the cached inv_freq)
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        _native_sin(None, out, inv, offsets=offsets)
+        add_(out, None, offsets, 0, 0.0, *conv)  # x_scale 0: out = PE
     for start in (0, 100, 5000):
         offsets.fill_(start)
+        out.zero_()
         g.replay()
         truth = ref.sinusoidal_table_reference((torch.arange(16, device=DEV) + start).float(), 64)
         torch.testing.assert_close(out[1], truth.float(), rtol=0, atol=2e-6 * max(1, start / 100))
 
 
-def test_sinusoidal_aliasing_checks():
-    inv = _inv_freq(32, 10000.0, 0.0, DEV, torch.float32)
-    out = torch.full((1, 1, 64), float("nan"), device=DEV)
-    with pytest.raises(RuntimeError, match="out has internally overlapping memory"):
-        _native_sin(None, out.expand(2, 3, 64), inv)
-    buf = torch.randn(1, 6, 64, device=DEV)
-    buf0 = buf.clone()
-    with pytest.raises(RuntimeError, match="out overlaps x without being exactly x"):
-        _native_sin(buf[:, :5], buf[:, 1:], inv)
-    assert torch.equal(buf, buf0), "nothing may be written before an error"
-    # in place through another tensor object with the same layout is fine
-    x = buf[:, :5]
-    truth = ref.add_sinusoidal_reference(x.clone())
-    _native_sin(x, x.view_as(x), inv)
-    torch.testing.assert_close(x, truth.float(), rtol=1e-5, atol=1e-5)
+@needs_port
+def test_sinusoidal_errors():
+    with pytest.raises((RuntimeError, ValueError), match="internally overlapping"):
+        pk.add_sinusoidal_(torch.randn(1, 1, 64, device=DEV).expand(2, 3, 64))
+    x = torch.randn(2, 3, 128, device=DEV)[..., ::2]  # channel stride 2: refused by the CUDA kernel
+    with pytest.raises(RuntimeError, match=r"stride\(-1\) == 1"):
+        torch.ops.posenc.add_sinusoidal.default(x, None, None, 0, 1.0, 10000.0, True, False, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+        torch.ops.posenc.add_sinusoidal.default(x.contiguous(), None, torch.zeros(2, dtype=torch.long, device=DEV), 3,
+                                                1.0, 10000.0, True, False, 0.0, 1.0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,21 +742,32 @@ def test_sinusoidal_aliasing_checks():
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_public_api_native_backend(interleaved):
+def test_public_api_native_backend(interleaved, monkeypatch):
     q, k = _qk(2, 13, 8, 2, 128, torch.bfloat16, "bhsd")
     cos, sin = pk.rope_cos_sin(64, pk.rope_frequencies(128)[0].to(DEV))
     positions = torch.randint(0, 64, (2, 13), device=DEV)
+    x = torch.randn(2, 9, 64, device=DEV, dtype=torch.float16)
+    real = registry.run_python
+
+    def no_python(spec, backend, args):  # the ops with a native CUDA kernel must not run a Python one
+        assert not (spec.native and spec.name in _native.ops_for("CUDA")), f"{spec.name} ran {backend}"
+        return real(spec, backend, args)
+
     with pk.use_backend("native"):
+        assert registry.registered_kernels("rope_")["BackendSelect"] == "chooser"
+        assert_native_cuda("rope_")
+        monkeypatch.setattr(registry, "run_python", no_python)
         qo, ko = pk.apply_rope(q, k, cos, sin, positions=positions, interleaved=interleaved)
-        x = torch.randn(2, 9, 64, device=DEV, dtype=torch.float16)
-        y = pk.add_sinusoidal(x, offset=3)
+        y = pk.add_sinusoidal(x, offsets=3) if PORTED else None
+        monkeypatch.setattr(registry, "run_python", real)
     with pk.use_backend("triton"):
         qt, kt = pk.apply_rope(q, k, cos, sin, positions=positions, interleaved=interleaved)
-        yt = pk.add_sinusoidal(x, offset=3)
+        yt = pk.add_sinusoidal(x, offsets=3) if PORTED else None
     _check_rope(qo, q, cos, sin, positions, interleaved, False, "public q")
     _check_rope(ko, k, cos, sin, positions, interleaved, False, "public k")
     # the two GPU backends agree to within an ulp or so of the storage type
     torch.testing.assert_close(qo, qt, rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(ko, kt, rtol=2 ** -7, atol=2 ** -7)
-    torch.testing.assert_close(y, yt, rtol=2 ** -10, atol=2 ** -10)
-    assert math.isfinite(y.float().sum().item())
+    if PORTED:
+        torch.testing.assert_close(y, yt, rtol=2 ** -10, atol=2 ** -10)
+        assert math.isfinite(y.float().sum().item())

@@ -17,7 +17,9 @@ Its implementations are registered with the dispatcher, never picked by the code
 The backend override - :func:`set_backend` (process default, ``POSENC_BACKEND``) and :func:`use_backend`
 (thread-local context) - is read by :func:`backend_for` alone. While a thread-local override is active a
 Python kernel on ``BackendSelect`` routes each call to the backend its thread asked for (native calls
-continue below it to the C++ kernel); without one that kernel is absent and costs nothing.
+continue below it to the C++ kernel); without one that kernel is absent and costs nothing. It also runs
+while the CUDA C++ kernels serve the CUDA key (``set_backend("native")`` on a CUDA build): they read no
+tensor values (no host sync), so the op's check, value checks included, runs there first.
 """
 
 from __future__ import annotations
@@ -224,9 +226,14 @@ def _chooser_kernel(spec: OpSpec):
 
     def kernel(keyset, *args):
         device_type = _device_type(spec, args)
-        if device_type not in ("cpu", "cuda") or backend_for(spec, device_type) == "native":
-            return spec.overload.redispatch(keyset - below, *args)  # meta tensors, or the C++ kernel
-        return run_python(spec, backend_for(spec, device_type), args)
+        if device_type not in ("cpu", "cuda"):
+            return spec.overload.redispatch(keyset - below, *args)  # meta tensors: the fake
+        backend = backend_for(spec, device_type)
+        if backend != "native":
+            return run_python(spec, backend, args)
+        if device_type == "cuda":  # the CUDA C++ kernels read no values (no sync): the check runs here
+            spec.check(*args, values=True)
+        return spec.overload.redispatch(keyset - below, *args)
 
     kernel.__name__ = f"posenc_{spec.name}_chooser"
     return kernel
@@ -315,14 +322,17 @@ def _sync() -> None:
                     lib.impl(s.name, _python_kernel(s), key)
 
             _set_library((key, "py"), build)
-    if overrides != ("chooser" in _libs):
+    # The router runs while an override is active, and whenever the CUDA C++ kernels serve the CUDA key (so
+    # their calls get the op's check, values included, which those kernels leave to Python).
+    route = overrides or bool(_native_on.get("CUDA"))
+    if route != ("chooser" in _libs):
 
         def build_chooser(lib):
             for s in _OPS.values():
                 if s.native:
                     lib.impl(s.name, _chooser_kernel(s), "BackendSelect", with_keyset=True)
 
-        _set_library("chooser", build_chooser if overrides else None)
+        _set_library("chooser", build_chooser if route else None)
 
 
 def finalize() -> None:

@@ -58,6 +58,8 @@ def _check_angles(a: RopeArgs, D: int, dev) -> int:
             check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
         if a.cos.shape != a.sin.shape:
             raise ValueError(f"cos and sin must have the same shape, got {tuple(a.cos.shape)} and {tuple(a.sin.shape)}")
+        if a.cos.dtype != a.sin.dtype:
+            raise TypeError(f"cos and sin must have the same dtype, got {a.cos.dtype} and {a.sin.dtype}")
         if a.attention_factor != 1.0:
             raise ValueError(
                 "attention_factor scales on-the-fly angles (inv_freq); tables carry it already "
