@@ -28,7 +28,7 @@ from .relative import (
 from .ops.rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
 from .rotary import RotaryEmbedding
 from .schedules import ROPE_TYPES, rope_frequencies
-from .sinusoidal import (
+from .ops.sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
     SinusoidalPositionalEncoding,
     add_sinusoidal,

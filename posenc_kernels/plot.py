@@ -89,7 +89,7 @@ def _save(fig, path: PathLike) -> Path:
 def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Path:
     """Heatmaps (positions x channels) of :func:`posenc_kernels.sinusoidal_table` in the Transformer's
     interleaved layout and in the ``[sin | cos]`` layout of tensor2tensor/fairseq."""
-    from .sinusoidal import SINUSOIDAL_CONVENTIONS, sinusoidal_table
+    from .ops.sinusoidal import SINUSOIDAL_CONVENTIONS, sinusoidal_table
 
     fig = _figure(11, 4.6)
     axes = fig.subplots(1, 2, sharey=True)
