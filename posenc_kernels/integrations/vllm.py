@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .._common import FLOAT_DTYPES, INT_DTYPES, check_tensor
+from ..ops.checks import FLOAT_DTYPES, INT_DTYPES, check_tensor
 from ..ops.rope import apply_rope_
 
 __all__ = ["rotary_embedding"]
