@@ -116,11 +116,16 @@ def _backward_impl(launch):
     return impl
 
 
+#: The launchers, per backend: ``add(x, out, table, positions)`` for ``[B, S, D]`` x/out, and
+#: ``grad(g, positions, out, padding_idx, deterministic)`` writing every element of ``out`` ``[P, D]``.
+ADD_LAUNCHERS = {"triton": pe_add_triton, "torch": pe_add_torch}
+GRAD_LAUNCHERS = {"triton": grad_table_triton, "torch": grad_table_torch}
+
 add_position_embedding_inplace = registry.define(
     "add_position_embedding_(Tensor(a!) x, Tensor table, Tensor positions, int? padding_idx) -> ()",
     check=lambda *args, values: check_add(*args, values=values, inplace=True),
     fake=lambda *args: None,
-    impls={"triton": _inplace_impl(pe_add_triton), "torch": _inplace_impl(pe_add_torch)},
+    impls={k: _inplace_impl(v) for k, v in ADD_LAUNCHERS.items()},
     native=True,
 )
 
@@ -128,7 +133,7 @@ add_position_embedding_out = registry.define(
     "add_position_embedding(Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic) -> Tensor",
     check=lambda *args, values: check_add(*args, values=values, inplace=False),
     fake=lambda x, *rest: torch.empty_like(x),
-    impls={"triton": _functional_impl(pe_add_triton), "torch": _functional_impl(pe_add_torch)},
+    impls={k: _functional_impl(v) for k, v in ADD_LAUNCHERS.items()},
     native=True,
 )
 
@@ -139,7 +144,7 @@ position_embedding_backward = registry.define(
     fake=lambda grad, positions, num_rows, padding_idx, deterministic, dtype: grad.new_empty(
         (num_rows, grad.shape[-1]), dtype=dtype
     ),
-    impls={"triton": _backward_impl(grad_table_triton), "torch": _backward_impl(grad_table_torch)},
+    impls={k: _backward_impl(v) for k, v in GRAD_LAUNCHERS.items()},
 )
 
 
