@@ -92,18 +92,19 @@ if HAS_TRITON:
             tl.store(out_ptr + o_tok + last * stride_o_d, val.to(out_ptr.dtype.element_ty), mask=m_last)
 
 
-_ANGLES_PER_PROGRAM = 2048
+_ANGLES_PER_PROGRAM = 1024
 
 
 def sinusoidal_blocks(half: int, seqlen: int):
-    """Tile heuristic: about 2048 angles (4096 outputs) per program over 8 warps, ~8 sin/cos pairs per
-    thread; up to 128 frequencies wide, the rest in tokens (of one sequence: at most its length). Chosen by
-    compiling the candidates for sm_90 with Triton 3.6 and 3.9: this one spills in neither (1024 angles
-    over 4 warps spilled 4 bytes in libdevice's sinf slow path, 256-wide tiles spilled 20 bytes for odd D);
+    """Tile heuristic: about 1024 angles (2048 outputs) per program over 4 warps, ~8 sin/cos pairs per
+    thread; up to 64 frequencies wide, the rest in tokens (of one sequence: at most its length). Chosen by
+    compiling the candidates for sm_90 with Triton 3.9 (tests/static_compile.py cases, plus both table
+    layouts): 64 x 16 over 4 warps spills in none; the earlier 128 x 16 over 8 warps spilled 8-12 bytes in
+    libdevice's sinf slow path for tables once the grid became (B * token blocks, frequency blocks).
     tests/test_static_ptx.py keeps it so."""
-    block_c = max(1, min(next_pow2(half), 128))
+    block_c = max(1, min(next_pow2(half), 64))
     block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(seqlen), 64))
-    num_warps = prev_pow2(min(8, max(1, block_t * block_c // 256)))
+    num_warps = prev_pow2(min(4, max(1, block_t * block_c // 256)))
     return block_c, block_t, num_warps
 
 
