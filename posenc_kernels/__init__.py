@@ -8,14 +8,14 @@ interpreter when ``TRITON_INTERPRET=1`` is set before import. :func:`set_backend
 
 from .ops.checks import set_value_checks
 from .ops.registry import get_backend, interpreter_enabled, set_backend, use_backend
-from .learned import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
+from .ops.learned import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
 from .positions import (
     fairseq_positions,
     opt_positions,
     position_ids_from_attention_mask,
     positions_from_cu_seqlens,
 )
-from .relative import (
+from .ops.relative import (
     T5RelativePositionBias,
     alibi_bias,
     alibi_score_mod,
@@ -28,7 +28,7 @@ from .relative import (
 from .ops.rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
 from .rotary import RotaryEmbedding
 from .schedules import ROPE_TYPES, rope_frequencies
-from .sinusoidal import (
+from .ops.sinusoidal import (
     SINUSOIDAL_CONVENTIONS,
     SinusoidalPositionalEncoding,
     add_sinusoidal,

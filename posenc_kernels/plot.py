@@ -89,7 +89,7 @@ def _save(fig, path: PathLike) -> Path:
 def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Path:
     """Heatmaps (positions x channels) of :func:`posenc_kernels.sinusoidal_table` in the Transformer's
     interleaved layout and in the ``[sin | cos]`` layout of tensor2tensor/fairseq."""
-    from .sinusoidal import SINUSOIDAL_CONVENTIONS, sinusoidal_table
+    from .ops.sinusoidal import SINUSOIDAL_CONVENTIONS, sinusoidal_table
 
     fig = _figure(11, 4.6)
     axes = fig.subplots(1, 2, sharey=True)
@@ -239,14 +239,14 @@ def plot_rope_decay(
 # ==============================================================================================
 # 3. ALiBi and T5 relative biases
 # ==============================================================================================
-# The matrices come from posenc_kernels.relative, the package's own kernels.
+# The matrices come from posenc_kernels.ops.relative, the package's own kernels.
 
 
 def plot_alibi(
     path: PathLike, *, num_heads: int = 8, length: int = 24, heads: Optional[Sequence[int]] = None
 ) -> Path:
     """Causal ALiBi bias matrices ``slope_h * (key - query)`` for a few heads, and every head's slope."""
-    from . import relative
+    from .ops import relative
 
     if heads is None:  # first, middle and last head
         heads = sorted({0, (num_heads - 1) // 2, num_heads - 1})
@@ -283,7 +283,7 @@ def plot_t5(path: PathLike, *, length: int = 160, num_buckets: int = 32, max_dis
     reads) for the bidirectional encoder and the causal decoder: exact near the diagonal, logarithmic
     further out, one shared bucket beyond ``max_distance``."""
     table = torch.arange(num_buckets, dtype=torch.float32)[:, None]  # one head whose bias is its bucket id
-    from . import relative
+    from .ops import relative
 
     fig = _figure(11, 5.0)
     axes = fig.subplots(1, 2)

@@ -30,8 +30,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _common
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_tensor, on_cuda_graph_capture
+from .ops.checks import FLOAT_DTYPES, INT_DTYPES, check_tensor, on_cuda_graph_capture, value_checks_on
 
 __all__ = [
     "position_ids_from_attention_mask",
@@ -80,7 +79,7 @@ def _check_mask(attention_mask, past_length) -> int:
 def _values_checked(device: torch.device) -> bool:
     """Whether checks that read tensor values may run now: they cost a device-to-host sync, so they are
     skipped while a CUDA graph is captured, while torch.compile traces, or when turned off."""
-    return _common.value_checks_on(device) and not torch.compiler.is_compiling()
+    return value_checks_on(device) and not torch.compiler.is_compiling()
 
 
 # ==============================================================================================

@@ -11,7 +11,7 @@ import torch
 
 import posenc_kernels as pk
 from posenc_kernels import _native
-from posenc_kernels._common import HAS_TRITON
+from posenc_kernels.ops.registry import HAS_TRITON
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = pk.interpreter_enabled()
@@ -30,16 +30,19 @@ def _seed():
     pk.set_backend("auto")
 
 
-# The native C++ extension has kernels for RoPE and the sinusoidal ops: their suites run on it too when it
-# is built (CI builds it; tests/test_native.py fails there if it is missing).
+# The native C++ extension has CPU kernels for RoPE, the sinusoidal and the learned ops: their suites run
+# on it too when it is built (CI builds it; tests/test_native.py fails there if it is missing). Each module
+# names an op whose native kernel it needs.
+NATIVE_MODULES = {"test_rope": "rope_", "test_rope_long": "rope_", "test_sinusoidal": "add_sinusoidal_",
+                  "test_learned": "add_position_embedding_"}  # fmt: skip
 NATIVE_CPU = DEVICE.type == "cpu" and "rope_" in _native.ops_for("CPU")
-NATIVE_MODULES = ("test_rope", "test_rope_long", "test_sinusoidal")
 
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         names = list(BACKENDS)
-        if NATIVE_CPU and metafunc.module.__name__ in NATIVE_MODULES:
+        op = NATIVE_MODULES.get(metafunc.module.__name__)
+        if DEVICE.type == "cpu" and op is not None and op in _native.ops_for("CPU"):
             names.append("native")
         metafunc.parametrize("backend", names, indirect=True)
 

@@ -23,10 +23,10 @@ try:
 except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
 
-import posenc_kernels.learned as learned  # noqa: E402
-import posenc_kernels.relative as relative  # noqa: E402
+import posenc_kernels.ops.learned.kernel as learned  # noqa: E402
+import posenc_kernels.ops.relative.kernel as relative  # noqa: E402
 import posenc_kernels.ops.rope.kernel as rope  # noqa: E402
-import posenc_kernels.sinusoidal as sinus  # noqa: E402
+import posenc_kernels.ops.sinusoidal.kernel as sinus  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -197,8 +197,6 @@ def main():
     rec = Recorder(None)
     sin_jit = sinus._sinusoidal_kernel
     sinus._sinusoidal_kernel = rec
-    # resolve_backend picks torch on CPU; force the Triton path for the recorder.
-    sinus.resolve_backend = lambda device, native=None: "triton"
     sin_cases = {
         "add_sinusoidal_bf16_d4096": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, True),
         "add_sinusoidal_bf16_d4096_halves": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, False),
@@ -207,7 +205,8 @@ def main():
     }
     for name, (x, has_x, interleaved) in sin_cases.items():
         rec.calls.clear()
-        sinus._sinusoidal_launch(x if has_x else None, x, None, None, 0, 1.0, 1e4, interleaved, False, 0.0, 1.0)
+        inv_freq = torch.empty(x.shape[-1] // 2, dtype=torch.float32)
+        sinus.sinusoidal_triton(x if has_x else None, x, None, None, 0, 1.0, inv_freq, 1.0, interleaved, False)
         (grid, args, kwargs), = rec.calls
         out[name] = facts(compile_call(sin_jit, args, kwargs))
     out.update(learned_cases())
@@ -229,15 +228,13 @@ def record(module, kernel_name, launch):
 
 
 def learned_cases():
-    learned.resolve_backend = lambda device, native=None: "triton"
-
     def fwd(B, S, D, dt, tdt):
         x, t = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=tdt)
-        return lambda: learned._pe_add_launch(x, x, t, torch.zeros(B, S, dtype=torch.int64))
+        return lambda: learned.pe_add_triton(x, x, t, torch.zeros(B, S, dtype=torch.int64))
 
     def bwd(B, S, D, dt, det):
         g, out = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=dt)
-        return lambda: learned._grad_table_triton(g, torch.zeros(B, S, dtype=torch.int64), out, -1, det)
+        return lambda: learned.grad_table_triton(g, torch.zeros(B, S, dtype=torch.int64), out, -1, det)
 
     return {
         "learned_add_gpt2_bf16_d768": record(learned, "_pe_add_kernel", fwd(8, 1024, 768, torch.bfloat16, torch.bfloat16)),
@@ -251,15 +248,15 @@ def learned_cases():
 def relative_cases():
     def alibi(H, Lq, Lk, dt):
         out, slopes = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(H)
-        return lambda: relative._alibi_triton(out, slopes, Lq, Lk, True, 0)
+        return lambda: relative.alibi_triton(out, slopes, Lq, Lk, True, 0)
 
     def t5(H, Lq, Lk, dt):
         out, table = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(32, H)
-        return lambda: relative._t5_triton(out, table, Lq, Lk, 0, True, 128)
+        return lambda: relative.t5_triton(out, table, Lq, Lk, 0, True, 128)
 
     def t5_bwd():
         grad, gtable = torch.empty(32, 1024, 1024), torch.empty(32, 32)
-        return lambda: relative._t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
+        return lambda: relative.t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
 
     def record_both():
         # The backward launches two kernels: record both in one run.

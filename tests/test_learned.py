@@ -4,15 +4,10 @@ import pytest
 import torch
 
 import posenc_kernels as pk
-from posenc_kernels import _reference_learned as ref
-from posenc_kernels import learned
-from posenc_kernels.learned import (
-    LearnedPositionEmbedding,
-    _grad_table_launch,
-    _pe_add_launch,
-    add_position_embedding,
-    add_position_embedding_,
-)
+from posenc_kernels import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
+from posenc_kernels import reference as ref
+from posenc_kernels.ops import registry
+from posenc_kernels.ops.learned import op as learned_op
 
 from conftest import DEVICE, DTYPES, INTERPRET, assert_dtype_tolerance, max_err, ulp_err
 from posenc_kernels import get_backend
@@ -119,7 +114,16 @@ def test_non_contiguous_in_place(backend):
     assert torch.equal(buf[mask], before[mask])
 
 
+def _grad_backend(backend):
+    """The backend the table-gradient op runs under ``backend`` (it has no native kernel: "native" runs it
+    as "auto" does)."""
+    return registry.backend_for(registry.spec("position_embedding_backward"), DEVICE.type)
+
+
 def test_launcher_writes_every_element(backend):
+    if backend not in learned_op.ADD_LAUNCHERS:
+        pytest.skip("the native kernels write outputs they allocate themselves")
+    _pe_add_launch = learned_op.ADD_LAUNCHERS[backend]
     for D, pos in [(17, rand_pos(2, 5)), (32, rand_pos(5)), (1, rand_pos(2, 5))]:
         x = torch.randn(2, 5, D, device=DEVICE)
         table = torch.randn(P, D, device=DEVICE, dtype=torch.bfloat16)
@@ -132,6 +136,7 @@ def test_launcher_writes_every_element(backend):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_grad_launcher_writes_every_element(backend, deterministic):
     """Table-gradient launcher into a NaN-poisoned [P, D] output: every row written, untouched rows zero."""
+    _grad_table_launch = learned_op.GRAD_LAUNCHERS[_grad_backend(backend)]
     for D, pos, pad in [(17, rand_pos(2, 5), 3), (32, rand_pos(5), -1), (8, torch.tensor([2, 2, 2], device=DEVICE), 2)]:
         g = torch.randn(2, pos.shape[-1], D, device=DEVICE)
         out = torch.full((P, D), float("nan"), device=DEVICE, dtype=torch.bfloat16)
@@ -252,8 +257,10 @@ def test_deterministic_is_bitwise_reproducible(backend, shared):
 
 def test_deterministic_none_follows_torch_setting(backend, monkeypatch):
     seen = []
-    real = learned._grad_table_launch
-    monkeypatch.setattr(learned, "_grad_table_launch", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    spec = registry.spec("position_embedding_backward")
+    name = _grad_backend(backend)
+    real = spec.impls[name]
+    monkeypatch.setitem(spec.impls, name, lambda *a: (seen.append(a[4]), real(*a))[1])
     x = torch.randn(2, 3, 8, device=DEVICE)
     table = torch.randn(P, 8, device=DEVICE, requires_grad=True)
     pos = rand_pos(2, 3)
@@ -355,7 +362,7 @@ def test_module(backend):
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
 @pytest.mark.parametrize(
     "case",
-    ["x_int", "x_rank", "x_stride", "x_type", "x_expanded", "table_int", "table_rank", "table_dim", "table_device",
+    ["x_int", "x_rank", "x_type", "x_expanded", "table_int", "table_rank", "table_dim", "table_device",
      "positions_float", "positions_bool", "positions_shape", "positions_device", "positions_list", "positions_high",
      "positions_negative", "padding_high", "padding_low", "padding_bool", "deterministic_type", "table_overlaps_x"],
 )  # fmt: skip
@@ -369,8 +376,6 @@ def test_bad_input(backend, case, inplace):
         x, exc, msg = x.to(torch.int32), TypeError, "x must have dtype"
     elif case == "x_rank":
         x, msg = torch.randn(2, 2, 5, 8, device=DEVICE), "x must have 2 or 3 dimensions"
-    elif case == "x_stride":
-        x, msg = torch.randn(2, 5, 16, device=DEVICE)[..., ::2], r"x must have stride\(-1\) == 1"
     elif case == "x_type":
         x, exc, msg = x.tolist(), TypeError, "x must be a torch.Tensor"
     elif case == "x_expanded":
@@ -433,7 +438,6 @@ def test_bad_input(backend, case, inplace):
         ("grad_int", TypeError, "grad must have dtype"),
         ("num_rows", ValueError, "num_rows must be an int >= 0"),
         ("dtype", TypeError, "dtype must be a floating dtype"),
-        ("positions_high", ValueError, r"positions must lie in \[0, 4\)"),
         ("padding", ValueError, "padding_idx must lie in"),
     ],
 )
@@ -445,12 +449,21 @@ def test_backward_op_bad_input(backend, case, exc, msg):
         rows = -1
     elif case == "dtype":
         dtype = torch.int32
-    elif case == "positions_high":
-        pos[1] = 4
     elif case == "padding":
         pad = 4
     with pytest.raises(exc, match=msg):
         torch.ops.posenc.position_embedding_backward(g, pos, rows, pad, False, dtype)
+
+
+def test_backward_op_ignores_rows_outside_the_table(backend):
+    """The position values are checked once, by the forward; the backward op never re-checks them (its
+    tensors are forward's, saved and version-checked). Called directly with a row outside the table, it
+    stays in bounds: that token's gradient goes nowhere."""
+    g, pos = torch.randn(2, 3, 8, device=DEVICE), torch.tensor([0, 4, 2], device=DEVICE)
+    for det in (False, True):
+        out = torch.ops.posenc.position_embedding_backward(g, pos, 4, None, det, torch.float32)
+        ok = pos < 4
+        assert max_err(out, ref.position_embedding_grad_reference(g[:, ok], pos[ok], 4)) < 1e-5
 
 
 def test_inplace_autograd_errors_before_writing(backend):
@@ -484,10 +497,73 @@ def test_table_sharing_x_memory_through_another_dtype_is_refused(backend):
     assert torch.equal(x, before)
 
 
-def test_module_offset_for_decode(backend):
+def test_module_offsets_for_decode(backend):
     emb = pk.LearnedPositionEmbedding(16, 8).to(DEVICE)
     x = torch.randn(2, 1, 8, device=DEVICE)
     with torch.no_grad():
-        assert torch.allclose(emb(x, offset=5), x + emb.weight[5])
+        assert torch.allclose(emb(x, offsets=5), x + emb.weight[5])
+        per_seq = torch.tensor([3, 9], device=DEVICE)  # per-sequence cache lengths
+        assert torch.allclose(emb(x, offsets=per_seq), x + emb.weight[per_seq][:, None])
+        assert torch.allclose(emb(x[0], offsets=2), x[0] + emb.weight[2])  # [T, D] tokens
         with pytest.raises(ValueError, match="not both"):
-            emb(x, torch.zeros(1, dtype=torch.long, device=DEVICE), offset=1)
+            emb(x, torch.zeros(1, dtype=torch.long, device=DEVICE), offsets=1)
+        with pytest.raises(TypeError):
+            emb(x, offset=5)  # one name per concept: offsets
+        with pytest.raises(ValueError, match=r"offsets must have shape \[B\]"):
+            emb(x, offsets=torch.tensor([1, 2, 3], device=DEVICE))
+        with pytest.raises(ValueError, match="positions must lie in"):
+            emb(x, offsets=16)  # past the table
+
+
+def _close(out, truth):
+    """Within one ulp of out's dtype (relative) of the float64 truth: one rounding on store."""
+    return torch.allclose(out.double(), truth.double(), rtol=torch.finfo(out.dtype).eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_strided_in_place(backend, dtype):
+    """x with a non-unit channel stride (every other channel of a wider buffer, odd D too), and a table
+    with one: written where x lives (no copy), the channels in between untouched; out of place too, and
+    the backward of a channel-strided upstream gradient."""
+    for D in (12, 9):
+        buf = torch.randn(2, 6, 2 * D, device=DEVICE, dtype=dtype)
+        before = buf.clone()
+        view = buf[..., ::2]
+        table = torch.randn(P, 2 * D, device=DEVICE)[:, 1::2]
+        pos = rand_pos(2, 6)
+        expect = ref.add_position_embedding_reference(view, table, pos)
+        assert _close(add_position_embedding(view, table, pos), expect)
+        ptr = view.data_ptr()
+        assert add_position_embedding_(view, table, pos) is view and view.data_ptr() == ptr
+        assert _close(view, expect)
+        assert torch.equal(buf[..., 1::2], before[..., 1::2]), "channels between the view's were written"
+    tw = torch.randn(P, 8, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 5, 16, device=DEVICE)[..., ::2]
+    pos = rand_pos(2, 5)
+    for det in (False, True):
+        (gt,) = torch.autograd.grad(add_position_embedding(torch.randn(2, 5, 8, device=DEVICE), tw, pos, deterministic=det), tw, g)
+        assert max_err(gt, ref.position_embedding_grad_reference(g, pos, P)) < 1e-5
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_inplace_on_a_leaf_clone_matches_eager(backend, dynamic):
+    """``f(x): add_position_embedding_(x, table, pos); return x`` on ``leaf.clone()`` compiled (aot_eager,
+    fullgraph): values and the gradients of the leaf and the table as in eager."""
+
+    def f(x, table, pos):
+        add_position_embedding_(x, table, pos, padding_idx=1)
+        return x
+
+    leaf = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    table = torch.randn(P, 8, device=DEVICE, requires_grad=True)
+    pos = rand_pos(2, 5)
+    g = torch.randn(2, 5, 8, device=DEVICE)
+    leaf_e, table_e = leaf.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    want = f(leaf_e.clone(), table_e, pos)
+    want.backward(g)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)(leaf.clone(), table, pos)
+    got.backward(g)
+    assert max_err(got, want) < 1e-6
+    assert torch.equal(leaf.grad, leaf_e.grad) and torch.equal(leaf.grad, g)
+    assert max_err(table.grad, table_e.grad) < 1e-6 and max_err(table.grad, ref.position_embedding_grad_reference(g, pos, P, padding_idx=1)) < 1e-5

@@ -6,14 +6,12 @@ import warnings
 import pytest
 import torch
 
-import posenc_kernels._reference_relative as ref
-from posenc_kernels.relative import (
+import posenc_kernels.reference as ref
+from posenc_kernels.ops.relative.buckets import bucket_layout
+from posenc_kernels.ops.relative.kernel import alibi_triton, t5_triton
+from posenc_kernels.ops.relative.torch_impl import alibi_torch, t5_torch
+from posenc_kernels.ops.relative import (
     T5RelativePositionBias,
-    _alibi_torch,
-    _alibi_triton,
-    _bucket_layout,
-    _t5_torch,
-    _t5_triton,
     alibi_bias,
     alibi_score_mod,
     alibi_slopes,
@@ -121,7 +119,7 @@ def test_alibi_causal_equals_bloom_through_softmax(backend):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_alibi_writes_every_element(causal):
-    runs = [_alibi_torch] + ([_alibi_triton] if TRITON_RUNS else [])
+    runs = [alibi_torch] + ([alibi_triton] if TRITON_RUNS else [])
     slopes = alibi_slopes(5, device=DEVICE)
     for fn in runs:
         for Lq, Lk, off in [(3, 200, 7), (37, 19, 0), (1, 1, 0)]:
@@ -179,7 +177,7 @@ def test_bucket_thresholds_are_exact(setting):
     from fractions import Fraction
 
     bidirectional, nb, md = setting
-    half, m, thr = _bucket_layout(nb, md, bidirectional)
+    half, m, thr = bucket_layout(nb, md, bidirectional)
     assert t5_bucket_thresholds(nb, md, bidirectional) == thr and len(thr) == half - m - 1
     R = half - m
     for k, t in enumerate(thr, start=1):
@@ -230,11 +228,11 @@ def test_t5_writes_every_element():
     table = torch.randn(32, 3, device=DEVICE)
     for Lq, Lk, off in [(3, 200, 7), (37, 19, 0), (1, 1, 0)]:
         truth = ref.t5_relative_bias_hf_eager(table.cpu(), Lq, Lk, q_offset=off)
-        out = _t5_torch(table, Lq, Lk, off, True, 128)  # the torch path returns a fresh dense tensor
+        out = t5_torch(table, Lq, Lk, off, True, 128)  # the torch path returns a fresh dense tensor
         assert out.is_contiguous() and torch.equal(out.cpu(), truth)
         if TRITON_RUNS:
             out = torch.full((3, Lq, Lk), float("nan"), device=DEVICE)
-            _t5_triton(out, table, Lq, Lk, off, True, 128)
+            t5_triton(out, table, Lq, Lk, off, True, 128)
             assert torch.equal(out.cpu(), truth)
 
 
@@ -519,7 +517,7 @@ def test_bad_input(call, exc, msg):
 
 
 def test_bucket_narrow_integer_dtypes_do_not_overflow():
-    from posenc_kernels.relative import t5_relative_bucket
+    from posenc_kernels import t5_relative_bucket
 
     wide = t5_relative_bucket(torch.tensor([-128, -1, 0, 5, 127]))
     assert torch.equal(t5_relative_bucket(torch.tensor([-128, -1, 0, 5, 127], dtype=torch.int8)).long(), wide)
@@ -532,6 +530,6 @@ def test_bucket_narrow_integer_dtypes_do_not_overflow():
 def test_bucket_keeps_the_exact_value_where_fp32_log_rounds_low():
     """num_buckets 34, max_distance 27, offset -18: log(18/8)/log(27/8) is exactly 2/3, so the bucket is
     8 + 6 = 14; HF's fp32 log lands on 13."""
-    from posenc_kernels.relative import t5_relative_bucket
+    from posenc_kernels import t5_relative_bucket
 
     assert t5_relative_bucket(torch.tensor([-18]), num_buckets=34, max_distance=27).item() == 14

@@ -8,7 +8,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import reference as ref
 from posenc_kernels.configs import MODEL_CONFIGS
-from posenc_kernels.sinusoidal import _sinusoidal_launch
+from posenc_kernels.ops.sinusoidal import op as sin_op
 
 from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
 
@@ -91,10 +91,18 @@ def test_table_empty_and_tiny(backend):
         pk.sinusoidal_table(torch.arange(3), 8, device="meta")
 
 
+def _launcher(backend):
+    """The backend's launcher (the native kernels allocate their own outputs: nothing to poison there)."""
+    if backend not in sin_op.LAUNCHERS:
+        pytest.skip("the native kernels write outputs they allocate themselves")
+    return sin_op.LAUNCHERS[backend]
+
+
 def test_table_writes_every_element(backend):
+    launcher = _launcher(backend)
     for dim, inter in [(9, True), (9, False), (64, True)]:
         out = torch.full((1, 11, dim), float("nan"), device=DEVICE)
-        _sinusoidal_launch(None, out, None, None, 3, 1.0, 10000.0, inter, False, 0.0, 1.0)
+        sin_op.run_launcher(launcher, None, out, None, None, 3, 1.0, 10000.0, inter, False, 0.0, 1.0)
         truth = truth_table(torch.arange(3, 14), dim, interleaved=inter)
         assert not torch.isnan(out).any()
         assert max_err(out[0], truth) < 1e-4
@@ -128,19 +136,19 @@ def check_add(x, *, inplace, what="", **kw):
 def test_add_model_widths(backend, config, dtype, inplace):
     d = MODEL_CONFIGS[config].hidden_size // 8  # scaled down for the interpreter; keeps the odd factors
     x = torch.randn(2, 13, d, device=DEVICE, dtype=dtype)
-    check_add(x, inplace=inplace, x_scale=math.sqrt(d), offset=3)
+    check_add(x, inplace=inplace, x_scale=math.sqrt(d), offsets=3)
 
 
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
 @pytest.mark.parametrize(
-    "mode", ["offset_tensor", "positions_2d", "positions_1d", "float_positions", "tokens_2d", "odd_dim", "halves_layout"]
+    "mode", ["offsets_tensor", "positions_2d", "positions_1d", "float_positions", "tokens_2d", "odd_dim", "halves_layout"]
 )
 def test_add_modes(backend, mode, inplace):
     B, S, D = 3, 7, 24
     x = torch.randn(B, S, D, device=DEVICE)
     kw = {}
-    if mode == "offset_tensor":
-        kw = dict(offset=torch.tensor([0, 100, 5], device=DEVICE))
+    if mode == "offsets_tensor":
+        kw = dict(offsets=torch.tensor([0, 100, 5], device=DEVICE))
     elif mode == "positions_2d":
         kw = dict(positions=torch.randint(0, 5000, (B, S), device=DEVICE))
     elif mode == "positions_1d":
@@ -149,7 +157,7 @@ def test_add_modes(backend, mode, inplace):
         kw = dict(positions=torch.rand(B, S, device=DEVICE) * 1000, **CONV["diffusers"])
     elif mode == "tokens_2d":
         x = torch.randn(11, D, device=DEVICE)
-        kw = dict(offset=2, **CONV["fairseq"])
+        kw = dict(offsets=2, **CONV["fairseq"])
     elif mode == "odd_dim":
         x = torch.randn(B, S, 25, device=DEVICE)
         kw = dict(x_scale=0.5, cos_first=True)
@@ -193,19 +201,50 @@ def test_add_non_contiguous_in_place(backend):
     buf = torch.randn(2, 10, 40, device=DEVICE)
     before = buf.clone()
     view = buf[:, ::3, 8:32]
-    expect = ref.add_sinusoidal_reference(view.clone(), offset=4)
-    pk.add_sinusoidal_(view, offset=4)
+    expect = ref.add_sinusoidal_reference(view.clone(), offsets=4)
+    pk.add_sinusoidal_(view, offsets=4)
     assert max_err(view, expect) < 1e-5
     mask = torch.ones_like(buf, dtype=torch.bool)
     mask[:, ::3, 8:32] = False
     assert torch.equal(buf[mask], before[mask])
 
 
+def _close(out, truth):
+    """Within one ulp of out's dtype (relative) of the float64 truth: one rounding on store."""
+    return torch.allclose(out.double(), truth.double(), rtol=torch.finfo(out.dtype).eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_add_channel_strided_in_place(backend, interleaved, dtype):
+    """A non-unit channel stride (every other channel of a wider buffer, odd D too): written where it
+    lives, no copy; the channels in between untouched. Out of place on such a view as well."""
+    for D in (12, 9):
+        buf = torch.randn(2, 6, 2 * D, device=DEVICE, dtype=dtype)
+        before = buf.clone()
+        view = buf[..., ::2]
+        assert view.stride(-1) == 2
+        kw = dict(offsets=torch.tensor([3, 0], device=DEVICE), x_scale=1.5, interleaved=interleaved)
+        expect = ref.add_sinusoidal_reference(view.clone(), **kw)
+        out = pk.add_sinusoidal(view, **kw)
+        assert _close(out, expect)
+        ptr = view.data_ptr()
+        assert pk.add_sinusoidal_(view, **kw) is view and view.data_ptr() == ptr
+        assert _close(view, expect)
+        assert torch.equal(buf[..., 1::2], before[..., 1::2]), "channels between the view's were written"
+        pos = torch.rand(6, device=DEVICE) * 100  # float positions through the channel-strided path
+        view2 = buf[..., 1::2]
+        expect = ref.add_sinusoidal_reference(view2.clone(), positions=pos, interleaved=interleaved)
+        pk.add_sinusoidal_(view2, positions=pos, interleaved=interleaved)
+        assert _close(view2, expect)
+
+
 def test_add_writes_every_element(backend):
+    launcher = _launcher(backend)
     for D, inter in [(17, True), (17, False), (32, True)]:
         x = torch.randn(2, 5, D, device=DEVICE)
         out = torch.full_like(x, float("nan"))
-        _sinusoidal_launch(x, out, None, None, 0, 2.0, 10000.0, inter, False, 0.0, 1.0)
+        sin_op.run_launcher(launcher, x, out, None, None, 0, 2.0, 10000.0, inter, False, 0.0, 1.0)
         assert not torch.isnan(out).any()
         assert max_err(out, ref.add_sinusoidal_reference(x, x_scale=2.0, interleaved=inter)) < 1e-5
 
@@ -236,10 +275,10 @@ def test_gradients(backend, inplace):
     xw = torch.randn(2, 6, 12, device=DEVICE, requires_grad=True)
     g = torch.randn(2, 6, 12, device=DEVICE)
     x = xw * 1.0
-    out = (pk.add_sinusoidal_ if inplace else pk.add_sinusoidal)(x, x_scale=3.0, offset=2)
+    out = (pk.add_sinusoidal_ if inplace else pk.add_sinusoidal)(x, x_scale=3.0, offsets=2)
     (gx,) = torch.autograd.grad(out, xw, g)
     x64 = xw.detach().double().requires_grad_()
-    (tx,) = torch.autograd.grad(ref.add_sinusoidal_reference(x64, x_scale=3.0, offset=2), x64, g.double())
+    (tx,) = torch.autograd.grad(ref.add_sinusoidal_reference(x64, x_scale=3.0, offsets=2), x64, g.double())
     assert max_err(gx, tx) < 1e-6
 
 
@@ -247,7 +286,7 @@ def test_gradcheck_float64(backend):
     x = torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     pos = torch.tensor([0.5, 3.0, 7.0], dtype=torch.float64, device=DEVICE)
     assert torch.autograd.gradcheck(lambda x: pk.add_sinusoidal(x, positions=pos, x_scale=1.5), (x,))
-    assert torch.autograd.gradcheck(lambda x: pk.add_sinusoidal_(x * 1.0, x_scale=-2.0, offset=4), (x,))
+    assert torch.autograd.gradcheck(lambda x: pk.add_sinusoidal_(x * 1.0, x_scale=-2.0, offsets=4), (x,))
 
 
 def test_inplace_autograd_rules(backend):
@@ -278,7 +317,7 @@ def test_opcheck(backend):
 
 
 def _embed(x, t):
-    h = pk.add_sinusoidal(x, x_scale=2.0, offset=1)
+    h = pk.add_sinusoidal(x, x_scale=2.0, offsets=1)
     h = h * 1.0
     pk.add_sinusoidal_(h, positions=t)
     return h + pk.sinusoidal_table(t, x.shape[-1], **CONV["diffusers"]).to(h.dtype)
@@ -295,6 +334,63 @@ def test_torch_compile_fullgraph(backend, compile_backend):
     out = torch.compile(_embed, fullgraph=True, backend=compile_backend)(x, t)
     (gc,) = torch.autograd.grad(out, x, g)
     assert max_err(out, eager) < 1e-5 and max_err(gc, ge) < 1e-6
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_inplace_on_a_leaf_clone_matches_eager(backend, dynamic):
+    """``f(x): add_sinusoidal_(x); return x`` on ``leaf.clone()``, compiled (aot_eager, fullgraph): values
+    and the gradient reaching the leaf (x_scale * g) as in eager."""
+
+    def f(x, offs):
+        pk.add_sinusoidal_(x, offsets=offs, x_scale=3.0, **CONV["fairseq"])
+        return x
+
+    leaf = torch.randn(2, 5, 12, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 5, 12, device=DEVICE)
+    offs = torch.tensor([4, 1], device=DEVICE)
+    eager_leaf = leaf.detach().clone().requires_grad_()
+    want = f(eager_leaf.clone(), offs)
+    want.backward(g)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)(leaf.clone(), offs)
+    got.backward(g)
+    assert max_err(got, want) < 1e-5
+    assert torch.allclose(leaf.grad, eager_leaf.grad) and torch.allclose(leaf.grad, 3.0 * g)
+
+
+def test_offsets_is_the_keyword(backend):
+    """One name per concept: per-sequence start positions are ``offsets`` (as in RoPE); ``offset=`` is gone."""
+    x = torch.randn(2, 4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="offset"):
+        pk.add_sinusoidal(x, offset=3)
+    with pytest.raises(TypeError, match="offset"):
+        pk.concat_sinusoidal(x, 4, offset=3)
+    enc = pk.SinusoidalPositionalEncoding(8)
+    assert max_err(enc(x, offsets=3), ref.add_sinusoidal_reference(x, offsets=3)) < 1e-5
+    with pytest.raises(TypeError, match="offsets must be an int or a \\[B\\] integer tensor"):
+        pk.add_sinusoidal(x, offsets=1.5)
+
+
+def test_table_factory_op_routes_by_device(backend):
+    """sinusoidal_table without positions has no tensor argument: its BackendSelect kernel picks the
+    backend from ``device`` (the override of this thread included), and meta devices get shapes."""
+    from posenc_kernels.ops import registry
+
+    assert registry.registered_kernels("sinusoidal_table")["BackendSelect"] == "factory"
+    ran = []
+    spec = registry.spec("sinusoidal_table")
+    impl = spec.impls.get(backend)
+    if impl is not None:
+        spec.impls[backend] = lambda *a: ran.append(backend) or impl(*a)
+    try:
+        pe = pk.sinusoidal_table(6, 8, device=DEVICE)
+    finally:
+        if impl is not None:
+            spec.impls[backend] = impl
+    assert ran == ([backend] if impl is not None else [])
+    assert max_err(pe, truth_table(torch.arange(6), 8)) < 1e-5
+    meta = torch.ops.posenc.sinusoidal_table.default(None, 5, 8, 1e4, True, False, 0.0, 1.0, torch.float16, "meta")
+    assert meta.device.type == "meta" and meta.shape == (5, 8) and meta.dtype == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +422,7 @@ def test_table_bad_input(kwargs, exc, msg):
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])
 @pytest.mark.parametrize(
     "case",
-    ["x_int", "x_rank", "x_stride", "positions_shape", "positions_bool", "positions_device", "offset_shape",
+    ["x_int", "x_rank", "positions_shape", "positions_bool", "positions_device", "offsets_shape",
      "both", "freq_shift_zero", "x_scale_nan", "x_expanded"],
 )  # fmt: skip
 def test_add_bad_input(backend, case, inplace):
@@ -337,18 +433,16 @@ def test_add_bad_input(backend, case, inplace):
         x, exc, msg = x.to(torch.int32), TypeError, "x must have dtype"
     elif case == "x_rank":
         x, msg = torch.randn(2, 2, 5, 8, device=DEVICE), "x must have 2 or 3 dimensions"
-    elif case == "x_stride":
-        x, msg = torch.randn(2, 5, 16, device=DEVICE)[..., ::2], "x must have stride"
     elif case == "positions_shape":
         kw, msg = dict(positions=torch.zeros(5, 2, device=DEVICE)), r"positions must have shape \[S\]"
     elif case == "positions_bool":
         kw, exc, msg = dict(positions=torch.zeros(5, dtype=torch.bool, device=DEVICE)), TypeError, "positions must be an integer or floating"
     elif case == "positions_device":
         kw, msg = dict(positions=torch.zeros(5, device="meta")), "positions must be on the same device"
-    elif case == "offset_shape":
-        kw, msg = dict(offset=torch.zeros(3, dtype=torch.long, device=DEVICE)), r"offset must have shape \[B\]"
+    elif case == "offsets_shape":
+        kw, msg = dict(offsets=torch.zeros(3, dtype=torch.long, device=DEVICE)), r"offsets must have shape \[B\]"
     elif case == "both":
-        kw, msg = dict(positions=torch.zeros(5, device=DEVICE), offset=2), "not both"
+        kw, msg = dict(positions=torch.zeros(5, device=DEVICE), offsets=2), "not both"
     elif case == "freq_shift_zero":
         x, kw, msg = torch.randn(2, 5, 2, device=DEVICE), dict(freq_shift=1.0), "divides by zero"
     elif case == "x_scale_nan":
@@ -375,15 +469,15 @@ def test_add_bad_input(backend, case, inplace):
     "shape,dim_pe,kw",
     [
         ((2, 7, 12), 8, {}),
-        ((11, 6), 5, dict(offset=3, **CONV["fairseq"])),
-        ((3, 4, 16), 16, dict(offset="tensor", interleaved=False, cos_first=True)),
+        ((11, 6), 5, dict(offsets=3, **CONV["fairseq"])),
+        ((3, 4, 16), 16, dict(offsets="tensor", interleaved=False, cos_first=True)),
         ((2, 5, 8), 6, dict(positions="float", **CONV["diffusers"])),
     ],
 )
 def test_concat_values(backend, shape, dim_pe, kw, dtype):
     kw = dict(kw)
-    if kw.get("offset") == "tensor":
-        kw["offset"] = torch.tensor([0, 9, 2], device=DEVICE)
+    if kw.get("offsets") == "tensor":
+        kw["offsets"] = torch.tensor([0, 9, 2], device=DEVICE)
     if kw.get("positions") == "float":
         kw["positions"] = torch.rand(shape[1], device=DEVICE) * 500
     x = torch.randn(*shape, device=DEVICE, dtype=dtype)
@@ -398,7 +492,7 @@ def test_concat_values(backend, shape, dim_pe, kw, dtype):
 def test_concat_grad_opcheck_compile(backend):
     x = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
     g = torch.randn(2, 5, 14, device=DEVICE)
-    (gx,) = torch.autograd.grad(pk.concat_sinusoidal(x, 6, offset=2), x, g)
+    (gx,) = torch.autograd.grad(pk.concat_sinusoidal(x, 6, offsets=2), x, g)
     assert torch.equal(gx, g[..., :8])
     x64 = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: pk.concat_sinusoidal(t, 4), (x64,))
@@ -415,7 +509,7 @@ def test_concat_grad_opcheck_compile(backend):
     [
         (dict(dim_pe=0), ValueError, "dim_pe must be a positive int"),
         (dict(dim_pe=2, freq_shift=1.0), ValueError, "divides by zero"),
-        (dict(dim_pe=4, offset=torch.zeros(3, dtype=torch.long)), ValueError, r"offset must have shape \[B\]"),
+        (dict(dim_pe=4, offsets=torch.zeros(3, dtype=torch.long)), ValueError, r"offsets must have shape \[B\]"),
         (dict(dim_pe=4, x=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, "x must have dtype"),
     ],
 )

@@ -51,6 +51,28 @@ def prev_pow2(n: int) -> int:
     return 1 if n < 1 else 1 << (int(n).bit_length() - 1)
 
 
+I32_MAX = 2**31 - 1
+
+
+def max_element_offset(t: Optional[torch.Tensor]) -> int:
+    """The largest element offset a kernel can form for ``t`` (its extent), to choose 32/64-bit indexing."""
+    if t is None:
+        return 0
+    return t.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+
+
+def reraise_with_check(error: Exception, check, *args, **kwargs):
+    """A native kernel refused a call: raise the op's own check's message for it (what its fake and its
+    Python implementations raise, so eager and compiled code raise alike), else the kernel's error."""
+    try:
+        check(*args, values=True, **kwargs)
+    except (TypeError, ValueError, RuntimeError):
+        raise
+    except Exception:  # arguments the check cannot even inspect: the dispatcher's message says it best
+        raise error from None
+    raise error
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s CUDA device current for a Triton launch (Triton launches on the current device)."""
     if t.device.type == "cuda":

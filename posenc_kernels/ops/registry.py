@@ -20,6 +20,13 @@ Python kernel on ``BackendSelect`` routes each call to the backend its thread as
 continue below it to the C++ kernel); without one that kernel is absent and costs nothing. It also runs
 while the CUDA C++ kernels serve the CUDA key (``set_backend("native")`` on a CUDA build): they read no
 tensor values (no host sync), so the op's check, value checks included, runs there first.
+
+Factory ops (``define(..., factory=True)``: ``sinusoidal_table``, whose only tensor argument is optional)
+give the dispatcher no tensor to pick a key from. They get a permanent Python ``BackendSelect`` kernel that
+picks the backend from their ``device`` argument, as ATen's factory functions do: it runs the Python
+implementation itself, or redispatches to the CPU/CUDA key for the C++ kernel (Meta for meta devices).
+It reads the override through :func:`backend_for` on every call, so it is also that op's router: the
+override's router is never installed for a factory op.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class OpSpec:
     native: bool = False
     mutated: tuple = ()  # argument indices the op writes
     device_arg: int = 0  # the argument whose device picks the kernel
+    factory: bool = False  # picks its key from a Device argument on BackendSelect (see the module docstring)
     overload: Optional[torch._ops.OpOverload] = None
     kernels: dict = field(default_factory=dict)  # key -> the Python kernel registered for it
 
@@ -239,6 +247,25 @@ def _chooser_kernel(spec: OpSpec):
     return kernel
 
 
+def _factory_kernel(spec: OpSpec):
+    """The permanent BackendSelect kernel of a factory op: the backend of its ``device`` argument."""
+    device_arg = next(i for i, a in enumerate(spec.overload._schema.arguments) if a.type.kind() == "DeviceObjType")
+    keys = {"cpu": DispatchKey.CPU, "cuda": DispatchKey.CUDA, "meta": DispatchKey.Meta}
+
+    def kernel(keyset, *args):
+        device_type = torch.device(args[device_arg]).type
+        if device_type in ("cpu", "cuda"):
+            backend = backend_for(spec, device_type)
+            if backend != "native":
+                return run_python(spec, backend, args)
+        elif device_type not in keys:
+            raise RuntimeError(f"posenc::{spec.name} has no kernel for device {device_type!r}")
+        return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)  # C++ or Meta
+
+    kernel.__name__ = f"posenc_{spec.name}_factory"
+    return kernel
+
+
 def _inplace_view_kernel(spec: OpSpec):
     """ADInplaceOrView without the extension: what the dispatcher does for aten's in-place ops."""
 
@@ -251,16 +278,18 @@ def _inplace_view_kernel(spec: OpSpec):
     return kernel
 
 
-def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native: bool = False, device_arg: int = 0):
+def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native: bool = False, device_arg: int = 0,
+           factory: bool = False):
     """Define op ``posenc::<name>`` from ``schema`` (its one definition) and record its implementations;
-    returns its default overload. Kernels are registered by :func:`finalize` (after every family)."""
+    returns its default overload. Kernels are registered by :func:`finalize` (after every family).
+    ``factory``: the op's key comes from its ``Device`` argument (a permanent BackendSelect kernel)."""
     name = schema.split("(", 1)[0]
     if name in _OPS:
         raise RuntimeError(f"posenc::{name} is defined twice")
     LIB.define(schema)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
     mutated = tuple(i for i, a in enumerate(overload._schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
-    spec = OpSpec(name, schema, check, fake, dict(impls), native, mutated, device_arg, overload)
+    spec = OpSpec(name, schema, check, fake, dict(impls), native, mutated, device_arg, factory, overload)
     _OPS[name] = spec
 
     def _fake(*args):
@@ -284,6 +313,8 @@ def _register_static(spec: OpSpec) -> None:
     for key in _KEYS:
         if not (spec.native and spec.name in _native.ops_for(key)):
             lib.impl(spec.name, _python_kernel(spec), key)
+    if spec.factory:
+        lib.impl(spec.name, _factory_kernel(spec), "BackendSelect", with_keyset=True)
 
 
 def _set_library(slot, build: Optional[Callable]) -> None:
@@ -329,7 +360,7 @@ def _sync() -> None:
 
         def build_chooser(lib):
             for s in _OPS.values():
-                if s.native:
+                if s.native and not s.factory:  # a factory op's permanent BackendSelect kernel routes already
                     lib.impl(s.name, _chooser_kernel(s), "BackendSelect", with_keyset=True)
 
         _set_library("chooser", build_chooser if route else None)
@@ -373,5 +404,8 @@ def registered_kernels(name: str) -> dict:
             out[key] = "native"
         elif torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key):
             out[key] = "python"
-    out["BackendSelect"] = "chooser" if "chooser" in _libs else None
+    if _OPS[name].factory:
+        out["BackendSelect"] = "factory"
+    else:
+        out["BackendSelect"] = "chooser" if "chooser" in _libs and _OPS[name].native else None
     return out

@@ -1,4 +1,4 @@
-"""Pure-torch references for the learned position embeddings (``learned.py``), written for clarity.
+"""Learned position embedding references, written for clarity.
 
 * ``add_position_embedding_reference``: the definition, computed in float64 (or a dtype you pass); run it
   on tensors that require grad for the reference gradients (``F.embedding`` gives the padding row none).

@@ -1,4 +1,5 @@
-"""Pure-torch references for the relative position biases (ALiBi, T5 buckets); re-exported by ``reference``.
+"""Relative position bias references (ALiBi, T5 buckets), written for clarity; re-exported by
+``posenc_kernels.reference``.
 
 Two kinds, as in ``reference.py``:
 

@@ -1,0 +1,182 @@
+"""Learned absolute position embeddings (GPT-2 ``wpe``, BERT, OPT, ViT): the public functions and the
+module. They coerce arguments and call the ops (:mod:`.op`, which states the contract); the ops validate
+and dispatch.
+
+* Forward: one pass, ``x[b, s] + table[positions[b, s]]`` gathered and added in fp32 registers (fp64 when
+  x or the table is fp64), cast to x's dtype on store.
+* Backward: x gets the upstream gradient unchanged; the table gets ``sum`` of the gradient rows of the
+  tokens that read each row (repeated positions summed, the ``padding_idx`` row zero), accumulated in fp32
+  (fp64 for fp64 tables) and returned in the table's dtype: atomic adds, or with ``deterministic=True``
+  (or ``None`` while ``torch.are_deterministic_algorithms_enabled()``) a sorted, bitwise reproducible sum.
+
+Under ``torch.compile`` the in-place function traces the out-of-place op and copies its result into x
+(``Tensor.copy_``), as RoPE's does: PyTorch 2.13 drops the backward of a traced autograd.Function that
+marks its input dirty.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..checks import check_inplace_autograd, check_tensor, reraise_with_check, split_offsets
+from ..positions import check_position_args, token_positions
+from .op import (
+    AddPositionEmbeddingInplaceFunction,
+    add_position_embedding_inplace,
+    add_position_embedding_out,
+    check_add,
+    norm_padding_idx,
+)
+
+__all__ = ["add_position_embedding_", "add_position_embedding", "LearnedPositionEmbedding"]
+
+
+def _check_arg_types(x, table, positions, padding_idx) -> None:
+    """The argument kinds, checked before the op's schema would reject them with a generic message."""
+    check_tensor("x", x)
+    check_tensor("table", table)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
+    if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+
+
+def _resolve_deterministic(deterministic: Optional[bool]) -> bool:
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+    return deterministic
+
+
+def add_position_embedding_(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    padding_idx: Optional[int] = None,
+    deterministic: Optional[bool] = None,
+) -> torch.Tensor:
+    """In place ``x <- x + table[positions]`` in one pass (fused gather + add, fp32 math). Returns ``x``.
+
+    ``x`` is ``[B, S, D]`` or ``[T, D]`` (any strides), ``table`` ``[P, D]`` of any
+    float dtype, ``positions`` integer ``[B, S]`` or ``[S]`` (``[T]`` for 2-D x) in ``[0, P)``.
+    Differentiable w.r.t. x and table (PyTorch's in-place rules apply to x). The table's gradient sums the
+    gradient rows of repeated positions and leaves the ``padding_idx`` row zero; ``deterministic=True``
+    (or None while ``torch.are_deterministic_algorithms_enabled()``) makes it bitwise reproducible.
+
+    >>> import torch
+    >>> from posenc_kernels import add_position_embedding_
+    >>> x, table = torch.zeros(2, 3, 4), torch.randn(10, 4)
+    >>> pos = torch.tensor([7, 0, 7])
+    >>> y = add_position_embedding_(x, table, pos)
+    >>> y is x, torch.equal(x[1, 2], table[7])
+    (True, True)
+    """
+    _check_arg_types(x, table, positions, padding_idx)
+    det = _resolve_deterministic(deterministic)
+    if torch.compiler.is_compiling():  # see the module docstring
+        x.copy_(add_position_embedding_out(x, table, positions, padding_idx, det))
+        return x
+    if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
+        # Autograd's in-place errors, raised before anything is written: for x itself when it requires grad,
+        # and, when only the table does, for views autograd refuses to let become part of a graph.
+        check_inplace_autograd("x", x, grad_from_other_input=table.requires_grad)
+        op, args = AddPositionEmbeddingInplaceFunction.apply, (x, table, positions, padding_idx, det)
+    else:
+        op, args = add_position_embedding_inplace, (x, table, positions, padding_idx)
+    try:
+        op(*args)
+    except (RuntimeError, ValueError, TypeError) as e:
+        reraise_with_check(e, check_add, x, table, positions, padding_idx, inplace=True)
+    return x
+
+
+def add_position_embedding(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    padding_idx: Optional[int] = None,
+    deterministic: Optional[bool] = None,
+) -> torch.Tensor:
+    """Out-of-place twin of :func:`add_position_embedding_`: returns ``x + table[positions]``, x untouched.
+
+    >>> import torch
+    >>> from posenc_kernels import add_position_embedding
+    >>> table = torch.randn(16, 8, requires_grad=True)
+    >>> y = add_position_embedding(torch.randn(2, 5, 8), table, torch.arange(5), padding_idx=0)
+    >>> y.sum().backward()
+    >>> table.grad[0].abs().sum().item(), table.grad[1, 0].item(), table.grad[5:].abs().sum().item()
+    (0.0, 2.0, 0.0)
+    """
+    _check_arg_types(x, table, positions, padding_idx)
+    det = _resolve_deterministic(deterministic)
+    try:
+        return add_position_embedding_out(x, table, positions, padding_idx, det)
+    except (RuntimeError, ValueError, TypeError) as e:
+        reraise_with_check(e, check_add, x, table, positions, padding_idx, det, inplace=False)
+
+
+class LearnedPositionEmbedding(torch.nn.Module):
+    """A learned ``[num_positions, dim]`` table (``weight``, initialised N(0, 0.02), the padding row zero);
+    ``forward(x, positions)`` returns ``x + weight[positions]`` out of place, fused.
+
+    ``positions`` defaults to ``0..S-1``. ``weight`` is named as nn.Embedding's, so GPT-2's ``wpe.weight``
+    loads into it.
+
+    >>> import torch
+    >>> from posenc_kernels import LearnedPositionEmbedding
+    >>> wpe = LearnedPositionEmbedding(1024, 16)
+    >>> wpe(torch.randn(2, 7, 16)).shape
+    torch.Size([2, 7, 16])
+    >>> LearnedPositionEmbedding(8, 4, padding_idx=1).weight[1].abs().sum().item()
+    0.0
+    """
+
+    def __init__(
+        self,
+        num_positions: int,
+        dim: int,
+        *,
+        padding_idx: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        for name, v in (("num_positions", num_positions), ("dim", dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.num_positions, self.dim = num_positions, dim
+        self.padding_idx = None if padding_idx is None else norm_padding_idx(padding_idx, num_positions)
+        self.weight = torch.nn.Parameter(torch.empty(num_positions, dim, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=0.02)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].zero_()
+
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, offsets=0) -> torch.Tensor:
+        """``x + weight[positions]``; without positions, token ``(b, s)`` sits at ``offsets + s`` (an int, or
+        a ``[B]`` tensor: decode passes the cache length, as with :class:`SinusoidalPositionalEncoding`)."""
+        if positions is None:
+            offsets_t, offset = split_offsets(offsets)
+            if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+                check_tensor("x", x, ndim=(2, 3))
+            x3 = x.unsqueeze(0) if x.dim() == 2 else x
+            if offsets_t is not None:
+                check_position_args(None, offsets_t, 0, batch=x3.shape[0], seqlen=x3.shape[1], device=x.device)
+            positions = token_positions(None, offsets_t, offset, x3.shape[0], x3.shape[1], x.device)
+            if offsets_t is None:
+                positions = positions[0]  # one row for every sequence: [S]
+        elif not (type(offsets) is int and offsets == 0):
+            raise ValueError("pass positions or offsets, not both")
+        return add_position_embedding(x, self.weight, positions, padding_idx=self.padding_idx)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_positions}, {self.dim}{pad}"

@@ -1,0 +1,186 @@
+"""Learned position embedding ops: the schemas (their one definition), the checks shared by the fakes and
+every implementation, the implementations per backend, and autograd.
+
+``posenc::add_position_embedding_`` adds ``table[positions]`` into x in place; ``posenc::add_position_embedding``
+is its out-of-place twin (autograd: x gets the gradient unchanged, the table the per-row sums computed by
+``posenc::position_embedding_backward``). The native extension implements the two forward ops for CPU
+(``csrc/learned_cpu.cpp``, schemas as registered there); Triton and torch implement all three.
+
+Contract: ``x`` is ``[B, S, D]`` or ``[T, D]`` with any strides; ``table`` is ``[P, D]`` of any float
+dtype (it may differ from x's; any strides); ``positions`` is an integer tensor ``[B, S]`` or ``[S]``
+(``[T]`` for 2-D x) with values in ``[0, P)``, checked once per call (never again in backward). A row
+outside the table (reachable only with value checks off, see ``set_value_checks``) reads as NaN and
+receives no gradient: the kernels never read or write out of bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import registry
+from ..checks import FLOAT_DTYPES, check_disjoint, check_tensor, check_writable
+from ..positions import check_position_args, check_position_values
+from .kernel import grad_table_triton, pe_add_triton
+from .torch_impl import grad_table_torch, pe_add_torch
+
+
+def _as_bsd(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def norm_padding_idx(padding_idx: Optional[int], num_rows: int) -> int:
+    """``padding_idx`` in ``[-P, P)`` (negative counts from the end, as nn.Embedding) -> ``[0, P)``; None -> -1."""
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, torch.SymInt)):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_rows <= padding_idx < num_rows:
+        raise ValueError(f"padding_idx must lie in [-{num_rows}, {num_rows}) (the table's rows), got {padding_idx}")
+    return padding_idx + num_rows if padding_idx < 0 else padding_idx
+
+
+def _check_positions(positions, B: int, S: int, device) -> None:
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
+    check_position_args(positions, None, 0, batch=B, seqlen=S, device=device)
+
+
+def check_add(x, table, positions, padding_idx, *rest, values: bool, inplace: bool) -> None:
+    """Every check of the forward ops, before anything is written. ``values`` adds the checks that need real
+    tensors (position values, aliasing, writability): implementations run them, fakes cannot."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    dev = x.device
+    check_tensor("table", table, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    if table.shape[1] != x.shape[-1]:
+        raise ValueError(f"table must be [P, D] with D = x.shape[-1] = {x.shape[-1]}, got shape {tuple(table.shape)}")
+    x3 = _as_bsd(x)
+    B, S = x3.shape[0], x3.shape[1]
+    _check_positions(positions, B, S, dev)
+    norm_padding_idx(padding_idx, table.shape[0])
+    if not values:
+        return
+    if inplace:
+        check_writable("x", x)
+        try:
+            check_disjoint("x", x, "table", table)
+        except ValueError:
+            raise ValueError("table must not overlap x: x is written in place while the table is read") from None
+    if B * S > 0:
+        check_position_values(positions, None, 0, seqlen=S, num_rows=table.shape[0], device=dev)
+
+
+def check_backward(grad, positions, num_rows, padding_idx, deterministic, dtype, *, values: bool) -> None:
+    """The backward's checks: shapes and kinds only. The position values were checked by the forward (its
+    saved, version-checked tensors); rows outside the table receive nothing in every implementation."""
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    if isinstance(num_rows, bool) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    g3 = _as_bsd(grad)
+    _check_positions(positions, g3.shape[0], g3.shape[1], grad.device)
+    norm_padding_idx(padding_idx, num_rows)
+
+
+def _inplace_impl(launch):
+    def impl(x, table, positions, padding_idx):
+        x3 = _as_bsd(x)
+        launch(x3, x3, table, positions)
+
+    return impl
+
+
+def _functional_impl(launch):
+    def impl(x, table, positions, padding_idx, deterministic):
+        out = torch.empty_like(x)
+        launch(_as_bsd(x), _as_bsd(out), table, positions)
+        return out
+
+    return impl
+
+
+def _backward_impl(launch):
+    def impl(grad, positions, num_rows, padding_idx, deterministic, dtype):
+        """Writes every element of the ``[num_rows, D]`` gradient."""
+        out = torch.empty(num_rows, grad.shape[-1], dtype=dtype, device=grad.device)
+        g3 = _as_bsd(grad)
+        if out.numel() == 0:
+            return out
+        if g3.shape[0] * g3.shape[1] == 0:
+            return out.zero_()
+        launch(g3, positions, out, norm_padding_idx(padding_idx, num_rows), deterministic)
+        return out
+
+    return impl
+
+
+#: The launchers, per backend: ``add(x, out, table, positions)`` for ``[B, S, D]`` x/out, and
+#: ``grad(g, positions, out, padding_idx, deterministic)`` writing every element of ``out`` ``[P, D]``.
+ADD_LAUNCHERS = {"triton": pe_add_triton, "torch": pe_add_torch}
+GRAD_LAUNCHERS = {"triton": grad_table_triton, "torch": grad_table_torch}
+
+add_position_embedding_inplace = registry.define(
+    "add_position_embedding_(Tensor(a!) x, Tensor table, Tensor positions, int? padding_idx) -> ()",
+    check=lambda *args, values: check_add(*args, values=values, inplace=True),
+    fake=lambda *args: None,
+    impls={k: _inplace_impl(v) for k, v in ADD_LAUNCHERS.items()},
+    native=True,
+)
+
+add_position_embedding_out = registry.define(
+    "add_position_embedding(Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic) -> Tensor",
+    check=lambda *args, values: check_add(*args, values=values, inplace=False),
+    fake=lambda x, *rest: torch.empty_like(x),
+    impls={k: _functional_impl(v) for k, v in ADD_LAUNCHERS.items()},
+    native=True,
+)
+
+position_embedding_backward = registry.define(
+    "position_embedding_backward(Tensor grad, Tensor positions, SymInt num_rows, SymInt? padding_idx, "
+    "bool deterministic, ScalarType dtype) -> Tensor",
+    check=check_backward,
+    fake=lambda grad, positions, num_rows, padding_idx, deterministic, dtype: grad.new_empty(
+        (num_rows, grad.shape[-1]), dtype=dtype
+    ),
+    impls={k: _backward_impl(v) for k, v in GRAD_LAUNCHERS.items()},
+)
+
+
+def _setup_context(ctx, inputs, output):
+    x, table, positions, padding_idx, deterministic = inputs
+    ctx.save_for_backward(positions)
+    ctx.num_rows, ctx.table_dtype = table.shape[0], table.dtype
+    ctx.padding_idx, ctx.deterministic = padding_idx, deterministic
+
+
+def _backward(ctx, grad):
+    (positions,) = ctx.saved_tensors
+    gx = grad if ctx.needs_input_grad[0] else None
+    gt = None
+    if ctx.needs_input_grad[1]:
+        gt = position_embedding_backward(grad, positions, ctx.num_rows, ctx.padding_idx, ctx.deterministic, ctx.table_dtype)
+    return gx, gt, None, None, None
+
+
+torch.library.register_autograd(
+    "posenc::add_position_embedding", _backward, setup_context=_setup_context, lib=registry.LIB
+)
+
+
+class AddPositionEmbeddingInplaceFunction(torch.autograd.Function):
+    """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks x dirty
+    (PyTorch's in-place rules apply); backward passes the gradient to x and sums it per position into the
+    table."""
+
+    @staticmethod
+    def forward(ctx, x, table, positions, padding_idx, deterministic):
+        add_position_embedding_inplace(x, table, positions, padding_idx)
+        ctx.mark_dirty(x)
+        _setup_context(ctx, (x, table, positions, padding_idx, deterministic), None)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)

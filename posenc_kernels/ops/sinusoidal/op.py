@@ -1,0 +1,225 @@
+"""Sinusoidal ops: the schemas (their one definition), the checks shared by the fakes and every
+implementation, the implementations per backend, and autograd.
+
+``posenc::sinusoidal_table`` builds encodings (a factory op: without positions its only tensor argument is
+absent, so its ``device`` argument picks the kernel); ``posenc::add_sinusoidal_`` adds them into x in place,
+``posenc::add_sinusoidal`` is its out-of-place twin (autograd: ``grad * x_scale``);
+``posenc::concat_sinusoidal`` returns ``[x | PE]``. The native extension implements all four for CPU and
+CUDA (``csrc/sinusoidal_*``); Triton and torch implement them too. The schemas are those of
+``csrc/bindings.cpp``'s kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import registry
+from ..checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_tensor, check_writable
+from ..positions import check_position_args
+from .kernel import sinusoidal_triton
+from .torch_impl import sinusoidal_inv_freq, sinusoidal_torch
+
+_CONVENTION = "float base, bool interleaved, bool cos_first, float freq_shift, float scale"
+_ADD_ARGS = f"Tensor? positions, Tensor? offsets, int offset, float x_scale, {_CONVENTION}"
+
+
+def check_convention(dim, base, freq_shift, scale, *, name: str = "dim") -> None:
+    if isinstance(dim, bool) or not isinstance(dim, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if dim <= 0:
+        raise ValueError(f"{name} must be a positive int, got {dim!r}")
+    if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+        raise ValueError(f"base must be a positive finite number, got {base!r}")
+    if not math.isfinite(freq_shift):
+        raise ValueError(f"freq_shift must be finite, got {freq_shift!r}")
+    half = dim // 2
+    if half > 0 and half - freq_shift == 0:
+        raise ValueError(
+            f"freq_shift={freq_shift} with {name}={dim} divides by zero: the exponent is i / ({name} // 2 - "
+            "freq_shift); use dim >= 4 with freq_shift=1, or freq_shift=0"
+        )
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def _as_bsd(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def _check_x_positions(x, positions, offsets, offset) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    x3 = _as_bsd(x)
+    check_position_args(
+        positions, offsets, offset, batch=x3.shape[0], seqlen=x3.shape[1], device=x.device, integer_positions=False
+    )
+
+
+def check_table(positions, length, dim, base, interleaved, cos_first, freq_shift, scale, dtype, device, *, values):
+    check_convention(dim, base, freq_shift, scale)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if positions is None:
+        if length < 0:
+            raise ValueError(f"positions_or_length must be >= 0, got {length}")
+        return
+    if positions.dtype == torch.bool or positions.dtype not in INT_DTYPES + FLOAT_DTYPES:
+        raise TypeError(f"positions must be an integer or floating tensor, got dtype {positions.dtype}")
+    if positions.device != torch.device(device):
+        raise ValueError(f"device ({device}) must match the positions' device ({positions.device})")
+
+
+def check_add(x, positions, offsets, offset, x_scale, base, interleaved, cos_first, freq_shift, scale, *, values,
+              inplace: bool) -> None:  # fmt: skip
+    """Every check of the add ops, before anything is written (x may have any strides). ``values`` adds
+    those that need real storage (writability of an in-place x): implementations run them, fakes cannot."""
+    _check_x_positions(x, positions, offsets, offset)
+    check_convention(x.shape[-1], base, freq_shift, scale)
+    if not math.isfinite(x_scale):
+        raise ValueError(f"x_scale must be finite, got {x_scale!r}")
+    if values and inplace:
+        check_writable("x", x)
+
+
+def check_concat(x, positions, offsets, offset, dim_pe, base, interleaved, cos_first, freq_shift, scale, *,
+                 values) -> None:  # fmt: skip
+    _check_x_positions(x, positions, offsets, offset)
+    check_convention(dim_pe, base, freq_shift, scale, name="dim_pe")
+
+
+def run_launcher(launcher, x, out, positions, offsets, offset, x_scale, base, interleaved, cos_first, freq_shift, scale):
+    """``out`` ``[B, S, D]``: the frequencies of its D, then the backend's launcher."""
+    if out.shape[0] * out.shape[1] == 0:
+        return
+    inv_freq = sinusoidal_inv_freq(out.shape[-1] // 2, float(base), float(freq_shift), out.device, acc_dtype(out.dtype))
+    launcher(x, out, positions, offsets, offset, x_scale, inv_freq, scale, interleaved, cos_first)
+
+
+def _table_impl(launcher):
+    def impl(positions, length, dim, base, interleaved, cos_first, freq_shift, scale, dtype, device):
+        shape = (length, dim) if positions is None else tuple(positions.shape) + (dim,)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        rows = None if positions is None else positions.reshape(1, -1)
+        run_launcher(launcher, None, out.view(1, -1, dim), rows, None, 0, 1.0, base, interleaved, cos_first, freq_shift, scale)
+        return out
+
+    return impl
+
+
+def _table_fake(positions, length, dim, base, interleaved, cos_first, freq_shift, scale, dtype, device):
+    shape = (length, dim) if positions is None else tuple(positions.shape) + (dim,)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _add_inplace_impl(launcher):
+    def impl(x, *rest):
+        x3 = _as_bsd(x)
+        run_launcher(launcher, x3, x3, *rest)
+
+    return impl
+
+
+def _add_impl(launcher):
+    def impl(x, *rest):
+        out = torch.empty_like(x)
+        run_launcher(launcher, _as_bsd(x), _as_bsd(out), *rest)
+        return out
+
+    return impl
+
+
+def _concat_impl(launcher):
+    def impl(x, positions, offsets, offset, dim_pe, *convention):
+        """x is read once and the output written once: the encoding part by the kernel writing into the
+        output's tail view (table mode), the x part by a copy into its head view."""
+        D = x.shape[-1]
+        out = x.new_empty(tuple(x.shape[:-1]) + (D + dim_pe,))
+        o3 = _as_bsd(out)
+        run_launcher(launcher, None, o3[..., D:], positions, offsets, offset, 1.0, *convention)
+        o3[..., :D].copy_(_as_bsd(x))
+        return out
+
+    return impl
+
+
+#: The launchers, per backend: ``launcher(x, out, positions, offsets, offset, x_scale, inv_freq, scale,
+#: interleaved, cos_first)`` writes ``out`` ``[B, S, D]``.
+LAUNCHERS = {"triton": sinusoidal_triton, "torch": sinusoidal_torch}
+_IMPLS = LAUNCHERS
+
+sinusoidal_table_op = registry.define(
+    f"sinusoidal_table(Tensor? positions, int length, int dim, {_CONVENTION}, ScalarType dtype, Device device) -> Tensor",
+    check=check_table,
+    fake=_table_fake,
+    impls={k: _table_impl(v) for k, v in _IMPLS.items()},
+    native=True,
+    factory=True,
+)
+
+add_sinusoidal_inplace = registry.define(
+    f"add_sinusoidal_(Tensor(a!) x, {_ADD_ARGS}) -> ()",
+    check=lambda *args, values: check_add(*args, values=values, inplace=True),
+    fake=lambda *args: None,
+    impls={k: _add_inplace_impl(v) for k, v in _IMPLS.items()},
+    native=True,
+)
+
+add_sinusoidal_out = registry.define(
+    f"add_sinusoidal(Tensor x, {_ADD_ARGS}) -> Tensor",
+    check=lambda *args, values: check_add(*args, values=values, inplace=False),
+    fake=lambda x, *rest: torch.empty_like(x),
+    impls={k: _add_impl(v) for k, v in _IMPLS.items()},
+    native=True,
+)
+
+concat_sinusoidal_op = registry.define(
+    f"concat_sinusoidal(Tensor x, Tensor? positions, Tensor? offsets, int offset, int dim_pe, {_CONVENTION}) -> Tensor",
+    check=check_concat,
+    fake=lambda x, positions, offsets, offset, dim_pe, *rest: x.new_empty(tuple(x.shape[:-1]) + (x.shape[-1] + dim_pe,)),
+    impls={k: _concat_impl(v) for k, v in _IMPLS.items()},
+    native=True,
+)
+
+_N_ADD_ARGS = 10  # x and the nine arguments after it
+
+
+def _add_setup_context(ctx, inputs, output):
+    ctx.x_scale = inputs[4]
+
+
+def _add_backward(ctx, grad):
+    # d(x * x_scale + PE)/dx = x_scale; positions and the convention are not differentiable.
+    return (grad * ctx.x_scale,) + (None,) * (_N_ADD_ARGS - 1)
+
+
+torch.library.register_autograd("posenc::add_sinusoidal", _add_backward, setup_context=_add_setup_context, lib=registry.LIB)
+
+
+def _concat_setup_context(ctx, inputs, output):
+    ctx.d = inputs[0].shape[-1]
+
+
+def _concat_backward(ctx, grad):
+    return (grad[..., : ctx.d],) + (None,) * (_N_ADD_ARGS - 1)
+
+
+torch.library.register_autograd(
+    "posenc::concat_sinusoidal", _concat_backward, setup_context=_concat_setup_context, lib=registry.LIB
+)
+
+
+class AddSinusoidalInplaceFunction(torch.autograd.Function):
+    """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks x dirty
+    (PyTorch's in-place rules apply); backward is ``grad * x_scale``."""
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        add_sinusoidal_inplace(x, *args)
+        ctx.mark_dirty(x)
+        _add_setup_context(ctx, (x, *args), None)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _add_backward(ctx, grad)
