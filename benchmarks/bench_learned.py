@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-from posenc_kernels.learned import add_position_embedding, add_position_embedding_
+from posenc_kernels import add_position_embedding, add_position_embedding_
 
 from _harness import DEVICE, IS_CUDA, run
 

@@ -9,8 +9,8 @@ provider is the package's pure-torch path (benchmarks never time the Triton inte
 import pytest
 import torch
 
-import posenc_kernels._reference_relative as ref
-from posenc_kernels.relative import alibi_bias, alibi_slopes, t5_relative_bias
+import posenc_kernels.reference as ref
+from posenc_kernels import alibi_bias, alibi_slopes, t5_relative_bias
 
 from _harness import DEVICE, IS_CUDA, run
 
