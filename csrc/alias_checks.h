@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -45,7 +46,7 @@ inline bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
 // Whether a and b may share an element. ATen answers for dense tensors; two non-dense views of one storage
 // (head slices of a fused qkv) are resolved as posenc_kernels/ops/checks.py check_disjoint does: disjoint
 // byte spans, or - with the same nested strides - a box shift between them that leaves one outside the
-// other in some dimension. Any other intersecting layout counts as shared (unprovable: refused).
+// other in some dimension; any other intersecting layout is resolved exactly with a bool map of the span.
 inline bool shares_memory(const Tensor& a, const Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto st = at::get_overlap_status(a, b);
@@ -61,10 +62,17 @@ inline bool shares_memory(const Tensor& a, const Tensor& b) {
   const auto [a0, a1] = span(a);
   const auto [b0, b1] = span(b);
   if (a1 <= b0 || b1 <= a0) return false;
-  if (a.element_size() != b.element_size() || a.strides() != b.strides() || a.dim() != b.dim()) return true;
+  if (a.element_size() != b.element_size()) return true;
   std::vector<int64_t> shape(a.dim());
   for (int64_t d = 0; d < a.dim(); ++d) shape[d] = std::max(a.size(d), b.size(d));
-  if (!nested_layout(shape, a.strides())) return true;
+  if (a.strides() != b.strides() || a.dim() != b.dim() || !nested_layout(shape, a.strides())) {
+    // Other intersecting layouts (rare): mark a's elements over the shared span and test b's - exact, at the
+    // cost of a bool map of the span (and a sync on CUDA), as the Python check does.
+    const int64_t e = a.element_size(), lo = std::min(a0, b0) / e, hi = std::max(a1, b1) / e;
+    at::Tensor mark = at::zeros({hi - lo}, a.options().dtype(at::kBool));
+    mark.as_strided(a.sizes(), a.strides(), a.storage_offset() - lo).fill_(true);
+    return mark.as_strided(b.sizes(), b.strides(), b.storage_offset() - lo).any().item<bool>();
+  }
   const int64_t delta = b.storage_offset() - a.storage_offset();
   const Tensor& lo = delta >= 0 ? a : b;
   int64_t rest = std::abs(delta);
