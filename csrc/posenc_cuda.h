@@ -17,6 +17,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include "positions.h"
+
 namespace posenc_cuda {
 
 // Element type of an auxiliary tensor (tables, inv_freq, positions, offsets): read with a runtime switch
@@ -33,14 +35,14 @@ enum DType : int32_t {
   kInt64 = 8,
 };
 
-// How the row (RoPE table row / angle position) of token (b, s) is found.
-enum PosMode : int32_t {
-  kPosOffset = 0,     // offset + s
-  kPosOffsets = 1,    // pos[b * pos_sb] + s            (offsets [B], integer)
-  kPosPositions = 2,  // pos[b * pos_sb + s * pos_ss]    (positions [B, S] or [S] with pos_sb = 0)
-  kPosCuSeqlens = 3,  // packed varlen (RoPE): t - cu[n] + (pos ? pos[n * pos_sb] : offset), sequence n by a
-                      // binary search of cu; tokens past cu[N] take position 0 (the codes of rope.py's POS_*)
-};
+// How the row (RoPE table row / angle position) of token (b, s) is found: positions.h's mode codes (the
+// one C++ copy of posenc_kernels/ops/positions.py's PosMode). kPosCuSeqlens (RoPE): t - cu[n] +
+// (pos ? pos[n * pos_sb] : offset), sequence n by a binary search of cu; tokens past cu[N] take position 0.
+using PosMode = posenc::PosMode;
+using posenc::kPosCuSeqlens;
+using posenc::kPosOffset;
+using posenc::kPosOffsets;
+using posenc::kPosPositions;
 
 // Where RoPE angles come from.
 enum AngleMode : int32_t {

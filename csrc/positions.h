@@ -1,6 +1,7 @@
 // The one C++ position resolver: which row (table row / angle position) token (b, s) uses, and the
 // integer loads behind it. Plain C++ (no torch header): the CPU kernel sections (compiled per ISA, see
-// cpu_variant.h) include it. The mode codes are those of posenc_cuda.h's PosMode and rope.py's POS_*.
+// cpu_variant.h) and the CUDA kernels (posenc_cuda.h) include it. The mode codes are those of
+// posenc_kernels/ops/positions.py's PosMode (a test compares them).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,7 @@ inline int64_t load_index(const void* p, int code, int64_t i) {
   }
 }
 
-// Mode codes of the row resolver: the same numbers as posenc_cuda.h's PosMode and rope.py's POS_*.
+// Mode codes of the row resolver: the same numbers as posenc_kernels/ops/positions.py's PosMode.
 enum PosMode : int { kPosOffset = 0, kPosOffsets = 1, kPosPositions = 2, kPosCuSeqlens = 3 };
 
 // Where the row (table row / angle position) of token (b, s) comes from.

@@ -210,3 +210,20 @@ def test_exact_angle_constants_have_one_value_everywhere():
         text = header.read_text()
         for c in consts:
             assert c in text, c
+
+
+def test_position_mode_codes_have_one_value_everywhere():
+    """One position resolver: the C++ helper's mode codes (csrc/positions.h, used by the CPU and CUDA
+    kernels) are the Python PosMode's."""
+    import pathlib
+    import re
+
+    from posenc_kernels.ops.positions import PosMode
+
+    header = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "positions.h"
+    if not header.exists():
+        pytest.skip("no csrc/ beside the tests")
+    codes = dict(re.findall(r"kPos(\w+) = (\d+)", header.read_text()))
+    want = {"Offset": PosMode.OFFSET, "Offsets": PosMode.OFFSETS, "Positions": PosMode.POSITIONS,
+            "CuSeqlens": PosMode.CU_SEQLENS}  # fmt: skip
+    assert {k: int(v) for k, v in codes.items()} == {k: int(v) for k, v in want.items()}
