@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import FLOAT_DTYPES, check_inplace_autograd, check_tensor, split_offsets
+from ..checks import FLOAT_DTYPES, check_inplace_autograd, check_tensor, reraise_with_check, split_offsets
 from .op import RopeInplaceFunction, check_rope, rope_cos_sin_op, rope_inplace, rope_out, values_checked
 
 __all__ = ["rope_cos_sin", "apply_rope_", "apply_rope", "apply_rope_qkv_", "mrope_axis_map", "axial_positions"]
@@ -78,13 +78,6 @@ def _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attentio
         offsets_t, offset = split_offsets(offsets)
     return (cos, sin, inv_freq, positions, offsets_t, offset, cu_seqlens, axis_map, float(attention_factor),
             bool(interleaved), False, bool(exact))  # fmt: skip
-
-
-def _explain(error: Exception, q, k, args, inplace: bool):
-    """A native kernel refused the call: raise the op's own message for it (the one a fake or the Python
-    implementations give, so eager and compiled code raise alike), else the kernel's."""
-    check_rope(q, k, *args, values=True, inplace=inplace)
-    raise error
 
 
 def _check_autograd(q, k, args) -> None:
@@ -143,7 +136,7 @@ def _rope_inplace(q, k, args):
     try:
         rope_inplace(q, k, *args)
     except (RuntimeError, ValueError, TypeError) as e:
-        _explain(e, q, k, args, inplace=True)
+        reraise_with_check(e, check_rope, q, k, *args, inplace=True)
     return q, k
 
 
@@ -215,7 +208,7 @@ def apply_rope(
     try:
         q_out, k_out = rope_out(q, k, *args)
     except (RuntimeError, ValueError, TypeError) as e:
-        _explain(e, q, k, args, inplace=False)
+        reraise_with_check(e, check_rope, q, k, *args, inplace=False)
     return q_out, (k_out if k is not None else None)
 
 

@@ -8,7 +8,7 @@ of them, so their latencies overlap; tests/test_static_ptx.py reads the round tr
 
 from __future__ import annotations
 
-from ...ops.checks import device_guard, next_pow2, prev_pow2
+from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..positions import launch_args, token_positions_tl
 from ..registry import HAS_TRITON
 
@@ -197,16 +197,6 @@ def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int)
     return block_half, block_tail, block_h, block_t, num_warps
 
 
-def _max_offset(t) -> int:
-    """The largest element offset a kernel can form for ``t`` (its extent), to choose 32/64-bit indexing."""
-    if t is None:
-        return 0
-    return t.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-
-
-_I32 = 2**31 - 1
-
-
 def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
                 attention_factor, interleaved, conjugate, exact) -> None:  # fmt: skip
     """Launch for 4-D ``q``/``k`` ``[B, S, H, D]`` (packed inputs arrive as ``B = 1``)."""
@@ -236,7 +226,7 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
     copy_tail = not inplace and 2 * half < D
     tail = D - 2 * half
     block_half, block_tail, block_h, block_t, num_warps = rope_blocks(half, tail if copy_tail else 0, Hq, Hk, B * S)
-    idx64 = max(_max_offset(t) for t in (q, kk, q_out, ko)) > _I32
+    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko)) > I32_MAX
     n_s_blocks = triton.cdiv(S, block_t)
     grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
