@@ -13,6 +13,7 @@
 // native_sinusoidal: out [B, S, D] = x * x_scale + PE (x None: the table alone), PE angles
 //   (row * inv_freq[i]) * scale, sin/cos interleaved or concatenated (cos_first swaps), odd D last column 0.
 
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch 2.12 has no indirect include)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
