@@ -175,7 +175,7 @@ def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
     return f"posenc_native_{digest}", _cache_root() / tag / digest
 
 
-_FAILED = "BUILD_FAILED"
+_FAILED, _BUILT = "BUILD_FAILED", "BUILT"
 
 
 def _retry() -> bool:
@@ -244,9 +244,10 @@ def _build_and_load(cuda: bool) -> None:
             f"an earlier build of these sources failed ({why}); not compiling again (remembered in {failed}; "
             "POSENC_NATIVE_RETRY=1 or python -m posenc_kernels --rebuild tries again)"
         )
-    # A finished build of exactly these inputs (the folder is keyed by them): load it without running ninja,
-    # which would recompile every source whose timestamp is newer, e.g. after a reinstall.
-    if library.is_file() and not (build_dir / "lock").exists():
+    # A finished build of exactly these inputs (the folder is keyed by them; BUILT is written once the library
+    # is complete): load it without running ninja, which would recompile every source whose timestamp is
+    # newer, e.g. after a reinstall.
+    if library.is_file() and (build_dir / _BUILT).is_file():
         torch.ops.load_library(str(library))
         _state["library"] = str(library)
         return
@@ -275,6 +276,7 @@ def _build_and_load(cuda: bool) -> None:
             failed.write_text(json.dumps(record) + "\n")
         raise
     failed.unlink(missing_ok=True)
+    (build_dir / _BUILT).write_text(json.dumps({"torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1)}))
     _state["library"] = str(library)
 
 
