@@ -7,8 +7,10 @@ The C++/CUDA extension (``csrc/``) is optional:
 
       POSENC_BUILD_EXT=1 pip install --no-build-isolation .      # or -e . for a checkout
 
-  builds ``posenc_kernels._C`` with the CPU kernels, plus the CUDA kernels when torch has CUDA and nvcc is
-  found (``POSENC_BUILD_CUDA=0`` skips them; ``TORCH_CUDA_ARCH_LIST`` picks the architectures);
+  builds ``posenc_kernels._C`` with the CPU kernels, plus the CUDA kernels when torch has CUDA and a CUDA
+  toolkit (nvcc and headers) of its major version is found (``POSENC_BUILD_CUDA=0`` skips them;
+  ``TORCH_CUDA_ARCH_LIST`` picks the architectures, else the visible GPUs, else ``8.0;9.0+PTX``: see
+  ``posenc_kernels/_build.py``). Needs setuptools >= 70.1 and ninja in the environment;
 * just in time: the sources ship inside the package (``posenc_kernels/csrc``), and the first call that
   needs a native kernel builds them once into a cache (see ``posenc_kernels/_native.py``).
 """

@@ -7,6 +7,7 @@ GPU architectures are compiled.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -55,6 +56,7 @@ def _toolkit_ok(d: Path) -> bool:
     return (d / "bin" / "nvcc").is_file() and (d / "include" / "cuda_runtime.h").is_file()
 
 
+@functools.lru_cache(maxsize=None)
 def _nvcc_top(nvcc: str) -> Optional[Path]:
     """The toolkit an nvcc (maybe a wrapper script) really runs from: its ``-dryrun`` prints ``TOP=``."""
     try:
@@ -97,6 +99,7 @@ def find_cuda_home() -> tuple[Optional[str], str]:
     return None, "; ".join(rejected) or "no CUDA toolkit (nvcc) found: set CUDA_HOME or put nvcc on PATH"
 
 
+@functools.lru_cache(maxsize=None)
 def nvcc_version(cuda_home: str) -> Optional[str]:
     """``"13.0"`` from ``nvcc --version`` (None when it cannot be run)."""
     try:
