@@ -89,6 +89,7 @@ def native_extension():
     info = {"source": _build.source_hash(csrc), "torch": torch.__version__, "cuda": None, "archs": None}
     if cuda_home is not None:
         info.update(cuda=torch.version.cuda, archs=archs)
+    # One string and no inline function, so its place on the link line (after the ISA variants) is immaterial.
     gen = Path("build") / "posenc_generated" / "build_info.cpp"
     gen.parent.mkdir(parents=True, exist_ok=True)
     text = _build.build_info_source(info)
