@@ -20,7 +20,7 @@
 //       in the CPU kernels; default on. Python mirrors its own setting here.
 
 #include <ATen/ATen.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch 2.12 has no indirect include)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/variable.h>

@@ -7,16 +7,23 @@ Where the ops come from, first hit wins (lazily, on the first call that needs th
        POSENC_BUILD_EXT=1 pip install --no-build-isolation .
 
 2. A just-in-time build with ``torch.utils.cpp_extension.load`` from the ``csrc/`` sources (a source
-   checkout, or the copy every install ships as ``posenc_kernels/csrc``), cached per torch version / CUDA /
-   source hash under
-   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``): the first use compiles (about a
-   minute on 2 cores), later processes load the cached library.
+   checkout, or the copy every install ships as ``posenc_kernels/csrc``), cached under
+   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``) in ``<torch version>-<cpu|cuXX>/<key>``,
+   the key hashing the sources' names and contents, the flags and the CUDA toolkit/architectures - never
+   timestamps, so reinstalling the package reuses the build. The first use compiles (about a minute on
+   2 cores); later processes load the cached library without running the compiler.
 
 ``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot`` the prebuilt module only,
 ``jit`` the JIT build only, ``0`` neither. CUDA sources (``csrc/*.cu``, ``csrc/cuda_*.cpp``) join the JIT
-build only when torch has CUDA and a CUDA toolkit is found (if they fail to build, the CPU kernels are built
-alone, with a warning). When nothing loads (no compiler, failed build) one warning line says why and the
-Triton/torch paths keep working. A prebuilt module older than a file of the checkout's csrc/ is not loaded.
+build only when torch has CUDA and a CUDA toolkit of torch's major version is found
+(:func:`posenc_kernels._build.cuda_toolkit`); without a visible GPU and without ``TORCH_CUDA_ARCH_LIST`` they
+are built for :data:`posenc_kernels._build.DEFAULT_CUDA_ARCH_LIST`. If they fail to build, the CPU kernels
+are built alone, with a warning. A failed build is remembered in its cache folder (``BUILD_FAILED``), so
+later processes do not compile it again: ``POSENC_NATIVE_RETRY=1`` retries it, ``python -m posenc_kernels
+--rebuild`` rebuilds from scratch. When nothing loads (no compiler, failed build) one warning line says why
+and the Triton/torch backends keep working. A prebuilt module is not loaded when it was built from other
+sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``).
+``python -m posenc_kernels`` prints all of this for the running environment.
 
 The public ops are defined in Python (``posenc_kernels/ops``); the extension registers C++ kernels for them
 when the op layer asks (``_native_register``, see ``csrc/bindings.cpp``).
@@ -24,19 +31,28 @@ when the op layer asks (``_native_register``, see ``csrc/bindings.cpp``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-__all__ = ["available", "has_op", "load", "load_error", "source", "ops_for", "register", "set_value_checks"]
+from . import _build
+
+__all__ = [
+    "available", "has_op", "load", "load_error", "source", "ops_for", "register", "set_value_checks",
+    "registered_ops", "kernel_devices", "status",
+]  # fmt: skip
 
 _log = logging.getLogger("posenc_kernels")
 
@@ -47,7 +63,7 @@ CSRC = next((d for d in (_PKG.parent / "csrc", _PKG / "csrc") if (d / "bindings.
 _FAMILY_OPS = {"rope": "rope_", "sinusoidal": "add_sinusoidal_", "learned": "add_position_embedding_"}
 
 _lock = threading.Lock()
-_state: dict = {"done": False, "source": None, "error": None}
+_state: dict = {"done": False, "source": None, "error": None, "library": None, "cuda_skipped": None}
 
 
 def _mode() -> str:
@@ -81,42 +97,88 @@ def _cpu_sources() -> list[Path]:
     return [p for p in cpp if not _is_isa_variant(p)] + [p for p in cpp if _is_isa_variant(p)]
 
 
-def _want_cuda() -> bool:
-    """CUDA sources are built only for a CUDA torch with a toolkit present (nvcc found)."""
-    if torch.version.cuda is None or not _cuda_sources():
-        return False
-    from torch.utils.cpp_extension import CUDA_HOME
+@functools.lru_cache(maxsize=None)
+def _cuda_toolkit() -> tuple[Optional[str], str]:
+    """The CUDA toolkit the JIT build compiles with, or ``(None, why the CUDA sources are not built)``."""
+    if not _cuda_sources():
+        return None, f"no CUDA sources in {CSRC}"
+    if os.environ.get("POSENC_BUILD_CUDA", "1") == "0":
+        return None, "POSENC_BUILD_CUDA=0"
+    return _build.cuda_toolkit(torch.version.cuda)
 
-    return CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
+
+def _want_cuda() -> bool:
+    """CUDA sources are built only for a CUDA torch with a toolkit (nvcc and headers) of its CUDA version."""
+    return torch.version.cuda is not None and _cuda_toolkit()[0] is not None
+
+
+def _visible_capabilities() -> list[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def _cuda_arch_list() -> tuple[str, str]:
+    return _build.cuda_arch_list(_visible_capabilities())
+
+
+def _checkout_csrc() -> Optional[Path]:
+    d = _PKG.parent / "csrc"
+    return d if (d / "bindings.cpp").is_file() else None
+
+
+def _aot_stale_reason(library: str) -> Optional[str]:
+    """Why the prebuilt module must not be loaded (None when it may): built against another torch, or - in a
+    checkout - from other sources than its csrc/ (compared by content hash, not timestamps)."""
+    info = _build.read_build_info(library)
+    if info is None:
+        return f"{Path(library).name} carries no build info (built by an older setup.py: rebuild it)"
+    if info.get("torch") != torch.__version__:
+        return f"{Path(library).name} was built against torch {info.get('torch')}, this is torch {torch.__version__}"
+    checkout = _checkout_csrc()
+    if checkout is not None and info.get("source") != _build.source_hash(checkout):
+        return f"{Path(library).name} was built from other sources than {checkout} (rebuild it)"
+    return None
 
 
 def _load_aot() -> bool:
     spec = importlib.util.find_spec("posenc_kernels._C")
     if spec is None or not spec.origin:
         return False
-    checkout = _PKG.parent / "csrc"
-    if checkout.is_dir():  # a checkout: a module older than a source file would run stale code
-        built = os.path.getmtime(spec.origin)
-        newer = [p.name for p in checkout.rglob("*") if p.is_file() and os.path.getmtime(p) > built]
-        if newer:
-            raise RuntimeError(f"{Path(spec.origin).name} is older than csrc/{newer[0]} (rebuild it)")
+    stale = _aot_stale_reason(spec.origin)
+    if stale:
+        raise RuntimeError(stale)
     torch.ops.load_library(spec.origin)
+    _state["library"] = spec.origin
     return True
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("POSENC_NATIVE_CACHE") or Path.home() / ".cache" / "posenc_kernels")
+
+
 def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
+    """``(library name, build folder)``: the folder is keyed by the torch version and a hash of everything
+    that decides the build - sources (names, contents, link order), flags, compiler, CUDA toolkit and
+    architectures - and of nothing else (no paths, no timestamps)."""
     h = hashlib.sha256()
     h.update(" ".join(p.name for p in sources).encode())  # the link order matters (see _cpu_sources)
-    # Every file under csrc/ (sources, headers, compat shims) and the flags: any edit means a new build.
-    for p in sorted(CSRC.rglob("*")):
-        if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh", ".hpp"):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
+    h.update(_build.source_hash(CSRC).encode())  # every source and header csrc/ ships
     h.update(" ".join(_cxx_flags()).encode())
+    h.update(os.environ.get("CXX", "c++").encode())
+    if cuda:
+        home, _ = _cuda_toolkit()
+        h.update(f"{home} {_build.nvcc_version(home) if home else None} {_cuda_arch_list()[0]}".encode())
     digest = h.hexdigest()[:12]
     tag = f"torch{torch.__version__}-{'cu' + torch.version.cuda if cuda else 'cpu'}".replace("+", "_")
-    root = Path(os.environ.get("POSENC_NATIVE_CACHE") or Path.home() / ".cache" / "posenc_kernels")
-    return f"posenc_native_{digest}", root / tag / digest
+    return f"posenc_native_{digest}", _cache_root() / tag / digest
+
+
+_FAILED, _BUILT = "BUILD_FAILED", "BUILT"
+
+
+def _retry() -> bool:
+    return os.environ.get("POSENC_NATIVE_RETRY", "0") == "1"
 
 
 def _load_jit() -> None:
@@ -125,18 +187,43 @@ def _load_jit() -> None:
         raise RuntimeError(f"no C++ sources at {CSRC} (an installed wheel without the prebuilt extension)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    if _want_cuda():
-        try:
-            return _build_and_load(cuda=True)
-        except Exception as e:
-            warnings.warn_explicit(
-                f"native CUDA kernels failed to build ({_one_line(e)}); building the CPU kernels alone",
-                RuntimeWarning,
-                filename="posenc_kernels",
-                lineno=0,
-                module=__name__,
-            )
+    if torch.version.cuda is not None:
+        home, why = _cuda_toolkit()
+        if home is None:
+            _state["cuda_skipped"] = why
+        else:
+            try:
+                return _build_and_load(cuda=True)
+            except Exception as e:
+                _state["cuda_skipped"] = f"the CUDA build failed: {_one_line(e)}"
+                warnings.warn_explicit(
+                    f"native CUDA kernels unavailable ({_one_line(e)}); using the CPU kernels alone",
+                    RuntimeWarning,
+                    filename="posenc_kernels",
+                    lineno=0,
+                    module=__name__,
+                )
     _build_and_load(cuda=False)
+
+
+@contextlib.contextmanager
+def _cuda_build_env():
+    """During a CUDA build: the toolkit :func:`_cuda_toolkit` found (torch's own CUDA_HOME guess may be a
+    folder without headers) and an explicit TORCH_CUDA_ARCH_LIST (torch's detection fails without a GPU)."""
+    from torch.utils import cpp_extension
+
+    home, _ = _cuda_toolkit()
+    saved_home, saved_archs = cpp_extension.CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST")
+    cpp_extension.CUDA_HOME = home
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()[0]
+    try:
+        yield
+    finally:
+        cpp_extension.CUDA_HOME = saved_home
+        if saved_archs is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
 
 
 def _build_and_load(cuda: bool) -> None:
@@ -146,9 +233,26 @@ def _build_and_load(cuda: bool) -> None:
     base = [p for p in cpu if not _is_isa_variant(p)]
     sources = base + (_cuda_sources() if cuda else []) + [p for p in cpu if _is_isa_variant(p)]
     name, build_dir = _jit_build_dir(sources, cuda)
+    library, failed = build_dir / f"{name}.so", build_dir / _FAILED
+    if failed.is_file() and not _retry():
+        try:
+            why = json.loads(failed.read_text()).get("error", "?")
+        except ValueError:
+            why = "?"
+        raise RuntimeError(
+            f"an earlier build of these sources failed ({why}); not compiling again (remembered in {failed}; "
+            "POSENC_NATIVE_RETRY=1 or python -m posenc_kernels --rebuild tries again)"
+        )
+    # A finished build of exactly these inputs (the folder is keyed by them; BUILT is written once the library
+    # is complete): load it without running ninja, which would recompile every source whose timestamp is
+    # newer, e.g. after a reinstall.
+    if library.is_file() and (build_dir / _BUILT).is_file():
+        torch.ops.load_library(str(library))
+        _state["library"] = str(library)
+        return
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
-        _log.warning("posenc_kernels: building the native extension once into %s (about a minute)", build_dir)
+    what = f"CPU and CUDA ({_cuda_arch_list()[0]})" if cuda else "CPU"
+    _log.warning("posenc_kernels: building the native %s kernels once into %s (about a minute)", what, build_dir)
     kwargs = dict(
         name=name,
         sources=[str(p) for p in sources],
@@ -160,7 +264,34 @@ def _build_and_load(cuda: bool) -> None:
     )
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3"]
-    cpp_extension.load(**kwargs)
+    t0 = time.monotonic()
+    try:
+        with _cuda_build_env() if cuda else contextlib.nullcontext():
+            cpp_extension.load(**kwargs)
+    except Exception as e:
+        record = {"error": _one_line(e), "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        with contextlib.suppress(OSError):
+            failed.write_text(json.dumps(record) + "\n")
+        raise
+    failed.unlink(missing_ok=True)
+    (build_dir / _BUILT).write_text(json.dumps({"torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1)}))
+    _state["library"] = str(library)
+
+
+def forget_builds() -> list[Path]:
+    """Remove this environment's JIT build folders (CPU and CUDA, failed or not) for the current sources;
+    returns the folders removed. The next :func:`load` in a new process builds afresh."""
+    removed = []
+    cpu = _cpu_sources()
+    base = [p for p in cpu if not _is_isa_variant(p)]
+    variants = [p for p in cpu if _is_isa_variant(p)]
+    for cuda in (False, True) if _want_cuda() else (False,):
+        _, d = _jit_build_dir(base + (_cuda_sources() if cuda else []) + variants, cuda)
+        if d.is_dir():
+            shutil.rmtree(d)
+            removed.append(d)
+    return removed
 
 
 def load() -> bool:
@@ -236,6 +367,42 @@ def has_op(name: str, device_type: str) -> bool:
     ``"sinusoidal"``, ``"learned"``) or public op ``name`` (``"rope_"``, ...). Loads it on first use."""
     op = _FAMILY_OPS.get(name, name)
     return device_type in ("cpu", "cuda") and op in ops_for(device_type.upper())
+
+
+def registered_ops() -> list[str]:
+    """The qualified names (``posenc::...``) of the public ops the loaded extension has kernels for, on any
+    device (it says so itself: ``_native_ops``); empty without it."""
+    return sorted(f"posenc::{op}" for op in ops_for("CPU") | ops_for("CUDA"))
+
+
+def kernel_devices() -> dict[str, list[str]]:
+    """For each of :func:`registered_ops`, the device types the extension has a kernel for (loads it). Which
+    kernel serves a key right now is the op layer's choice: ``posenc_kernels.ops.registry.registered_kernels``."""
+    return {op: [dev for dev in ("cpu", "cuda") if op.split("::")[1] in ops_for(dev.upper())] for op in registered_ops()}
+
+
+def status() -> dict:
+    """Where the extension stands in this process (loads it, maybe building it): source, library, kernels per
+    op and device, cache folder, CUDA toolkit and architectures, and why something was skipped or failed."""
+    loaded = load()
+    home, toolkit = _cuda_toolkit() if torch.version.cuda is not None else (None, "torch is a CPU build")
+    info = {
+        "mode": _mode(),
+        "source": source(),
+        "library": _state["library"],
+        "error": load_error(),
+        "kernels": kernel_devices() if loaded else {},
+        "cache": str(_cache_root()),
+        "csrc": str(CSRC),
+        "cuda_toolkit": home,
+        "cuda_toolkit_note": toolkit,
+        "cuda_skipped": _state["cuda_skipped"],
+        "cuda_archs": _cuda_arch_list() if home is not None else None,
+        "aot_build_info": None,
+    }
+    if _state["source"] == "aot":
+        info["aot_build_info"] = _build.read_build_info(_state["library"])
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
