@@ -71,6 +71,35 @@ def peak_extra_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def graph_us_per_call(body, calls: int = 100, reps: int = 20):
+    """Capture ``calls`` invocations of ``body`` in one graph; median over ``reps`` replays (CUDA events,
+    L2 warm) divided by ``calls``. Returns (us per call, graph)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            body()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    times.sort()
+    return times[len(times) // 2], g
+
+
 @functools.lru_cache(maxsize=None)
 def copy_median_us(nbytes: int) -> float:
     """A device-to-device copy moving ``nbytes`` in total (nbytes/2 read + nbytes/2 written)."""

@@ -32,7 +32,7 @@ from posenc_kernels.reference import vllm_rope_native
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.reference import hf_apply_rotary_pos_emb
 
-from _harness import DEVICE, IS_CUDA, record, run
+from _harness import DEVICE, IS_CUDA, graph_us_per_call, record, run
 
 CFG = MODEL_CONFIGS["llama3-8b"]
 DTYPE = torch.bfloat16
@@ -204,35 +204,6 @@ def test_qkv(benchmark, shape, provider):
 GRAPH_PROVIDERS = ANGLES + ["posenc_cu_seqlens", "hf_eager", "vllm_gather"]
 
 
-def _graph_us_per_call(body, calls=GRAPH_CALLS, reps=20):
-    """Capture ``calls`` invocations of ``body`` in one graph; median over ``reps`` replays (CUDA events,
-    L2 warm) divided by ``calls``. Returns (us per call, graph)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs recommends
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            body()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    times.sort()
-    return times[len(times) // 2], g
-
-
 @pytest.mark.skipif(not IS_CUDA, reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("provider", GRAPH_PROVIDERS)
 @pytest.mark.parametrize("batch", DECODE_BATCHES, ids=lambda b: f"B{b}")
@@ -246,10 +217,10 @@ def test_decode_cuda_graph(benchmark, batch, provider):
     else:
         fn = _decode_fn(provider, q, k, offsets)
     nbytes = 2 * (q.nbytes + k.nbytes)
-    us, g = _graph_us_per_call(fn)
+    us, g = graph_us_per_call(fn, GRAPH_CALLS)
     src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    copy_us, _ = _graph_us_per_call(lambda: dst.copy_(src))
+    copy_us, _ = graph_us_per_call(lambda: dst.copy_(src), GRAPH_CALLS)
 
     def timed():
         g.replay()

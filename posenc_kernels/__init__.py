@@ -1,82 +1,35 @@
 """posenc_kernels: fused kernels for the position encodings of transformers.
 
-Every op is a ``torch.library`` custom op in the ``posenc`` namespace (``torch.ops.posenc.*``) with a fake
-implementation and autograd, so ``torch.compile(fullgraph=True)`` traces through it. CUDA tensors run the
-Triton kernels; CPU tensors run a pure-torch implementation, or the Triton kernels through the Triton
-interpreter when ``TRITON_INTERPRET=1`` is set before import. :func:`set_backend` forces one.
+Every op is defined once, by its schema, in the ``posenc`` namespace (``torch.ops.posenc.*``), with its
+implementations registered with the dispatcher per key (``posenc_kernels.ops.registry``): CUDA tensors run
+the Triton kernels, CPU tensors the native C++ kernels when the extension is loaded, else a pure-torch
+implementation (or the Triton kernels through the interpreter with ``TRITON_INTERPRET=1`` set before
+import). :func:`set_backend` / :func:`use_backend` force one. The families live in ``posenc_kernels.ops``.
 """
 
+from . import positions as _positions
+from . import rotary as _rotary
+from .ops import learned as _learned
+from .ops import registry as _registry
+from .ops import relative as _relative
+from .ops import rope as _rope
+from .ops import sinusoidal as _sinusoidal
 from .ops.checks import set_value_checks
+from .ops.learned import *  # noqa: F401,F403
 from .ops.registry import get_backend, interpreter_enabled, set_backend, use_backend
-from .ops.learned import LearnedPositionEmbedding, add_position_embedding, add_position_embedding_
-from .positions import (
-    fairseq_positions,
-    opt_positions,
-    position_ids_from_attention_mask,
-    positions_from_cu_seqlens,
-)
-from .ops.relative import (
-    T5RelativePositionBias,
-    alibi_bias,
-    alibi_score_mod,
-    alibi_slopes,
-    t5_bucket_thresholds,
-    t5_relative_bias,
-    t5_relative_bucket,
-    t5_score_mod,
-)
-from .ops.rope import apply_rope, apply_rope_, apply_rope_qkv_, axial_positions, mrope_axis_map, rope_cos_sin
-from .rotary import RotaryEmbedding
+from .ops.relative import *  # noqa: F401,F403
+from .ops.rope import *  # noqa: F401,F403
+from .ops.sinusoidal import *  # noqa: F401,F403
+from .positions import *  # noqa: F401,F403
+from .rotary import RotaryEmbedding  # noqa: F401  (in __all__ through rotary.__all__)
 from .schedules import ROPE_TYPES, rope_frequencies
-from .ops.sinusoidal import (
-    SINUSOIDAL_CONVENTIONS,
-    SinusoidalPositionalEncoding,
-    add_sinusoidal,
-    add_sinusoidal_,
-    concat_sinusoidal,
-    sinusoidal_table,
-)
 
 __version__ = "0.1.0"
-
-from .ops import registry as _registry  # noqa: E402
 
 _registry.finalize()  # every family has defined its ops: register their kernels
 
 __all__ = [
-    "apply_rope",
-    "apply_rope_",
-    "apply_rope_qkv_",
-    "mrope_axis_map",
-    "axial_positions",
-    "rope_cos_sin",
-    "rope_frequencies",
-    "ROPE_TYPES",
-    "RotaryEmbedding",
-    "SINUSOIDAL_CONVENTIONS",
-    "SinusoidalPositionalEncoding",
-    "add_sinusoidal",
-    "add_sinusoidal_",
-    "concat_sinusoidal",
-    "sinusoidal_table",
-    "add_position_embedding_",
-    "add_position_embedding",
-    "LearnedPositionEmbedding",
-    "alibi_slopes",
-    "alibi_bias",
-    "alibi_score_mod",
-    "t5_bucket_thresholds",
-    "t5_relative_bucket",
-    "t5_relative_bias",
-    "t5_score_mod",
-    "T5RelativePositionBias",
-    "position_ids_from_attention_mask",
-    "opt_positions",
-    "fairseq_positions",
-    "positions_from_cu_seqlens",
-    "get_backend",
-    "set_backend",
-    "use_backend",
-    "set_value_checks",
+    *_rope.__all__, "rope_frequencies", "ROPE_TYPES", *_rotary.__all__, *_sinusoidal.__all__, *_learned.__all__,
+    *_relative.__all__, *_positions.__all__, "get_backend", "set_backend", "use_backend", "set_value_checks",
     "interpreter_enabled",
-]
+]  # fmt: skip

@@ -172,3 +172,24 @@ def check(q, k, cos, sin, *, inplace, what="", positions=None, offsets=0, interl
 
 _Q = lambda: torch.randn(2, 3, 4, 16)  # noqa: E731
 _K = lambda: torch.randn(2, 3, 2, 16)  # noqa: E731
+
+__all__ = [
+    "ALL_DTYPES",
+    "AVAILABLE",
+    "_K",
+    "_Q",
+    "assert_native",
+    "check",
+    "cpu_kernel_source",
+    "make",
+    "nan_poisoned_allocations",
+    "native_backend",
+    "native_cpu",
+    "no_python_kernels",
+    "op_args",
+    "rope",
+    "rope_",
+    "run_native",
+    "tables",
+    "value_checks_off",
+]

@@ -17,26 +17,7 @@ from posenc_kernels import _native
 from posenc_kernels.ops import registry
 
 from conftest import max_err
-from native_common import (  # noqa: F401
-    _K,
-    _Q,
-    ALL_DTYPES,
-    AVAILABLE,
-    assert_native,
-    check,
-    cpu_kernel_source,
-    make,
-    nan_poisoned_allocations,
-    native_backend,
-    native_cpu,
-    no_python_kernels,
-    op_args,
-    rope,
-    rope_,
-    run_native,
-    tables,
-    value_checks_off,
-)
+from native_common import *  # noqa: F401,F403  (the shared helpers: native_common.__all__)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"native extension unavailable: {_native.load_error()}")
 

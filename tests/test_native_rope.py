@@ -14,26 +14,7 @@ from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.ops.rope.op import check_rope
 
 from conftest import assert_dtype_tolerance, max_err
-from native_common import (  # noqa: F401
-    _K,
-    _Q,
-    ALL_DTYPES,
-    AVAILABLE,
-    assert_native,
-    check,
-    cpu_kernel_source,
-    make,
-    nan_poisoned_allocations,
-    native_backend,
-    native_cpu,
-    no_python_kernels,
-    op_args,
-    rope,
-    rope_,
-    run_native,
-    tables,
-    value_checks_off,
-)
+from native_common import *  # noqa: F401,F403  (the shared helpers: native_common.__all__)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"native extension unavailable: {_native.load_error()}")
 

@@ -21,6 +21,9 @@ if DRY:
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
+import _harness  # noqa: E402  (the timing helpers the benchmark suite uses)
+
 if not DRY and not torch.cuda.is_available():
     sys.exit("no CUDA device: set GPU_CHECK_DRY_RUN=1 for the CPU dry run")
 
@@ -74,41 +77,13 @@ def graph_us_per_call(body, calls: int = 100, reps: int = 20) -> float:
     """GPU time per call of ``body`` replayed from one CUDA graph of ``calls`` calls (see GRAPH_TIMING)."""
     if DEVICE.type != "cuda":
         return time_us(body)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up (compilation) on a side stream, as torch.cuda.graphs recommends
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            body()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+    return _harness.graph_us_per_call(body, calls, reps)[0]
 
 
 def peak_extra_mib(fn):
     """MiB allocated above the starting level during one call (CUDA only; None on CPU)."""
-    if DEVICE.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 2)
+    mb = _harness.peak_extra_mb(fn)
+    return None if mb is None else round(mb, 2)
 
 
 def device_name() -> str:

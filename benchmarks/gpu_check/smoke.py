@@ -11,7 +11,6 @@ the output's scale). Outputs must be finite. Rows go to $OUT/smoke.json as they 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -255,26 +254,9 @@ def check_alibi_backward():
     return verdict("alibi_bias slopes grad", f"H={slopes.numel()} {LQ}x{LK}", torch.float32, [(s.grad, eager, truth)])
 
 
-def t5_bucket_hf(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
-    """HF T5's ``_relative_position_bucket`` (fp32 log, truncated), the lookup's truth for common settings."""
-    buckets = 0
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (relative_position > 0).to(torch.long) * num_buckets
-        relative_position = torch.abs(relative_position)
-    else:
-        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    large = max_exact + (torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).to(torch.long)  # fmt: skip
-    large = torch.min(large, torch.full_like(large, num_buckets - 1))
-    return buckets + torch.where(is_small, relative_position, large)
-
-
 def _t5_buckets(bidirectional):
     rel = torch.arange(LK, device=D)[None, :] - torch.arange(LQ, device=D)[:, None]
-    return t5_bucket_hf(rel, bidirectional=bidirectional)
+    return ref.t5_relative_bucket_hf(rel, bidirectional=bidirectional)
 
 
 def check_t5(bidirectional):

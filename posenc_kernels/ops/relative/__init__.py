@@ -2,24 +2,5 @@
 (Triton), ``torch_impl``, ``reference``, ``op`` (schemas, checks, registration, autograd) and ``api`` (the
 public functions, score_mods and the module)."""
 
-from .api import (
-    T5RelativePositionBias,
-    alibi_bias,
-    alibi_score_mod,
-    alibi_slopes,
-    t5_bucket_thresholds,
-    t5_relative_bias,
-    t5_relative_bucket,
-    t5_score_mod,
-)
-
-__all__ = [
-    "T5RelativePositionBias",
-    "alibi_bias",
-    "alibi_score_mod",
-    "alibi_slopes",
-    "t5_bucket_thresholds",
-    "t5_relative_bias",
-    "t5_relative_bucket",
-    "t5_score_mod",
-]
+from .api import *  # noqa: F401,F403  (the public functions: api.__all__)
+from .api import __all__  # noqa: F401
