@@ -211,8 +211,8 @@ def _pe_inputs(dtype):
 
 def check_add_position_embedding():
     x, table, pos = _pe_inputs(torch.bfloat16)
-    truth = x.double() + table.double()[pos]
-    eager = x + table[pos]
+    truth = ref.add_position_embedding_reference(x, table, pos)
+    eager = ref.position_embedding_eager(x, table, pos)
     out = pk.add_position_embedding_(x.clone(), table, pos)
     return verdict("add_position_embedding_", f"{tuple(x.shape)} table {PE_ROWS} rows", x.dtype, [(out, eager, truth)])
 
@@ -230,17 +230,11 @@ def check_position_embedding_backward(deterministic):
 
 
 # ---------------------------------------------------------------------------------------------- relative
-def _alibi_truth(slopes, causal, dtype):
-    rel = torch.arange(LK, device=D, dtype=dtype)[None, :] - torch.arange(LQ, device=D, dtype=dtype)[:, None]
-    dist = rel if causal else -rel.abs()
-    return slopes.to(dtype)[:, None, None] * dist
-
-
 def check_alibi(causal):
     slopes = pk.alibi_slopes(12 if not DRY else 5).to(D)  # 12 heads: a non-power-of-two head count
     out = pk.alibi_bias(slopes, LQ, LK, causal=causal)
     return verdict(f"alibi_bias causal={causal}", f"H={slopes.numel()} {LQ}x{LK}", torch.float32,
-                   [(out, _alibi_truth(slopes, causal, torch.float32), _alibi_truth(slopes, causal, torch.float64))])  # fmt: skip
+                   [(out, ref.alibi_bias_eager(slopes, LQ, LK, causal=causal), ref.alibi_bias_reference(slopes, LQ, LK, causal=causal))])  # fmt: skip
 
 
 def check_alibi_backward():
@@ -248,21 +242,17 @@ def check_alibi_backward():
     grad = torch.randn(slopes.numel(), LQ, LK, generator=torch.Generator().manual_seed(8)).to(D)
     s = slopes.clone().requires_grad_()
     pk.alibi_bias(s, LQ, LK).backward(grad)
-    rel = _alibi_truth(torch.ones_like(slopes), True, torch.float64)
-    truth = (grad.double() * rel).sum((1, 2))
-    eager = (grad * rel.float()).sum((1, 2))
+    s64, s32 = slopes.double().requires_grad_(), slopes.clone().requires_grad_()
+    ref.alibi_bias_reference(s64, LQ, LK).backward(grad.double())
+    ref.alibi_bias_eager(s32, LQ, LK).backward(grad)
+    truth, eager = s64.grad, s32.grad
     return verdict("alibi_bias slopes grad", f"H={slopes.numel()} {LQ}x{LK}", torch.float32, [(s.grad, eager, truth)])
-
-
-def _t5_buckets(bidirectional):
-    rel = torch.arange(LK, device=D)[None, :] - torch.arange(LQ, device=D)[:, None]
-    return ref.t5_relative_bucket_hf(rel, bidirectional=bidirectional)
 
 
 def check_t5(bidirectional):
     table = torch.randn(32, T5_HEADS, generator=torch.Generator().manual_seed(9)).to(D)
     out = pk.t5_relative_bias(table, LQ, LK, bidirectional=bidirectional)
-    truth = table.double()[_t5_buckets(bidirectional)].permute(2, 0, 1)
+    truth = ref.t5_relative_bias_reference(table, LQ, LK, bidirectional=bidirectional)
     return verdict(f"t5_relative_bias bidirectional={bidirectional}", f"32 buckets H={T5_HEADS} {LQ}x{LK}",
                    torch.float32, [(out, truth.float(), truth)])  # fmt: skip
 
@@ -271,10 +261,10 @@ def check_t5_backward():
     table = torch.randn(32, T5_HEADS, generator=torch.Generator().manual_seed(10)).to(D).requires_grad_()
     grad = torch.randn(T5_HEADS, LQ, LK, generator=torch.Generator().manual_seed(11)).to(D)
     pk.t5_relative_bias(table, LQ, LK).backward(grad)
-    b = _t5_buckets(True).reshape(-1)
-    g2 = grad.permute(1, 2, 0).reshape(-1, T5_HEADS)
-    truth = torch.zeros(32, T5_HEADS, dtype=torch.float64, device=D).index_add_(0, b, g2.double())
-    eager = torch.zeros(32, T5_HEADS, device=D).index_add_(0, b, g2)
+    t64, t32 = table.detach().double().requires_grad_(), table.detach().clone().requires_grad_()
+    ref.t5_relative_bias_reference(t64, LQ, LK).backward(grad.double())
+    ref.t5_relative_bias_hf_eager(t32, LQ, LK).backward(grad)
+    truth, eager = t64.grad, t32.grad
     return verdict("t5_relative_bias table grad", f"32 buckets H={T5_HEADS} {LQ}x{LK}", torch.float32,
                    [(table.grad, eager, truth)])  # fmt: skip
 
