@@ -11,8 +11,8 @@ The C++/CUDA extension (``csrc/``) is optional:
   toolkit (nvcc and headers) of its major version is found (``POSENC_BUILD_CUDA=0`` skips them;
   ``TORCH_CUDA_ARCH_LIST`` picks the architectures, else the visible GPUs, else ``8.0;9.0+PTX``: see
   ``posenc_kernels/_build.py``). Needs setuptools >= 70.1 and ninja in the environment;
-* just in time: the sources ship inside the package (``posenc_kernels/csrc``), and the first call that
-  needs a native kernel builds them once into a cache (see ``posenc_kernels/_native.py``).
+* just in time: the sources ship inside the package (``posenc_kernels/csrc``), and the first import of
+  the package builds them once into a cache (see ``posenc_kernels/_native.py``).
 """
 
 import importlib.util

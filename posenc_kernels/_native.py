@@ -1,6 +1,7 @@
 """The optional C++/CUDA extension (``csrc/``): locating, building and calling it.
 
-Where the ops come from, first hit wins (lazily, on the first call that needs them - never at import):
+Where the kernels come from, first hit wins (once, when the package is imported: the op layer registers the
+C++ kernels with the dispatcher then, see ``posenc_kernels/ops/registry.py`` ``finalize``):
 
 1. ``posenc_kernels._C``, built ahead of time against the installed torch::
 
