@@ -4,8 +4,8 @@ One program writes ``BLOCK_T`` tokens of one sequence x ``BLOCK_C`` frequencies 
 channels: every angle gives one sin and one cos, so each transcendental is used once). The grid is
 ``(B * token blocks, frequency blocks)``: ``b`` and the token block come from one scalar division per
 program. Positions come from :func:`..positions.token_positions_tl` (an int offset, per-sequence offsets,
-or explicit int/float positions). Every global load (position, frequencies, x) is issued before any of
-them is converted; x and out take any strides, the channel one included (Triton specialises a stride of 1,
+or explicit int/float positions). The position and frequency loads are issued together and x after the
+sin/cos math (see the kernel); x and out take any strides, the channel one included (Triton specialises a stride of 1,
 so the contiguous case keeps its vector accesses).
 """
 
@@ -39,13 +39,22 @@ if HAS_TRITON:
             b = b.to(tl.int64)
             s = s.to(tl.int64)
         tok_mask = s < seqlen
-        # ---- loads: position, frequencies, then x (none waits on another)
+        # ---- loads: the position and the frequencies (neither waits on the other)
         pos = token_positions_tl(
             b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, 0, 0, POS_MODE,
             SEQ_OFFSETS,
         )  # fmt: skip
         f = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         inv = tl.load(inv_freq_ptr + f, mask=f < HALF, other=0.0)
+        # ---- math first; x is loaded after it: issued before, its values stay live across libdevice's
+        # sinf/cosf slow path and ptxas spills (Triton 3.6, bf16 adds); the sin/cos work hides x's latency.
+        angle = (pos.to(ACC)[:, None] * inv.to(ACC)[None, :]) * scale
+        if COS_FIRST:
+            first = tl.cos(angle)
+            second = tl.sin(angle)
+        else:
+            first = tl.sin(angle)
+            second = tl.cos(angle)
         x_tok = (b * stride_x_b + s * stride_x_s)[:, None]
         o_tok = (b * stride_o_b + s * stride_o_s)[:, None]
         if INTERLEAVED:
@@ -64,14 +73,6 @@ if HAS_TRITON:
             m_last = (s < tl.where(pid_c == 0, seqlen, 0))[:, None]
             if HAS_X:
                 x_last = tl.load(x_ptr + x_tok + last * stride_x_d, mask=m_last, other=0.0)
-        # ---- math
-        angle = (pos.to(ACC)[:, None] * inv.to(ACC)[None, :]) * scale
-        if COS_FIRST:
-            first = tl.cos(angle)
-            second = tl.sin(angle)
-        else:
-            first = tl.sin(angle)
-            second = tl.cos(angle)
         if INTERLEAVED:
             pe = tl.reshape(tl.join(first, second), [BLOCK_T, 2 * BLOCK_C])
             if HAS_X:
@@ -92,19 +93,19 @@ if HAS_TRITON:
             tl.store(out_ptr + o_tok + last * stride_o_d, val.to(out_ptr.dtype.element_ty), mask=m_last)
 
 
-_ANGLES_PER_PROGRAM = 1024
+_ANGLES_PER_PROGRAM = 512
 
 
 def sinusoidal_blocks(half: int, seqlen: int):
-    """Tile heuristic: about 1024 angles (2048 outputs) per program over 4 warps, ~8 sin/cos pairs per
+    """Tile heuristic: about 512 angles (1024 outputs) per program over 2 warps, ~8 sin/cos pairs per
     thread; up to 64 frequencies wide, the rest in tokens (of one sequence: at most its length). Chosen by
-    compiling the candidates for sm_90 with Triton 3.9 (tests/static_compile.py cases, plus both table
-    layouts): 64 x 16 over 4 warps spills in none; the earlier 128 x 16 over 8 warps spilled 8-12 bytes in
-    libdevice's sinf slow path for tables once the grid became (B * token blocks, frequency blocks).
-    tests/test_static_ptx.py keeps it so."""
+    compiling the candidates for sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): with x
+    loaded after the sin/cos math, 64 x 8 over 2 warps spills in neither; 64 x 16 over 4 warps spilled 4
+    bytes in 3.6's bf16 adds (or in 3.9's fp32 ones with x loaded first), 128 x 16 over 8 warps 8-12 bytes
+    in the tables. tests/test_static_ptx.py keeps it so, on both releases (CI runs both)."""
     block_c = max(1, min(next_pow2(half), 64))
     block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(seqlen), 64))
-    num_warps = prev_pow2(min(4, max(1, block_t * block_c // 256)))
+    num_warps = prev_pow2(min(2, max(1, block_t * block_c // 256)))
     return block_c, block_t, num_warps
 
 
