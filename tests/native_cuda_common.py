@@ -2,7 +2,6 @@
 CUDA C++ kernel is the one registered, and the allocation / value-check switches."""
 
 
-import contextlib
 
 import pytest
 import torch
@@ -51,29 +50,7 @@ def _native_cuda():
     pk.set_backend("auto")
 
 
-@contextlib.contextmanager
-def nan_poisoned_allocations():
-    """The out-of-place op allocates its outputs (at::empty_like): with deterministic algorithms on, PyTorch
-    fills uninitialised allocations with NaN, so an element the kernel leaves unwritten stays NaN."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-        torch.use_deterministic_algorithms(prev)
-
-
-@contextlib.contextmanager
-def value_checks_off():
-    pk.set_value_checks(False)
-    try:
-        yield
-    finally:
-        pk.set_value_checks(True)
-
+from native_common import nan_poisoned_allocations, value_checks_off  # noqa: E402  (one copy)
 
 __all__ = [
     "ALL_DTYPES",

@@ -284,6 +284,8 @@ def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native:
     returns its default overload. Kernels are registered by :func:`finalize` (after every family).
     ``factory``: the op's key comes from its ``Device`` argument (a permanent BackendSelect kernel)."""
     name = schema.split("(", 1)[0]
+    if _state["ready"]:  # finalize decides every key from the full op list: a later op would miss the native swap
+        raise RuntimeError(f"posenc::{name} is defined after posenc_kernels.ops.registry.finalize()")
     if name in _OPS:
         raise RuntimeError(f"posenc::{name} is defined twice")
     LIB.define(schema)
@@ -297,9 +299,6 @@ def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native:
         return fake(*args)
 
     torch.library.register_fake(f"{NAMESPACE}::{name}", _fake, lib=LIB)
-    if _state["ready"]:  # defined after finalize (tests, later families): register now
-        _register_static(spec)
-        _sync()
     return overload
 
 
