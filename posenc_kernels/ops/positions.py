@@ -48,31 +48,34 @@ def pos_mode(positions, offsets, cu_seqlens) -> PosMode:
 
 def launch_args(positions, offsets, offset, cu_seqlens):
     """What :func:`token_positions_tl` takes: ``(mode, pos, stride_pos_b, stride_pos_s, offsets,
-    stride_off, offset, n_seqs, n_search, seq_offsets)`` (``pos`` is positions or cu_seqlens)."""
+    stride_off, offset, n_seqs, cu_block, seq_offsets)`` (``pos`` is positions or cu_seqlens;
+    ``cu_block``: sequences the varlen search reads at a time, a power of two in [16, 256])."""
     mode = pos_mode(positions, offsets, cu_seqlens)
-    pos, spb, sps, n_seqs, n_search = None, 0, 0, 0, 0
+    pos, spb, sps, n_seqs, cu_block = None, 0, 0, 0, 16
     if mode == PosMode.CU_SEQLENS:
         pos, sps = cu_seqlens, cu_seqlens.stride(0)
         n_seqs = cu_seqlens.shape[0] - 1
-        n_search = (n_seqs - 1).bit_length()
+        cu_block = min(256, max(16, 1 << max(0, n_seqs - 1).bit_length()))
     elif mode == PosMode.POSITIONS:
         pos = positions
         spb = positions.stride(0) if positions.dim() == 2 else 0
         sps = positions.stride(-1)
     soff = offsets.stride(0) if offsets is not None else 0
-    return int(mode), pos, spb, sps, offsets, soff, int(offset), n_seqs, n_search, offsets is not None
+    return int(mode), pos, spb, sps, offsets, soff, int(offset), n_seqs, cu_block, offsets is not None
 
 
 if HAS_TRITON:
 
     @triton.jit
     def token_positions_tl(
-        b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs, n_search,
-        MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+        CU_BLOCK: tl.constexpr, MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
     ):  # fmt: skip
         """Position of tokens ``(b, s)`` (``s`` a ``[BLOCK]`` vector, ``b`` a scalar), in the dtype of its
         source (int64 for offsets; positions as stored, floats included). With cu_seqlens ``b`` is 0 and
-        ``s`` the packed token index: a binary search of ``n_search`` rounds finds its sequence."""
+        ``s`` the packed token index; its sequence is the last ``n`` with ``cu[n] <= s``. cu (and the per-sequence offsets) are read ``CU_BLOCK`` sequences at a time, and ``n``,
+        ``cu[n]`` and ``offsets[n]`` selected in registers: up to 256 sequences, no load waits on another
+        (a binary search would wait through log2(N) of them one after another)."""
         if MODE == 0:
             pos = s + offset
         elif MODE == 1:
@@ -80,21 +83,22 @@ if HAS_TRITON:
         elif MODE == 2:
             pos = tl.load(pos_ptr + b * stride_pos_b + s * stride_pos_s, mask=tok_mask, other=0)
         else:
-            lo = tl.zeros_like(s)
-            hi = tl.zeros_like(s) + (n_seqs - 1)
-            i = 0
-            while i < n_search:
-                mid = (lo + hi + 1) // 2
-                go = tl.load(pos_ptr + mid * stride_pos_s, mask=tok_mask, other=0).to(tl.int64) <= s
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid - 1)
-                i += 1
-            start = tl.load(pos_ptr + lo * stride_pos_s, mask=tok_mask, other=0).to(tl.int64)
-            end = tl.load(pos_ptr + n_seqs * stride_pos_s).to(tl.int64)
-            if SEQ_OFFSETS:
-                base = tl.load(off_ptr + lo * stride_off, mask=tok_mask, other=0).to(tl.int64)
-            else:
-                base = offset
+            end = tl.load(pos_ptr + n_seqs * stride_pos_s)  # converted only at the end: not waited on early
+            # cu[0] = 0 <= s (checked), so every token finds a sequence; the defaults only serve unchecked input
+            start = tl.zeros_like(s).to(tl.int64)
+            base = tl.zeros_like(s).to(tl.int64) + offset
+            for j0 in range(0, n_seqs, CU_BLOCK):
+                j = j0 + tl.arange(0, CU_BLOCK)
+                jm = j < n_seqs
+                cu_j = tl.load(pos_ptr + j * stride_pos_s, mask=jm, other=0)
+                if SEQ_OFFSETS:
+                    off_j = tl.load(off_ptr + j * stride_off, mask=jm, other=0)
+                last = tl.max(tl.where(jm[None, :] & (cu_j[None, :] <= s[:, None]), j[None, :], -1), axis=1)
+                pick = j[None, :] == last[:, None]
+                hit = last >= 0
+                start = tl.where(hit, tl.sum(tl.where(pick, cu_j[None, :], 0), axis=1).to(tl.int64), start)
+                if SEQ_OFFSETS:
+                    base = tl.where(hit, tl.sum(tl.where(pick, off_j[None, :], 0), axis=1).to(tl.int64), base)
             pos = tl.where(s < end, s - start + base, 0)
         return pos
 
