@@ -495,16 +495,20 @@ def test_rope_cos_sin_bad_input():
 @pytest.mark.parametrize("half", [1, 8, 20, 32, 40, 64, 128])
 @pytest.mark.parametrize("tail", [0, 16, 48, 192])
 def test_block_heuristic_powers_of_two(half, tail):
-    from posenc_kernels.ops.rope.kernel import rope_blocks as _rope_blocks
+    import posenc_kernels.ops.rope.kernel as rk
 
     for heads_q, heads_k in [(32, 8), (3, 3), (8, 1), (28, 4), (1, 0)]:
-        for n_tokens in (1, 13, 4096):
-            bh, bt_, h, t, w = _rope_blocks(half, tail, heads_q, heads_k, n_tokens)
-            for v in (bh, h, t, w) + ((bt_,) if tail else ()):
-                assert v & (v - 1) == 0, (half, tail, heads_q, heads_k, n_tokens)
-            assert bh >= half and (not tail or bt_ >= tail)
-            assert t <= max(1, n_tokens) * 2 and 1 <= w <= 8
-            assert t * h * (2 * bh + bt_) <= max(4096, 2 * bh + bt_), "tile too large"
+        for seqlen in (1, 13, 4096):
+            for tile in (rk.ROPE_TILE, rk.ROPE_TILE_ANGLES, rk.ROPE_TILE_AXES):
+                bh, bt_, h, t, w = rk.rope_blocks(half, tail, heads_q, heads_k, seqlen, tile)
+                for v in (bh, h, t, w) + ((bt_,) if tail else ()):
+                    assert v & (v - 1) == 0, (half, tail, heads_q, heads_k, seqlen)
+                assert bh >= half and (not tail or bt_ >= tail)
+                # a program's tokens lie in one sequence: never more rows than the sequence has (decode: 1)
+                assert t <= max(1, seqlen) * 2 and t <= 16 and 1 <= w <= 8
+                assert t * h * (2 * bh + bt_) <= max(tile[0], 2 * bh + bt_), "tile too large"
+                if seqlen == 1 and heads_q == 32 and heads_k == 8 and half == 64 and tile == rk.ROPE_TILE:
+                    assert (t, h, w) == (1, 8, 1), "Llama-3-8B decode: one token x 8 heads per program, 1 warp"
 
 
 def test_unchecked_out_of_table_rows_become_nan():

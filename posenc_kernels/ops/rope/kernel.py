@@ -3,7 +3,7 @@
 One program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q *or* k (the head-block axis of the grid
 covers q's blocks then k's), so q and k take one launch. The program issues every global load it needs -
 the position (when it is a tensor), the cos/sin rows, the head rows - before it converts or broadcasts any
-of them, so their latencies overlap; tests/test_static_ptx.py reads the round trips off the SASS.
+of them, so their latencies overlap; tests/test_static_sass.py reads the round trips off the SASS.
 """
 
 from __future__ import annotations
@@ -19,19 +19,46 @@ if HAS_TRITON:
     from ..angles import exact_angle_tl
 
     @triton.jit
-    def _rotate_block(
-        x_ptr, o_ptr, h0, n_heads, b, s, tok_mask, sxb, sxs, sxh, sxd, sob, sos, soh, sod,
-        cos_raw, sin_raw, inv, pos, attention_factor,
+    def _rope_kernel(
+        q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
+        seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor,
+        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
+        stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
+        stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MULTI_AXIS: tl.constexpr, ANGLES: tl.constexpr,
-        INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr,
-        IDX64: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
+        COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        """Rotate heads [h0, h0 + BLOCK_H) of the program's tokens. The head rows are loaded before the
-        cos/sin tile (already in flight) is converted or broadcast, so no load waits on another."""
-        h = h0 + tl.arange(0, BLOCK_H)
-        if IDX64:
+        """Grid: (B * token blocks, q head blocks + k head blocks). ``b`` and the token block come from one
+        32-bit scalar division per program; tokens are ``s`` within sequence ``b`` (packed inputs:
+        ``b = 0``). q and k programs run one body (their pointers and strides are selected per program, not
+        branched on), in this order: the head rows' loads, the positions, the cos/sin rows (or
+        frequencies), and only then any math. So every load that does not depend on another is in flight
+        at once: one round trip, two when a position is itself loaded (tests/test_static_sass.py)."""
+        pid = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        b = pid // n_s_blocks
+        s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+        is_q = pid_h < n_q_blocks
+        x_ptr = tl.where(is_q, q_ptr, k_ptr)
+        o_ptr = tl.where(is_q, qo_ptr, ko_ptr)
+        h = tl.where(is_q, pid_h, pid_h - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        n_heads = tl.where(is_q, n_heads_q, n_heads_k)
+        sxb = tl.where(is_q, stride_q_b, stride_k_b)
+        sxs = tl.where(is_q, stride_q_s, stride_k_s)
+        sxh = tl.where(is_q, stride_q_h, stride_k_h)
+        sxd = tl.where(is_q, stride_q_d, stride_k_d)
+        if IDX64:  # the launcher found an element offset that may not fit in 32 bits
+            b = b.to(tl.int64)
+            s = s.to(tl.int64)
             h = h.to(tl.int64)
+        tok_mask = s < seqlen
+        # ---- 1. the head rows (in place, the same address chain serves the stores)
         x_row = b * sxb + s[:, None, None] * sxs + h[None, :, None] * sxh  # [BLOCK_T, BLOCK_H, 1]
         row_mask = tok_mask[:, None, None] & (h < n_heads)[None, :, None]
         if INTERLEAVED:
@@ -47,16 +74,51 @@ if HAS_TRITON:
             ct = tl.arange(0, BLOCK_TAIL)[None, None, :]
             mt = row_mask & (ct < TAIL)
             tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
-        # ---- cos/sin in ACC, broadcast over heads
+        # A fence: nothing below (position selects, table loads, math) is hoisted above the head loads, and
+        # no head load sinks below it; LLVM and ptxas otherwise reorder them (M-RoPE: a round trip more).
+        tl.debug_barrier()
+        # ---- 2. positions: [BLOCK_T, 1], or [BLOCK_T, BLOCK_HALF] per frequency axis
+        c = tl.arange(0, BLOCK_HALF)[None, :]
+        cmask = c < HALF
+        if N_AXES > 0:
+            # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE). Every axis's
+            # positions are loaded beside the map (not at an address read from it), then selected. An
+            # axis outside positions (reachable only with value checks off) becomes position -1: NaN.
+            ax = tl.load(axis_ptr + c * stride_axis, mask=cmask, other=-1)
+            tok_off = b * stride_pos_b + s * stride_pos_s
+            pos = tl.full([BLOCK_T, BLOCK_HALF], -1, tl.int64)
+            for a in tl.static_range(N_AXES):
+                p_a = tl.load(pos_ptr + a * stride_pos_a + tok_off, mask=tok_mask, other=0).to(tl.int64)
+                pos = tl.where(ax == a, p_a[:, None], pos)
+        else:
+            pos = token_positions_tl(
+                b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+                CU_BLOCK, POS_MODE, SEQ_OFFSETS,
+            )[:, None]  # fmt: skip
+        # ---- 3. cos/sin in ACC, [BLOCK_T, BLOCK_HALF]
         if ANGLES == 0:
-            cos = cos_raw.to(ACC)
-            sin = sin_raw.to(ACC)
+            # Rows outside the table read as NaN (reachable only when host-side value checks are skipped):
+            # a loud result instead of an out-of-bounds read.
+            cm = tok_mask[:, None] & (pos >= 0) & (pos < n_rows) & cmask
+            if not IDX64:  # the launcher counted the table too: a row offset fits in 32 bits
+                pos = pos.to(tl.int32)
+            cos = tl.load(cos_ptr + pos * stride_cos_p + c * stride_cos_f, mask=cm, other=float("nan"))
+            sin = tl.load(sin_ptr + pos * stride_sin_p + c * stride_sin_f, mask=cm, other=float("nan"))
+        else:
+            inv = tl.load(inv_ptr + c, mask=cmask, other=0.0)
+        # Every load is issued by now: a fence, so no load sinks below the math or a conversion of another
+        # (a table row's cast to ACC, converted through shared memory, would otherwise sit between cos and
+        # sin on Triton 3.6).
+        tl.debug_barrier()
+        if ANGLES == 0:
+            cos = cos.to(ACC)
+            sin = sin.to(ACC)
         else:
             if ANGLES == 1:
                 angle = pos.to(tl.float32) * inv.to(tl.float32)  # HF numerics: one fp32 product
             else:
                 angle = exact_angle_tl(pos, inv)
-            if MULTI_AXIS:
+            if N_AXES > 0:
                 angle = tl.where(pos >= 0, angle, float("nan"))  # only a bad axis makes pos < 0 here
             cos = (tl.cos(angle) * attention_factor).to(ACC)
             sin = (tl.sin(angle) * attention_factor).to(ACC)
@@ -64,13 +126,14 @@ if HAS_TRITON:
             sin = -sin
         c3 = cos[:, None, :]
         s3 = sin[:, None, :]
-        # ---- rotate and store (in place: the input's address chain serves the store too)
+        # ---- 4. rotate and store
         if INPLACE:
             o_row = x_row
             od = sxd
         else:
-            o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
-            od = sod
+            o_row = (b * tl.where(is_q, stride_qo_b, stride_ko_b) + s[:, None, None] * tl.where(is_q, stride_qo_s, stride_ko_s)
+                     + h[None, :, None] * tl.where(is_q, stride_qo_h, stride_ko_h))  # fmt: skip
+            od = tl.where(is_q, stride_qo_d, stride_ko_d)
         if INTERLEAVED:
             x_even, x_odd = tl.split(tl.reshape(x.to(ACC), [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
             o_even = x_even * c3 - x_odd * s3
@@ -84,79 +147,6 @@ if HAS_TRITON:
             tl.store(o_ptr + o_row + (HALF + ch) * od, (a2 * c3 + a1 * s3).to(o_ptr.dtype.element_ty), mask=m)
         if COPY_TAIL:
             tl.store(o_ptr + o_row + (2 * HALF + ct) * od, tail, mask=mt)
-
-    @triton.jit
-    def _rope_kernel(
-        q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
-        seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, n_search, n_axes, attention_factor,
-        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
-        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
-        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
-        stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
-        stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
-        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
-        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
-        MULTI_AXIS: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
-        COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
-    ):  # fmt: skip
-        """Grid: (B * token blocks, q head blocks + k head blocks). ``b`` and the token block come from one
-        scalar division per program; tokens are ``s`` within sequence ``b`` (packed inputs: ``b = 0``)."""
-        pid = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        b = pid // n_s_blocks
-        s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-        if IDX64:  # the launcher found an element offset that may not fit in 32 bits
-            b = b.to(tl.int64)
-            s = s.to(tl.int64)
-        tok_mask = s < seqlen
-        c = tl.arange(0, BLOCK_HALF)[None, :]
-        cmask = c < HALF
-        # ---- positions: [BLOCK_T, 1], or [BLOCK_T, BLOCK_HALF] per frequency axis
-        if MULTI_AXIS:
-            # Frequency i follows axis axis_map[i] (M-RoPE sections, 2-D axial RoPE). An axis outside
-            # positions (reachable only with value checks off) is never read: its position becomes -1,
-            # which the table path turns into NaN, and the on-the-fly path too.
-            ax = tl.load(axis_ptr + c * stride_axis, mask=cmask, other=0).to(tl.int64)
-            ax_ok = (ax >= 0) & (ax < n_axes)
-            tok_off = b * stride_pos_b + s * stride_pos_s
-            pm = tok_mask[:, None] & cmask & ax_ok
-            pos = tl.load(pos_ptr + ax * stride_pos_a + tok_off[:, None], mask=pm, other=0).to(tl.int64)
-            pos = tl.where(ax_ok, pos, -1)
-        else:
-            pos = token_positions_tl(
-                b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
-                n_search, POS_MODE, SEQ_OFFSETS,
-            )[:, None]  # fmt: skip
-        # ---- the cos/sin rows (or the frequencies), issued before the head rows
-        if ANGLES == 0:
-            # Rows outside the table read as NaN (reachable only when host-side value checks are skipped):
-            # a loud result instead of an out-of-bounds read.
-            cm = tok_mask[:, None] & (pos >= 0) & (pos < n_rows) & cmask
-            cos_raw = tl.load(cos_ptr + pos * stride_cos_p + c * stride_cos_f, mask=cm, other=float("nan"))
-            sin_raw = tl.load(sin_ptr + pos * stride_sin_p + c * stride_sin_f, mask=cm, other=float("nan"))
-            inv = 0.0
-        else:
-            inv = tl.load(inv_ptr + c, mask=cmask, other=0.0)
-            cos_raw = 0.0
-            sin_raw = 0.0
-        n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
-        if pid_h < n_q_blocks:
-            _rotate_block(
-                q_ptr, qo_ptr, pid_h * BLOCK_H, n_heads_q, b, s, tok_mask,
-                stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
-                cos_raw, sin_raw, inv, pos, attention_factor,
-                HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, MULTI_AXIS, ANGLES, INTERLEAVED, CONJUGATE,
-                COPY_TAIL, INPLACE, IDX64, ACC,
-            )  # fmt: skip
-        else:
-            _rotate_block(
-                k_ptr, ko_ptr, (pid_h - n_q_blocks) * BLOCK_H, n_heads_k, b, s, tok_mask,
-                stride_k_b, stride_k_s, stride_k_h, stride_k_d, stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
-                cos_raw, sin_raw, inv, pos, attention_factor,
-                HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, MULTI_AXIS, ANGLES, INTERLEAVED, CONJUGATE,
-                COPY_TAIL, INPLACE, IDX64, ACC,
-            )  # fmt: skip
 
     @triton.jit
     def _rope_cos_sin_kernel(
@@ -177,23 +167,42 @@ if HAS_TRITON:
         tl.store(sin_ptr + off, (tl.sin(angle) * attention_factor).to(sin_ptr.dtype.element_ty), mask=m)
 
 
-def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, n_tokens: int):
+# (elements per program, elements per thread), by what a program computes per element:
+ROPE_TILE = (8192, 64)  # cos/sin rows from tables: 4 warps of 8 tokens x 8 heads x 128 channels
+ROPE_TILE_ANGLES = (4096, 64)  # sin/cos computed in the kernel: half the tile, or libdevice's registers spill
+ROPE_TILE_AXES = (2048, 32)  # an axis map: per-frequency position selects; more per thread serialises loads
+
+
+def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, seqlen: int, tile=ROPE_TILE):
     """Block-size heuristic (documented in the README).
 
-    A program handles BLOCK_T tokens x BLOCK_H heads; the cos/sin rows it loads serve all of them. The
-    channels a head touches are ``width`` = the rotary ones (padded to a power of two) plus, when copying
-    out of place with partial rotary, the pass-through tail. BLOCK_H is the power of two covering the
-    smaller head count, so q and k programs are alike (Llama-3-8B: q in 4 blocks of 8 heads, k in one),
-    capped so a tile stays near 4096 elements; BLOCK_T fills the tile (at most 16 tokens and never past
-    the token count). Warps grow with the tile: about 32 elements per thread."""
+    A program handles BLOCK_T tokens of one sequence x BLOCK_H heads; the cos/sin rows it loads serve all
+    of them. The channels a head touches are ``width`` = the rotary ones (padded to a power of two) plus,
+    when copying out of place with partial rotary, the pass-through tail. BLOCK_H is the power of two
+    covering the smaller head count, so q and k programs are alike (Llama-3-8B: q in 4 blocks of 8 heads,
+    k in one), capped so a tile stays within ROPE_TILE elements; BLOCK_T fills the tile (at most 16 tokens
+    and never past the sequence length: a decode step's programs hold one token). Warps grow with the
+    tile: 64 elements per thread, i.e. eight 16-byte vectors of 16-bit data in flight. Chosen from the
+    SASS figures (tests/test_static_sass.py; before/after in benchmarks/RESULTS.md): against 32 elements
+    per thread it cuts the instructions per byte at Llama-3-8B prefill by a fifth (0.068 -> 0.054) and
+    keeps one load round trip, for 94 registers and 5 resident blocks per SM (160 B of loads in flight per
+    thread, ~100 KB per SM: several times what an SM needs to cover DRAM latency). Kernels that compute
+    sin/cos take half the tile (``ROPE_TILE_ANGLES``: 8192 spills libdevice's registers), an axis map a
+    quarter at 32 per thread (``ROPE_TILE_AXES``: its per-frequency position selects otherwise make ptxas
+    serialise the loads). A tile too small for one 16-byte vector per thread and half (one head of a
+    decode step) takes more heads per program instead."""
+    tile_elems, per_thread = tile
     block_half = next_pow2(half)
     block_tail = next_pow2(tail) if tail else 0
     width = 2 * block_half + block_tail
     heads = min(heads_q, heads_k) if heads_k > 0 else heads_q
-    block_h = min(next_pow2(heads), prev_pow2(4096 // width))
-    block_t = min(16, prev_pow2(4096 // (block_h * width)), next_pow2(n_tokens))
+    block_h = min(next_pow2(heads), prev_pow2(max(1, tile_elems // width)))
+    block_t = min(16, prev_pow2(max(1, tile_elems // (block_h * width))), next_pow2(seqlen))
+    while (block_t * block_h * block_half < 256 and block_h < next_pow2(max(heads_q, heads_k))
+           and 2 * block_t * block_h * width <= tile_elems):
+        block_h *= 2  # 32 threads x 8 elements (16-bit) per half: full vectors (the extra k heads are masked)
     tile = block_t * block_h * width
-    num_warps = prev_pow2(min(8, tile // 1024))
+    num_warps = prev_pow2(max(1, min(8, tile // (32 * per_thread))))
     return block_half, block_tail, block_h, block_t, num_warps
 
 
@@ -215,28 +224,33 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
     axis = spos_a = n_axes = saxis = 0
     if axis_map is not None:
         p0 = positions[0]
-        mode, pos, spb, sps, off, soff, offset, n_seqs, n_search, seq_off = launch_args(p0, None, 0, None)
+        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(p0, None, 0, None)
         pos, spos_a, axis, saxis, n_axes = positions, positions.stride(0), axis_map, axis_map.stride(0), positions.shape[0]
     else:
-        mode, pos, spb, sps, off, soff, offset, n_seqs, n_search, seq_off = launch_args(positions, offsets, offset, cu_seqlens)
+        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions, offsets, offset, cu_seqlens)
         axis = None
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
     inplace = q_out is q and (k is None or k_out is k)
     copy_tail = not inplace and 2 * half < D
     tail = D - 2 * half
-    block_half, block_tail, block_h, block_t, num_warps = rope_blocks(half, tail if copy_tail else 0, Hq, Hk, B * S)
-    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko)) > I32_MAX
+    block_half, block_tail, block_h, block_t, num_warps = rope_blocks(
+        half, tail if copy_tail else 0, Hq, Hk, S,
+        ROPE_TILE_AXES if axis_map is not None else ROPE_TILE if angles == 0 else ROPE_TILE_ANGLES,
+    )
+    # 64-bit offsets only where one may not fit in 32 bits (the table's rows included)
+    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, tab[0] if angles == 0 else None,
+                                             tab[1] if angles == 0 else None)) > I32_MAX
     n_s_blocks = triton.cdiv(S, block_t)
     grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
         _rope_kernel[grid](
             q, kk, q_out, ko, tab[0], tab[1], inv_freq, pos, off, axis,
-            S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, n_search, n_axes, float(attention_factor),
+            S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, float(attention_factor),
             *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
             spos_a, spb, sps, soff, saxis,
             HALF=half, BLOCK_HALF=block_half, TAIL=tail, BLOCK_TAIL=max(block_tail, 1), BLOCK_T=block_t,
-            BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, MULTI_AXIS=axis_map is not None, ANGLES=angles,
+            BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, CU_BLOCK=cu_block, N_AXES=n_axes, ANGLES=angles,
             INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail, INPLACE=inplace, IDX64=idx64,
             ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, num_warps=num_warps,
         )  # fmt: skip
