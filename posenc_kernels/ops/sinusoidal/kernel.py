@@ -39,22 +39,13 @@ if HAS_TRITON:
             b = b.to(tl.int64)
             s = s.to(tl.int64)
         tok_mask = s < seqlen
-        # ---- loads: the position and the frequencies (neither waits on the other)
+        # ---- loads: the position, the frequencies and x (none waits on another)
         pos = token_positions_tl(
-            b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, 0, 0, POS_MODE,
+            b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, 0, 16, POS_MODE,
             SEQ_OFFSETS,
         )  # fmt: skip
         f = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         inv = tl.load(inv_freq_ptr + f, mask=f < HALF, other=0.0)
-        # ---- math first; x is loaded after it: issued before, its values stay live across libdevice's
-        # sinf/cosf slow path and ptxas spills (Triton 3.6, bf16 adds); the sin/cos work hides x's latency.
-        angle = (pos.to(ACC)[:, None] * inv.to(ACC)[None, :]) * scale
-        if COS_FIRST:
-            first = tl.cos(angle)
-            second = tl.sin(angle)
-        else:
-            first = tl.sin(angle)
-            second = tl.cos(angle)
         x_tok = (b * stride_x_b + s * stride_x_s)[:, None]
         o_tok = (b * stride_o_b + s * stride_o_s)[:, None]
         if INTERLEAVED:
@@ -73,6 +64,15 @@ if HAS_TRITON:
             m_last = (s < tl.where(pid_c == 0, seqlen, 0))[:, None]
             if HAS_X:
                 x_last = tl.load(x_ptr + x_tok + last * stride_x_d, mask=m_last, other=0.0)
+        # ---- every load is issued (a fence keeps it so), then the math: sin/cos hide x's latency
+        tl.debug_barrier()
+        angle = (pos.to(ACC)[:, None] * inv.to(ACC)[None, :]) * scale
+        if COS_FIRST:
+            first = tl.cos(angle)
+            second = tl.sin(angle)
+        else:
+            first = tl.sin(angle)
+            second = tl.cos(angle)
         if INTERLEAVED:
             pe = tl.reshape(tl.join(first, second), [BLOCK_T, 2 * BLOCK_C])
             if HAS_X:
@@ -97,15 +97,15 @@ _ANGLES_PER_PROGRAM = 512
 
 
 def sinusoidal_blocks(half: int, seqlen: int):
-    """Tile heuristic: about 512 angles (1024 outputs) per program over 2 warps, ~8 sin/cos pairs per
+    """Tile heuristic: about 512 angles (1024 outputs) per program over 4 warps, ~4 sin/cos pairs per
     thread; up to 64 frequencies wide, the rest in tokens (of one sequence: at most its length). Chosen by
-    compiling the candidates for sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): with x
-    loaded after the sin/cos math, 64 x 8 over 2 warps spills in neither; 64 x 16 over 4 warps spilled 4
-    bytes in 3.6's bf16 adds (or in 3.9's fp32 ones with x loaded first), 128 x 16 over 8 warps 8-12 bytes
-    in the tables. tests/test_static_ptx.py keeps it so, on both releases (CI runs both)."""
+    compiling the candidates for sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): with every
+    load issued before the math (one load round trip), 8 pairs per thread spill 4 bytes in 3.6's bf16 adds;
+    4 per thread spill in neither and cost ~6% more instructions per byte (0.31 -> 0.33).
+    tests/test_static_sass.py keeps it so, on both releases (CI runs both)."""
     block_c = max(1, min(next_pow2(half), 64))
     block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(seqlen), 64))
-    num_warps = prev_pow2(min(2, max(1, block_t * block_c // 256)))
+    num_warps = prev_pow2(min(4, max(1, block_t * block_c // 128)))
     return block_c, block_t, num_warps
 
 
