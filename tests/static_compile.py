@@ -1,27 +1,42 @@
-"""Compile every Triton kernel for sm_90 without a GPU and report facts about its PTX.
+"""Compile every hot Triton kernel for sm_90 without a GPU and report its static figures.
 
-Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (the test suite does this in a subprocess).
-The real launchers run on CPU tensors of real model shapes with the kernel objects swapped for
-recorders, so each kernel is compiled with exactly the arguments, constexprs and divisibility
-specialisations a launch of those shapes would use (Triton's own ``native_specialize_impl``).
-Prints one JSON object: case name -> facts.
+Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (tests/test_static_ptx.py runs it in a
+subprocess; scripts/static_figures writes its output to benchmarks/static_figures.json). The real
+launchers run on CPU tensors of real model shapes with the kernel objects swapped for recorders, so each
+kernel is compiled with exactly the arguments, constexprs and divisibility specialisations a launch of
+those shapes would use (Triton's own ``native_specialize_impl``).
+
+Per case: ptxas's registers and spills, PTX access counts, and the SASS figures of tests/sass.py (load
+rounds, bytes in flight, instructions on the path, occupancy), plus ``dram_bytes_per_program``: the
+case's minimal DRAM traffic (each input read once, each output written once: the figure the benchmarks'
+bandwidth uses) over its programs, and ``instructions_per_byte`` from it. Prints one JSON object:
+{"triton": version, "cases": {name: figures}}.
 """
 
+from __future__ import annotations
+
+import contextlib
 import json
+import math
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 try:
     from triton.backends.nvidia.compiler import CUDABackend as Backend
 except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass  # noqa: E402
 
 import posenc_kernels.ops.learned.kernel as learned  # noqa: E402
 import posenc_kernels.ops.relative.kernel as relative  # noqa: E402
@@ -34,8 +49,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 class Recorder:
     """Stands in for a JITFunction: records the launch instead of running it."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self):
         self.calls = []
 
     def __getitem__(self, grid):
@@ -71,13 +85,11 @@ def compile_call(fn, args, kwargs):
 
 def _ptxas_path() -> str:
     """The ptxas Triton itself uses for sm_90 (its bundled one matching the PTX version it emits)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
         return get_ptxas(90).path
-    except (ImportError, TypeError):  # older Triton: get_ptxas() without arch
-        from triton.backends.nvidia.compiler import get_ptxas
-
+    except TypeError:  # older Triton: get_ptxas() without arch
         return get_ptxas().path
 
 
@@ -86,15 +98,12 @@ PTXAS = _ptxas_path()
 
 def ptxas_report(ptx: str) -> dict:
     """Registers, stack frame and spill bytes as ptxas reports them for sm_90a (Triton's own ptxas)."""
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
         res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.path.join(d, "k.cubin"), path],
-                             capture_output=True, text=True)  # fmt: skip
+                             capture_output=True, text=True, check=False)  # fmt: skip
     text = res.stdout + res.stderr
     if res.returncode != 0:
         return {"ptxas_error": text[-2000:]}
@@ -111,8 +120,7 @@ def ptxas_report(ptx: str) -> dict:
     }
 
 
-def facts(compiled):
-    ptx = compiled.asm["ptx"]
+def ptx_facts(ptx: str) -> dict:
     lines = ptx.splitlines()
 
     def count(pattern):
@@ -122,163 +130,253 @@ def facts(compiled):
         "local_memory": count(r"\b(ld|st)\.local\b"),
         "ld_v4": count(r"ld\.global(\.\w+)*\.v4\."),
         "st_v4": count(r"st\.global(\.\w+)*\.v4\."),
-        "ld_v2": count(r"ld\.global(\.\w+)*\.v2\."),
-        "st_v2": count(r"st\.global(\.\w+)*\.v2\."),
         "st_all": count(r"\bst\.global\."),
         # 16-bit scalar global accesses: an unvectorised bf16/fp16 path would show up here.
         "ld_b16_scalar": count(r"ld\.global(\.\w+)*\.(b16|u16|f16|bf16)\s"),
         "st_b16_scalar": count(r"st\.global(\.\w+)*\.(b16|u16|f16|bf16)\s"),
         "sin_approx": count(r"sin\.approx"),
         "cos_approx": count(r"cos\.approx"),
-        **ptxas_report(ptx),
     }
 
 
+def figures(compiled, grid, dram_bytes: int, trips: int = 1) -> dict:
+    """Every static figure of one compiled launch (module doc)."""
+    cubin = compiled.asm["cubin"]
+    (name, ins), = sass.disassemble(cubin).items()
+    res = sass.resources(cubin)[name]
+    num_warps = compiled.metadata.num_warps
+    smem = max(compiled.metadata.shared, res["shared"])
+    programs = math.prod(grid)
+    fig = {
+        "kernel": name,
+        "grid": list(grid),
+        "num_warps": num_warps,
+        "shared_bytes": smem,
+        **ptxas_report(compiled.asm["ptx"]),
+        **ptx_facts(compiled.asm["ptx"]),
+        **sass.kernel_figures(ins, trips),
+        **sass.occupancy(res["regs"], num_warps, smem),
+        "dram_bytes_per_program": round(dram_bytes / programs, 1),
+    }
+    fig["instructions_per_byte"] = round(
+        sass.instructions_per_byte(fig["path_instructions"], num_warps, dram_bytes / programs), 4
+    )
+    return fig
+
+
+def record(module, kernel_name: str, launch, dram_bytes: int, trips: int = 1, index: int = 0) -> dict:
+    """Run ``launch`` with ``module.kernel_name`` swapped for a recorder; compile launch ``index``."""
+    jit = getattr(module, kernel_name)
+    rec = Recorder()
+    setattr(module, kernel_name, rec)
+    try:
+        launch()
+    finally:
+        setattr(module, kernel_name, jit)
+    grid, args, kwargs = rec.calls[index]
+    grid = tuple(int(g) for g in (grid(kwargs) if callable(grid) else grid))
+    return figures(compile_call(jit, args, kwargs), grid, dram_bytes, trips)
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@contextlib.contextmanager
+def force_int64_indexing(module):
+    """The launcher's 32-bit test sees every offset as too large: the IDX64 build of the kernel."""
+    saved = module.I32_MAX
+    module.I32_MAX = -1
+    try:
+        yield
+    finally:
+        module.I32_MAX = saved
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+
 def rope_case(B, S, Hq, Hk, D, R, dtype, *, interleaved=False, hf_layout=False, out_of_place=False, positions=False,
-              angles="table", varlen=False, axes=0):
+              offsets=False, angles="table", table_dtype=torch.float32, varlen=0, axes=0, idx64=False):  # fmt: skip
+    """Record and compile the RoPE launch of one shape. ``varlen=N``: packed into N sequences."""
     if hf_layout:
         q = torch.empty(B, Hq, S, D, dtype=dtype).transpose(1, 2)
         k = torch.empty(B, Hk, S, D, dtype=dtype).transpose(1, 2)
     else:
         q = torch.empty(B, S, Hq, D, dtype=dtype)
         k = torch.empty(B, S, Hk, D, dtype=dtype)
-    cos = torch.empty(S + 8, R // 2, dtype=torch.float32) if angles == "table" else None
+    n_pos = S if not (offsets or positions) else B * S  # distinct table rows the launch reads
+    cos = torch.empty(max(n_pos, S) + 8, R // 2, dtype=table_dtype) if angles == "table" else None
     inv = None if angles == "table" else torch.empty(R // 2, dtype=torch.float64 if angles == "exact" else torch.float32)
     pos = torch.zeros(B, S, dtype=torch.int64) if positions else None
+    off = torch.zeros(B, dtype=torch.int64) if offsets else None
     axis_map = None
     if axes:
         pos = torch.zeros(axes, B, S, dtype=torch.int64)
         axis_map = torch.zeros(R // 2, dtype=torch.int32)
-    cu = torch.tensor([0, S * B], dtype=torch.int32) if varlen else None
+    cu = None
+    if varlen:
+        cu = torch.linspace(0, B * S, varlen + 1).to(torch.int32)
+        q, k = (t.reshape(1, B * S, *t.shape[2:]) for t in (q, k))
     q_out = torch.empty_like(q) if out_of_place else q
     k_out = torch.empty_like(k) if out_of_place else k
-    if varlen:  # packed [T, H, D] arrives at the launcher as [1, T, H, D]
-        q, k, q_out, k_out = (t.reshape(1, B * S, *t.shape[2:]) for t in (q, k, q_out, k_out))
-    rope.rope_triton(q, k, q_out, k_out, cos, cos, inv, pos, None, 0, cu, axis_map, 1.0, interleaved, False,
-                     angles == "exact")  # fmt: skip
+    rows = cos[:n_pos] if cos is not None else None
+    # in place only the rotary channels move; out of place every channel is read and written
+    moved = 2 * nbytes(q, k) * (R / D if not out_of_place else 1)
+    dram = moved + 2 * nbytes(rows) + nbytes(inv, pos, off, axis_map, cu)
+
+    def launch():
+        with force_int64_indexing(rope) if idx64 else contextlib.nullcontext():
+            rope.rope_triton(q, k, q_out, k_out, cos, cos, inv, pos, off, 0, cu, axis_map, 1.0, interleaved, False,
+                             angles == "exact")  # fmt: skip
+
+    # the varlen search loop runs once per 256 sequences (positions.launch_args' cu_block)
+    trips = -(-varlen // 256) if varlen else 1
+    return record(rope, "_rope_kernel", launch, dram, trips)
+
+
+LLAMA3 = dict(Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16)
+ROPE_CASES = {
+    # Llama-3-8B (32 q heads, 8 kv heads, head_dim 128), bf16, fp32 tables, in place
+    "rope_llama3_8b_prefill_bf16": dict(B=1, S=4096, **LLAMA3),
+    "rope_llama3_8b_prefill_bf16_hf_layout": dict(B=2, S=2048, **LLAMA3, hf_layout=True),
+    "rope_llama3_8b_prefill_bf16_tables": dict(B=1, S=4096, **LLAMA3, table_dtype=torch.bfloat16),
+    "rope_llama3_8b_decode_bf16_offsets": dict(B=64, S=1, **LLAMA3, offsets=True),
+    "rope_llama3_8b_decode_bf16_positions": dict(B=64, S=1, **LLAMA3, positions=True),
+    "rope_llama3_8b_prefill_on_the_fly_bf16": dict(B=1, S=4096, **LLAMA3, angles="freq"),
+    "rope_llama3_8b_prefill_exact_bf16": dict(B=1, S=4096, **LLAMA3, angles="exact"),
+    "rope_llama3_8b_varlen_bf16": dict(B=4, S=1024, **LLAMA3, varlen=4),
+    "rope_llama3_8b_prefill_bf16_idx64": dict(B=1, S=4096, **LLAMA3, idx64=True),
+    "rope_llama3_interleaved_bf16": dict(B=1, S=4096, **LLAMA3, interleaved=True),
+    # GPT-J: interleaved pairs, rotary 64 of head_dim 256
+    "rope_gptj_interleaved_bf16": dict(B=1, S=2048, Hq=16, Hk=16, D=256, R=64, dtype=torch.bfloat16, interleaved=True),
+    # head_dim 64 (GPT-NeoX-style 12 x 64 with 25% rotary and full rotary)
+    "rope_headdim64_bf16": dict(B=1, S=2048, Hq=12, Hk=12, D=64, R=64, dtype=torch.bfloat16),
+    "rope_headdim64_partial_bf16": dict(B=1, S=2048, Hq=12, Hk=12, D=64, R=16, dtype=torch.bfloat16),
+    # Phi-2: head_dim 80, partial rotary 32, fp16, explicit positions
+    "rope_phi2_partial_fp16_positions": dict(B=2, S=2048, Hq=32, Hk=32, D=80, R=32, dtype=torch.float16, positions=True),
+    "rope_headdim80_fp16": dict(B=1, S=2048, Hq=32, Hk=32, D=80, R=80, dtype=torch.float16),
+    # head_dim 256 (Gemma-7B: 16 heads; decode of a 1-kv-head variant)
+    "rope_headdim256_bf16": dict(B=1, S=2048, Hq=16, Hk=16, D=256, R=256, dtype=torch.bfloat16),
+    "rope_headdim256_decode_bf16_offsets": dict(B=64, S=1, Hq=8, Hk=1, D=256, R=256, dtype=torch.bfloat16, offsets=True),
+    # out of place, partial rotary, fp32
+    "rope_out_of_place_partial_fp32": dict(B=1, S=2048, Hq=8, Hk=8, D=256, R=64, dtype=torch.float32, out_of_place=True),
+    # Qwen2-VL M-RoPE: 3 position axes
+    "rope_mrope_bf16": dict(B=1, S=2048, Hq=28, Hk=4, D=128, R=128, dtype=torch.bfloat16, axes=3),
+}  # fmt: skip
+
+
+def rope_cos_sin_case():
+    pos, inv = torch.arange(4096), torch.empty(64, dtype=torch.float32)
+    cos, sin = torch.empty(4096, 64), torch.empty(4096, 64)
+    return record(rope, "_rope_cos_sin_kernel", lambda: rope.cos_sin_triton(pos, inv, 1.0, cos, sin),
+                  nbytes(pos, inv, cos, sin))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- absolute
+
+
+def sinusoidal_case(B, S, D, dtype, *, add=True, interleaved=True, offsets=False, idx64=False):
+    x = torch.empty(B, S, D, dtype=dtype)
+    inv = torch.empty(D // 2, dtype=torch.float32)
+    off = torch.zeros(B, dtype=torch.int64) if offsets else None
+    dram = nbytes(x) * (2 if add else 1) + nbytes(inv, off)
+
+    def launch():
+        with force_int64_indexing(sinus) if idx64 else contextlib.nullcontext():
+            sinus.sinusoidal_triton(x if add else None, x, None, off, 0, 1.0, inv, 1.0, interleaved, False)
+
+    return record(sinus, "_sinusoidal_kernel", launch, dram)
+
+
+def learned_add_case(B, S, D, dtype, table_dtype, idx64=False):
+    x, table = torch.empty(B, S, D, dtype=dtype), torch.empty(2048, D, dtype=table_dtype)
+    pos = torch.zeros(B, S, dtype=torch.int64)
+    dram = 2 * nbytes(x) + nbytes(table[:S], pos)
+
+    def launch():
+        with force_int64_indexing(learned) if idx64 else contextlib.nullcontext():
+            learned.pe_add_triton(x, x, table, pos)
+
+    return record(learned, "_pe_add_kernel", launch, dram)
+
+
+def learned_grad_case(B, S, D, dtype, deterministic):
+    g, out = torch.empty(B, S, D, dtype=dtype), torch.empty(1024, D, dtype=dtype)
+    pos = torch.zeros(B, S, dtype=torch.int64)
+    kernel = "_pe_grad_sorted_kernel" if deterministic else "_pe_grad_atomic_kernel"
+    return record(learned, kernel, lambda: learned.grad_table_triton(g, pos, out, -1, deterministic),
+                  nbytes(g, pos) + nbytes(out) * (1 if deterministic else 2))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- relative
+
+
+def alibi_case(H, Lq, Lk, dtype):
+    out, slopes = torch.empty(H, Lq, Lk, dtype=dtype), torch.empty(H)
+    return record(relative, "_alibi_kernel", lambda: relative.alibi_triton(out, slopes, Lq, Lk, True, 0), nbytes(out))
+
+
+def t5_case(H, Lq, Lk, dtype):
+    out, table = torch.empty(H, Lq, Lk, dtype=dtype), torch.empty(32, H)
+    return record(relative, "_t5_bias_kernel", lambda: relative.t5_triton(out, table, Lq, Lk, 0, True, 128),
+                  nbytes(out, table))  # fmt: skip
+
+
+def t5_backward_cases():
+    grad, gtable = torch.empty(32, 1024, 1024), torch.empty(32, 32)
+    diag = 32 * (2 * 1024 - 1) * 4
+
+    def launch():
+        relative.t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
+
+    # the backward launches two kernels: the diagonal sums, then the bucket gradient
+    def two():
+        jits = {n: getattr(relative, n) for n in ("_diagonal_sum_kernel", "_t5_bucket_grad_kernel")}
+        recs = {n: Recorder() for n in jits}
+        for n, r in recs.items():
+            setattr(relative, n, r)
+        try:
+            launch()
+        finally:
+            for n, j in jits.items():
+                setattr(relative, n, j)
+        out = {}
+        for n, dram in (("_diagonal_sum_kernel", nbytes(grad) + diag), ("_t5_bucket_grad_kernel", diag + nbytes(gtable))):
+            grid, args, kwargs = recs[n].calls[0]
+            out[n] = figures(compile_call(jits[n], args, kwargs), tuple(grid), dram)
+        return out
+
+    figs = two()
+    return {"t5_grad_diagonal_sum": figs["_diagonal_sum_kernel"], "t5_grad_buckets": figs["_t5_bucket_grad_kernel"]}
+
+
+def all_cases() -> dict:
+    out = {name: rope_case(**kw) for name, kw in ROPE_CASES.items()}
+    out["rope_cos_sin"] = rope_cos_sin_case()
+    out.update({
+        "add_sinusoidal_bf16_d4096": sinusoidal_case(8, 4096, 4096, torch.bfloat16),
+        "add_sinusoidal_bf16_d4096_halves": sinusoidal_case(8, 4096, 4096, torch.bfloat16, interleaved=False),
+        "add_sinusoidal_bf16_d4096_offsets": sinusoidal_case(8, 4096, 4096, torch.bfloat16, offsets=True),
+        "add_sinusoidal_bf16_d4096_idx64": sinusoidal_case(8, 4096, 4096, torch.bfloat16, idx64=True),
+        "add_sinusoidal_fp32_d1023": sinusoidal_case(2, 1024, 1023, torch.float32),
+        "sinusoidal_table_fp32_d512": sinusoidal_case(1, 4096, 512, torch.float32, add=False),
+        "learned_add_gpt2_bf16_d768": learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16),
+        "learned_add_gpt2_bf16_d768_idx64": learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16, idx64=True),
+        "learned_add_fp16_d1023": learned_add_case(4, 256, 1023, torch.float16, torch.float32),
+        "learned_grad_atomic_bf16_d768": learned_grad_case(8, 1024, 768, torch.bfloat16, False),
+        "learned_grad_sorted_fp32_d4096": learned_grad_case(2, 512, 4096, torch.float32, True),
+        "alibi_bias_bf16": alibi_case(32, 4096, 4096, torch.bfloat16),
+        "alibi_bias_fp32_decode": alibi_case(32, 1, 4096, torch.float32),
+        "t5_bias_bf16": t5_case(32, 1024, 1024, torch.bfloat16),
+        **t5_backward_cases(),
+    })  # fmt: skip
+    return out
 
 
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
-    out = {}
-    rec = Recorder(rope._rope_kernel.fn if hasattr(rope._rope_kernel, "fn") else rope._rope_kernel)
-    rope_jit = rope._rope_kernel
-    rope._rope_kernel = rec
-    cases = {
-        "rope_llama3_8b_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16),
-        "rope_llama3_8b_bf16_hf_layout": dict(B=2, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, hf_layout=True),
-        "rope_gptj_interleaved_bf16": dict(B=1, S=64, Hq=16, Hk=16, D=256, R=64, dtype=torch.bfloat16, interleaved=True),
-        "rope_llama3_interleaved_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, interleaved=True),
-        "rope_phi2_fp16_positions": dict(B=2, S=64, Hq=32, Hk=32, D=80, R=32, dtype=torch.float16, positions=True),
-        "rope_headdim80_fp16": dict(B=1, S=64, Hq=32, Hk=32, D=80, R=80, dtype=torch.float16),
-        "rope_out_of_place_partial_fp32": dict(B=1, S=64, Hq=8, Hk=8, D=256, R=64, dtype=torch.float32, out_of_place=True),
-        "rope_decode_gemma_bf16": dict(B=64, S=1, Hq=8, Hk=1, D=256, R=256, dtype=torch.bfloat16),
-        "rope_on_the_fly_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, angles="freq"),
-        "rope_exact_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, angles="exact"),
-        "rope_varlen_bf16": dict(B=1, S=64, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16, varlen=True),
-        "rope_mrope_bf16": dict(B=1, S=64, Hq=28, Hk=4, D=128, R=128, dtype=torch.bfloat16, axes=3),
-    }
-    for name, kw in cases.items():
-        rec.calls.clear()
-        rope_case(**kw)
-        (grid, args, kwargs), = rec.calls
-        out[name] = facts(compile_call(rope_jit, args, kwargs))
-    rope._rope_kernel = rope_jit
-
-    rec = Recorder(None)
-    cs_jit = rope._rope_cos_sin_kernel
-    rope._rope_cos_sin_kernel = rec
-    inv = torch.empty(64, dtype=torch.float32)
-    rope.cos_sin_triton(torch.arange(4096), inv, 1.0, torch.empty(4096, 64), torch.empty(4096, 64))
-    (grid, args, kwargs), = rec.calls
-    out["rope_cos_sin"] = facts(compile_call(cs_jit, args, kwargs))
-    rope._rope_cos_sin_kernel = cs_jit
-
-    rec = Recorder(None)
-    sin_jit = sinus._sinusoidal_kernel
-    sinus._sinusoidal_kernel = rec
-    sin_cases = {
-        "add_sinusoidal_bf16_d4096": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, True),
-        "add_sinusoidal_bf16_d4096_halves": (torch.empty(2, 64, 4096, dtype=torch.bfloat16), True, False),
-        "add_sinusoidal_fp32_d1023": (torch.empty(2, 64, 1023, dtype=torch.float32), True, True),
-        "sinusoidal_table_fp32_d512": (torch.empty(1, 256, 512, dtype=torch.float32), False, False),
-    }
-    for name, (x, has_x, interleaved) in sin_cases.items():
-        rec.calls.clear()
-        inv_freq = torch.empty(x.shape[-1] // 2, dtype=torch.float32)
-        sinus.sinusoidal_triton(x if has_x else None, x, None, None, 0, 1.0, inv_freq, 1.0, interleaved, False)
-        (grid, args, kwargs), = rec.calls
-        out[name] = facts(compile_call(sin_jit, args, kwargs))
-    out.update(learned_cases())
-    out.update(relative_cases())
-    json.dump(out, sys.stdout, indent=1)
-
-
-def record(module, kernel_name, launch):
-    """Run ``launch`` with ``module.kernel_name`` swapped for a recorder; compile what it recorded."""
-    jit = getattr(module, kernel_name)
-    rec = Recorder(None)
-    setattr(module, kernel_name, rec)
-    try:
-        launch()
-    finally:
-        setattr(module, kernel_name, jit)
-    (grid, args, kwargs), = rec.calls
-    return facts(compile_call(jit, args, kwargs))
-
-
-def learned_cases():
-    def fwd(B, S, D, dt, tdt):
-        x, t = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=tdt)
-        return lambda: learned.pe_add_triton(x, x, t, torch.zeros(B, S, dtype=torch.int64))
-
-    def bwd(B, S, D, dt, det):
-        g, out = torch.empty(B, S, D, dtype=dt), torch.empty(1024, D, dtype=dt)
-        return lambda: learned.grad_table_triton(g, torch.zeros(B, S, dtype=torch.int64), out, -1, det)
-
-    return {
-        "learned_add_gpt2_bf16_d768": record(learned, "_pe_add_kernel", fwd(8, 1024, 768, torch.bfloat16, torch.bfloat16)),
-        "learned_add_fp16_d1023": record(learned, "_pe_add_kernel", fwd(4, 256, 1023, torch.float16, torch.float32)),
-        "learned_grad_atomic_bf16_d768": record(learned, "_pe_grad_atomic_kernel", bwd(8, 1024, 768, torch.bfloat16, False)),
-        "learned_grad_sorted_fp32_d4096": record(learned, "_pe_grad_sorted_kernel", bwd(2, 512, 4096, torch.float32, True)),
-    }
-
-
-
-def relative_cases():
-    def alibi(H, Lq, Lk, dt):
-        out, slopes = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(H)
-        return lambda: relative.alibi_triton(out, slopes, Lq, Lk, True, 0)
-
-    def t5(H, Lq, Lk, dt):
-        out, table = torch.empty(H, Lq, Lk, dtype=dt), torch.empty(32, H)
-        return lambda: relative.t5_triton(out, table, Lq, Lk, 0, True, 128)
-
-    def t5_bwd():
-        grad, gtable = torch.empty(32, 1024, 1024), torch.empty(32, 32)
-        return lambda: relative.t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
-
-    def record_both():
-        # The backward launches two kernels: record both in one run.
-        jits = {n: getattr(relative, n) for n in ("_diagonal_sum_kernel", "_t5_bucket_grad_kernel")}
-        recs = {n: Recorder(None) for n in jits}
-        for n, r in recs.items():
-            setattr(relative, n, r)
-        try:
-            t5_bwd()()
-        finally:
-            for n, j in jits.items():
-                setattr(relative, n, j)
-        return {n: facts(compile_call(jits[n], *recs[n].calls[0][1:])) for n in jits}
-
-    bwd = record_both()
-    return {
-        "alibi_bias_bf16": record(relative, "_alibi_kernel", alibi(32, 4096, 4096, torch.bfloat16)),
-        "alibi_bias_fp32_decode": record(relative, "_alibi_kernel", alibi(32, 1, 4096, torch.float32)),
-        "t5_bias_bf16": record(relative, "_t5_bias_kernel", t5(32, 1024, 1024, torch.bfloat16)),
-        "t5_grad_diagonal_sum": bwd["_diagonal_sum_kernel"],
-        "t5_grad_buckets": bwd["_t5_bucket_grad_kernel"],
-    }
+    json.dump({"triton": triton.__version__, "cases": all_cases()}, sys.stdout, indent=1)
 
 
 if __name__ == "__main__":
