@@ -154,14 +154,14 @@ if [ "${SKIP_NATIVE:-0}" != 1 ]; then
   fi
 fi
 
-# The rest of the suite, CUDA tests first, the static-PTX tests (CPU CI runs them) and doctests last.
+# The rest of the suite, CUDA tests first, the static SASS tests (CPU CI runs them) and doctests last.
 tests=()
 for f in tests/test_cuda.py tests/test_native_cuda.py; do [ -f "$f" ] && tests+=("$f"); done
 for f in tests/test_*.py; do
   case " ${tests[*]} " in *" $f "*) continue ;; esac
-  [ "$f" = tests/test_static_ptx.py ] || tests+=("$f")
+  [ "$f" = tests/test_static_sass.py ] || tests+=("$f")
 done
-[ -f tests/test_static_ptx.py ] && tests+=(tests/test_static_ptx.py)
+[ -f tests/test_static_sass.py ] && tests+=(tests/test_static_sass.py)
 run_stage tests "$TESTS_BUDGET" 1 "$PY" -m pytest "${tests[@]}" posenc_kernels --doctest-modules -v -p no:cacheprovider \
   -p no:logging --junitxml="$OUTDIR/tests.xml"
 rc=$?
