@@ -12,6 +12,8 @@
 //   phase 2: threadIdx.x walks the 16-byte units of a head row, threadIdx.y the (token, head) rows, so a
 //            warp covers whole contiguous head rows: every load and store is a 16-byte vector access
 //            (ld.global.v4 / st.global.v4) when pointers and strides allow, a scalar loop otherwise.
+//            Each thread takes several (row, unit) items per iteration and issues all their loads before any
+//            math or store: 64 B of loads in flight per thread on the vector paths.
 // Heads with more than kRopeSlots pairs per token are processed in chunks of pairs (phases 1-2 repeat).
 // Out of place with partial rotary, channels [R, D) are copied after the rotary ones.
 
@@ -102,43 +104,55 @@ __device__ __forceinline__ void load_shared(const Acc* p, Acc (&out)[N]) {
   }
 }
 
-// Rotates one unit of PAIRS pairs (pair index i0 onwards) of one head row: in -> out (may alias).
-// cs/sn point at the cos/sin of pair i0 in shared memory.
+// One unit of kPairs pairs (pair index i0 onwards) of one head row, in two steps so a caller can issue
+// the global loads of several units before the math and stores of any: load() reads the unit's input
+// (in place, in == out: the compiler may not hoist a later unit's loads above an earlier unit's stores
+// itself), rotate_store() rotates it by the cos/sin at cs/sn (shared memory, pair i0) and writes out.
 template <typename T, int VEC, bool INTERLEAVED>
 struct RopeUnit {
   static constexpr bool kVector = VEC > 1;
   // pairs per unit: a 16-byte vector holds VEC/2 interleaved pairs, or VEC first halves (+ VEC second)
   static constexpr int kPairs = INTERLEAVED ? (VEC >= 2 ? VEC / 2 : 1) : VEC;
+  static constexpr int kN = INTERLEAVED ? 2 * kPairs : kPairs;  // elements per access
   using Acc = acc_t<T>;
+  struct In {
+    Vec<T, kN> a;  // interleaved: the kPairs pairs; else the first halves
+    Vec<T, kN> b;  // non-interleaved: the second halves (unused when interleaved)
+  };
 
-  __device__ __forceinline__ static void run(const T* in, T* out, int64_t i0, int64_t half, const Acc* cs_sh,
-                                             const Acc* sn_sh) {
+  // in / out: the unit's first element (interleaved: in + 2 * i0, else in + i0); half: R / 2.
+  __device__ __forceinline__ static In load(const T* in, int64_t half) {
+    In x;
+    x.a = load_vec<T, kN, kVector>(in);
+    if constexpr (!INTERLEAVED) x.b = load_vec<T, kN, kVector>(in + half);
+    return x;
+  }
+
+  __device__ __forceinline__ static void rotate_store(const In& x, T* out, int64_t half, const Acc* cs_sh,
+                                                      const Acc* sn_sh) {
     alignas(16) Acc cs[kPairs];
     alignas(16) Acc sn[kPairs];
     load_shared<Acc, kPairs>(cs_sh, cs);
     load_shared<Acc, kPairs>(sn_sh, sn);
     if constexpr (INTERLEAVED) {
-      const Vec<T, 2 * kPairs> x = load_vec<T, 2 * kPairs, kVector>(in + 2 * i0);
-      Vec<T, 2 * kPairs> o;
+      Vec<T, kN> o;
 #pragma unroll
       for (int e = 0; e < kPairs; ++e) {
-        const Acc x1 = to_acc(x.v[2 * e]), x2 = to_acc(x.v[2 * e + 1]);
+        const Acc x1 = to_acc(x.a.v[2 * e]), x2 = to_acc(x.a.v[2 * e + 1]);
         o.v[2 * e] = from_acc<T>(x1 * cs[e] - x2 * sn[e]);
         o.v[2 * e + 1] = from_acc<T>(x2 * cs[e] + x1 * sn[e]);
       }
-      store_vec<T, 2 * kPairs, kVector>(out + 2 * i0, o);
+      store_vec<T, kN, kVector>(out, o);
     } else {
-      const Vec<T, kPairs> a = load_vec<T, kPairs, kVector>(in + i0);
-      const Vec<T, kPairs> b = load_vec<T, kPairs, kVector>(in + half + i0);
-      Vec<T, kPairs> oa, ob;
+      Vec<T, kN> oa, ob;
 #pragma unroll
       for (int e = 0; e < kPairs; ++e) {
-        const Acc x1 = to_acc(a.v[e]), x2 = to_acc(b.v[e]);
+        const Acc x1 = to_acc(x.a.v[e]), x2 = to_acc(x.b.v[e]);
         oa.v[e] = from_acc<T>(x1 * cs[e] - x2 * sn[e]);
         ob.v[e] = from_acc<T>(x2 * cs[e] + x1 * sn[e]);
       }
-      store_vec<T, kPairs, kVector>(out + i0, oa);
-      store_vec<T, kPairs, kVector>(out + half + i0, ob);
+      store_vec<T, kN, kVector>(out, oa);
+      store_vec<T, kN, kVector>(out + half, ob);
     }
   }
 };
@@ -155,6 +169,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
   using Unit = RopeUnit<T, VEC, INTERLEAVED>;
   constexpr int kPairs = Unit::kPairs;
   constexpr bool kVector = VEC > 1;
+  // Phase-2 work items per loop iteration: 64 bytes of global loads per thread on the vector paths (a
+  // non-interleaved unit loads 2 x 16 bytes, an interleaved one 16), two units on the scalar paths.
+  constexpr int kItems = kVector ? 64 / static_cast<int>(sizeof(T) * (INTERLEAVED ? 2 * kPairs : 2 * VEC)) : 2;
+  struct Item {
+    const T* in;  // the unit's first input element
+    T* out;       // and output element
+    const Acc* cs;  // its first cos in shared memory (the sin is L.tok * L.chunk further)
+  };
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* s_cos = reinterpret_cast<Acc*>(smem_raw);
@@ -188,7 +210,6 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
   }
   __syncthreads();
 
-  const int rows = ntok * nh;  // (token, head) rows of this block
   for (int64_t c0 = 0; c0 < half; c0 += L.chunk) {
     const int nc = static_cast<int>(min(static_cast<int64_t>(L.chunk), half - c0));
     // Phase 1: cos/sin of the chunk's pairs for every token.
@@ -207,19 +228,64 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
       s_sin[t * L.chunk + j] = p.conjugate ? -s : s;
     }
     __syncthreads();
-    // Phase 2: rotate.
+    // Phase 2: rotate. Thread (x, y) takes the work items (row r, unit u) r = y, y + by, ..., and within
+    // a row u = x, x + bx, ... (units innermost), kItems items per iteration: every item's global loads
+    // are issued before any item is rotated and stored, so 64 B of loads are in flight per thread on the
+    // 16-byte vector paths (a one-item loop waits at each item's loads for the previous item's stores).
+    // Items are distinct elements, and an output is its input or disjoint from every input (the glue's
+    // alias checks), so the reordering changes no value. A row r is kept as (token t, head j) with
+    // r = t * nh + j and advanced without a division, so the next item's address is a few instructions:
+    // a division there gets the compiler to schedule the math of the loads issued before it in between.
     const int units = nc / kPairs;
-    for (int r = threadIdx.y; r < rows; r += blockDim.y) {
-      const int t = r / nh;
-      const int h = h0 + (r - t * nh);
+    const int dt = static_cast<int>(blockDim.y) / nh, dj = static_cast<int>(blockDim.y) - dt * nh;
+    const int64_t sin_off = static_cast<int64_t>(L.tok) * L.chunk;
+    // Branch-free, so that every item's address is computed in the block holding all the loads (the
+    // compiler otherwise places the math of the loads before a branch ahead of the loads after it).
+    const auto next = [&](int& t, int& j, int& u) {
+      u += blockDim.x;
+      const bool wrap = u >= units;
+      u = wrap ? static_cast<int>(threadIdx.x) : u;
+      t += wrap ? dt : 0;
+      j += wrap ? dj : 0;
+      const bool carry = j >= nh;
+      j -= carry ? nh : 0;
+      t += carry ? 1 : 0;
+    };
+    const auto item = [&](int t, int j, int u) {
+      const int h = h0 + j;
       const bool is_q = h < heads_q;
       const int64_t hh = is_q ? h : h - heads_q;
-      const T* in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh);
-      T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh);
-      const Acc* cs = s_cos + t * L.chunk;
-      const Acc* sn = s_sin + t * L.chunk;
-      for (int u = threadIdx.x; u < units; u += blockDim.x) {
-        Unit::run(in, out, c0 + static_cast<int64_t>(u) * kPairs, half, cs + u * kPairs, sn + u * kPairs);
+      const int64_t i0 = c0 + static_cast<int64_t>(u) * kPairs;
+      const int64_t at = INTERLEAVED ? 2 * i0 : i0;
+      Item it;
+      it.in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh) + at;
+      it.out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh) + at;
+      it.cs = s_cos + t * L.chunk + u * kPairs;
+      return it;
+    };
+    // the block's rows r = t * nh + j < ntok * nh are those with t < ntok
+    int t = static_cast<int>(threadIdx.x) < units ? static_cast<int>(threadIdx.y) / nh : ntok;
+    int j = static_cast<int>(threadIdx.y) % nh;
+    int u = threadIdx.x;
+    while (t < ntok) {
+      // Item 0 always exists. An item past the last row repeats item 0's loads and is not stored: every
+      // load is unconditional, with no branch between them (in a branch the compiler unpacks an earlier
+      // load's 16-bit halves right after it: more live registers, and a spill).
+      Item it[kItems];
+      typename Unit::In x[kItems];
+      bool live[kItems];
+      const int t0 = t, j0 = j, u0 = u;
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        live[k] = t < ntok;
+        it[k] = item(live[k] ? t : t0, live[k] ? j : j0, live[k] ? u : u0);
+        next(t, j, u);
+      }
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) x[k] = Unit::load(it[k].in, half);
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        if (live[k]) Unit::rotate_store(x[k], it[k].out, half, it[k].cs, it[k].cs + sin_off);
       }
     }
     if (c0 + L.chunk < half) __syncthreads();  // the next chunk overwrites the shared cos/sin
@@ -229,6 +295,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
   if (p.copy_tail_q || p.copy_tail_k) {
     const int64_t R = 2 * half;
     const int64_t tail = p.head_dim - R;
+    const int rows = ntok * nh;  // (token, head) rows of this block
     for (int r = threadIdx.y; r < rows; r += blockDim.y) {
       const int t = r / nh;
       const int h = h0 + (r - t * nh);
