@@ -67,24 +67,29 @@ if HAS_TRITON:
         stride_s,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,
         CAUSAL: tl.constexpr,
         ACC: tl.constexpr,
     ):
         """Grid: (Lq x Lk tiles, head groups). The distances of a tile are computed once and reused for each
-        head of the group: one multiply, one cast and one store per output element."""
+        head of the group: one multiply, one cast and one store per output element. The group's slopes
+        are loaded at once (``BLOCK_G`` covers ``heads_per_program``) and picked per head in registers,
+        so no store waits on a load issued after another's: one load round trip per program."""
         rel, mask, offs = _relative_tile(tl.program_id(0), n_k_tiles, Lq, Lk, q_offset, stride_o_q, BLOCK_Q, BLOCK_K)
         if CAUSAL:
             dist = rel.to(ACC)
         else:
             dist = -(tl.abs(rel).to(ACC))
         h0 = tl.program_id(1).to(tl.int64) * heads_per_program
+        g = tl.arange(0, BLOCK_G)
+        slopes = tl.load(slopes_ptr + (h0 + g) * stride_s, mask=g < heads_per_program, other=0.0).to(ACC)
         # heads_per_program divides n_heads (see _bias_blocks): every group is full, no head mask.
-        h = h0
-        while h < h0 + heads_per_program:  # while: Triton 3.6's interpreter cannot range() over int args
-            slope = tl.load(slopes_ptr + h * stride_s).to(ACC)
+        k = 0
+        while k < heads_per_program:  # while: Triton 3.6's interpreter cannot range() over int args
+            slope = tl.sum(tl.where(g == k, slopes, 0.0), axis=0)
             val = (slope * dist).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + h * stride_o_h + offs, val, mask=mask)
-            h += 1
+            tl.store(out_ptr + (h0 + k) * stride_o_h + offs, val, mask=mask)
+            k += 1
 
     @triton.jit
     def _t5_bias_kernel(
@@ -225,7 +230,7 @@ def alibi_triton(out, slopes, Lq, Lk, causal, q_offset) -> None:
     with device_guard(out):
         _alibi_kernel[(tiles, triton.cdiv(H, hpp))](
             out, slopes, Lq, Lk, q_offset, H, hpp, n_k, out.stride(0), out.stride(1), slopes.stride(0),
-            BLOCK_Q=block_q, BLOCK_K=block_k, CAUSAL=causal, ACC=acc, num_warps=4,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_G=next_pow2(hpp), CAUSAL=causal, ACC=acc, num_warps=4,
         )  # fmt: skip
 
 
