@@ -56,15 +56,15 @@ if HAS_TRITON:
         else:
             ch = f[None, :]
             m = tok_mask[:, None] & (ch < HALF)
-            if HAS_X:
-                x1 = tl.load(x_ptr + x_tok + ch * stride_x_d, mask=m, other=0.0)
-                x2 = tl.load(x_ptr + x_tok + (HALF + ch) * stride_x_d, mask=m, other=0.0)
         if PAD:  # odd dim: the last column carries no encoding (written by the first frequency block)
             last = 2 * HALF
             m_last = (s < tl.where(pid_c == 0, seqlen, 0))[:, None]
             if HAS_X:
                 x_last = tl.load(x_ptr + x_tok + last * stride_x_d, mask=m_last, other=0.0)
-        # ---- every load is issued (a fence keeps it so), then the math: sin/cos hide x's latency
+        # ---- every load is issued (a fence keeps it so), then the math: sin/cos hide x's latency. The halves
+        # layout loads x after the math instead (a second round trip, hidden behind the sin/cos of other
+        # warps): each thread needs 8 angles for its 16-byte vectors there, and with x live across libdevice's
+        # sin/cos Triton 3.6's ptxas spills (tests/test_static_sass.py).
         tl.debug_barrier()
         angle = (pos.to(ACC)[:, None] * inv.to(ACC)[None, :]) * scale
         if COS_FIRST:
@@ -73,6 +73,9 @@ if HAS_TRITON:
         else:
             first = tl.sin(angle)
             second = tl.cos(angle)
+        if HAS_X and not INTERLEAVED:
+            x1 = tl.load(x_ptr + x_tok + ch * stride_x_d, mask=m, other=0.0)
+            x2 = tl.load(x_ptr + x_tok + (HALF + ch) * stride_x_d, mask=m, other=0.0)
         if INTERLEAVED:
             pe = tl.reshape(tl.join(first, second), [BLOCK_T, 2 * BLOCK_C])
             if HAS_X:
@@ -96,16 +99,17 @@ if HAS_TRITON:
 _ANGLES_PER_PROGRAM = 512
 
 
-def sinusoidal_blocks(half: int, seqlen: int):
-    """Tile heuristic: about 512 angles (1024 outputs) per program over 4 warps, ~4 sin/cos pairs per
-    thread; up to 64 frequencies wide, the rest in tokens (of one sequence: at most its length). Chosen by
-    compiling the candidates for sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): with every
-    load issued before the math (one load round trip), 8 pairs per thread spill 4 bytes in 3.6's bf16 adds;
-    4 per thread spill in neither and cost ~6% more instructions per byte (0.31 -> 0.33).
+def sinusoidal_blocks(half: int, seqlen: int, interleaved: bool = True):
+    """Tile heuristic: about 512 angles (1024 outputs) per program, up to 64 frequencies wide, the rest in
+    tokens (of one sequence: at most its length). Each thread's outputs must fill 16-byte vectors: the
+    interleaved layout takes 4 warps (4 sin/cos pairs = 8 adjacent outputs per thread), the halves layout
+    2 (8 angles per thread, as each half holds one of sin and cos). Chosen by compiling the candidates for
+    sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): 8 pairs per thread with x loaded first
+    spill 4 bytes in 3.6's bf16 adds, hence 4 for interleaved, and x after the math for halves.
     tests/test_static_sass.py keeps it so, on both releases (CI runs both)."""
     block_c = max(1, min(next_pow2(half), 64))
     block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(seqlen), 64))
-    num_warps = prev_pow2(min(4, max(1, block_t * block_c // 128)))
+    num_warps = prev_pow2(min(4 if interleaved else 2, max(1, block_t * block_c // (128 if interleaved else 256))))
     return block_c, block_t, num_warps
 
 
@@ -118,7 +122,7 @@ def sinusoidal_triton(x, out, positions, offsets, offset, x_scale, inv_freq, sca
     half = D // 2
     mode, pos, spb, sps, off, soff, offset, _, _, seq_off = launch_args(positions, offsets, offset, None)
     xx = x if x is not None else out  # a dummy without x: no program reads it
-    block_c, block_t, num_warps = sinusoidal_blocks(half, S)
+    block_c, block_t, num_warps = sinusoidal_blocks(half, S, interleaved)
     n_s_blocks = triton.cdiv(S, block_t)
     idx64 = max(max_element_offset(xx), max_element_offset(out), abs(offset) + S) > I32_MAX
     grid = (B * n_s_blocks, max(1, triton.cdiv(half, block_c)))
