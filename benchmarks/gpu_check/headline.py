@@ -48,7 +48,8 @@ SIN_SHAPE = (2, 16, 64) if DRY else (8, 4096, 4096)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS = os.environ.get("GPU_CHECK_PEERS", os.path.join(REPO, ".whl"))
 # Which kernel each posenc row runs, for the static figures (benchmarks/static_figures.json) beside it.
-KERNELS = {"apply_rope_": "rope", "apply_rope_ decode CUDA graph": "rope", "add_sinusoidal_": "sinusoidal"}
+KERNELS = {"apply_rope_": "rope_llama3_8b_prefill_bf16", "apply_rope_ decode CUDA graph": "rope_llama3_8b_decode_bf16_offsets",
+           "add_sinusoidal_": "add_sinusoidal_bf16_d4096"}  # fmt: skip
 
 
 class Bench:

@@ -70,23 +70,28 @@ def smoke_table(out):
     return lines
 
 
-def static_figures():
+def static_figures(triton_version=None):
+    """The figures of the Triton release the GPU machine ran (env.txt), else the file's default."""
     d = load_json(STATIC)
     if not isinstance(d, dict):
         return None
-    return d.get("kernels", d) if isinstance(d.get("kernels", d), dict) else None
+    by = d.get("by_triton") or {}
+    figs = by.get(triton_version) or d.get("kernels", d)
+    return figs if isinstance(figs, dict) else None
+
+
+STATIC_FIELDS = (("registers", "regs {}"), ("rounds", "rounds {}"), ("instructions_per_byte", "{} instr/B"),
+                 ("blocks_per_sm", "{} blocks/SM"), ("in_flight_bytes", "{} B in flight"))  # fmt: skip
 
 
 def static_for(static, kernel):
+    """``regs 94, rounds 1, 0.0535 instr/B, 5 blocks/SM, 160 B in flight`` for one static case."""
     if static is None or not kernel:
         return ""
-    hits = [(k, v) for k, v in static.items() if k == kernel or kernel in k]
-    parts = []
-    for k, v in hits[:2]:
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in list(v.items())[:5])
-        parts.append(f"{k}: {v}")
-    return "; ".join(parts) or "-"
+    v = static.get(kernel)
+    if not isinstance(v, dict):
+        return "-"
+    return ", ".join(fmt.format(v[k]) for k, fmt in STATIC_FIELDS if k in v)
 
 
 def headline_table(out, static):
@@ -166,7 +171,8 @@ def tests_progress(out):
 
 def main(out) -> int:
     env = read_env(out)
-    static = static_figures()
+    m = re.search(r"triton (\S+)", env.get("versions", ""))
+    static = static_figures(m.group(1) if m else None)
     notes, table = headline_table(out, static)
     native_log = os.path.join(out, "native_build.log")
     native = open(native_log, errors="replace").read().strip().splitlines()[-2:] if os.path.exists(native_log) else []
@@ -183,7 +189,10 @@ def main(out) -> int:
         "copy% = effective GB/s (minimal bytes / median time) as a share of a device-to-device copy of the same "
         "bytes, same run; vs eager = the HF-style eager row's time (eager buffer add for the sinusoidal op) / this "
         "row's; peak MiB = allocated above the starting level during one call.",
-        "" if static is not None else f"static figures: not available ({os.path.relpath(STATIC, REPO)} absent)",
+        (f"static figures: sm_90 SASS read without a GPU ({os.path.relpath(STATIC, REPO)}, scripts/static_figures): "
+         "registers, serialised load rounds per program, warp-instructions per DRAM byte, blocks per SM, load bytes "
+         "in flight per thread" if static is not None
+         else f"static figures: not available ({os.path.relpath(STATIC, REPO)} absent)"),
         "",
         *table,
     ]
