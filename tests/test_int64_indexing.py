@@ -79,7 +79,8 @@ def test_sinusoidal_int64_build_matches_int32(monkeypatch):
         for limit, want in ((2**31 - 1, False), (-1, True)):
             monkeypatch.setattr(sinusoidal_kernel, "I32_MAX", limit)
             y = x.clone()
-            assert _launch_flags(sinusoidal_kernel, "_sinusoidal_kernel", lambda y=y: pk.add_sinusoidal_(y, offsets=5)) == [want]
+            got = _launch_flags(sinusoidal_kernel, "_sinusoidal_kernel", lambda y=y: pk.add_sinusoidal_(y, offsets=5))
+            assert got == [want]
             outs.append(y)
     assert torch.equal(outs[0], outs[1])
 

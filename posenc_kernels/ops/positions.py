@@ -73,9 +73,10 @@ if HAS_TRITON:
     ):  # fmt: skip
         """Position of tokens ``(b, s)`` (``s`` a ``[BLOCK]`` vector, ``b`` a scalar), in the dtype of its
         source (int64 for offsets; positions as stored, floats included). With cu_seqlens ``b`` is 0 and
-        ``s`` the packed token index; its sequence is the last ``n`` with ``cu[n] <= s``. cu (and the per-sequence offsets) are read ``CU_BLOCK`` sequences at a time, and ``n``,
-        ``cu[n]`` and ``offsets[n]`` selected in registers: up to 256 sequences, no load waits on another
-        (a binary search would wait through log2(N) of them one after another)."""
+        ``s`` the packed token index; its sequence is the last ``n`` with ``cu[n] <= s``. cu (and the
+        per-sequence offsets) are read ``CU_BLOCK`` sequences at a time, and ``n``, ``cu[n]`` and ``offsets[n]``
+        selected in registers: up to 256 sequences, no load waits on another (a binary search would wait through
+        log2(N) of them one after another)."""
         if MODE == 0:
             pos = s + offset
         elif MODE == 1:

@@ -30,8 +30,8 @@ if HAS_TRITON:
         stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
-        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
-        COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr,
+        CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr, INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """Grid: (B * token blocks, q head blocks + k head blocks). ``b`` and the token block come from one
         32-bit scalar division per program; tokens are ``s`` within sequence ``b`` (packed inputs:
@@ -131,8 +131,10 @@ if HAS_TRITON:
             o_row = x_row
             od = sxd
         else:
-            o_row = (b * tl.where(is_q, stride_qo_b, stride_ko_b) + s[:, None, None] * tl.where(is_q, stride_qo_s, stride_ko_s)
-                     + h[None, :, None] * tl.where(is_q, stride_qo_h, stride_ko_h))  # fmt: skip
+            sob = tl.where(is_q, stride_qo_b, stride_ko_b)
+            sos = tl.where(is_q, stride_qo_s, stride_ko_s)
+            soh = tl.where(is_q, stride_qo_h, stride_ko_h)
+            o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
             od = tl.where(is_q, stride_qo_d, stride_ko_d)
         if INTERLEAVED:
             x_even, x_odd = tl.split(tl.reshape(x.to(ACC), [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
@@ -227,7 +229,9 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
         mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(p0, None, 0, None)
         pos, spos_a, axis, saxis, n_axes = positions, positions.stride(0), axis_map, axis_map.stride(0), positions.shape[0]
     else:
-        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions, offsets, offset, cu_seqlens)
+        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
+            positions, offsets, offset, cu_seqlens
+        )
         axis = None
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
