@@ -175,6 +175,27 @@ def test_varlen_on_the_fly_and_int64(backend):
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("n_seqs", [255, 256, 257, 600])
+def test_varlen_many_sequences(backend, n_seqs):
+    """More sequences than one read of cu_seqlens covers (256 at a time in the kernel): every chunk
+    boundary, empty sequences, per-sequence offsets and padded tokens, against per-token positions."""
+    g = torch.Generator().manual_seed(n_seqs)
+    lengths = torch.randint(0, 3, (n_seqs,), generator=g)  # a third of them empty
+    cu_list = [0] + torch.cumsum(lengths, 0).tolist()
+    T = cu_list[-1] + 2
+    off_list = torch.randint(0, 50, (n_seqs,), generator=g).tolist()
+    rows = _varlen_rows(cu_list, T, off_list)
+    rows[cu_list[-1]:] = 0
+    inv, _ = pk.rope_frequencies(32)
+    cos, sin = pk.rope_cos_sin(64, inv.to(DEVICE))
+    x = torch.randn(T, 2, 32, generator=g).to(DEVICE)
+    for cu_dtype in (torch.int32, torch.int64):
+        cu = torch.tensor(cu_list, device=DEVICE, dtype=cu_dtype)
+        out, _ = pk.apply_rope(x, None, cos, sin, cu_seqlens=cu, offsets=torch.tensor(off_list, device=DEVICE))
+        want, _ = pk.apply_rope(x, None, cos, sin, positions=rows.to(DEVICE))
+        assert torch.equal(out, want), cu_dtype
+
+
 def test_varlen_bad_input():
     cos, sin = pk.rope_cos_sin(16, pk.rope_frequencies(16)[0].to(DEVICE))
     x = torch.randn(8, 2, 16, device=DEVICE)

@@ -88,7 +88,8 @@ if HAS_TRITON:
             # cu[0] = 0 <= s (checked), so every token finds a sequence; the defaults only serve unchecked input
             start = tl.zeros_like(s).to(tl.int64)
             base = tl.zeros_like(s).to(tl.int64) + offset
-            for j0 in range(0, n_seqs, CU_BLOCK):
+            j0 = n_seqs * 0
+            while j0 < n_seqs:  # while: Triton 3.6's interpreter cannot range() over int arguments
                 j = j0 + tl.arange(0, CU_BLOCK)
                 jm = j < n_seqs
                 cu_j = tl.load(pos_ptr + j * stride_pos_s, mask=jm, other=0)
@@ -100,6 +101,7 @@ if HAS_TRITON:
                 start = tl.where(hit, tl.sum(tl.where(pick, cu_j[None, :], 0), axis=1).to(tl.int64), start)
                 if SEQ_OFFSETS:
                     base = tl.where(hit, tl.sum(tl.where(pick, off_j[None, :], 0), axis=1).to(tl.int64), base)
+                j0 += CU_BLOCK
             pos = tl.where(s < end, s - start + base, 0)
         return pos
 
