@@ -29,6 +29,7 @@ object per kernel.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -132,6 +133,27 @@ def _operand_regs(text: str) -> set:
     return out
 
 
+def _wide_sources(op: str, base: str, parts: list) -> set:
+    """The other registers of multi-register source operands: a vector store's data (``STG.E.128 [..], R8``
+    reads R8-R11), double-precision operands (pairs) and the 64-bit addend of ``IMAD.WIDE``."""
+    out: set = set()
+
+    def span(operand: str, n: int):
+        m = re.fullmatch(r"-?\|?R(\d+)(?:\.\w+)*\|?", operand.strip())
+        if m and m.group(1) != "255":
+            out.update(f"R{int(m.group(1)) + i}" for i in range(1, n))
+
+    mods = set(op.split(".")[1:])
+    if base in ("STG", "STS", "STL", "ST", "RED", "REDG") and parts:
+        span(parts[-1], 4 if "128" in mods else 2 if "64" in mods else 1)
+    elif base in ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "F2F", "F2I") and parts:
+        for operand in parts[1:]:
+            span(operand, 2 if base[0] == "D" or "F64" in mods else 1)
+    elif "WIDE" in mods and len(parts) >= 4:
+        span(parts[3], 2)
+    return out
+
+
 def _instr(addr: int, text: str) -> Instr:
     pred = ""
     if text.startswith("@"):
@@ -141,6 +163,7 @@ def _instr(addr: int, text: str) -> Instr:
     parts = [p.strip() for p in operands.split(",")] if operands else []
     base = op.split(".")[0]
     srcs = _operand_regs(operands) if base in _NO_DEST or not parts else _operand_regs(",".join(parts[1:]))
+    srcs |= _wide_sources(op, base, parts)
     dests: set = set()
     if base not in _NO_DEST and parts:
         first = _REG.search(parts[0])
@@ -217,14 +240,22 @@ class Block:
 
 def cfg(ins: list[Instr]) -> list[Block]:
     """Basic blocks in address order (a topological order of the forward edges), with back edges apart."""
-    at = {i.addr: n for n, i in enumerate(ins)}
+    addrs = [i.addr for i in ins]
+
+    def index_of(target):
+        """The instruction a branch lands on (a target at a dropped NOP lands on the next kept one)."""
+        if target is None:
+            return None
+        k = bisect.bisect_left(addrs, target)
+        return k if k < len(ins) else None
+
     starts = {0}
     for n, i in enumerate(ins):
         if i.base in ("BRA", "EXIT", "RET", "BRX", "JMX"):
             starts.add(n + 1)
-            t = _target(i) if i.base == "BRA" else None
-            if t in at:
-                starts.add(at[t])
+            t = index_of(_target(i)) if i.base == "BRA" else None
+            if t is not None:
+                starts.add(t)
     starts = sorted(s for s in starts if s < len(ins))
     index = {s: j for j, s in enumerate(starts)}
     blocks = []
@@ -233,13 +264,21 @@ def cfg(ins: list[Instr]) -> list[Block]:
         last = ins[e - 1]
         succ, back = [], []
         falls = j + 1 < len(starts) and (last.base not in ("BRA", "EXIT", "RET", "BRX", "JMX") or last.pred)
-        if last.base == "BRA" and _target(last) in at:
-            t = index[at[_target(last)]]
+        t = index_of(_target(last)) if last.base == "BRA" else None
+        if t is not None:
+            t = index[t]
             (back if t <= j else succ).append(t)
         if falls:
             succ.append(j + 1)
         slow = any("c[0x4]" in i.operands for i in ins[s:e])
         blocks.append(Block(s, e, succ, back, slow))
+    # A latch that only branches back (a top-tested loop) leaves the forward graph through its header's
+    # exit: give it that edge, so a path can run the body and still reach the code after the loop.
+    for j, b in enumerate(blocks):
+        for h in b.back:
+            for k in blocks[h].succ:
+                if k > j and k not in b.succ:
+                    b.succ.append(k)
     return blocks
 
 
@@ -256,6 +295,7 @@ def path(ins: list[Instr], trips: int = 1, fast: bool = True) -> list[Instr]:
         for h in b.back:
             for k in range(h, j + 1):
                 in_loop[k] = trips
+    exits = []
     for avoid_slow in ((True, False) if fast else (False,)):
         best, prev = [None] * len(blocks), [None] * len(blocks)
         if not (avoid_slow and blocks[0].slow):
@@ -264,7 +304,7 @@ def path(ins: list[Instr], trips: int = 1, fast: bool = True) -> list[Instr]:
         for j, b in enumerate(blocks):
             if best[j] is None:
                 continue
-            if not b.succ or ins[b.end - 1].base in ("EXIT", "RET"):
+            if ins[b.end - 1].base in ("EXIT", "RET"):
                 exits.append(j)
             for k in b.succ:
                 if avoid_slow and blocks[k].slow:
@@ -274,6 +314,8 @@ def path(ins: list[Instr], trips: int = 1, fast: bool = True) -> list[Instr]:
                     best[k], prev[k] = cand, j
         if exits:
             break
+    if not exits:
+        raise ValueError("no path from the entry reaches an EXIT: the control-flow graph was misread")
     j, chain = max(exits, key=lambda e: best[e]), []
     while j is not None:
         chain.append(j)
