@@ -146,6 +146,7 @@ def test_compiles_without_spills(report, case):
 def test_load_rounds_within_bound(report, case):
     f = report["cases"][case]
     bound = rounds_bound(case)
+    assert f["rounds"] >= 1 and f["path_loads"], f"{case}: no global load on the path: the path was misread"
     assert f["rounds"] <= bound, (
         f"{case}: {f['rounds']} serialised load round trips per program (bound {bound}); bytes per round "
         f"{f['load_bytes_per_round']}: a load waits for another's data (a conversion, broadcast or cast of "
