@@ -1,6 +1,6 @@
 """Compile every hot Triton kernel for sm_90 without a GPU and report its static figures.
 
-Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (tests/test_static_ptx.py runs it in a
+Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (tests/test_static_sass.py runs it in a
 subprocess; scripts/static_figures writes its output to benchmarks/static_figures.json). The real
 launchers run on CPU tensors of real model shapes with the kernel objects swapped for recorders, so each
 kernel is compiled with exactly the arguments, constexprs and divisibility specialisations a launch of
