@@ -150,8 +150,10 @@ def figures(compiled, grid, dram_bytes: int, trips: int = 1) -> dict:
     fig = {
         "kernel": name,
         "grid": list(grid),
+        "programs": programs,
         "num_warps": num_warps,
         "shared_bytes": smem,
+        "cubin_registers": res["regs"],  # what occupancy is computed from: Triton's own cubin
         **ptxas_report(compiled.asm["ptx"]),
         **ptx_facts(compiled.asm["ptx"]),
         **sass.kernel_figures(ins, trips),
@@ -164,18 +166,39 @@ def figures(compiled, grid, dram_bytes: int, trips: int = 1) -> dict:
     return fig
 
 
-def record(module, kernel_name: str, launch, dram_bytes: int, trips: int = 1, index: int = 0) -> dict:
-    """Run ``launch`` with ``module.kernel_name`` swapped for a recorder; compile launch ``index``."""
-    jit = getattr(module, kernel_name)
-    rec = Recorder()
-    setattr(module, kernel_name, rec)
+@contextlib.contextmanager
+def recording(module, *names):
+    """Swap ``module.<name>`` for a recorder for each name; yields ({name: jit}, {name: recorder})."""
+    jits = {n: getattr(module, n) for n in names}
+    recs = {n: Recorder() for n in names}
+    for n, r in recs.items():
+        setattr(module, n, r)
     try:
-        launch()
+        yield jits, recs
     finally:
-        setattr(module, kernel_name, jit)
-    grid, args, kwargs = rec.calls[index]
-    grid = tuple(int(g) for g in (grid(kwargs) if callable(grid) else grid))
-    return figures(compile_call(jit, args, kwargs), grid, dram_bytes, trips)
+        for n, j in jits.items():
+            setattr(module, n, j)
+
+
+def resolve_grid(jit, grid, args, kwargs) -> tuple:
+    """A launch's grid as ints (a callable grid gets every argument by name, as Triton's launcher passes)."""
+    if callable(grid):
+        grid = grid({**dict(zip(jit.arg_names, args)), **kwargs})
+    return tuple(int(g) for g in grid)
+
+
+def compile_recorded(jit, call, dram_bytes: int, trips: int = 1) -> dict:
+    """Compile one recorded ``(grid, args, kwargs)`` launch of ``jit`` and read its figures."""
+    grid, args, kwargs = call
+    return figures(compile_call(jit, args, kwargs), resolve_grid(jit, grid, args, kwargs), dram_bytes, trips)
+
+
+def record(module, kernel_name: str, launch, dram_bytes: int, trips: int = 1) -> dict:
+    """Run ``launch`` with ``module.kernel_name`` recorded; compile the one launch it makes."""
+    with recording(module, kernel_name) as (jits, recs):
+        launch()
+    (call,) = recs[kernel_name].calls
+    return compile_recorded(jits[kernel_name], call, dram_bytes, trips)
 
 
 def nbytes(*tensors) -> int:
@@ -325,60 +348,43 @@ def t5_case(H, Lq, Lk, dtype):
                   nbytes(out, table), relative._bias_blocks(H, Lq, Lk)[4])  # fmt: skip
 
 
-def t5_backward_cases():
+def t5_grad_case(kernel_name: str):
+    """The T5 backward launches two kernels (the diagonal sums, then the bucket gradient): compile one."""
     grad, gtable = torch.empty(32, 1024, 1024), torch.empty(32, 32)
-    diag = 32 * (2 * 1024 - 1) * 4
-
-    def launch():
+    diag = 32 * (2 * 1024 - 1) * 4  # the fp32 diagonal sums, written by the first, read by the second
+    dram = {"_diagonal_sum_kernel": nbytes(grad) + diag, "_t5_bucket_grad_kernel": diag + nbytes(gtable)}
+    with recording(relative, *dram) as (jits, recs):
         relative.t5_backward_triton(grad, gtable, 1024, 1024, 0, True, 128)
-
-    # the backward launches two kernels: the diagonal sums, then the bucket gradient
-    def two():
-        jits = {n: getattr(relative, n) for n in ("_diagonal_sum_kernel", "_t5_bucket_grad_kernel")}
-        recs = {n: Recorder() for n in jits}
-        for n, r in recs.items():
-            setattr(relative, n, r)
-        try:
-            launch()
-        finally:
-            for n, j in jits.items():
-                setattr(relative, n, j)
-        out = {}
-        for n, dram in (("_diagonal_sum_kernel", nbytes(grad) + diag), ("_t5_bucket_grad_kernel", diag + nbytes(gtable))):
-            grid, args, kwargs = recs[n].calls[0]
-            out[n] = figures(compile_call(jits[n], args, kwargs), tuple(grid), dram)
-        return out
-
-    figs = two()
-    return {"t5_grad_diagonal_sum": figs["_diagonal_sum_kernel"], "t5_grad_buckets": figs["_t5_bucket_grad_kernel"]}
+    (call,) = recs[kernel_name].calls
+    return compile_recorded(jits[kernel_name], call, dram[kernel_name])
 
 
-def all_cases() -> dict:
-    out = {name: rope_case(**kw) for name, kw in ROPE_CASES.items()}
-    out["rope_cos_sin"] = rope_cos_sin_case()
-    out.update({
-        "add_sinusoidal_bf16_d4096": sinusoidal_case(8, 4096, 4096, torch.bfloat16),
-        "add_sinusoidal_bf16_d4096_halves": sinusoidal_case(8, 4096, 4096, torch.bfloat16, interleaved=False),
-        "add_sinusoidal_bf16_d4096_offsets": sinusoidal_case(8, 4096, 4096, torch.bfloat16, offsets=True),
-        "add_sinusoidal_bf16_d4096_idx64": sinusoidal_case(8, 4096, 4096, torch.bfloat16, idx64=True),
-        "add_sinusoidal_fp32_d1023": sinusoidal_case(2, 1024, 1023, torch.float32),
-        "sinusoidal_table_fp32_d512": sinusoidal_case(1, 4096, 512, torch.float32, add=False),
-        "learned_add_gpt2_bf16_d768": learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16),
-        "learned_add_gpt2_bf16_d768_idx64": learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16, idx64=True),
-        "learned_add_fp16_d1023": learned_add_case(4, 256, 1023, torch.float16, torch.float32),
-        "learned_grad_atomic_bf16_d768": learned_grad_case(8, 1024, 768, torch.bfloat16, False),
-        "learned_grad_sorted_fp32_d4096": learned_grad_case(2, 512, 4096, torch.float32, True),
-        "alibi_bias_bf16": alibi_case(32, 4096, 4096, torch.bfloat16),
-        "alibi_bias_fp32_decode": alibi_case(32, 1, 4096, torch.float32),
-        "t5_bias_bf16": t5_case(32, 1024, 1024, torch.bfloat16),
-        **t5_backward_cases(),
-    })  # fmt: skip
-    return out
+# Every case: name -> what compiles it (tests/test_static_sass.py parametrises over these names).
+CASES = {
+    **{name: (lambda kw=kw: rope_case(**kw)) for name, kw in ROPE_CASES.items()},
+    "rope_cos_sin": rope_cos_sin_case,
+    "add_sinusoidal_bf16_d4096": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16),
+    "add_sinusoidal_bf16_d4096_halves": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, interleaved=False),
+    "add_sinusoidal_bf16_d4096_offsets": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, offsets=True),
+    "add_sinusoidal_bf16_d4096_idx64": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, idx64=True),
+    "add_sinusoidal_fp32_d1023": lambda: sinusoidal_case(2, 1024, 1023, torch.float32),
+    "sinusoidal_table_fp32_d512": lambda: sinusoidal_case(1, 4096, 512, torch.float32, add=False),
+    "learned_add_gpt2_bf16_d768": lambda: learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16),
+    "learned_add_gpt2_bf16_d768_idx64": lambda: learned_add_case(8, 1024, 768, torch.bfloat16, torch.bfloat16, idx64=True),
+    "learned_add_fp16_d1023": lambda: learned_add_case(4, 256, 1023, torch.float16, torch.float32),
+    "learned_grad_atomic_bf16_d768": lambda: learned_grad_case(8, 1024, 768, torch.bfloat16, False),
+    "learned_grad_sorted_fp32_d4096": lambda: learned_grad_case(2, 512, 4096, torch.float32, True),
+    "alibi_bias_bf16": lambda: alibi_case(32, 4096, 4096, torch.bfloat16),
+    "alibi_bias_fp32_decode": lambda: alibi_case(32, 1, 4096, torch.float32),
+    "t5_bias_bf16": lambda: t5_case(32, 1024, 1024, torch.bfloat16),
+    "t5_grad_diagonal_sum": lambda: t5_grad_case("_diagonal_sum_kernel"),
+    "t5_grad_buckets": lambda: t5_grad_case("_t5_bucket_grad_kernel"),
+}  # fmt: skip
 
 
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
-    json.dump({"triton": triton.__version__, "cases": all_cases()}, sys.stdout, indent=1)
+    json.dump({"triton": triton.__version__, "cases": {n: f() for n, f in CASES.items()}}, sys.stdout, indent=1)
 
 
 if __name__ == "__main__":

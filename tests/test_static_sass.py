@@ -67,29 +67,11 @@ def report():
     return json.loads(res.stdout)
 
 
-def _cases():
-    sys.path.insert(0, str(HERE))
-    try:
-        # the case names only (importing static_compile needs triton, not a GPU)
-        import ast
+sys.path.insert(0, str(HERE))
+from static_compile import CASES as _CASES  # noqa: E402  (names only: nothing compiles in this process)
 
-        tree = ast.parse((HERE / "static_compile.py").read_text())
-        names = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROPE_CASES" for t in node.targets):
-                names += [k.value for k in node.value.keys]
-            if isinstance(node, ast.FunctionDef) and node.name == "all_cases":
-                for sub in ast.walk(node):
-                    if isinstance(sub, ast.Dict):
-                        names += [k.value for k in sub.keys if isinstance(k, ast.Constant)]
-                    if isinstance(sub, ast.Subscript) and isinstance(sub.slice, ast.Constant):
-                        names.append(sub.slice.value)
-        return names + ["t5_grad_diagonal_sum", "t5_grad_buckets"]
-    finally:
-        sys.path.remove(str(HERE))
-
-
-CASES = list(dict.fromkeys(_cases()))
+sys.path.remove(str(HERE))
+CASES = list(_CASES)
 ROPE = [c for c in CASES if c.startswith("rope_") and c != "rope_cos_sin"]
 # kernels whose rows allow 16-byte vectors everywhere (odd widths and scatter/reduction kernels aside)
 VECTOR_STORES = ROPE + [
@@ -99,14 +81,18 @@ VECTOR_STORES = ROPE + [
 ]  # fmt: skip
 LOADS_AS_STORED = [c for c in VECTOR_STORES if "add" in c or c.startswith("rope_")]  # in place: read, then written
 
+# Load rounds per program: 1 unless listed (the module doc says why for each); None: reported, not bounded.
+ROUNDS = {
+    **{c: 2 for c in CASES if any(p in c for p in ("_offsets", "_positions", "_varlen", "_mrope"))},
+    "learned_add_gpt2_bf16_d768": 2, "learned_add_gpt2_bf16_d768_idx64": 2, "learned_add_fp16_d1023": 2,
+    "add_sinusoidal_bf16_d4096_halves": 2,
+    "learned_grad_sorted_fp32_d4096": 3,
+    "t5_bias_bf16": None,
+}  # fmt: skip
+
 
 def rounds_bound(case: str):
-    if case == "t5_bias_bf16":
-        return None  # see the module doc: one L1 gather per head, reported only
-    if case == "learned_grad_sorted_fp32_d4096":
-        return 3
-    positions_in_memory = ("offsets", "positions", "varlen", "mrope", "learned_add", "sinusoidal_bf16_d4096_halves")
-    return 2 if any(p in case for p in positions_in_memory) else 1
+    return ROUNDS.get(case, 1)
 
 
 def ipb_bound(case: str):
@@ -123,10 +109,6 @@ def ipb_bound(case: str):
     if "sinusoidal" in case or case == "rope_cos_sin":
         return 0.35
     return None
-
-
-def test_every_case_compiled(report):
-    assert set(CASES) <= set(report["cases"]), sorted(set(CASES) - set(report["cases"]))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -183,6 +165,8 @@ def test_int64_indexing_only_when_needed(report):
 
 
 def test_report_registers_and_occupancy(report):
+    """Prints the figures table (``-s``); occupancy is computed from the registers of Triton's own cubin, which
+    must be what ptxas reports for the same PTX (else the blocks per SM above describe another build)."""
     rows = [f"static figures, sm_90, Triton {report['triton']}",
             f"{'case':44s} warps regs blocks/SM rounds in-flight B instr instr/B"]  # fmt: skip
     for case in CASES:
@@ -190,4 +174,6 @@ def test_report_registers_and_occupancy(report):
         rows.append(f"{case:44s} {f['num_warps']:5d} {f['registers']:4d} {f['blocks_per_sm']:9d} {f['rounds']:6d} "
                     f"{f['in_flight_bytes']:11d} {f['path_instructions']:5d} {f['instructions_per_byte']:7.4f}")  # fmt: skip
     print("\n" + "\n".join(rows))
-    assert all(report["cases"][c]["blocks_per_sm"] >= 1 for c in CASES)
+    mismatched = {c: (report["cases"][c]["cubin_registers"], report["cases"][c]["registers"]) for c in CASES
+                  if report["cases"][c]["cubin_registers"] != report["cases"][c]["registers"]}  # fmt: skip
+    assert not mismatched, f"cubin registers vs ptxas -v (case: (cubin, ptxas)): {mismatched}"
