@@ -22,20 +22,15 @@ Figures, for one kernel's SASS (``cuobjdump -sass`` of the cubin):
   the issue cost per byte (the caller knows the bytes: see ``instructions_per_byte``).
 * **Resources.** Registers, stack and static shared memory (``cuobjdump -res-usage``), and resident
   blocks per SM (``occupancy``, sm_90 limits).
-
-Run as a script on a cubin or object file: ``python tests/sass.py FILE [--trips N]`` prints one JSON
-object per kernel.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -413,22 +408,3 @@ def occupancy(regs: int, num_warps: int, smem_bytes: int, threads_per_warp: int 
     limiter = min(limits, key=limits.get)
     blocks = limits[limiter]
     return {"blocks_per_sm": blocks, "occupancy": round(blocks * num_warps / SM90["warps"], 3), "limiter": limiter}
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    trips = 1
-    if "--trips" in argv:
-        k = argv.index("--trips")
-        trips = int(argv[k + 1])
-        argv = argv[:k] + argv[k + 2:]
-    (path_,) = argv
-    res = resources(path_)
-    out = {name: {**res.get(name, {}), **kernel_figures(ins, trips)} for name, ins in disassemble(path_).items()}
-    json.dump(out, sys.stdout, indent=1)
-    print()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
