@@ -361,7 +361,8 @@ def load_rounds(seq: list[Instr]) -> dict:
     return {"rounds": max(per_round, default=0), "in_flight_bytes": most, "load_bytes_per_round": per_round}
 
 
-def _widths(seq, bases) -> dict:
+def access_widths(seq, bases) -> dict:
+    """bits -> count of the memory accesses in ``seq`` whose opcode is in ``bases``."""
     out: dict = {}
     for i in seq:
         if i.base in bases:
@@ -376,8 +377,8 @@ def kernel_figures(ins: list[Instr], trips: int = 1) -> dict:
     return {
         **load_rounds(fast),
         "path_instructions": len(fast),
-        "path_loads": _widths(fast, GLOBAL_LOADS),
-        "path_stores": _widths(fast, GLOBAL_STORES),
+        "path_loads": access_widths(fast, GLOBAL_LOADS),
+        "path_stores": access_widths(fast, GLOBAL_STORES),
         "path_load_bytes": sum(i.width for i in fast if i.base in GLOBAL_LOADS),
         "path_store_bytes": sum(i.width for i in fast if i.base in GLOBAL_STORES),
         "path_calls": sum(1 for i in fast if i.base == "CALL"),
