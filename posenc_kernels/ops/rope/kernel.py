@@ -242,9 +242,9 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
         half, tail if copy_tail else 0, Hq, Hk, S,
         ROPE_TILE_AXES if axis_map is not None else ROPE_TILE if angles == 0 else ROPE_TILE_ANGLES,
     )
-    # 64-bit offsets only where one may not fit in 32 bits (the table's rows included)
-    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, tab[0] if angles == 0 else None,
-                                             tab[1] if angles == 0 else None)) > I32_MAX
+    # 64-bit offsets only where one may not fit in 32 bits (the tables' rows included)
+    tables = (cos, sin) if angles == 0 else ()
+    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, *tables)) > I32_MAX
     n_s_blocks = triton.cdiv(S, block_t)
     grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
