@@ -23,6 +23,19 @@ if not TRITON_RUNS and os.environ.get("CI"):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def cu_positions(cu, offsets, offset, T, device=None):
+    """Per-token positions of a packed batch, by the definition: sequence ``n`` owns tokens
+    ``cu[n]:cu[n + 1]`` and starts at ``offsets[n]`` (or the int ``offset``); tokens past ``cu[-1]`` take 0.
+    Written out token by token, independent of the package's own twins (ops/positions.py)."""
+    pos = [0] * T
+    cu = [int(v) for v in cu]
+    for n in range(len(cu) - 1):
+        start = int(offsets[n]) if offsets is not None else offset
+        for t in range(cu[n], cu[n + 1]):
+            pos[t] = t - cu[n] + start
+    return torch.tensor(pos, device=device)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from posenc_kernels import reference as ref
 from posenc_kernels.ops import registry
 from posenc_kernels.ops.angles import exact_angles as _exact_angles
 
-from conftest import assert_dtype_tolerance
+from conftest import assert_dtype_tolerance, cu_positions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (gpu_check.sh)")
 
@@ -383,16 +383,6 @@ def test_rope_inference_tensors_and_version_counter():
 # ---- packed varlen (cu_seqlens), multi-axis positions (axis_map)
 
 
-def _cu_positions(cu, offsets, offset, T):
-    pos = [0] * T
-    cu = [int(v) for v in cu]
-    for n in range(len(cu) - 1):
-        start = int(offsets[n]) if offsets is not None else offset
-        for t in range(cu[n], cu[n + 1]):
-            pos[t] = t - cu[n] + start
-    return torch.tensor(pos, device=DEV)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("starts", ["offsets", "offset"])
 @pytest.mark.parametrize("inplace", [False, True])
@@ -408,7 +398,7 @@ def test_rope_cu_seqlens(dtype, starts, inplace, angles):
     q = torch.randn(T, 8, D, device=DEV, dtype=dtype)
     k = torch.randn(T, 2, D, device=DEV, dtype=dtype)
     inv = pk.rope_frequencies(D)[0].to(DEV)
-    pos = _cu_positions(cu.tolist(), offsets.tolist() if offsets is not None else None, offset, T)
+    pos = cu_positions(cu.tolist(), offsets.tolist() if offsets is not None else None, offset, T, DEV)
     q0, k0 = q.clone(), k.clone()
     if angles == "tables":
         cos, sin = pk.rope_cos_sin(128, inv)
@@ -518,7 +508,7 @@ def test_rope_cuda_graph_capture_and_no_allocation():
     cu.copy_(torch.tensor([0, 30, 50], device=DEV))  # 14 padded tokens: position 0
     sp.copy_(qp)
     g2.replay()
-    _check_rope(sp[None], qp[None], cos, sin, _cu_positions([0, 30, 50], None, 0, 64)[None], False, False, "graph cu")
+    _check_rope(sp[None], qp[None], cos, sin, cu_positions([0, 30, 50], None, 0, 64, DEV)[None], False, False, "graph cu")
     # in place: nothing allocated, not even temporaries
     big_q, big_k = _qk(1, 8192, 32, 8, 128, torch.bfloat16)
     cos, sin = pk.rope_cos_sin(8192, pk.rope_frequencies(128)[0].to(DEV))

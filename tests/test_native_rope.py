@@ -13,7 +13,7 @@ from posenc_kernels import reference as ref
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.ops.rope.op import check_rope
 
-from conftest import assert_dtype_tolerance, max_err
+from conftest import assert_dtype_tolerance, cu_positions, max_err
 from native_common import *  # noqa: F401,F403  (the shared helpers: native_common.__all__)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"native extension unavailable: {_native.load_error()}")
@@ -152,17 +152,6 @@ def test_parallel_large(dtype):
 
 
 # ---- packed [T, H, D]: cu_seqlens (+ offsets), per-token positions
-
-
-def cu_positions(cu, offsets, offset, T):
-    """Per-token positions of a packed batch, by the definition (tokens past cu[-1]: position 0)."""
-    pos = [0] * T
-    cu = [int(v) for v in cu]
-    for n in range(len(cu) - 1):
-        start = int(offsets[n]) if offsets is not None else offset
-        for t in range(cu[n], cu[n + 1]):
-            pos[t] = t - cu[n] + start
-    return torch.tensor(pos)
 
 
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "outofplace"])

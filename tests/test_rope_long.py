@@ -9,7 +9,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import reference as ref
 
-from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
+from conftest import DEVICE, DTYPES, assert_dtype_tolerance, cu_positions, max_err
 
 
 def qk(B, S, Hq, Hk, D, dtype=torch.float32):
@@ -127,15 +127,6 @@ def test_exact_needs_float64_frequencies_and_rejects_tables():
 # ---------------------------------------------------------------------------------------------
 
 
-def _varlen_rows(cu, T, offsets):
-    rows = torch.zeros(T, dtype=torch.int64)
-    for n in range(len(cu) - 1):
-        off = offsets[n] if isinstance(offsets, list) else offsets
-        for t in range(cu[n], cu[n + 1]):
-            rows[t] = off + t - cu[n]
-    return rows
-
-
 @pytest.mark.parametrize("offsets", ["int", "tensor", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_varlen_cu_seqlens(backend, dtype, offsets):
@@ -143,8 +134,7 @@ def test_varlen_cu_seqlens(backend, dtype, offsets):
     T = cu_list[-1] + 3  # three padded tokens past the last sequence: position 0
     off_list = [2, 0, 7, 1, 30]
     off = {"int": 4, "tensor": torch.tensor(off_list, device=DEVICE, dtype=torch.int32), "none": 0}[offsets]
-    rows = _varlen_rows(cu_list, T, off_list if offsets == "tensor" else off)
-    rows[cu_list[-1]:] = 0
+    rows = cu_positions(cu_list, off_list if offsets == "tensor" else None, 0 if offsets == "tensor" else off, T)
     cos, sin = pk.rope_cos_sin(40, pk.rope_frequencies(48)[0].to(DEVICE))
     q, k = qk(1, T, 4, 2, 64, dtype)
     cu = torch.tensor(cu_list, device=DEVICE, dtype=torch.int32)
@@ -169,7 +159,7 @@ def test_varlen_on_the_fly_and_int64(backend):
     inv = inv.to(DEVICE)
     cu = torch.tensor([0, 3, 10, 11], device=DEVICE)  # int64
     x = torch.randn(11, 3, 32, device=DEVICE)
-    rows = _varlen_rows([0, 3, 10, 11], 11, 100)
+    rows = cu_positions([0, 3, 10, 11], None, 100, 11)
     out, _ = pk.apply_rope(x, None, inv_freq=inv, cu_seqlens=cu, offsets=100)
     want, _ = pk.apply_rope(x, None, inv_freq=inv, positions=rows.to(DEVICE))
     assert torch.equal(out, want)
@@ -184,8 +174,7 @@ def test_varlen_many_sequences(backend, n_seqs):
     cu_list = [0] + torch.cumsum(lengths, 0).tolist()
     T = cu_list[-1] + 2
     off_list = torch.randint(0, 50, (n_seqs,), generator=g).tolist()
-    rows = _varlen_rows(cu_list, T, off_list)
-    rows[cu_list[-1]:] = 0
+    rows = cu_positions(cu_list, off_list, 0, T)
     inv, _ = pk.rope_frequencies(32)
     cos, sin = pk.rope_cos_sin(64, inv.to(DEVICE))
     x = torch.randn(T, 2, 32, generator=g).to(DEVICE)
