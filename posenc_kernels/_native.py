@@ -424,12 +424,25 @@ def ops_for(key: str) -> frozenset:
     return hit
 
 
-def register(key: str, enable: bool) -> list:
-    """Register (or remove) the extension's kernels for ``key`` ("CPU", "CUDA", "ADInplaceOrView") on the
-    public ops; returns the op names concerned (empty without the extension)."""
-    if _state["source"] is None or not hasattr(torch.ops.posenc, "_native_register"):
-        return []
-    return list(torch.ops.posenc._native_register(key, enable))
+def _control(name: str, *args) -> None:
+    """Call the extension's control op ``posenc::<name>`` when it is loaded (no-op without it)."""
+    if _state["source"] is not None and hasattr(torch.ops.posenc, name):
+        getattr(torch.ops.posenc, name)(*args)
+
+
+def set_backend(code: int) -> None:
+    """The process-wide backend (its index in ``registry.BACKENDS``) the extension's choosers read."""
+    _control("_native_set_backend", code)
+
+
+def set_thread_backend(code: int) -> None:
+    """This thread's override of :func:`set_backend` (-1: none)."""
+    _control("_native_set_thread_backend", code)
+
+
+def set_triton(cpu: bool, cuda: bool) -> None:
+    """Whether backend ``auto`` prefers the Triton kernels on CPU / CUDA tensors (set once, at import)."""
+    _control("_native_set_triton", cpu, cuda)
 
 
 def set_value_checks(enabled: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 _value_checks = {"on": os.environ.get("POSENC_VALUE_CHECKS", "1") != "0"}
+_tls = threading.local()
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -34,8 +36,26 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def value_checks_on(device: torch.device) -> bool:
-    """Whether checks that read values run for tensors on ``device`` (off by setting, or under capture)."""
-    return _value_checks["on"] and not on_cuda_graph_capture(device)
+    """Whether checks that read tensor values run for tensors on ``device``: off by setting, while a CUDA
+    graph is captured, while ``torch.compile`` traces, and inside :func:`skip_value_checks`."""
+    return (
+        _value_checks["on"]
+        and not getattr(_tls, "skip", False)
+        and not torch.compiler.is_compiling()
+        and not on_cuda_graph_capture(device)
+    )
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Skip the value checks inside, in this thread: their tensors were just checked by the same call (the
+    backward re-applying forward's saved, version-checked tensors; k's launch after q's)."""
+    prev = getattr(_tls, "skip", False)
+    _tls.skip = True
+    try:
+        yield
+    finally:
+        _tls.skip = prev
 
 
 def on_cuda_graph_capture(device: torch.device) -> bool:
@@ -85,14 +105,6 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def check_int(name: str, v, *, minimum: Optional[int] = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
 def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch.device] = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -106,14 +118,6 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on the same device as the input ({device}), got {t.device}")
-
-
-def check_last_stride(name: str, t: torch.Tensor) -> None:
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must have stride(-1) == 1 (contiguous channels; other strides are fine), got strides "
-            f"{tuple(t.stride())}; call .contiguous() on it yourself if a copy is what you want"
-        )
 
 
 def _nested_layout(shape, strides) -> bool:

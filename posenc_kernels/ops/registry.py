@@ -1,32 +1,26 @@
-"""The op layer: one schema per op, one implementation per dispatch key, the backend read in one place.
+"""The op layer: one schema per op, one kernel per dispatch key registered once, the backend chosen per call.
 
-Every public op is defined here once, by its schema string (:func:`define`), in the ``posenc`` namespace.
-Its implementations are registered with the dispatcher, never picked by the code above it:
+**Declaring.** :func:`define` declares one op from its schema string; :func:`define_pair` declares an
+in-place op and its out-of-place twin together, from one argument list: it derives both schemas, both
+fakes, the out-of-place op's autograd registration, the in-place autograd.Function (from the out-of-place
+backward) and :meth:`OpPair.call_inplace` / :meth:`OpPair.call`, the one path every public function takes
+(autograd checks before anything is written, the traced form under ``torch.compile``, the plain call).
 
-* **Meta / fake**: the op's check plus its output shapes (:class:`OpSpec` ``check`` and ``fake``).
-* **CPU** and **CUDA**: the C++ kernels of the native extension (``csrc/``), registered straight for the
-  key when the extension is loaded and is the backend in force, so an eager call costs what a bare C++ op
-  costs; otherwise a Python kernel that runs the op's check and then the Triton launcher or the pure-torch
-  implementation. On CUDA the default is Triton; on CPU the native kernel (the pure-torch one without the
-  extension, Triton's interpreter with ``TRITON_INTERPRET=1``).
+**Registering** (:func:`finalize`, once, when the package is imported; nothing is registered or removed
+after it, so threads never see the dispatch table change):
+
+* **CPU** and **CUDA**: a Python kernel per op that runs the op's check, then its Triton or pure-torch
+  implementation (:func:`python_backend` picks which, per call).
+* **BackendSelect**: where the native extension (``csrc/``) has a kernel for the op, its C++ *chooser*:
+  per call it reads the backend in force (a process setting plus a thread-local override, mirrored into
+  the extension by :func:`set_backend` / :func:`use_backend`) and either runs the C++ kernel directly -
+  so an eager native call costs what a bare C++ op costs - or redispatches to the Python kernel below.
+  A factory op (``sinusoidal_table``: no tensor argument to pick a key from) without a native kernel gets
+  a Python BackendSelect kernel that picks the key from its ``device`` argument, as ATen's factories do.
 * **ADInplaceOrView** (mutating ops): bumps the version counters of what the op writes - the extension's
-  C++ fallback when loaded, else a Python kernel.
-* **Autograd**: registered once per functional op (``register_autograd``); the in-place ops get theirs from
-  the autograd.Function of their public function (PyTorch cannot register a formula for a mutating op).
-
-The backend override - :func:`set_backend` (process default, ``POSENC_BACKEND``) and :func:`use_backend`
-(thread-local context) - is read by :func:`backend_for` alone. While a thread-local override is active a
-Python kernel on ``BackendSelect`` routes each call to the backend its thread asked for (native calls
-continue below it to the C++ kernel); without one that kernel is absent and costs nothing. It also runs
-while the CUDA C++ kernels serve the CUDA key (``set_backend("native")`` on a CUDA build): they read no
-tensor values (no host sync), so the op's check, value checks included, runs there first.
-
-Factory ops (``define(..., factory=True)``: ``sinusoidal_table``, whose only tensor argument is optional)
-give the dispatcher no tensor to pick a key from. They get a permanent Python ``BackendSelect`` kernel that
-picks the backend from their ``device`` argument, as ATen's factory functions do: it runs the Python
-implementation itself, or redispatches to the CPU/CUDA key for the C++ kernel (Meta for meta devices).
-It reads the override through :func:`backend_for` on every call, so it is also that op's router: the
-override's router is never installed for a factory op.
+  C++ kernels when it is loaded, else a Python kernel.
+* **Meta / fake**: the op's check (without values) and its output shapes; **Autograd**: registered once
+  per functional op; the in-place ops are differentiated through their derived autograd.Function.
 """
 
 from __future__ import annotations
@@ -34,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch._C import DispatchKey
 
 from .. import _native
+from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
 
 try:  # Triton is optional on CPU-only machines: the torch backend needs nothing else.
     import triton  # noqa: F401
@@ -49,7 +44,7 @@ try:  # Triton is optional on CPU-only machines: the torch backend needs nothing
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
-BACKENDS = ("auto", "triton", "native", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")  # their index is the code the extension reads
 NAMESPACE = "posenc"
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _KEYS = ("CPU", "CUDA")
@@ -61,88 +56,46 @@ def interpreter_enabled() -> bool:
 
 
 _INTERPRET = interpreter_enabled()
+_TRITON_ON = {"cpu": HAS_TRITON and _INTERPRET, "cuda": HAS_TRITON}
 
 
 @dataclass
 class OpSpec:
-    """One op: its schema and what implements it. ``check(*args, values=...)`` validates every argument
-    (``values=False`` for fakes: no storage, no values); ``fake(*args)`` returns outputs of the right
-    shape; ``impls`` maps ``"triton"`` / ``"torch"`` to Python implementations taking the schema's
-    arguments; ``native`` says the extension may implement it (see ``csrc/bindings.cpp``)."""
+    """One op: its schema, ``check(*args, values=...)`` (every argument rule; ``values=False`` for fakes:
+    no storage, no values), ``impls`` (``"triton"`` / ``"torch"`` -> a Python implementation taking the
+    schema's arguments), ``native`` (the extension may implement it), the indices of the arguments it
+    writes, and whether it is a factory op (its key comes from its ``Device`` argument)."""
 
     name: str
     schema: str
     check: Callable
-    fake: Callable
     impls: dict
-    native: bool = False
-    mutated: tuple = ()  # argument indices the op writes
-    device_arg: int = 0  # the argument whose device picks the kernel
-    factory: bool = False  # picks its key from a Device argument on BackendSelect (see the module docstring)
-    overload: Optional[torch._ops.OpOverload] = None
-    kernels: dict = field(default_factory=dict)  # key -> the Python kernel registered for it
+    native: bool
+    mutated: tuple
+    factory: bool
+    overload: torch._ops.OpOverload
 
 
 _OPS: dict[str, OpSpec] = {}
-_state = {"default": os.environ.get("POSENC_BACKEND", "auto"), "overrides": 0, "ready": False}
+_state = {"default": os.environ.get("POSENC_BACKEND", "auto"), "ready": False}
 if _state["default"] not in BACKENDS:
     raise ValueError(f"POSENC_BACKEND must be one of {BACKENDS}, got {_state['default']!r}")
 _tls = threading.local()
-_lock = threading.RLock()
-_libs: dict = {}  # (key, "py") -> Library with the Python kernels of native-capable ops; "chooser"; "view"
-_native_on: dict = {}  # key -> the op names whose C++ kernels are registered for it
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend, read in one place
+# The backend: a process setting and a thread-local override, read per call
 # ----------------------------------------------------------------------------------------------
-
-
-def _tls_stack() -> list:
-    stack = getattr(_tls, "stack", None)
-    if stack is None:
-        stack = _tls.stack = []
-    return stack
 
 
 def get_backend() -> str:
     """The backend in force in this thread: the innermost :func:`use_backend`, else :func:`set_backend`'s."""
-    stack = _tls_stack()
-    return stack[-1] if stack else _state["default"]
+    return getattr(_tls, "backend", None) or _state["default"]
 
 
-def _native_keys(spec: OpSpec, device_type: str) -> bool:
-    return spec.native and spec.name in _native.ops_for(device_type.upper())
-
-
-def backend_for(spec: OpSpec, device_type: str, name: Optional[str] = None) -> str:
-    """Which implementation runs ``spec`` for tensors on ``device_type`` under backend ``name`` (default:
-    the one in force): ``"triton"``, ``"native"`` or ``"torch"``. The only reader of the override."""
-    name = get_backend() if name is None else name
-    triton_ok = HAS_TRITON and "triton" in spec.impls and (device_type == "cuda" or (device_type == "cpu" and _INTERPRET))
-    if name == "torch":
-        return "torch"
-    if name == "triton":
-        if not triton_ok:
-            raise RuntimeError(
-                f"backend 'triton' was forced but cannot run on {device_type} tensors: Triton kernels need a "
-                "CUDA device, or TRITON_INTERPRET=1 set before importing posenc_kernels for CPU tensors"
-            )
-        return "triton"
-    if name == "native" and spec.native:  # ops without a native kernel run as under auto
-        if _native_keys(spec, device_type):
-            return "native"
-        why = _native.load_error() or f"the extension has no {device_type} kernel for {spec.name!r}"
-        raise RuntimeError(
-            f"backend 'native' was forced but cannot run on {device_type} tensors: {why}. Build it with "
-            "POSENC_BUILD_EXT=1 pip install --no-build-isolation . or let it build on first import (needs a C++ "
-            "compiler, and nvcc for the CUDA kernels)"
-        )
-    if triton_ok:
-        return "triton"
-    if _native_keys(spec, device_type):
-        return "native"
-    return "torch"
+def _check_name(name) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
 def set_backend(name: str) -> None:
@@ -153,18 +106,17 @@ def set_backend(name: str) -> None:
     ``TRITON_INTERPRET=1`` before import); on CPU otherwise the op's C++ kernel when the native extension is
     loaded, else the pure-torch implementation. ``native`` forces the extension for the ops that have a
     native kernel (an error where it is unavailable; ops without one run as under ``auto``).
-    ``POSENC_BACKEND`` sets the initial value; :func:`use_backend` overrides it in one thread.
+    ``POSENC_BACKEND`` sets the initial value; :func:`use_backend` overrides it in one thread. Nothing is
+    re-registered: every call reads the setting.
 
     >>> import posenc_kernels as pk
     >>> pk.set_backend("torch"); pk.get_backend()
     'torch'
     >>> pk.set_backend("auto")
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    with _lock:
-        _state["default"] = name
-        _sync()
+    _check_name(name)
+    _state["default"] = name
+    _native.set_backend(BACKENDS.index(name))
 
 
 @contextlib.contextmanager
@@ -177,22 +129,54 @@ def use_backend(name: str) -> Iterator[None]:
     >>> pe.shape
     torch.Size([4, 8])
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    stack = _tls_stack()
-    with _lock:
-        stack.append(name)
-        if len(stack) == 1:
-            _state["overrides"] += 1
-            _sync()
+    _check_name(name)
+    prev = getattr(_tls, "backend", None)
+    _tls.backend = name
+    _native.set_thread_backend(BACKENDS.index(name))
     try:
         yield
     finally:
-        with _lock:
-            stack.pop()
-            if not stack:
-                _state["overrides"] -= 1
-                _sync()
+        _tls.backend = prev
+        _native.set_thread_backend(-1 if prev is None else BACKENDS.index(prev))
+
+
+def _has_native(spec: OpSpec, device_type: str) -> bool:
+    return spec.native and spec.name in _native.ops_for(device_type.upper())
+
+
+def backend_for(spec: OpSpec, device_type: str, name: Optional[str] = None) -> str:
+    """Which implementation runs ``spec`` for tensors on ``device_type`` under backend ``name`` (default: the
+    one in force): ``"triton"``, ``"native"`` or ``"torch"`` - the rule the extension's choosers apply too."""
+    name = get_backend() if name is None else name
+    triton_ok = "triton" in spec.impls and _TRITON_ON.get(device_type, False)
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        if not triton_ok:
+            raise RuntimeError(
+                f"backend 'triton' was forced but cannot run on {device_type} tensors: Triton kernels need a "
+                "CUDA device, or TRITON_INTERPRET=1 set before importing posenc_kernels for CPU tensors"
+            )
+        return "triton"
+    if name == "native" and spec.native:  # ops without a native kernel run as under auto
+        if _has_native(spec, device_type):
+            return "native"
+        why = _native.load_error() or f"the extension has no {device_type} kernel for {spec.name!r}"
+        raise RuntimeError(
+            f"backend 'native' was forced but cannot run on {device_type} tensors: {why}. Build it with "
+            "POSENC_BUILD_EXT=1 pip install --no-build-isolation . or let it build on first import (needs a C++ "
+            "compiler, and nvcc for the CUDA kernels)"
+        )
+    if triton_ok:
+        return "triton"
+    return "native" if _has_native(spec, device_type) else "torch"
+
+
+def python_backend(spec: OpSpec, device_type: str) -> str:
+    """The backend of a call that reached the Python kernel: the extension's chooser passed it on, so it is
+    Triton or torch (a native choice here means the caller redispatched past the chooser: torch serves)."""
+    backend = backend_for(spec, device_type)
+    return "torch" if backend == "native" else backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,11 +184,8 @@ def use_backend(name: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _device_type(spec: OpSpec, args) -> str:
-    t = args[spec.device_arg]
-    if isinstance(t, torch.Tensor):
-        return t.device.type
-    for a in args:  # ops whose first argument may be None (sinusoidal_table): the first tensor, or device
+def _device_type(args) -> str:
+    for a in args:
         if isinstance(a, torch.Tensor):
             return a.device.type
         if isinstance(a, torch.device):
@@ -220,47 +201,22 @@ def run_python(spec: OpSpec, backend: str, args):
 
 def _python_kernel(spec: OpSpec):
     def kernel(*args):
-        backend = backend_for(spec, _device_type(spec, args))
-        if backend == "native":  # only while a registration change is in flight in another thread
-            return spec.overload(*args)
-        return run_python(spec, backend, args)
+        return run_python(spec, python_backend(spec, _device_type(args)), args)
 
     kernel.__name__ = f"posenc_{spec.name}_python"
     return kernel
 
 
-def _chooser_kernel(spec: OpSpec):
-    below = torch._C.DispatchKeySet(DispatchKey.BackendSelect)
-
-    def kernel(keyset, *args):
-        device_type = _device_type(spec, args)
-        if device_type not in ("cpu", "cuda"):
-            return spec.overload.redispatch(keyset - below, *args)  # meta tensors: the fake
-        backend = backend_for(spec, device_type)
-        if backend != "native":
-            return run_python(spec, backend, args)
-        if device_type == "cuda":  # the CUDA C++ kernels read no values (no sync): the check runs here
-            spec.check(*args, values=True)
-        return spec.overload.redispatch(keyset - below, *args)
-
-    kernel.__name__ = f"posenc_{spec.name}_chooser"
-    return kernel
-
-
 def _factory_kernel(spec: OpSpec):
-    """The permanent BackendSelect kernel of a factory op: the backend of its ``device`` argument."""
+    """BackendSelect of a factory op without a native chooser: the key of its ``device`` argument."""
     device_arg = next(i for i, a in enumerate(spec.overload._schema.arguments) if a.type.kind() == "DeviceObjType")
     keys = {"cpu": DispatchKey.CPU, "cuda": DispatchKey.CUDA, "meta": DispatchKey.Meta}
 
     def kernel(keyset, *args):
         device_type = torch.device(args[device_arg]).type
-        if device_type in ("cpu", "cuda"):
-            backend = backend_for(spec, device_type)
-            if backend != "native":
-                return run_python(spec, backend, args)
-        elif device_type not in keys:
+        if device_type not in keys:
             raise RuntimeError(f"posenc::{spec.name} has no kernel for device {device_type!r}")
-        return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)  # C++ or Meta
+        return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)
 
     kernel.__name__ = f"posenc_{spec.name}_factory"
     return kernel
@@ -278,21 +234,20 @@ def _inplace_view_kernel(spec: OpSpec):
     return kernel
 
 
-def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native: bool = False, device_arg: int = 0,
-           factory: bool = False):
-    """Define op ``posenc::<name>`` from ``schema`` (its one definition) and record its implementations;
-    returns its default overload. Kernels are registered by :func:`finalize` (after every family).
-    ``factory``: the op's key comes from its ``Device`` argument (a permanent BackendSelect kernel)."""
+def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native: bool = False,
+           factory: bool = False) -> torch._ops.OpOverload:  # fmt: skip
+    """Define op ``posenc::<name>`` from ``schema`` (its one definition) with its check, fake and Python
+    implementations; returns its default overload. Kernels are registered by :func:`finalize`."""
     name = schema.split("(", 1)[0]
-    if _state["ready"]:  # finalize decides every key from the full op list: a later op would miss the native swap
+    if _state["ready"]:
         raise RuntimeError(f"posenc::{name} is defined after posenc_kernels.ops.registry.finalize()")
     if name in _OPS:
         raise RuntimeError(f"posenc::{name} is defined twice")
     LIB.define(schema)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    mutated = tuple(i for i, a in enumerate(overload._schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
-    spec = OpSpec(name, schema, check, fake, dict(impls), native, mutated, device_arg, factory, overload)
-    _OPS[name] = spec
+    args = overload._schema.arguments
+    mutated = tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write)
+    _OPS[name] = OpSpec(name, schema, check, dict(impls), native, mutated, factory, overload)
 
     def _fake(*args):
         check(*args, values=False)
@@ -306,105 +261,228 @@ def spec(name: str) -> OpSpec:
     return _OPS[name]
 
 
-def _register_static(spec: OpSpec) -> None:
-    """Kernels that never change: Python kernels for keys the extension cannot serve for this op."""
-    lib = _libs.setdefault("static", torch.library.Library(NAMESPACE, "IMPL"))
-    for key in _KEYS:
-        if not (spec.native and spec.name in _native.ops_for(key)):
-            lib.impl(spec.name, _python_kernel(spec), key)
-    if spec.factory:
-        lib.impl(spec.name, _factory_kernel(spec), "BackendSelect", with_keyset=True)
-
-
-def _set_library(slot, build: Optional[Callable]) -> None:
-    old = _libs.pop(slot, None)
-    if old is not None:
-        old._destroy()
-    if build is not None:
-        lib = torch.library.Library(NAMESPACE, "IMPL")
-        build(lib)
-        _libs[slot] = lib
-
-
-def _native_capable(key: str):
-    return [s for s in _OPS.values() if s.native and s.name in _native.ops_for(key)]
-
-
-def _sync() -> None:
-    """Make the dispatch table match the backend state (see the module docstring)."""
-    if not _state["ready"]:
-        return
-    overrides = _state["overrides"] > 0
-    for key in _KEYS:
-        specs = _native_capable(key)
-        want = bool(specs) and (overrides or backend_for(specs[0], key.lower(), _state["default"]) == "native")
-        if want == bool(_native_on.get(key)):
-            continue
-        if want:
-            _set_library((key, "py"), None)
-            _native_on[key] = _native.register(key, True)
-        else:
-            _native.register(key, False)
-            _native_on[key] = []
-
-            def build(lib, specs=specs, key=key):
-                for s in specs:
-                    lib.impl(s.name, _python_kernel(s), key)
-
-            _set_library((key, "py"), build)
-    # The router runs while an override is active, and whenever the CUDA C++ kernels serve the CUDA key (so
-    # their calls get the op's check, values included, which those kernels leave to Python).
-    route = overrides or bool(_native_on.get("CUDA"))
-    if route != ("chooser" in _libs):
-
-        def build_chooser(lib):
-            for s in _OPS.values():
-                if s.native and not s.factory:  # a factory op's permanent BackendSelect kernel routes already
-                    lib.impl(s.name, _chooser_kernel(s), "BackendSelect", with_keyset=True)
-
-        _set_library("chooser", build_chooser if route else None)
-
-
 def finalize() -> None:
-    """Register every kernel, once all families have defined their ops (called by the package import)."""
-    with _lock:
-        if _state["ready"]:
-            return
-        _native.load()
-        for s in _OPS.values():
-            _register_static(s)
-        if _native.available() and _native.register("ADInplaceOrView", True):
-            pass  # the extension's C++ fallback bumps the version counters of every mutating op
-        else:
-
-            def build_views(lib):
-                for s in _OPS.values():
-                    if s.mutated:
-                        lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
-
-            _set_library("view", build_views)
-        _state["ready"] = True
-        for key in _KEYS:  # start from Python kernels on every native-capable key, then let _sync decide
-            _native_on[key] = []
-
-            def build(lib, key=key):
-                for s in _native_capable(key):
-                    lib.impl(s.name, _python_kernel(s), key)
-
-            _set_library((key, "py"), build)
-        _sync()
+    """Register every kernel, once, after all families have defined their ops (called by the package import)."""
+    if _state["ready"]:
+        return
+    native = _native.load()
+    if native:
+        _native.set_triton(_TRITON_ON["cpu"], _TRITON_ON["cuda"])
+        _native.set_backend(BACKENDS.index(_state["default"]))
+    choosers = _native.ops_for("CPU") | _native.ops_for("CUDA")
+    lib = _state["impl"] = torch.library.Library(NAMESPACE, "IMPL")
+    for s in _OPS.values():
+        for key in _KEYS:
+            lib.impl(s.name, _python_kernel(s), key)
+        if s.factory and s.name not in choosers:
+            lib.impl(s.name, _factory_kernel(s), "BackendSelect", with_keyset=True)
+        if s.mutated and not native:  # else the extension's ADInplaceOrView kernels serve
+            lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
+    _state["ready"] = True
 
 
 def registered_kernels(name: str) -> dict:
-    """Which implementation serves each key of ``posenc::<name>`` right now (for tests and the status line)."""
-    out = {}
-    for key in _KEYS:
-        if name in _native_on.get(key, ()):
-            out[key] = "native"
-        elif torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key):
-            out[key] = "python"
-    if _OPS[name].factory:
-        out["BackendSelect"] = "factory"
+    """What serves ``posenc::<name>`` per dispatch key (for tests and the status command): ``"CPU"`` /
+    ``"CUDA"`` -> ``"python"``; ``"BackendSelect"`` -> ``"native"`` (the extension's chooser),
+    ``"factory"`` or None."""
+    s = _OPS[name]
+    out = {key: "python" for key in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)}
+    if s.name in _native.ops_for("CPU") | _native.ops_for("CUDA"):
+        out["BackendSelect"] = "native"
     else:
-        out["BackendSelect"] = "chooser" if "chooser" in _libs and _OPS[name].native else None
+        out["BackendSelect"] = "factory" if s.factory else None
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# An in-place op and its out-of-place twin, declared together
+# ----------------------------------------------------------------------------------------------
+
+
+def _arg_names(args: str) -> list[str]:
+    return [a.split()[-1] for a in args.split(", ")]
+
+
+class OpPair:
+    """``posenc::<name>_`` (in place, returns nothing) and ``posenc::<name>`` (out of place, returns the new
+    values of what the in-place op writes), made by :func:`define_pair`. ``inplace`` / ``out`` are their
+    overloads; :meth:`call_inplace` and :meth:`call` are what the public functions call."""
+
+    def __init__(self, name, args, *, mutates, check, body, launchers, setup_context, backward, native=False,
+                 differentiable=None, functional_only=None, separable=False):  # fmt: skip
+        names = _arg_names(args)
+        self.differentiable = tuple(differentiable or mutates)
+        self.name, self.names = name, names
+        self.mutated = tuple(names.index(m) for m in mutates)
+        self.functional_only = dict(functional_only or {})
+        self.separable = separable
+        self._drop = tuple(names.index(n) for n in self.functional_only)
+        self._setup_context, self._backward = setup_context, backward
+        decl = [a for a in args.split(", ") if a.split()[-1] not in self.functional_only]
+        for tag, m in zip("abcdefgh", mutates):
+            i = [a.split()[-1] for a in decl].index(m)
+            typ, arg = decl[i].split()
+            decl[i] = f"Tensor({tag}!){typ[len('Tensor'):]} {arg}"
+        returns = "Tensor" if len(mutates) == 1 else "(" + ", ".join(["Tensor"] * len(mutates)) + ")"
+
+        def impl(launcher, inplace):
+            def run(*args):
+                full = self._full(args) if inplace else args
+                outs = tuple(full[i] for i in self.mutated) if inplace else self._empty_outs(full)
+                body(launcher, outs, *full)
+                return None if inplace else (outs[0] if len(outs) == 1 else outs)
+
+            return run
+
+        def fake_out(*args):
+            outs = self._empty_outs(args)
+            return outs[0] if len(outs) == 1 else outs
+
+        self.inplace = define(
+            f"{name}_({', '.join(decl)}) -> ()",
+            check=lambda *a, values: check(*self._full(a), values=values, inplace=True),
+            fake=lambda *a: None,
+            impls={k: impl(v, True) for k, v in launchers.items()},
+            native=native,
+        )
+        self.out = define(
+            f"{name}({args}) -> {returns}",
+            check=lambda *a, values: check(*a, values=values, inplace=False),
+            fake=fake_out,
+            impls={k: impl(v, False) for k, v in launchers.items()},
+            native=native,
+        )
+        self.check = check
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+        self.function = self._inplace_function()
+
+    # -- argument plumbing
+    def _full(self, inplace_args) -> tuple:
+        """The in-place op's arguments with the out-of-place-only ones at their defaults inserted."""
+        full, it = [], iter(inplace_args)
+        for i, n in enumerate(self.names):
+            full.append(self.functional_only[n] if i in self._drop else next(it))
+        return tuple(full)
+
+    def _inplace_args(self, args) -> tuple:
+        return tuple(a for i, a in enumerate(args) if i not in self._drop)
+
+    def _empty_outs(self, args) -> tuple:
+        ref = args[self.mutated[0]]
+        return tuple(torch.empty_like(args[i]) if args[i] is not None else ref.new_empty(0) for i in self.mutated)
+
+    def _inplace_function(self):
+        pair = self
+
+        class Function(torch.autograd.Function):
+            """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks what
+            it writes dirty (PyTorch's in-place rules then apply), backward is the out-of-place formula."""
+
+            @staticmethod
+            def forward(ctx, *args):
+                pair.inplace(*pair._inplace_args(args))
+                written = tuple(args[i] for i in pair.mutated if args[i] is not None)
+                ctx.mark_dirty(*written)
+                ctx.present = tuple(args[i] is not None for i in pair.mutated)
+                pair._setup_context(ctx, args, written)
+                return written[0] if len(written) == 1 else written
+
+            @staticmethod
+            def backward(ctx, *grads):
+                it = iter(grads)
+                return pair._backward(ctx, *(next(it) if ctx.present[j] else None for j in range(len(pair.mutated))))
+
+        Function.__name__ = Function.__qualname__ = f"{self.name}_inplace_function"
+        return Function
+
+    # -- the public call paths
+    def _autograd(self, args) -> bool:
+        """Forward AD, and gradients the op does not give, are refused before anything is written (never a
+        silent zero or None); returns whether reverse mode records."""
+        if torch.autograd.forward_ad._current_level >= 0:
+            for n, a in zip(self.names, args):
+                if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+                    raise NotImplementedError(
+                        f"forward-mode AD is not supported by posenc::{self.name} ({n} is a dual tensor)"
+                    )
+        if not torch.is_grad_enabled():
+            return False
+        records = False
+        for n, a in zip(self.names, args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                if n not in self.differentiable:
+                    raise ValueError(
+                        f"{n} requires grad, but posenc::{self.name} gives gradients for "
+                        f"{' and '.join(self.differentiable)} only: pass {n}.detach()"
+                    )
+                records = True
+        return records
+
+    def call(self, *args):
+        """The out-of-place op (autograd through its registered formula)."""
+        self._autograd(args)
+        try:
+            return self.out(*args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            reraise_with_check(e, self.check, *args, inplace=False)
+
+    def call_inplace(self, *args) -> None:
+        """The in-place op: the plain call; its autograd.Function when gradients are recorded (every check,
+        autograd's own in-place errors included, raised before anything is written); under torch.compile
+        the out-of-place op with its result copied back (PyTorch 2.13 drops the backward of a traced
+        Function that marks an input dirty, and regenerates two views of one base at offset 0 under
+        dynamic shapes)."""
+        if torch.compiler.is_compiling():
+            self._autograd(args)
+            new = self.out(*args)
+            for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
+                if args[i] is not None:
+                    args[i].copy_(t)
+            return
+        if not self._autograd(args):
+            try:
+                self.inplace(*self._inplace_args(args))
+            except (RuntimeError, ValueError, TypeError) as e:
+                reraise_with_check(e, self.check, *args, inplace=True)
+            return
+        self.check(*args, values=True, inplace=True)
+        others = any(
+            isinstance(a, torch.Tensor) and a.requires_grad for i, a in enumerate(args) if i not in self.mutated
+        )
+        for i in self.mutated:
+            if args[i] is not None:
+                check_inplace_autograd(self.names[i], args[i], grad_from_other_input=others)
+        # One Function per written tensor when they are independent (autograd lets a Function that writes
+        # views in place return only one of them): each in the first written slot, the others None.
+        if self.separable:
+            calls = [self._alone(args, i) for i in self.mutated if args[i] is not None]
+        else:
+            calls = [args]
+        with skip_value_checks():  # checked just above
+            for a in calls:
+                self.function.apply(*a)
+
+    def _alone(self, args, i) -> tuple:
+        out = list(args)
+        for j in self.mutated:
+            out[j] = None
+        out[self.mutated[0]] = args[i]
+        return tuple(out)
+
+def define_pair(name: str, args: str, **kwargs) -> OpPair:
+    """Declare ``posenc::<name>_`` and ``posenc::<name>`` from one argument list (the out-of-place schema's;
+    see :class:`OpPair`):
+
+    * ``mutates``: the arguments the in-place op writes (``Tensor`` or ``Tensor?``); the out-of-place op
+      returns their new values, a 0-element tensor for an absent optional one;
+    * ``check(*args, values, inplace)``: every argument rule, on the out-of-place argument list;
+    * ``body(launcher, outs, *args)`` writes the results into ``outs`` (the written arguments themselves in
+      place, fresh tensors out of place) with one backend's ``launcher`` from ``launchers``;
+    * ``setup_context(ctx, args, output)`` / ``backward(ctx, *grads)``: the out-of-place op's autograd
+      formula (one gradient per written argument, None where absent), reused by the in-place Function;
+    * ``differentiable``: the arguments that get gradients (default: ``mutates``); another argument that
+      requires grad is an error, never a silent None;
+    * ``functional_only``: arguments (name -> the value the in-place op stands for) only the out-of-place
+      op takes; ``separable``: each written tensor can be processed alone in the first written slot.
+    """
+    return OpPair(name, args, **kwargs)

@@ -8,10 +8,6 @@ and dispatch.
   tokens that read each row (repeated positions summed, the ``padding_idx`` row zero), accumulated in fp32
   (fp64 for fp64 tables) and returned in the table's dtype: atomic adds, or with ``deterministic=True``
   (or ``None`` while ``torch.are_deterministic_algorithms_enabled()``) a sorted, bitwise reproducible sum.
-
-Under ``torch.compile`` the in-place function traces the out-of-place op and copies its result into x
-(``Tensor.copy_``), as RoPE's does: PyTorch 2.13 drops the backward of a traced autograd.Function that
-marks its input dirty.
 """
 
 from __future__ import annotations
@@ -20,15 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_inplace_autograd, check_tensor, reraise_with_check, split_offsets
+from ..checks import check_tensor, split_offsets
 from ..positions import check_position_args, token_positions
-from .op import (
-    AddPositionEmbeddingInplaceFunction,
-    add_position_embedding_inplace,
-    add_position_embedding_out,
-    check_add,
-    norm_padding_idx,
-)
+from .op import add_position_embedding as _op
+from .op import norm_padding_idx
 
 __all__ = ["add_position_embedding_", "add_position_embedding", "LearnedPositionEmbedding"]
 
@@ -76,21 +67,7 @@ def add_position_embedding_(
     (True, True)
     """
     _check_arg_types(x, table, positions, padding_idx)
-    det = _resolve_deterministic(deterministic)
-    if torch.compiler.is_compiling():  # see the module docstring
-        x.copy_(add_position_embedding_out(x, table, positions, padding_idx, det))
-        return x
-    if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
-        # Autograd's in-place errors, raised before anything is written: for x itself when it requires grad,
-        # and, when only the table does, for views autograd refuses to let become part of a graph.
-        check_inplace_autograd("x", x, grad_from_other_input=table.requires_grad)
-        op, args = AddPositionEmbeddingInplaceFunction.apply, (x, table, positions, padding_idx, det)
-    else:
-        op, args = add_position_embedding_inplace, (x, table, positions, padding_idx)
-    try:
-        op(*args)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_add, x, table, positions, padding_idx, inplace=True)
+    _op.call_inplace(x, table, positions, padding_idx, _resolve_deterministic(deterministic))
     return x
 
 
@@ -113,11 +90,7 @@ def add_position_embedding(
     (0.0, 2.0, 0.0)
     """
     _check_arg_types(x, table, positions, padding_idx)
-    det = _resolve_deterministic(deterministic)
-    try:
-        return add_position_embedding_out(x, table, positions, padding_idx, det)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_add, x, table, positions, padding_idx, det, inplace=False)
+    return _op.call(x, table, positions, padding_idx, _resolve_deterministic(deterministic))
 
 
 class LearnedPositionEmbedding(torch.nn.Module):

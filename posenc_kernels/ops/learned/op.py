@@ -84,21 +84,8 @@ def check_backward(grad, positions, num_rows, padding_idx, deterministic, dtype,
     norm_padding_idx(padding_idx, num_rows)
 
 
-def _inplace_impl(launch):
-    def impl(x, table, positions, padding_idx):
-        x3 = _as_bsd(x)
-        launch(x3, x3, table, positions)
-
-    return impl
-
-
-def _functional_impl(launch):
-    def impl(x, table, positions, padding_idx, deterministic):
-        out = torch.empty_like(x)
-        launch(_as_bsd(x), _as_bsd(out), table, positions)
-        return out
-
-    return impl
+def _body(launch, outs, x, table, positions, padding_idx, deterministic):
+    launch(_as_bsd(x), _as_bsd(outs[0]), table, positions)
 
 
 def _backward_impl(launch):
@@ -120,22 +107,6 @@ def _backward_impl(launch):
 #: ``grad(g, positions, out, padding_idx, deterministic)`` writing every element of ``out`` ``[P, D]``.
 ADD_LAUNCHERS = {"triton": pe_add_triton, "torch": pe_add_torch}
 GRAD_LAUNCHERS = {"triton": grad_table_triton, "torch": grad_table_torch}
-
-add_position_embedding_inplace = registry.define(
-    "add_position_embedding_(Tensor(a!) x, Tensor table, Tensor positions, int? padding_idx) -> ()",
-    check=lambda *args, values: check_add(*args, values=values, inplace=True),
-    fake=lambda *args: None,
-    impls={k: _inplace_impl(v) for k, v in ADD_LAUNCHERS.items()},
-    native=True,
-)
-
-add_position_embedding_out = registry.define(
-    "add_position_embedding(Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic) -> Tensor",
-    check=lambda *args, values: check_add(*args, values=values, inplace=False),
-    fake=lambda x, *rest: torch.empty_like(x),
-    impls={k: _functional_impl(v) for k, v in ADD_LAUNCHERS.items()},
-    native=True,
-)
 
 position_embedding_backward = registry.define(
     "position_embedding_backward(Tensor grad, Tensor positions, SymInt num_rows, SymInt? padding_idx, "
@@ -164,23 +135,16 @@ def _backward(ctx, grad):
     return gx, gt, None, None, None
 
 
-torch.library.register_autograd(
-    "posenc::add_position_embedding", _backward, setup_context=_setup_context, lib=registry.LIB
+add_position_embedding = registry.define_pair(
+    "add_position_embedding",
+    "Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic",
+    mutates=("x",),
+    differentiable=("x", "table"),
+    functional_only={"deterministic": False},  # it shapes the table's gradient, not the forward
+    check=check_add,
+    body=_body,
+    launchers=ADD_LAUNCHERS,
+    setup_context=_setup_context,
+    backward=_backward,
+    native=True,
 )
-
-
-class AddPositionEmbeddingInplaceFunction(torch.autograd.Function):
-    """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks x dirty
-    (PyTorch's in-place rules apply); backward passes the gradient to x and sums it per position into the
-    table."""
-
-    @staticmethod
-    def forward(ctx, x, table, positions, padding_idx, deterministic):
-        add_position_embedding_inplace(x, table, positions, padding_idx)
-        ctx.mark_dirty(x)
-        _setup_context(ctx, (x, table, positions, padding_idx, deterministic), None)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)

@@ -34,8 +34,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import FLOAT_DTYPES, check_inplace_autograd, check_tensor, reraise_with_check, split_offsets
-from .op import RopeInplaceFunction, check_rope, rope_cos_sin_op, rope_inplace, rope_out, values_checked
+from ..checks import FLOAT_DTYPES, check_tensor, split_offsets
+from .op import rope, rope_cos_sin_op
 
 __all__ = ["rope_cos_sin", "apply_rope_", "apply_rope", "apply_rope_qkv_", "mrope_axis_map", "axial_positions"]
 
@@ -80,66 +80,6 @@ def _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attentio
             bool(interleaved), False, bool(exact))  # fmt: skip
 
 
-def _check_autograd(q, k, args) -> None:
-    """Gradients flow into q and k only, in reverse mode: a table or frequency tensor that requires grad
-    would silently get none, and a forward-mode tangent would be dropped, so both are errors."""
-    if torch.autograd.forward_ad._current_level >= 0:
-        for name, t in (("q", q), ("k", k)):
-            if isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-                raise NotImplementedError(f"forward-mode AD is not supported by the RoPE ops ({name} is a dual tensor)")
-    if torch.is_grad_enabled():
-        for name, t in zip(("cos", "sin", "inv_freq"), args[:3]):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                raise ValueError(
-                    f"{name} requires grad, but the RoPE ops give gradients for q and k only: pass "
-                    f"{name}.detach() (or compute the rotation with differentiable tables yourself)"
-                )
-
-
-def _needs_autograd(q, k, args) -> bool:
-    """Whether autograd is involved (and then, its errors raised before anything is written)."""
-    if torch.autograd.forward_ad._current_level >= 0:
-        _check_autograd(q, k, args)
-    if not torch.is_grad_enabled():
-        return False
-    if args[0] is not None and args[0].requires_grad or args[1] is not None and args[1].requires_grad:
-        _check_autograd(q, k, args)
-    if args[2] is not None and args[2].requires_grad:
-        _check_autograd(q, k, args)
-    return q.requires_grad or (k is not None and k.requires_grad)
-
-
-def _rope_inplace(q, k, args):
-    """In place on q and k: the op itself, the autograd.Function when gradients are recorded, the traced
-    out-of-place form under torch.compile (see the module docstring)."""
-    if torch.compiler.is_compiling():
-        _check_autograd(q, k, args)
-        q_new, k_new = rope_out(q, k, *args)
-        q.copy_(q_new)
-        if k is not None:
-            k.copy_(k_new)
-        return q, k
-    if _needs_autograd(q, k, args):
-        # Everything is checked for both tensors before either is written, including the errors autograd
-        # itself would raise (a custom Function raises them only after its forward ran). The position
-        # values are left to q's launch, which checks them before writing q (k shares them).
-        with values_checked():
-            check_rope(q, k, *args, values=True, inplace=True)
-        check_inplace_autograd("q", q)
-        if k is not None:
-            check_inplace_autograd("k", k)
-        q = RopeInplaceFunction.apply(q, *args)
-        if k is not None:
-            with values_checked():
-                k = RopeInplaceFunction.apply(k, *args)
-        return q, k
-    try:
-        rope_inplace(q, k, *args)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_rope, q, k, *args, inplace=True)
-    return q, k
-
-
 def apply_rope_(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -172,8 +112,9 @@ def apply_rope_(
     >>> q3, _ = pk.apply_rope_(torch.randn(7, 4, 16), None, inv_freq=inv_freq,  # packed, on the fly
     ...                        cu_seqlens=torch.tensor([0, 3, 7]))
     """
-    return _rope_inplace(q, k, _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor,
-                                     interleaved, exact))  # fmt: skip
+    rope.call_inplace(q, k, *_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor,
+                                   interleaved, exact))  # fmt: skip
+    return q, k
 
 
 def apply_rope(
@@ -201,14 +142,7 @@ def apply_rope(
     True
     """
     args = _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
-    if torch.compiler.is_compiling():
-        _check_autograd(q, k, args)
-    else:
-        _needs_autograd(q, k, args)
-    try:
-        q_out, k_out = rope_out(q, k, *args)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_rope, q, k, *args, inplace=False)
+    q_out, k_out = rope.call(q, k, *args)
     return q_out, (k_out if k is not None else None)
 
 
@@ -254,7 +188,7 @@ def apply_rope_qkv_(
     # q's and k's heads are adjacent and take the same rotation: one tensor, one launch, one mutation.
     qk = qkv[..., : num_heads_q + num_heads_kv, :]
     args = _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
-    _rope_inplace(qk, None, args)  # under autograd, the in-place op on the view rebases qkv's history
+    rope.call_inplace(qk, None, *args)  # under autograd, the in-place op on the view rebases qkv's history
     return qkv
 
 

@@ -9,14 +9,14 @@ implements ``rope_`` and ``rope`` for CPU and CUDA (``csrc/``); Triton and torch
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
-import threading
 
 import torch
 
 from .. import registry
-from ..checks import FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_tensor, check_writable, value_checks_on
+from ..checks import (
+    FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_tensor, check_writable, skip_value_checks, value_checks_on,
+)  # fmt: skip
 from ..positions import check_position_args, check_position_values
 from .kernel import cos_sin_triton, rope_triton
 from .torch_impl import cos_sin_torch, rope_torch
@@ -28,26 +28,6 @@ _ARGS = (
 )
 RopeArgs = collections.namedtuple("RopeArgs", [a.split()[-1] for a in _ARGS.split(", ")])
 TENSOR_ARGS = tuple(a.split()[-1] for a in _ARGS.split(", ") if a.startswith("Tensor"))
-
-# Set while a launch reuses position tensors that another launch of the same call just checked (the
-# backward re-applying forward's saved, version-checked tensors; k's launch after q's under autograd):
-# skips the value checks and their host sync on CUDA. Thread-local: backward runs synchronously in one.
-_tls = threading.local()
-
-
-@contextlib.contextmanager
-def values_checked():
-    """Skip the position-value checks inside (their tensors were just checked by another launch)."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    prev = getattr(_tls, "checked", False)
-    _tls.checked = True
-    try:
-        yield
-    finally:
-        _tls.checked = prev
-
 
 def _check_angles(a: RopeArgs, D: int, dev) -> int:
     """Tables or frequencies; returns R/2."""
@@ -142,7 +122,7 @@ def check_rope(q, k, *rest, values: bool, inplace: bool) -> None:
         if k is not None:
             check_writable("k", k)
             check_disjoint("q", q, "k", k)
-    if B * S > 0 and not getattr(_tls, "checked", False):
+    if B * S > 0:
         rows = a.cos.shape[0] if a.inv_freq is None else None
         if a.axis_map is not None:
             if a.axis_map.numel() and value_checks_on(dev):
@@ -163,43 +143,12 @@ def _as_4d(t):
     return t.unsqueeze(0) if t is not None and t.dim() == 3 else t
 
 
-def _inplace_impl(launch):
-    def impl(q, k, *rest):
-        q4, k4 = _as_4d(q), _as_4d(k)
-        launch(q4, k4, q4, k4, *rest)
-
-    return impl
-
-
-def _functional_impl(launch):
-    def impl(q, k, *rest):
-        q_out = torch.empty_like(q)
-        k_out = torch.empty_like(k) if k is not None else None
-        launch(_as_4d(q), _as_4d(k), _as_4d(q_out), _as_4d(k_out), *rest)
-        return q_out, (k_out if k_out is not None else q.new_empty(0))
-
-    return impl
+def _body(launch, outs, q, k, *rest):
+    launch(_as_4d(q), _as_4d(k), _as_4d(outs[0]), _as_4d(outs[1]) if k is not None else None, *rest)
 
 
 def _torch_launch(q, k, q_out, k_out, *rest):
     rope_torch(q, k, q_out, k_out, RopeArgs(*rest))
-
-
-rope_inplace = registry.define(
-    f"rope_(Tensor(a!) q, Tensor(b!)? k, {_ARGS}) -> ()",
-    check=lambda *args, values: check_rope(*args, values=values, inplace=True),
-    fake=lambda *args: None,
-    impls={"triton": _inplace_impl(rope_triton), "torch": _inplace_impl(_torch_launch)},
-    native=True,
-)
-
-rope_out = registry.define(
-    f"rope(Tensor q, Tensor? k, {_ARGS}) -> (Tensor, Tensor)",
-    check=lambda *args, values: check_rope(*args, values=values, inplace=False),
-    fake=lambda q, k, *rest: (torch.empty_like(q), torch.empty_like(k) if k is not None else q.new_empty(0)),
-    impls={"triton": _functional_impl(rope_triton), "torch": _functional_impl(_torch_launch)},
-    native=True,
-)
 
 
 def _setup_context(ctx, inputs, output):
@@ -217,32 +166,23 @@ def backward_args(ctx) -> RopeArgs:
 
 
 def _backward(ctx, grad_q, grad_k):
-    with values_checked():  # forward checked these very tensors (saved, version-checked)
-        gq, gk = rope_out(grad_q, grad_k if ctx.has_k else None, *backward_args(ctx))
+    with skip_value_checks():  # forward checked these very tensors (saved, version-checked)
+        gq, gk = rope.out(grad_q, grad_k if ctx.has_k else None, *backward_args(ctx))
     return (gq, gk if ctx.has_k else None) + (None,) * len(RopeArgs._fields)
 
 
-torch.library.register_autograd("posenc::rope", _backward, setup_context=_setup_context, lib=registry.LIB)
-
-
-class RopeInplaceFunction(torch.autograd.Function):
-    """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks the tensor
-    dirty (version counter, leaf and view rules exactly as for PyTorch's own in-place ops); backward is the
-    out-of-place op rotating by -theta. One tensor per apply: autograd lets a Function that modifies views
-    in place return only one of them."""
-
-    @staticmethod
-    def forward(ctx, x, *rest):
-        rope_inplace(x, None, *rest)
-        _setup_context(ctx, (x, None) + rest, None)
-        ctx.mark_dirty(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        with values_checked():
-            gx, _ = rope_out(grad, None, *backward_args(ctx))
-        return (gx,) + (None,) * len(RopeArgs._fields)
+rope = registry.define_pair(
+    "rope",
+    f"Tensor q, Tensor? k, {_ARGS}",
+    mutates=("q", "k"),
+    check=check_rope,
+    body=_body,
+    launchers={"triton": rope_triton, "torch": _torch_launch},
+    setup_context=_setup_context,
+    backward=_backward,
+    native=True,
+    separable=True,  # k rotates exactly as q does: one autograd.Function per tensor
+)
 
 
 # ---- tables

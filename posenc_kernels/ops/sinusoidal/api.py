@@ -13,10 +13,6 @@ See ``SINUSOIDAL_CONVENTIONS`` for the settings that reproduce each source. The 
 ``(b, s)`` is ``positions[b, s]`` (or ``positions[s]``; int or float) when given, else ``offsets + s`` with
 ``offsets`` an int or a ``[B]`` tensor (see :mod:`posenc_kernels.ops.positions`). ``x`` may have any
 strides, the channel one included.
-
-Under ``torch.compile`` the in-place function traces the out-of-place op and copies its result into x
-(``Tensor.copy_``), as RoPE's does: PyTorch 2.13 drops the backward of a traced autograd.Function that
-marks its input dirty.
 """
 
 from __future__ import annotations
@@ -26,18 +22,9 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import check_inplace_autograd, reraise_with_check, split_offsets
-from .op import (
-    AddSinusoidalInplaceFunction,
-    add_sinusoidal_inplace,
-    add_sinusoidal_out,
-    check_add,
-    check_concat,
-    check_convention,
-    check_table,
-    concat_sinusoidal_op,
-    sinusoidal_table_op,
-)
+from ..checks import reraise_with_check, split_offsets
+from .op import add_sinusoidal as _add
+from .op import check_concat, check_convention, check_table, concat_sinusoidal_op, sinusoidal_table_op
 
 __all__ = [
     "SINUSOIDAL_CONVENTIONS",
@@ -158,19 +145,7 @@ def add_sinusoidal_(
     >>> torch.allclose(x[0], pk.sinusoidal_table(6, 8))
     True
     """
-    args = _add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale)
-    if torch.compiler.is_compiling():
-        x.copy_(add_sinusoidal_out(x, *args))
-        return x
-    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
-        check_inplace_autograd("x", x)  # autograd's own in-place errors, before anything is written
-        op = AddSinusoidalInplaceFunction.apply
-    else:
-        op = add_sinusoidal_inplace
-    try:
-        op(x, *args)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_add, x, *args, inplace=True)
+    _add.call_inplace(x, *_add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale))
     return x
 
 
@@ -193,11 +168,7 @@ def add_sinusoidal(
     >>> y.shape
     torch.Size([10, 4])
     """
-    args = _add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale)
-    try:
-        return add_sinusoidal_out(x, *args)
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, check_add, x, *args, inplace=False)
+    return _add.call(x, *_add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale))
 
 
 def concat_sinusoidal(

@@ -112,21 +112,8 @@ def _table_fake(positions, length, dim, base, interleaved, cos_first, freq_shift
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _add_inplace_impl(launcher):
-    def impl(x, *rest):
-        x3 = _as_bsd(x)
-        run_launcher(launcher, x3, x3, *rest)
-
-    return impl
-
-
-def _add_impl(launcher):
-    def impl(x, *rest):
-        out = torch.empty_like(x)
-        run_launcher(launcher, _as_bsd(x), _as_bsd(out), *rest)
-        return out
-
-    return impl
+def _add_body(launcher, outs, x, *rest):
+    run_launcher(launcher, _as_bsd(x), _as_bsd(outs[0]), *rest)
 
 
 def _concat_impl(launcher):
@@ -146,38 +133,21 @@ def _concat_impl(launcher):
 #: The launchers, per backend: ``launcher(x, out, positions, offsets, offset, x_scale, inv_freq, scale,
 #: interleaved, cos_first)`` writes ``out`` ``[B, S, D]``.
 LAUNCHERS = {"triton": sinusoidal_triton, "torch": sinusoidal_torch}
-_IMPLS = LAUNCHERS
 
 sinusoidal_table_op = registry.define(
     f"sinusoidal_table(Tensor? positions, int length, int dim, {_CONVENTION}, ScalarType dtype, Device device) -> Tensor",
     check=check_table,
     fake=_table_fake,
-    impls={k: _table_impl(v) for k, v in _IMPLS.items()},
+    impls={k: _table_impl(v) for k, v in LAUNCHERS.items()},
     native=True,
     factory=True,
-)
-
-add_sinusoidal_inplace = registry.define(
-    f"add_sinusoidal_(Tensor(a!) x, {_ADD_ARGS}) -> ()",
-    check=lambda *args, values: check_add(*args, values=values, inplace=True),
-    fake=lambda *args: None,
-    impls={k: _add_inplace_impl(v) for k, v in _IMPLS.items()},
-    native=True,
-)
-
-add_sinusoidal_out = registry.define(
-    f"add_sinusoidal(Tensor x, {_ADD_ARGS}) -> Tensor",
-    check=lambda *args, values: check_add(*args, values=values, inplace=False),
-    fake=lambda x, *rest: torch.empty_like(x),
-    impls={k: _add_impl(v) for k, v in _IMPLS.items()},
-    native=True,
 )
 
 concat_sinusoidal_op = registry.define(
     f"concat_sinusoidal(Tensor x, Tensor? positions, Tensor? offsets, int offset, int dim_pe, {_CONVENTION}) -> Tensor",
     check=check_concat,
     fake=lambda x, positions, offsets, offset, dim_pe, *rest: x.new_empty(tuple(x.shape[:-1]) + (x.shape[-1] + dim_pe,)),
-    impls={k: _concat_impl(v) for k, v in _IMPLS.items()},
+    impls={k: _concat_impl(v) for k, v in LAUNCHERS.items()},
     native=True,
 )
 
@@ -193,7 +163,17 @@ def _add_backward(ctx, grad):
     return (grad * ctx.x_scale,) + (None,) * (_N_ADD_ARGS - 1)
 
 
-torch.library.register_autograd("posenc::add_sinusoidal", _add_backward, setup_context=_add_setup_context, lib=registry.LIB)
+add_sinusoidal = registry.define_pair(
+    "add_sinusoidal",
+    f"Tensor x, {_ADD_ARGS}",
+    mutates=("x",),
+    check=check_add,
+    body=_add_body,
+    launchers=LAUNCHERS,
+    setup_context=_add_setup_context,
+    backward=_add_backward,
+    native=True,
+)
 
 
 def _concat_setup_context(ctx, inputs, output):
@@ -207,19 +187,3 @@ def _concat_backward(ctx, grad):
 torch.library.register_autograd(
     "posenc::concat_sinusoidal", _concat_backward, setup_context=_concat_setup_context, lib=registry.LIB
 )
-
-
-class AddSinusoidalInplaceFunction(torch.autograd.Function):
-    """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks x dirty
-    (PyTorch's in-place rules apply); backward is ``grad * x_scale``."""
-
-    @staticmethod
-    def forward(ctx, x, *args):
-        add_sinusoidal_inplace(x, *args)
-        ctx.mark_dirty(x)
-        _add_setup_context(ctx, (x, *args), None)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _add_backward(ctx, grad)
