@@ -282,10 +282,19 @@ def test_relative_links_resolve():
         for target in re.findall(r"\]\(([^)\s]+)\)", t):
             if re.match(r"^[a-z]+://", target) or target.startswith("#"):
                 continue
-            file_part = target.split("#")[0]
-            if not (p.parent / file_part).exists():
+            file_part, _, anchor = target.partition("#")
+            dest = p.parent / file_part
+            if not dest.exists():
                 broken.append((rel(p), target))
+            elif anchor and anchor not in _anchors(dest):
+                broken.append((rel(p), target, "no such heading"))
     assert not broken, broken
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading slugs: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
 
 
 def test_every_public_name_is_documented_with_an_example():
