@@ -7,9 +7,8 @@ implementation (or the Triton kernels through the interpreter with ``TRITON_INTE
 import). :func:`set_backend` / :func:`use_backend` force one. The families live in ``posenc_kernels.ops``.
 """
 
-from . import positions as _positions
-from . import rotary as _rotary
 from .ops import learned as _learned
+from .ops import positions as _positions
 from .ops import registry as _registry
 from .ops import relative as _relative
 from .ops import rope as _rope
@@ -20,16 +19,14 @@ from .ops.registry import get_backend, interpreter_enabled, set_backend, use_bac
 from .ops.relative import *  # noqa: F401,F403
 from .ops.rope import *  # noqa: F401,F403
 from .ops.sinusoidal import *  # noqa: F401,F403
-from .positions import *  # noqa: F401,F403
-from .rotary import RotaryEmbedding  # noqa: F401  (in __all__ through rotary.__all__)
-from .schedules import ROPE_TYPES, rope_frequencies
+from .ops.positions import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
 _registry.finalize()  # every family has defined its ops: register their kernels
 
 __all__ = [
-    *_rope.__all__, "rope_frequencies", "ROPE_TYPES", *_rotary.__all__, *_sinusoidal.__all__, *_learned.__all__,
+    *_rope.__all__, *_sinusoidal.__all__, *_learned.__all__,
     *_relative.__all__, *_positions.__all__, "get_backend", "set_backend", "use_backend", "set_value_checks",
     "interpreter_enabled",
 ]  # fmt: skip

@@ -132,7 +132,7 @@ def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained
     """Inverse frequencies of a context-extension schedule, fp32 ``[head_dim // 2]``, from the package's
     :func:`posenc_kernels.rope_frequencies`. The attention factor (YaRN's mscale) is left out: it scales every
     logit alike, not the rotation, and would only shift its curve."""
-    from .schedules import rope_frequencies
+    from .ops.rope.schedules import rope_frequencies
 
     return rope_frequencies(head_dim, base, scaling=_rope_scaling(kind, factor, trained_length))[0]
 

@@ -35,7 +35,7 @@ Keys that are not schedule keys are tolerated and ignored: ``rope_theta`` (the b
 ``UserWarning`` (HF logs a warning too), never an error, so real configs pass through.
 
 ``partial_rotary_factor`` is honoured by the *caller*: ``rotary_dim`` is the number of rotated channels
-(``int(head_dim * partial_rotary_factor)``, what :class:`~posenc_kernels.rotary.RotaryEmbedding` computes),
+(``int(head_dim * partial_rotary_factor)``, what :class:`~posenc_kernels.RotaryEmbedding` computes),
 exactly the ``dim`` HF's init functions derive. The exception is ``proportional``, whose frequencies span the
 whole head with zeros in the non-rotated pairs: there ``rotary_dim`` is the head dim and the factor is read
 from ``scaling``.

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .ops.rope import apply_rope_, mrope_axis_map, rope_cos_sin
+from .api import apply_rope_, mrope_axis_map, rope_cos_sin
 from .schedules import rope_frequencies
 
 __all__ = ["RotaryEmbedding"]
@@ -89,7 +89,7 @@ class RotaryEmbedding(nn.Module):
         device: where the buffers live.
 
     >>> import torch
-    >>> from posenc_kernels.rotary import RotaryEmbedding
+    >>> from posenc_kernels import RotaryEmbedding
     >>> rope = RotaryEmbedding(64, base=500000.0, scaling={"rope_type": "llama3", "factor": 8.0,
     ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     >>> q, k = torch.randn(2, 5, 4, 64), torch.randn(2, 5, 1, 64)
@@ -222,7 +222,7 @@ class RotaryEmbedding(nn.Module):
         constructor (``cache``, ``exact``, ``device``, or any of the values read here).
 
         >>> from types import SimpleNamespace  # any object with an HF config's attributes, e.g. LlamaConfig
-        >>> from posenc_kernels.rotary import RotaryEmbedding
+        >>> from posenc_kernels import RotaryEmbedding
         >>> cfg = SimpleNamespace(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072,
         ...     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
         ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
