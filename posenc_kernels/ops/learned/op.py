@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import registry
+from ..pair import define_pair
 from ..checks import FLOAT_DTYPES, check_disjoint, check_tensor, check_writable
 from ..positions import check_position_args, check_position_values
 from .kernel import grad_table_triton, pe_add_triton
@@ -135,7 +136,7 @@ def _backward(ctx, grad):
     return gx, gt, None, None, None
 
 
-add_position_embedding = registry.define_pair(
+add_position_embedding = define_pair(
     "add_position_embedding",
     "Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic",
     mutates=("x",),

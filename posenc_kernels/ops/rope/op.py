@@ -14,6 +14,7 @@ import math
 import torch
 
 from .. import registry
+from ..pair import define_pair
 from ..checks import (
     FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_tensor, check_writable, skip_value_checks, value_checks_on,
 )  # fmt: skip
@@ -171,7 +172,7 @@ def _backward(ctx, grad_q, grad_k):
     return (gq, gk if ctx.has_k else None) + (None,) * len(RopeArgs._fields)
 
 
-rope = registry.define_pair(
+rope = define_pair(
     "rope",
     f"Tensor q, Tensor? k, {_ARGS}",
     mutates=("q", "k"),

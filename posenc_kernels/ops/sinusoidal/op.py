@@ -16,6 +16,7 @@ import math
 import torch
 
 from .. import registry
+from ..pair import define_pair
 from ..checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_tensor, check_writable
 from ..positions import check_position_args
 from .kernel import sinusoidal_triton
@@ -163,7 +164,7 @@ def _add_backward(ctx, grad):
     return (grad * ctx.x_scale,) + (None,) * (_N_ADD_ARGS - 1)
 
 
-add_sinusoidal = registry.define_pair(
+add_sinusoidal = define_pair(
     "add_sinusoidal",
     f"Tensor x, {_ADD_ARGS}",
     mutates=("x",),

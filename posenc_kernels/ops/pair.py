@@ -1,0 +1,204 @@
+"""An in-place op and its out-of-place twin, declared together (:func:`define_pair`).
+
+From one argument list it derives both schemas (the in-place one marks what it writes ``Tensor(a!)`` and
+returns nothing), both fakes, the out-of-place op's autograd registration, the in-place autograd.Function
+(from the out-of-place backward), and the one path every public function takes:
+:meth:`OpPair.call_inplace` / :meth:`OpPair.call` (autograd checks before anything is written, the traced
+form under ``torch.compile``, the plain call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
+from .registry import LIB, NAMESPACE, define
+
+
+def _arg_names(args: str) -> list[str]:
+    return [a.split()[-1] for a in args.split(", ")]
+
+
+class OpPair:
+    """``posenc::<name>_`` (in place, returns nothing) and ``posenc::<name>`` (out of place, returns the new
+    values of what the in-place op writes), made by :func:`define_pair`. ``inplace`` / ``out`` are their
+    overloads; :meth:`call_inplace` and :meth:`call` are what the public functions call."""
+
+    def __init__(self, name, args, *, mutates, check, body, launchers, setup_context, backward, native=False,
+                 differentiable=None, functional_only=None, separable=False):  # fmt: skip
+        names = _arg_names(args)
+        self.differentiable = tuple(differentiable or mutates)
+        self.name, self.names = name, names
+        self.mutated = tuple(names.index(m) for m in mutates)
+        self.functional_only = dict(functional_only or {})
+        self.separable = separable
+        self._drop = tuple(names.index(n) for n in self.functional_only)
+        self._setup_context, self._backward = setup_context, backward
+        decl = [a for a in args.split(", ") if a.split()[-1] not in self.functional_only]
+        for tag, m in zip("abcdefgh", mutates):
+            i = [a.split()[-1] for a in decl].index(m)
+            typ, arg = decl[i].split()
+            decl[i] = f"Tensor({tag}!){typ[len('Tensor'):]} {arg}"
+        returns = "Tensor" if len(mutates) == 1 else "(" + ", ".join(["Tensor"] * len(mutates)) + ")"
+
+        def impl(launcher, inplace):
+            def run(*args):
+                full = self._full(args) if inplace else args
+                outs = tuple(full[i] for i in self.mutated) if inplace else self._empty_outs(full)
+                body(launcher, outs, *full)
+                return None if inplace else (outs[0] if len(outs) == 1 else outs)
+
+            return run
+
+        def fake_out(*args):
+            outs = self._empty_outs(args)
+            return outs[0] if len(outs) == 1 else outs
+
+        self.inplace = define(
+            f"{name}_({', '.join(decl)}) -> ()",
+            check=lambda *a, values: check(*self._full(a), values=values, inplace=True),
+            fake=lambda *a: None,
+            impls={k: impl(v, True) for k, v in launchers.items()},
+            native=native,
+        )
+        self.out = define(
+            f"{name}({args}) -> {returns}",
+            check=lambda *a, values: check(*a, values=values, inplace=False),
+            fake=fake_out,
+            impls={k: impl(v, False) for k, v in launchers.items()},
+            native=native,
+        )
+        self.check = check
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+        self.function = self._inplace_function()
+
+    # -- argument plumbing
+    def _full(self, inplace_args) -> tuple:
+        """The in-place op's arguments with the out-of-place-only ones at their defaults inserted."""
+        full, it = [], iter(inplace_args)
+        for i, n in enumerate(self.names):
+            full.append(self.functional_only[n] if i in self._drop else next(it))
+        return tuple(full)
+
+    def _inplace_args(self, args) -> tuple:
+        return tuple(a for i, a in enumerate(args) if i not in self._drop)
+
+    def _empty_outs(self, args) -> tuple:
+        ref = args[self.mutated[0]]
+        return tuple(torch.empty_like(args[i]) if args[i] is not None else ref.new_empty(0) for i in self.mutated)
+
+    def _inplace_function(self):
+        pair = self
+
+        class Function(torch.autograd.Function):
+            """Autograd of the in-place op (PyTorch cannot register a formula for a mutating op): marks what
+            it writes dirty (PyTorch's in-place rules then apply), backward is the out-of-place formula."""
+
+            @staticmethod
+            def forward(ctx, *args):
+                pair.inplace(*pair._inplace_args(args))
+                written = tuple(args[i] for i in pair.mutated if args[i] is not None)
+                ctx.mark_dirty(*written)
+                ctx.present = tuple(args[i] is not None for i in pair.mutated)
+                pair._setup_context(ctx, args, written)
+                return written[0] if len(written) == 1 else written
+
+            @staticmethod
+            def backward(ctx, *grads):
+                it = iter(grads)
+                return pair._backward(ctx, *(next(it) if ctx.present[j] else None for j in range(len(pair.mutated))))
+
+        Function.__name__ = Function.__qualname__ = f"{self.name}_inplace_function"
+        return Function
+
+    # -- the public call paths
+    def _autograd(self, args) -> bool:
+        """Forward AD, and gradients the op does not give, are refused before anything is written (never a
+        silent zero or None); returns whether reverse mode records."""
+        if torch.autograd.forward_ad._current_level >= 0:
+            for n, a in zip(self.names, args):
+                if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+                    raise NotImplementedError(
+                        f"forward-mode AD is not supported by posenc::{self.name} ({n} is a dual tensor)"
+                    )
+        if not torch.is_grad_enabled():
+            return False
+        records = False
+        for n, a in zip(self.names, args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                if n not in self.differentiable:
+                    raise ValueError(
+                        f"{n} requires grad, but posenc::{self.name} gives gradients for "
+                        f"{' and '.join(self.differentiable)} only: pass {n}.detach()"
+                    )
+                records = True
+        return records
+
+    def call(self, *args):
+        """The out-of-place op (autograd through its registered formula)."""
+        self._autograd(args)
+        try:
+            return self.out(*args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            reraise_with_check(e, self.check, *args, inplace=False)
+
+    def call_inplace(self, *args) -> None:
+        """The in-place op: the plain call; its autograd.Function when gradients are recorded (every check,
+        autograd's own in-place errors included, raised before anything is written); under torch.compile
+        the out-of-place op with its result copied back (PyTorch 2.13 drops the backward of a traced
+        Function that marks an input dirty, and regenerates two views of one base at offset 0 under
+        dynamic shapes)."""
+        if torch.compiler.is_compiling():
+            self._autograd(args)
+            new = self.out(*args)
+            for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
+                if args[i] is not None:
+                    args[i].copy_(t)
+            return
+        if not self._autograd(args):
+            try:
+                self.inplace(*self._inplace_args(args))
+            except (RuntimeError, ValueError, TypeError) as e:
+                reraise_with_check(e, self.check, *args, inplace=True)
+            return
+        self.check(*args, values=True, inplace=True)
+        others = any(
+            isinstance(a, torch.Tensor) and a.requires_grad for i, a in enumerate(args) if i not in self.mutated
+        )
+        for i in self.mutated:
+            if args[i] is not None:
+                check_inplace_autograd(self.names[i], args[i], grad_from_other_input=others)
+        # One Function per written tensor when they are independent (autograd lets a Function that writes
+        # views in place return only one of them): each in the first written slot, the others None.
+        if self.separable:
+            calls = [self._alone(args, i) for i in self.mutated if args[i] is not None]
+        else:
+            calls = [args]
+        with skip_value_checks():  # checked just above
+            for a in calls:
+                self.function.apply(*a)
+
+    def _alone(self, args, i) -> tuple:
+        out = list(args)
+        for j in self.mutated:
+            out[j] = None
+        out[self.mutated[0]] = args[i]
+        return tuple(out)
+
+def define_pair(name: str, args: str, **kwargs) -> OpPair:
+    """Declare ``posenc::<name>_`` and ``posenc::<name>`` from one argument list (the out-of-place schema's;
+    see :class:`OpPair`):
+
+    * ``mutates``: the arguments the in-place op writes (``Tensor`` or ``Tensor?``); the out-of-place op
+      returns their new values, a 0-element tensor for an absent optional one;
+    * ``check(*args, values, inplace)``: every argument rule, on the out-of-place argument list;
+    * ``body(launcher, outs, *args)`` writes the results into ``outs`` (the written arguments themselves in
+      place, fresh tensors out of place) with one backend's ``launcher`` from ``launchers``;
+    * ``setup_context(ctx, args, output)`` / ``backward(ctx, *grads)``: the out-of-place op's autograd
+      formula (one gradient per written argument, None where absent), reused by the in-place Function;
+    * ``differentiable``: the arguments that get gradients (default: ``mutates``); another argument that
+      requires grad is an error, never a silent None;
+    * ``functional_only``: arguments (name -> the value the in-place op stands for) only the out-of-place
+      op takes; ``separable``: each written tensor can be processed alone in the first written slot.
+    """
+    return OpPair(name, args, **kwargs)
