@@ -233,10 +233,9 @@ def _inplace_view_kernel(spec: OpSpec):
 def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native: bool = False,
            factory: bool = False) -> torch._ops.OpOverload:  # fmt: skip
     """Define op ``posenc::<name>`` from ``schema`` (its one definition) with its check, fake and Python
-    implementations; returns its default overload. Kernels are registered by :func:`finalize`."""
+    implementations; returns its default overload. Kernels are registered by :func:`finalize` (at once for an
+    op defined after it)."""
     name = schema.split("(", 1)[0]
-    if _state["ready"]:
-        raise RuntimeError(f"posenc::{name} is defined after posenc_kernels.ops.registry.finalize()")
     if name in _OPS:
         raise RuntimeError(f"posenc::{name} is defined twice")
     LIB.define(schema)
@@ -250,6 +249,8 @@ def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native:
         return fake(*args)
 
     torch.library.register_fake(f"{NAMESPACE}::{name}", _fake, lib=LIB)
+    if _state["ready"]:  # an op declared after import (an extension of the package): its kernels now, once
+        _register(_OPS[name])
     return overload
 
 
@@ -257,23 +258,28 @@ def spec(name: str) -> OpSpec:
     return _OPS[name]
 
 
+def _register(s: OpSpec) -> None:
+    """Register the op's kernels, once (see the module docstring)."""
+    lib = _state["impl"]
+    for key in _KEYS:
+        lib.impl(s.name, _python_kernel(s), key)
+    if s.factory and s.name not in _native.ops_for("CPU") | _native.ops_for("CUDA"):
+        lib.impl(s.name, _factory_kernel(s), "BackendSelect", with_keyset=True)
+    if s.mutated and not _native.available():  # else the extension's ADInplaceOrView kernels serve
+        lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
+
+
 def finalize() -> None:
-    """Register every kernel, once, after all families have defined their ops (called by the package import)."""
+    """Load the native extension and register every kernel, once, after all families have defined their
+    ops (called by the package import); an op defined later gets its kernels when it is defined."""
     if _state["ready"]:
         return
-    native = _native.load()
-    if native:
+    if _native.load():
         _native.set_triton(_TRITON_ON["cpu"], _TRITON_ON["cuda"])
         _native.set_backend(BACKENDS.index(_state["default"]))
-    choosers = _native.ops_for("CPU") | _native.ops_for("CUDA")
-    lib = _state["impl"] = torch.library.Library(NAMESPACE, "IMPL")
+    _state["impl"] = torch.library.Library(NAMESPACE, "IMPL")
     for s in _OPS.values():
-        for key in _KEYS:
-            lib.impl(s.name, _python_kernel(s), key)
-        if s.factory and s.name not in choosers:
-            lib.impl(s.name, _factory_kernel(s), "BackendSelect", with_keyset=True)
-        if s.mutated and not native:  # else the extension's ADInplaceOrView kernels serve
-            lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
+        _register(s)
     _state["ready"] = True
 
 
