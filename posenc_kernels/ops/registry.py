@@ -4,29 +4,24 @@ Every public op is defined here once, by its schema string (:func:`define`), in 
 Its implementations are registered with the dispatcher, never picked by the code above it:
 
 * **Meta / fake**: the op's check plus its output shapes (:class:`OpSpec` ``check`` and ``fake``).
-* **CPU** and **CUDA**: the C++ kernels of the native extension (``csrc/``), registered straight for the
-  key when the extension is loaded and is the backend in force, so an eager call costs what a bare C++ op
-  costs; otherwise a Python kernel that runs the op's check and then the Triton launcher or the pure-torch
-  implementation. On CUDA the default is Triton; on CPU the native kernel (the pure-torch one without the
-  extension, Triton's interpreter with ``TRITON_INTERPRET=1``).
+* **CPU** and **CUDA**: a Python kernel, registered once: the op's check, then the Triton launcher or the
+  pure-torch implementation (:func:`backend_for`).
+* **BackendSelect**: with the native extension loaded, its C++ chooser (``csrc/native_ops.h``), registered
+  once by the extension itself: per call it runs the C++ kernel directly when the backend selection says
+  native for the call's device, else redispatches to the Python kernel. The selection lives in C++ (a
+  process default and a thread-local override) and is set by :func:`set_backend` / :func:`use_backend`
+  through ``_native.set_backend`` / ``set_thread_backend``. Nothing is registered or removed after import.
 * **ADInplaceOrView** (mutating ops): bumps the version counters of what the op writes - the extension's
-  C++ fallback when loaded, else a Python kernel.
+  C++ kernels when loaded, else a Python kernel.
 * **Autograd**: registered once per functional op (``register_autograd``); the in-place ops get theirs from
   the autograd.Function of their public function (PyTorch cannot register a formula for a mutating op).
 
-The backend override - :func:`set_backend` (process default, ``POSENC_BACKEND``) and :func:`use_backend`
-(thread-local context) - is read by :func:`backend_for` alone. While a thread-local override is active a
-Python kernel on ``BackendSelect`` routes each call to the backend its thread asked for (native calls
-continue below it to the C++ kernel); without one that kernel is absent and costs nothing. It also runs
-while the CUDA C++ kernels serve the CUDA key (``set_backend("native")`` on a CUDA build): they read no
-tensor values (no host sync), so the op's check, value checks included, runs there first.
-
 Factory ops (``define(..., factory=True)``: ``sinusoidal_table``, whose only tensor argument is optional)
-give the dispatcher no tensor to pick a key from. They get a permanent Python ``BackendSelect`` kernel that
-picks the backend from their ``device`` argument, as ATen's factory functions do: it runs the Python
-implementation itself, or redispatches to the CPU/CUDA key for the C++ kernel (Meta for meta devices).
-It reads the override through :func:`backend_for` on every call, so it is also that op's router: the
-override's router is never installed for a factory op.
+give the dispatcher no tensor to pick a key from: their BackendSelect kernel (the C++ chooser, or without
+the extension a Python one) takes the key from their ``device`` argument, as ATen's factory functions do.
+
+(This file is the minimal adapter of issue 17's contract in the native-once branch: the lead's registry
+replaces it.)
 """
 
 from __future__ import annotations
@@ -84,13 +79,12 @@ class OpSpec:
 
 
 _OPS: dict[str, OpSpec] = {}
-_state = {"default": os.environ.get("POSENC_BACKEND", "auto"), "overrides": 0, "ready": False}
+_state = {"default": os.environ.get("POSENC_BACKEND", "auto"), "ready": False}
 if _state["default"] not in BACKENDS:
     raise ValueError(f"POSENC_BACKEND must be one of {BACKENDS}, got {_state['default']!r}")
 _tls = threading.local()
 _lock = threading.RLock()
-_libs: dict = {}  # (key, "py") -> Library with the Python kernels of native-capable ops; "chooser"; "view"
-_native_on: dict = {}  # key -> the op names whose C++ kernels are registered for it
+_libs: dict = {}  # "static" -> the Library of the Python kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +158,7 @@ def set_backend(name: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     with _lock:
         _state["default"] = name
-        _sync()
+        _native.set_backend(_native.BACKEND_CODES[name])
 
 
 @contextlib.contextmanager
@@ -180,19 +174,13 @@ def use_backend(name: str) -> Iterator[None]:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     stack = _tls_stack()
-    with _lock:
-        stack.append(name)
-        if len(stack) == 1:
-            _state["overrides"] += 1
-            _sync()
+    stack.append(name)
+    _native.set_thread_backend(_native.BACKEND_CODES[name])
     try:
         yield
     finally:
-        with _lock:
-            stack.pop()
-            if not stack:
-                _state["overrides"] -= 1
-                _sync()
+        stack.pop()
+        _native.set_thread_backend(_native.BACKEND_CODES[stack[-1]] if stack else -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,47 +208,32 @@ def run_python(spec: OpSpec, backend: str, args):
 
 def _python_kernel(spec: OpSpec):
     def kernel(*args):
-        backend = backend_for(spec, _device_type(spec, args))
-        if backend == "native":  # only while a registration change is in flight in another thread
-            return spec.overload(*args)
+        device_type = _device_type(spec, args)
+        backend = backend_for(spec, device_type)
+        if backend == "native":
+            # The C++ chooser sent the call here, so it read another selection than this thread reads now:
+            # a set_backend racing in another thread. Either choice is right then; run the Python one.
+            backend = "triton" if _triton_ok(spec, device_type) else "torch"
         return run_python(spec, backend, args)
 
     kernel.__name__ = f"posenc_{spec.name}_python"
     return kernel
 
 
-def _chooser_kernel(spec: OpSpec):
-    below = torch._C.DispatchKeySet(DispatchKey.BackendSelect)
-
-    def kernel(keyset, *args):
-        device_type = _device_type(spec, args)
-        if device_type not in ("cpu", "cuda"):
-            return spec.overload.redispatch(keyset - below, *args)  # meta tensors: the fake
-        backend = backend_for(spec, device_type)
-        if backend != "native":
-            return run_python(spec, backend, args)
-        if device_type == "cuda":  # the CUDA C++ kernels read no values (no sync): the check runs here
-            spec.check(*args, values=True)
-        return spec.overload.redispatch(keyset - below, *args)
-
-    kernel.__name__ = f"posenc_{spec.name}_chooser"
-    return kernel
+def _triton_ok(spec: OpSpec, device_type: str) -> bool:
+    return HAS_TRITON and "triton" in spec.impls and (device_type == "cuda" or (device_type == "cpu" and _INTERPRET))
 
 
 def _factory_kernel(spec: OpSpec):
-    """The permanent BackendSelect kernel of a factory op: the backend of its ``device`` argument."""
+    """The BackendSelect kernel of a factory op without the extension: the backend of its ``device``."""
     device_arg = next(i for i, a in enumerate(spec.overload._schema.arguments) if a.type.kind() == "DeviceObjType")
     keys = {"cpu": DispatchKey.CPU, "cuda": DispatchKey.CUDA, "meta": DispatchKey.Meta}
 
     def kernel(keyset, *args):
         device_type = torch.device(args[device_arg]).type
-        if device_type in ("cpu", "cuda"):
-            backend = backend_for(spec, device_type)
-            if backend != "native":
-                return run_python(spec, backend, args)
-        elif device_type not in keys:
+        if device_type not in keys:
             raise RuntimeError(f"posenc::{spec.name} has no kernel for device {device_type!r}")
-        return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)  # C++ or Meta
+        return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)
 
     kernel.__name__ = f"posenc_{spec.name}_factory"
     return kernel
@@ -306,63 +279,16 @@ def spec(name: str) -> OpSpec:
     return _OPS[name]
 
 
-def _register_static(spec: OpSpec) -> None:
-    """Kernels that never change: Python kernels for keys the extension cannot serve for this op."""
+def _register(spec: OpSpec) -> None:
+    """Every kernel of ``spec``, once: Python kernels on CPU and CUDA; BackendSelect (factory ops) and
+    ADInplaceOrView (mutating ops) where the extension registered none."""
     lib = _libs.setdefault("static", torch.library.Library(NAMESPACE, "IMPL"))
     for key in _KEYS:
-        if not (spec.native and spec.name in _native.ops_for(key)):
-            lib.impl(spec.name, _python_kernel(spec), key)
-    if spec.factory:
+        lib.impl(spec.name, _python_kernel(spec), key)
+    if spec.factory and spec.name not in _native.ops_for("BackendSelect"):
         lib.impl(spec.name, _factory_kernel(spec), "BackendSelect", with_keyset=True)
-
-
-def _set_library(slot, build: Optional[Callable]) -> None:
-    old = _libs.pop(slot, None)
-    if old is not None:
-        old._destroy()
-    if build is not None:
-        lib = torch.library.Library(NAMESPACE, "IMPL")
-        build(lib)
-        _libs[slot] = lib
-
-
-def _native_capable(key: str):
-    return [s for s in _OPS.values() if s.native and s.name in _native.ops_for(key)]
-
-
-def _sync() -> None:
-    """Make the dispatch table match the backend state (see the module docstring)."""
-    if not _state["ready"]:
-        return
-    overrides = _state["overrides"] > 0
-    for key in _KEYS:
-        specs = _native_capable(key)
-        want = bool(specs) and (overrides or backend_for(specs[0], key.lower(), _state["default"]) == "native")
-        if want == bool(_native_on.get(key)):
-            continue
-        if want:
-            _set_library((key, "py"), None)
-            _native_on[key] = _native.register(key, True)
-        else:
-            _native.register(key, False)
-            _native_on[key] = []
-
-            def build(lib, specs=specs, key=key):
-                for s in specs:
-                    lib.impl(s.name, _python_kernel(s), key)
-
-            _set_library((key, "py"), build)
-    # The router runs while an override is active, and whenever the CUDA C++ kernels serve the CUDA key (so
-    # their calls get the op's check, values included, which those kernels leave to Python).
-    route = overrides or bool(_native_on.get("CUDA"))
-    if route != ("chooser" in _libs):
-
-        def build_chooser(lib):
-            for s in _OPS.values():
-                if s.native and not s.factory:  # a factory op's permanent BackendSelect kernel routes already
-                    lib.impl(s.name, _chooser_kernel(s), "BackendSelect", with_keyset=True)
-
-        _set_library("chooser", build_chooser if route else None)
+    if spec.mutated and spec.name not in _native.ops_for("ADInplaceOrView"):
+        lib.impl(spec.name, _inplace_view_kernel(spec), "ADInplaceOrView", with_keyset=True)
 
 
 def finalize() -> None:
@@ -371,40 +297,27 @@ def finalize() -> None:
         if _state["ready"]:
             return
         _native.load()
+        _native.set_triton(cpu=HAS_TRITON and _INTERPRET, cuda=HAS_TRITON)
+        _native.set_backend(_native.BACKEND_CODES[_state["default"]])
         for s in _OPS.values():
-            _register_static(s)
-        if _native.available() and _native.register("ADInplaceOrView", True):
-            pass  # the extension's C++ fallback bumps the version counters of every mutating op
-        else:
-
-            def build_views(lib):
-                for s in _OPS.values():
-                    if s.mutated:
-                        lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
-
-            _set_library("view", build_views)
+            _register(s)
         _state["ready"] = True
-        for key in _KEYS:  # start from Python kernels on every native-capable key, then let _sync decide
-            _native_on[key] = []
-
-            def build(lib, key=key):
-                for s in _native_capable(key):
-                    lib.impl(s.name, _python_kernel(s), key)
-
-            _set_library((key, "py"), build)
-        _sync()
 
 
 def registered_kernels(name: str) -> dict:
-    """Which implementation serves each key of ``posenc::<name>`` right now (for tests and the status line)."""
+    """Which implementation serves each key of ``posenc::<name>`` for a call in this thread right now (for
+    tests and the status line): ``"native"`` (the C++ chooser runs the C++ kernel) or ``"python"`` per
+    device key, and the BackendSelect kernel (``"chooser"``: the extension's; ``"factory"``: Python's)."""
+    spec = _OPS[name]
     out = {}
     for key in _KEYS:
-        if name in _native_on.get(key, ()):
-            out[key] = "native"
-        elif torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key):
-            out[key] = "python"
-    if _OPS[name].factory:
-        out["BackendSelect"] = "factory"
+        try:
+            native = backend_for(spec, key.lower()) == "native"
+        except RuntimeError:
+            native = False
+        out[key] = "native" if native else "python"
+    if name in _native.ops_for("BackendSelect"):
+        out["BackendSelect"] = "chooser"
     else:
-        out["BackendSelect"] = "chooser" if "chooser" in _libs and _OPS[name].native else None
+        out["BackendSelect"] = "factory" if spec.factory else None
     return out
