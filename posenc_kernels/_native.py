@@ -276,9 +276,20 @@ def _build_and_load(cuda: bool) -> None:
 
 
 def _progress(line: str) -> None:
-    """Write ``line`` to file descriptor 2 directly (not through sys.stderr, which pytest captures)."""
+    """Write ``line`` to file descriptor 2 directly (not through sys.stderr, which pytest's default
+    ``--capture=fd`` replaces) and, when fd 2 is not a terminal but the process has one (an interactive
+    pytest run: its fd capture redirects fd 2 too), to the terminal as well. Kept in ``_state["progress"]``."""
+    _state.setdefault("progress", []).append(line)
+    data = (line + "\n").encode()
     with contextlib.suppress(OSError):
-        os.write(2, (line + "\n").encode())
+        os.write(2, data)
+    with contextlib.suppress(OSError):
+        if not os.isatty(2):
+            fd = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
 
 
 def forget_builds() -> list[Path]:
