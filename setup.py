@@ -51,13 +51,10 @@ def native_extension():
         ) from e
 
     csrc = Path("csrc")
-    # Baseline translation units first on the link line, ISA variants last (see csrc/cpu_variant.h)
-    # (the linker keeps the first copy of an inline function shared by two objects: the baseline one).
-    cpp = [p for p in sorted(csrc.glob("*.cpp")) if not p.name.startswith("cuda_")]
-    variant = [p.stem.endswith(("_avx2", "_avx512")) for p in cpp]
-    cpu = [str(p) for p, v in zip(cpp, variant) if not v]
-    isa_variants = [str(p) for p, v in zip(cpp, variant) if v]
-    cuda = [str(p) for p in sorted(csrc.glob("*.cu")) + sorted(csrc.glob("cuda_*.cpp"))]
+    # One explicit list of sources, in link order (posenc_kernels/_build.py CPU_SOURCES ...).
+    cpu = [str(csrc / n) for n in _build.CPU_SOURCES]
+    isa_variants = [str(csrc / n) for n in _build.CPU_ISA_VARIANTS]
+    cuda = [str(csrc / n) for n in _build.CUDA_KERNELS + _build.CUDA_GLUE]
     cxx = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]  # as posenc_kernels/_native.py _cxx_flags()
 
     cuda_home, why, archs = None, "no CUDA sources", None

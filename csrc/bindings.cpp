@@ -1,23 +1,23 @@
-// The native extension's control ops, and the registry behind them.
+// The native extension's registration and control ops (see native_ops.h for the design).
 //
-// The public ops (posenc::rope_, posenc::rope, posenc::sinusoidal_table, posenc::add_sinusoidal_,
-// posenc::add_sinusoidal, posenc::concat_sinusoidal, posenc::add_position_embedding_,
-// posenc::add_position_embedding) are defined ONCE, by their schema strings in Python
-// (torch.library.Library("posenc", "FRAGMENT").define). This library registers nothing for them at load:
-// the family files (rope_cpu.cpp, sinusoidal_cpu.cpp, learned_cpu.cpp, cuda_ops.cpp) each add a kernel set
-// (dispatch key, op names, a registering function) to the registry below, and Python decides when to
-// install a set with
+// Registered once, statically, when the library is loaded (the Python schemas are defined before Python
+// loads it), never deregistered:
+//   BackendSelect   every public op's chooser (NativeOp<Op>::choose): this build's C++ kernel for the
+//                   device of the call when the backend selection says native, else a redispatch below
+//                   BackendSelect to Python's CPU/CUDA kernel (Meta, ... for other devices);
+//   ADInplaceOrView the mutating ops: redispatch, then bump the version of each mutated argument.
+// Nothing on the CPU / CUDA keys (Python's kernels live there).
 //
-//   _native_register(str key, bool enable) -> str[]
-//       key "CPU" / "CUDA" (this build's kernels for that key), "ADInplaceOrView" (a version-counter bump
-//       of each mutated argument after redispatch, for each mutable op), "BackendSelect" (sinusoidal_table, whose only tensor argument
-//       is optional: picks the kernel from its `device` argument). enable=True creates, once (idempotent), a
-//       heap-held torch::Library(IMPL, "posenc", key) registering the set; enable=False destroys it, which
-//       deregisters the kernels. Returns the op names registered (or unregistered).
-//   _native_ops(str key) -> str[]        which public ops this build can register for key ([] if none)
-//   _native_value_checks(bool enabled) -> ()
-//       the process-wide switch of the checks that read tensor values (table rows, cu_seqlens, axis_map)
-//       in the CPU kernels; default on. Python mirrors its own setting here.
+// Control ops (schemas here, TORCH_LIBRARY_FRAGMENT):
+//   _native_set_backend(int code) -> ()         process default: 0 auto, 1 triton, 2 native, 3 torch
+//   _native_set_thread_backend(int code) -> ()  this thread's override (same codes; -1 clears it)
+//   _native_set_triton(bool cpu, bool cuda) -> () whether `auto` prefers Triton on that device type
+//   _native_ops(str key) -> str[]               "CPU" / "CUDA": the public ops this build has kernels for;
+//                                               "BackendSelect" / "ADInplaceOrView": the ops this library
+//                                               registered a kernel for on that key
+//   _native_value_checks(bool enabled) -> ()    the checks that read tensor values; default on
+// Native runs op O on device type d iff O has a kernel for d and (code == native or (code == auto and
+// Triton is not preferred on d)), code = this thread's override if set, else the process default.
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch 2.12 has no indirect include)
@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <map>
@@ -35,44 +36,46 @@
 #include <tuple>
 
 #include "native_ops.h"
+#include "py_checks.h"
 
 namespace posenc {
-
-std::vector<KernelSet>& kernel_sets() {
-  static std::vector<KernelSet> sets;
-  return sets;
-}
 
 namespace {
 
 std::atomic<bool> g_value_checks{true};
+std::atomic<int> g_default_backend{kAuto};
+std::atomic<bool> g_triton_preferred[2] = {false, false};  // per NativeDevice
+thread_local int t_backend = kNoOverride;
 
-std::mutex g_lib_mutex;
-std::map<std::string, std::unique_ptr<torch::Library>>& libraries() {
-  static std::map<std::string, std::unique_ptr<torch::Library>> libs;
-  return libs;
+int checked_code(int64_t code, bool allow_clear) {
+  TORCH_CHECK_VALUE((code >= kAuto && code <= kTorch) || (allow_clear && code == kNoOverride),
+                    "backend code must be 0 (auto), 1 (triton), 2 (native) or 3 (torch)",
+                    allow_clear ? ", or -1 (no thread override)" : "", ", got ", code);
+  return static_cast<int>(code);
 }
+
+void native_set_backend(int64_t code) { g_default_backend.store(checked_code(code, false), std::memory_order_relaxed); }
+void native_set_thread_backend(int64_t code) { t_backend = checked_code(code, true); }
+void native_set_triton(bool cpu, bool cuda) {
+  g_triton_preferred[kNativeCPU].store(cpu, std::memory_order_relaxed);
+  g_triton_preferred[kNativeCUDA].store(cuda, std::memory_order_relaxed);
+}
+void native_value_checks(bool enabled) { g_value_checks.store(enabled, std::memory_order_relaxed); }
 
 // ADInplaceOrView for the mutable public ops: redispatch below ADInplaceOrView, then bump the version
 // counter of each argument the schema writes (Tensor(a!)), once per call, as ATen's in-place ops do.
 // torch::autograd::autogradNotImplementedInplaceOrViewFallback() was tried first: it handles views only
 // (the version bump of mutated inputs lives in its Autograd-key twin), so q._version stayed unchanged.
 // Unboxed kernels, one per op, keep the decode path free of boxing.
-using OptT = std::optional<at::Tensor>;
-
 void rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k, const OptT& cos, const OptT& sin,
                      const OptT& inv_freq, const OptT& positions, const OptT& offsets, int64_t offset,
                      const OptT& cu_seqlens, const OptT& axis_map, double attention_factor, bool interleaved,
                      bool conjugate, bool exact) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("posenc::rope_", "")
-                             .typed<void(const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
-                                         const OptT&, const OptT&, int64_t, const OptT&, const OptT&, double, bool,
-                                         bool, bool)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, cos, sin, inv_freq, positions, offsets, offset,
-                  cu_seqlens, axis_map, attention_factor, interleaved, conjugate, exact);
+    NativeOp<ops::RopeInplace>::handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, cos, sin, inv_freq,
+                                                     positions, offsets, offset, cu_seqlens, axis_map,
+                                                     attention_factor, interleaved, conjugate, exact);
   }
   torch::autograd::impl::bump_version(q);
   if (k.has_value()) torch::autograd::impl::bump_version(*k);
@@ -81,113 +84,140 @@ void rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k,
 void add_sinusoidal_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const OptT& positions,
                                const OptT& offsets, int64_t offset, double x_scale, double base, bool interleaved,
                                bool cos_first, double freq_shift, double scale) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("posenc::add_sinusoidal_", "")
-                             .typed<void(const at::Tensor&, const OptT&, const OptT&, int64_t, double, double, bool,
-                                         bool, double, double)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, positions, offsets, offset, x_scale, base, interleaved,
-                  cos_first, freq_shift, scale);
+    NativeOp<ops::AddSinusoidalInplace>::handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, positions,
+                                                              offsets, offset, x_scale, base, interleaved, cos_first,
+                                                              freq_shift, scale);
   }
   torch::autograd::impl::bump_version(x);
 }
 
 void add_position_embedding_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& table,
                                        const at::Tensor& positions, std::optional<int64_t> padding_idx) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("posenc::add_position_embedding_", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, table, positions, padding_idx);
+    NativeOp<ops::AddPositionEmbeddingInplace>::handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, table,
+                                                                     positions, padding_idx);
   }
   torch::autograd::impl::bump_version(x);
 }
 
-void register_ad_inplace(torch::Library& m) {
-  m.impl("rope_", TORCH_FN(rope_ad_inplace));
-  m.impl("add_sinusoidal_", TORCH_FN(add_sinusoidal_ad_inplace));
-  m.impl("add_position_embedding_", TORCH_FN(add_position_embedding_ad_inplace));
-}
+const char* const kMutatingOps[] = {"rope_", "add_sinusoidal_", "add_position_embedding_"};
 
-// sinusoidal_table has no tensor argument when positions is None, so no backend key to dispatch on:
-// BackendSelect computes it from the `device` (and dtype) arguments, as ATen's factory functions do.
-at::Tensor sinusoidal_table_backend_select(c10::DispatchKeySet ks, const std::optional<at::Tensor>& positions,
-                                           int64_t length, int64_t dim, double base, bool interleaved,
-                                           bool cos_first, double freq_shift, double scale, at::ScalarType dtype,
-                                           at::Device device) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("posenc::sinusoidal_table", "")
-          .typed<at::Tensor(const std::optional<at::Tensor>&, int64_t, int64_t, double, bool, bool, double, double,
-                            at::ScalarType, at::Device)>();
-  // the backend of `device`, plus whatever of the caller's keys lies below BackendSelect (never BackendSelect
-  // itself again)
-  static const c10::DispatchKeySet after_backend_select(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
-  const c10::DispatchKeySet key(c10::computeDispatchKey(dtype, at::kStrided, device));
-  return op.redispatch(key | (ks & after_backend_select), positions, length, dim, base, interleaved, cos_first,
-                       freq_shift, scale, dtype, device);
-}
-
-void register_backend_select(torch::Library& m) {
-  m.impl("sinusoidal_table", TORCH_FN(sinusoidal_table_backend_select));
-}
-
-const AddKernelSet add_ad_inplace("ADInplaceOrView", {"rope_", "add_sinusoidal_", "add_position_embedding_"},
-                                  &register_ad_inplace);
-const AddKernelSet add_backend_select("BackendSelect", {"sinusoidal_table"}, &register_backend_select);
-
-c10::DispatchKey parse_key(const std::string& key) {
-  if (key == "CPU") return c10::DispatchKey::CPU;
-  if (key == "CUDA") return c10::DispatchKey::CUDA;
-  if (key == "ADInplaceOrView") return c10::DispatchKey::ADInplaceOrView;
-  if (key == "BackendSelect") return c10::DispatchKey::BackendSelect;
-  TORCH_CHECK_VALUE(false, "_native_register: key must be \"CPU\", \"CUDA\", \"ADInplaceOrView\" or "
-                    "\"BackendSelect\", got \"", key, "\"");
+template <class Op>
+void add_if_kernel(std::vector<std::string>& names, int slot) {
+  if (slot < 0 || NativeOp<Op>::kernels[slot] != nullptr) names.emplace_back(Op::name);
 }
 
 std::vector<std::string> native_ops(const std::string& key) {
-  parse_key(key);
   std::vector<std::string> names;
-  for (const auto& s : kernel_sets()) {
-    if (s.key == key) names.insert(names.end(), s.ops.begin(), s.ops.end());
+  if (key == "ADInplaceOrView") {
+    names.assign(std::begin(kMutatingOps), std::end(kMutatingOps));
+    return names;
   }
+  const int slot = key == "CPU" ? kNativeCPU : key == "CUDA" ? kNativeCUDA : key == "BackendSelect" ? -1 : -2;
+  TORCH_CHECK_VALUE(slot != -2, "_native_ops: key must be \"CPU\", \"CUDA\", \"BackendSelect\" or "
+                    "\"ADInplaceOrView\", got \"", key, "\"");
+#define POSENC_ADD(Tag, Name, Sig) add_if_kernel<ops::Tag>(names, slot);
+  POSENC_PUBLIC_OPS(POSENC_ADD)
+#undef POSENC_ADD
   return names;
 }
-
-std::vector<std::string> native_register(const std::string& key, bool enable) {
-  const c10::DispatchKey k = parse_key(key);
-  std::vector<std::string> names = native_ops(key);
-  std::lock_guard<std::mutex> lock(g_lib_mutex);
-  auto& libs = libraries();
-  auto it = libs.find(key);
-  if (enable) {
-    if (it == libs.end() && !names.empty()) {
-      auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "posenc", k, __FILE__, __LINE__);
-      for (const auto& s : kernel_sets()) {
-        if (s.key == key) s.fn(*lib);
-      }
-      libs.emplace(key, std::move(lib));
-    }
-  } else if (it != libs.end()) {
-    libs.erase(it);  // ~Library deregisters every kernel it registered
-  }
-  return names;
-}
-
-void native_value_checks(bool enabled) { g_value_checks.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace
 
+bool native_selected(NativeDevice dev) {
+  int code = t_backend;
+  if (code == kNoOverride) code = g_default_backend.load(std::memory_order_relaxed);
+  return code == kNative || (code == kAuto && !g_triton_preferred[dev].load(std::memory_order_relaxed));
+}
+
 bool value_checks_enabled() { return g_value_checks.load(std::memory_order_relaxed); }
+
+CaptureQuery& cuda_capture_query() {
+  static CaptureQuery q = nullptr;
+  return q;
+}
+
+bool value_checks_on(const c10::Device& device) {
+  if (!value_checks_enabled()) return false;
+  if (device.is_cuda()) {
+    const CaptureQuery q = cuda_capture_query();
+    return q == nullptr || !q(device);
+  }
+  return true;
+}
+
+bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 1;
+  for (const auto& [st, n] : dims) {
+    if (st < extent) return false;
+    extent += (n - 1) * st;
+  }
+  return true;
+}
+
+std::string disjoint_error(const char* name_a, const at::Tensor& a, const char* name_b, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return "";
+  if (a.storage().data() != b.storage().data()) return "";
+  auto span = [](const at::Tensor& t) {
+    int64_t n = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) n += (t.size(d) - 1) * t.stride(d);
+    const int64_t lo = t.storage_offset() * t.element_size();
+    return std::make_pair(lo, lo + t.element_size() * n);
+  };
+  auto [a0, a1] = span(a);
+  auto [b0, b1] = span(b);
+  if (a1 <= b0 || b1 <= a0) return "";
+  const std::string msg = std::string(name_b) + " must not overlap " + name_a + ": they share memory that is written in place";
+  if (a.element_size() != b.element_size()) return msg + " (views of one buffer with different dtypes)";
+  const int64_t e = a.element_size();
+  a0 /= e, a1 /= e, b0 /= e, b1 /= e;
+  std::vector<int64_t> shape(a.dim());
+  const bool same_rank = a.dim() == b.dim();
+  for (int64_t d = 0; d < a.dim() && same_rank; ++d) shape[d] = std::max(a.size(d), b.size(d));
+  if (same_rank && a.strides() == b.strides() && nested_layout(shape, a.strides())) {
+    // Same nested layout (packed QKV head slices): the offset between the views is a box shift.
+    const int64_t delta = b.storage_offset() - a.storage_offset();
+    const at::Tensor& lo = delta >= 0 ? a : b;
+    int64_t rest = std::abs(delta);
+    std::vector<std::pair<int64_t, int64_t>> dims;
+    for (int64_t d = 0; d < a.dim(); ++d) dims.emplace_back(a.stride(d), lo.size(d));
+    std::sort(dims.rbegin(), dims.rend());
+    for (const auto& [st, n_lo] : dims) {
+      const int64_t shift = st > 0 ? rest / st : 0;
+      rest -= shift * st;
+      if (shift >= n_lo) return "";
+    }
+    if (rest) return "";
+    return msg;
+  }
+  // Any other intersecting layouts (rare): mark a's elements over the shared span and test b's.
+  const int64_t lo = std::min(a0, b0);
+  at::Tensor mark = at::zeros({std::max(a1, b1) - lo}, a.options().dtype(at::kBool));
+  mark.as_strided(a.sizes(), a.strides(), a0 - lo).fill_(true);
+  return mark.as_strided(b.sizes(), b.strides(), b0 - lo).any().item<bool>() ? msg : "";
+}
 
 bool index_min_max(const at::Tensor& t, int64_t& lo, int64_t& hi) {
   const int64_t n = t.numel();
   if (n == 0) return false;
-  int code = kI64;
-  TORCH_CHECK(index_code(t.scalar_type(), code), "expected an integer tensor, got ", t.scalar_type());
+  if (!t.device().is_cpu()) {  // ATen reductions, one copy to the host
+    c10::InferenceMode guard;
+    const auto mm = at::aminmax(t.to(at::kLong));
+    const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+    lo = both.data_ptr<int64_t>()[0];
+    hi = both.data_ptr<int64_t>()[1];
+    return true;
+  }
+  const int code = dtype_code(t.scalar_type());
+  TORCH_CHECK(code >= kInt8, "index_min_max: expected an integer tensor, got ", t.scalar_type());
   const void* base = t.const_data_ptr();
   lo = std::numeric_limits<int64_t>::max();
   hi = std::numeric_limits<int64_t>::min();
@@ -219,13 +249,56 @@ bool index_min_max(const at::Tensor& t, int64_t& lo, int64_t& hi) {
   return true;
 }
 
+CuSeqlensStats cu_seqlens_stats(const at::Tensor& cu, const OptT& offsets, int64_t offset) {
+  CuSeqlensStats c;
+  const int64_t N = cu.size(0) - 1;
+  if (!cu.device().is_cpu()) {  // positions.py check_position_values' tensor ops, one copy to the host
+    c10::InferenceMode guard;
+    const at::Tensor cu64 = cu.to(at::kLong);
+    const at::Tensor lengths = cu64.slice(0, 1) - cu64.slice(0, 0, N);
+    const at::Tensor start = offsets.has_value() ? offsets->to(at::kLong) : at::full_like(lengths, offset);
+    const at::Tensor used = lengths > 0;
+    const int64_t big = std::numeric_limits<int64_t>::max();
+    const at::Tensor lo = at::where(used, start, big).min();
+    const at::Tensor hi = at::where(used, start + lengths - 1, -big).max();
+    const at::Tensor all =
+        at::stack({cu64.select(0, 0), cu64.select(0, N), (lengths < 0).any().to(at::kLong), lo, hi}).cpu();
+    const int64_t* v = all.data_ptr<int64_t>();
+    c.first = v[0], c.last = v[1], c.decreasing = v[2] != 0, c.lo = v[3], c.hi = v[4];
+    if (c.lo == big) c.lo = std::numeric_limits<int64_t>::max();
+    if (c.hi == -big) c.hi = std::numeric_limits<int64_t>::min();
+    return c;
+  }
+  const int cc = dtype_code(cu.scalar_type());
+  const int64_t cst = cu.stride(0);
+  const void* cp = cu.const_data_ptr();
+  const int oc = offsets.has_value() ? dtype_code(offsets->scalar_type()) : kInt64;
+  const void* op = offsets.has_value() ? offsets->const_data_ptr() : nullptr;
+  const int64_t ost = offsets.has_value() ? offsets->stride(0) : 0;
+  c.first = load_index(cp, cc, 0);
+  c.last = load_index(cp, cc, N * cst);
+  c.lo = std::numeric_limits<int64_t>::max();
+  c.hi = std::numeric_limits<int64_t>::min();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t len = load_index(cp, cc, (n + 1) * cst) - load_index(cp, cc, n * cst);
+    c.decreasing |= len < 0;
+    if (len > 0) {
+      const int64_t start = op ? load_index(op, oc, n * ost) : offset;
+      c.lo = std::min(c.lo, start);
+      c.hi = std::max(c.hi, start + len - 1);
+    }
+  }
+  return c;
+}
+
 std::string format_list(const at::Tensor& t, int64_t max_items) {
-  int code = kI64;
-  TORCH_CHECK(index_code(t.scalar_type(), code) && t.dim() == 1, "format_list: a 1-D integer tensor");
+  const at::Tensor h = t.device().is_cpu() ? t : t.cpu();
+  const int code = dtype_code(h.scalar_type());
+  TORCH_CHECK(code >= kInt8 && h.dim() == 1, "format_list: a 1-D integer tensor");
   std::ostringstream os;
   os << "[";
-  const int64_t n = std::min<int64_t>(t.size(0), max_items);
-  for (int64_t i = 0; i < n; ++i) os << (i ? ", " : "") << load_index(t.const_data_ptr(), code, i * t.stride(0));
+  const int64_t n = std::min<int64_t>(h.size(0), max_items);
+  for (int64_t i = 0; i < n; ++i) os << (i ? ", " : "") << load_index(h.const_data_ptr(), code, i * h.stride(0));
   os << "]";
   return os.str();
 }
@@ -255,8 +328,23 @@ at::Tensor sinusoidal_inv_freq(int64_t half, double base, double freq_shift, at:
 
 }  // namespace posenc
 
+// Registered once at load; see the header comment.
+TORCH_LIBRARY_IMPL(posenc, BackendSelect, m) {
+#define POSENC_CHOOSER(Tag, Name, Sig) m.impl(Name, TORCH_FN(posenc::NativeOp<posenc::ops::Tag>::choose));
+  POSENC_PUBLIC_OPS(POSENC_CHOOSER)
+#undef POSENC_CHOOSER
+}
+
+TORCH_LIBRARY_IMPL(posenc, ADInplaceOrView, m) {
+  m.impl("rope_", TORCH_FN(posenc::rope_ad_inplace));
+  m.impl("add_sinusoidal_", TORCH_FN(posenc::add_sinusoidal_ad_inplace));
+  m.impl("add_position_embedding_", TORCH_FN(posenc::add_position_embedding_ad_inplace));
+}
+
 TORCH_LIBRARY_FRAGMENT(posenc, m) {
-  m.def("_native_register(str key, bool enable) -> str[]", &posenc::native_register);
+  m.def("_native_set_backend(int code) -> ()", &posenc::native_set_backend);
+  m.def("_native_set_thread_backend(int code) -> ()", &posenc::native_set_thread_backend);
+  m.def("_native_set_triton(bool cpu, bool cuda) -> ()", &posenc::native_set_triton);
   m.def("_native_ops(str key) -> str[]", &posenc::native_ops);
   m.def("_native_value_checks(bool enabled) -> ()", &posenc::native_value_checks);
 }

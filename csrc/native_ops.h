@@ -1,65 +1,215 @@
-// What the op files share with bindings.cpp (torch glue only; the kernel sections never include it):
-//   * the kernel-set registry: each family file adds, at load, the public ops it implements for a dispatch
-//     key and a function registering them on a torch::Library; bindings.cpp's control op
-//     posenc::_native_register(key, enable) creates / destroys that Library when Python asks (nothing is
-//     registered for the public ops at load);
-//   * the process-wide value-check flag (posenc::_native_value_checks), read by the CPU kernels;
-//   * the one C++ position resolver of the CPU kernels (row of token (b, s)) and its index loads;
-//   * the inverse frequencies of the sinusoidal encodings, computed once per convention.
+// What the op glue files share with bindings.cpp (torch glue only; the kernel sections never include it).
+//
+// Registration (issue 17: registered once, chosen per call). The public ops are defined by their schema
+// strings in Python (posenc_kernels/ops/*/op.py), before Python loads this library. Python registers, once,
+// a Python kernel on the CPU and the CUDA key of every public op (its check, then Triton or torch). This
+// library registers, once and statically (TORCH_LIBRARY_IMPL at load, bindings.cpp), never deregistering:
+//   * BackendSelect: for every public op below (kPublicOps), its chooser NativeOp<Op>::choose. Per call it
+//     takes the device of the op's first tensor argument (of its `device` argument for the factory op
+//     sinusoidal_table), reads the backend selection (native_chosen) and either calls this build's C++
+//     implementation for that device type directly (unboxed: no redispatch, no boxing), or redispatches
+//     below BackendSelect, where Python's kernel (or Meta, ...) serves the call;
+//   * ADInplaceOrView: the version-counter bump of every mutated argument after redispatch, for the
+//     mutating ops.
+// Nothing is registered on the CPU/CUDA keys. The family files (rope_cpu_ops.cpp, sinusoidal_cpu.cpp,
+// learned_cpu.cpp, cuda_ops.cpp) put their implementations in the choosers' slots at load (AddNative);
+// the slots are plain function pointers, constant-initialised, read per call.
+//
+// Backend selection: a process default (relaxed atomic) and a thread-local override, set by Python through
+// the control ops of bindings.cpp (posenc::_native_set_backend, _native_set_thread_backend,
+// _native_set_triton). Native runs an op on device type d iff this build has its kernel for d and
+// (code == kNative or (code == kAuto and Triton is not preferred on d)), code = the thread's override if
+// set, else the default.
+//
+// Also here: the process-wide value-check flag (posenc::_native_value_checks), the one dtype-code table
+// (dtype_code), the index min/max of the value checks and the sinusoidal inverse frequencies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "positions.h"
 
 namespace posenc {
 
-using RegisterFn = void (*)(torch::Library&);
+// ---- backend selection (bindings.cpp) --------------------------------------------------------------
+enum BackendCode : int { kNoOverride = -1, kAuto = 0, kTriton = 1, kNative = 2, kTorch = 3 };
+enum NativeDevice : int { kNativeCPU = 0, kNativeCUDA = 1 };
 
-struct KernelSet {
-  std::string key;               // "CPU", "CUDA", "ADInplaceOrView", "BackendSelect"
-  std::vector<std::string> ops;  // public op names registered by fn
-  RegisterFn fn;
+// Whether the process default / this thread's override selects the C++ kernel on device type `dev`
+// (given that a kernel exists). One relaxed atomic load, one thread_local read.
+bool native_selected(NativeDevice dev);
+
+bool value_checks_enabled();  // default true; posenc::_native_value_checks
+
+// Whether the current CUDA stream of a device captures a graph: set at load by cuda_ops.cpp (CUDA builds),
+// read by value_checks_on (py_checks.h), which skips the value checks then.
+using CaptureQuery = bool (*)(const c10::Device&);
+CaptureQuery& cuda_capture_query();
+
+// ---- the public ops and their signatures ----------------------------------------------------------
+using at::Tensor;
+using OptT = std::optional<at::Tensor>;
+
+using RopeInplaceSig = void(const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                            const OptT&, int64_t, const OptT&, const OptT&, double, bool, bool, bool);
+using RopeSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
+                                           const OptT&, const OptT&, int64_t, const OptT&, const OptT&, double, bool,
+                                           bool, bool);
+using SinusoidalTableSig = Tensor(const OptT&, int64_t, int64_t, double, bool, bool, double, double, at::ScalarType,
+                                  at::Device);
+using AddSinusoidalInplaceSig = void(const Tensor&, const OptT&, const OptT&, int64_t, double, double, bool, bool,
+                                     double, double);
+using AddSinusoidalSig = Tensor(const Tensor&, const OptT&, const OptT&, int64_t, double, double, bool, bool, double,
+                                double);
+using ConcatSinusoidalSig = Tensor(const Tensor&, const OptT&, const OptT&, int64_t, int64_t, double, bool, bool,
+                                   double, double);
+using AddPositionEmbeddingInplaceSig = void(const Tensor&, const Tensor&, const Tensor&, std::optional<int64_t>);
+using AddPositionEmbeddingSig = Tensor(const Tensor&, const Tensor&, const Tensor&, std::optional<int64_t>, bool);
+
+// One tag type per public op: its name and signature.
+#define POSENC_PUBLIC_OPS(X)                                         \
+  X(RopeInplace, "rope_", RopeInplaceSig)                            \
+  X(Rope, "rope", RopeSig)                                           \
+  X(SinusoidalTable, "sinusoidal_table", SinusoidalTableSig)         \
+  X(AddSinusoidalInplace, "add_sinusoidal_", AddSinusoidalInplaceSig) \
+  X(AddSinusoidal, "add_sinusoidal", AddSinusoidalSig)               \
+  X(ConcatSinusoidal, "concat_sinusoidal", ConcatSinusoidalSig)      \
+  X(AddPositionEmbeddingInplace, "add_position_embedding_", AddPositionEmbeddingInplaceSig) \
+  X(AddPositionEmbedding, "add_position_embedding", AddPositionEmbeddingSig)
+
+namespace ops {
+#define POSENC_TAG(Tag, Name, Sig)             \
+  struct Tag {                                 \
+    static constexpr const char* name = Name;  \
+    using sig = Sig;                           \
+  };
+POSENC_PUBLIC_OPS(POSENC_TAG)
+#undef POSENC_TAG
+}  // namespace ops
+
+// ---- the chooser ----------------------------------------------------------------------------------
+namespace detail {
+
+// The device an op runs on: its Device argument (factory ops), else its first defined tensor argument.
+struct DevicePick {
+  std::optional<c10::Device> device_arg;
+  std::optional<c10::Device> tensor;
 };
+inline void pick(DevicePick& d, const at::Tensor& t) {
+  if (!d.tensor && t.defined()) d.tensor = t.device();
+}
+inline void pick(DevicePick& d, const std::optional<at::Tensor>& t) {
+  if (!d.tensor && t.has_value() && t->defined()) d.tensor = t->device();
+}
+inline void pick(DevicePick& d, const c10::Device& dev) { d.device_arg = dev; }
+template <class T>
+inline void pick(DevicePick&, const T&) {}
 
-std::vector<KernelSet>& kernel_sets();  // bindings.cpp
+template <class... Args>
+inline constexpr bool has_device_arg = (std::is_same_v<std::decay_t<Args>, c10::Device> || ...);
 
-struct AddKernelSet {  // a static of this type in a family file adds its set at load
-  AddKernelSet(const char* key, std::vector<std::string> ops, RegisterFn fn) {
-    kernel_sets().push_back(KernelSet{key, std::move(ops), fn});
+// Everything of the caller's keyset below BackendSelect.
+inline c10::DispatchKeySet after_backend_select() {
+  return c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+}
+
+}  // namespace detail
+
+template <class Op, class Sig = typename Op::sig>
+struct NativeOp;
+
+template <class Op, class R, class... Args>
+struct NativeOp<Op, R(Args...)> {
+  using Fn = R (*)(Args...);
+  // This build's implementations, per NativeDevice (nullptr: none); set at load by AddNative.
+  static inline Fn kernels[2] = {nullptr, nullptr};
+
+  static const c10::TypedOperatorHandle<R(Args...)>& handle() {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+        (std::string("posenc::") + Op::name).c_str(), "").template typed<R(Args...)>();
+    return op;
+  }
+
+  // The BackendSelect kernel.
+  static R choose(c10::DispatchKeySet ks, Args... args) {
+    detail::DevicePick pick;
+    (detail::pick(pick, args), ...);
+    constexpr bool factory = detail::has_device_arg<Args...>;
+    const std::optional<c10::Device> dev = factory ? pick.device_arg : pick.tensor;
+    if (dev.has_value()) {
+      const c10::DeviceType t = dev->type();
+      const int slot = t == c10::DeviceType::CPU ? kNativeCPU : t == c10::DeviceType::CUDA ? kNativeCUDA : -1;
+      if (slot >= 0) {
+        const Fn fn = kernels[slot];
+        if (fn != nullptr && native_selected(static_cast<NativeDevice>(slot))) return fn(args...);
+      }
+    }
+    c10::DispatchKeySet below = ks & detail::after_backend_select();
+    if constexpr (factory) {
+      // no tensor argument to take the backend key from: the key of `device`, as ATen's factory functions
+      if (dev.has_value()) below = below | c10::DispatchKeySet(c10::computeDispatchKey(std::nullopt, at::kStrided, *dev));
+    }
+    return handle().redispatch(below, args...);
   }
 };
 
-bool value_checks_enabled();  // bindings.cpp; default true
+// A static of this type in a family file puts `fn` in the chooser of Op for device `dev`.
+template <class Op>
+struct AddNative {
+  AddNative(NativeDevice dev, typename NativeOp<Op>::Fn fn) { NativeOp<Op>::kernels[dev] = fn; }
+};
 
-inline bool index_code(at::ScalarType t, int& code) {
+// ---- shared helpers -------------------------------------------------------------------------------
+
+// The one dtype-code table (positions.h's DType; the CPU and CUDA kernels switch on it). False for other
+// dtypes (bool, complex, ...).
+inline bool dtype_code(at::ScalarType t, int& code) {
   switch (t) {
-    case at::kChar: code = kI8; return true;
-    case at::kByte: code = kU8; return true;
-    case at::kShort: code = kI16; return true;
-    case at::kInt: code = kI32; return true;
-    case at::kLong: code = kI64; return true;
+    case at::kHalf: code = kHalf; return true;
+    case at::kBFloat16: code = kBFloat16; return true;
+    case at::kFloat: code = kFloat; return true;
+    case at::kDouble: code = kDouble; return true;
+    case at::kChar: code = kInt8; return true;
+    case at::kByte: code = kUInt8; return true;
+    case at::kShort: code = kInt16; return true;
+    case at::kInt: code = kInt32; return true;
+    case at::kLong: code = kInt64; return true;
     default: return false;
   }
 }
+inline int dtype_code(at::ScalarType t) {
+  int code = kFloat;
+  TORCH_CHECK(dtype_code(t, code), "posenc: no dtype code for ", t);
+  return code;
+}
+inline bool is_index_dtype(at::ScalarType t) {
+  int code = 0;
+  return dtype_code(t, code) && code >= kInt8;
+}
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
 
-// Min and max of an integer tensor's values (any strides), for the value checks; false when empty.
+// Min and max of an integer tensor's values (any strides, any device: ATen reductions and one copy to the
+// host off CPU), for the value checks; false when empty.
 bool index_min_max(const at::Tensor& t, int64_t& lo, int64_t& hi);
 
 // Sinusoidal inverse frequencies inv[i] = exp(-log(base) * i / (half - freq_shift)), computed in float64
-// with the same ATen ops as posenc_kernels/sinusoidal.py's _inv_freq (so bit-identical) and rounded once to
-// fp32 (or kept fp64), cached per convention. Returns a contiguous CPU tensor of `half` values in `dtype`
-// (kFloat or kDouble); with `device` non-CPU, a cached copy on that device.
+// with the same ATen ops as posenc_kernels/ops/sinusoidal/torch_impl.py's sinusoidal_inv_freq (so
+// bit-identical) and rounded once to fp32 (or kept fp64), cached per convention. Returns a contiguous CPU
+// tensor of `half` values in `dtype` (kFloat or kDouble); with `device` non-CPU, a cached copy on it.
 at::Tensor sinusoidal_inv_freq(int64_t half, double base, double freq_shift, at::ScalarType dtype,
                                c10::Device device);
-
-// ValueError-class message formatting of a Python list of up to 16 values: "[0, 3, 7]".
-std::string format_list(const at::Tensor& t, int64_t max_items);
 
 }  // namespace posenc

@@ -21,23 +21,23 @@
 
 namespace posenc_cuda {
 
-// Element type of an auxiliary tensor (tables, inv_freq, positions, offsets): read with a runtime switch
-// where it is loaded (once per token or per table entry, off the hot loop), so it costs no instantiations.
-enum DType : int32_t {
-  kHalf = 0,
-  kBFloat16 = 1,
-  kFloat = 2,
-  kDouble = 3,
-  kInt8 = 4,
-  kUInt8 = 5,
-  kInt16 = 6,
-  kInt32 = 7,
-  kInt64 = 8,
-};
+// Element type of an auxiliary tensor (tables, inv_freq, positions, offsets): positions.h's DType (the one
+// dtype-code table), read with a runtime switch where it is loaded (once per token or per table entry, off
+// the hot loop), so it costs no instantiations.
+using DType = posenc::DType;
+using posenc::kBFloat16;
+using posenc::kDouble;
+using posenc::kFloat;
+using posenc::kHalf;
+using posenc::kInt16;
+using posenc::kInt32;
+using posenc::kInt64;
+using posenc::kInt8;
+using posenc::kUInt8;
 
 // How the row (RoPE table row / angle position) of token (b, s) is found: positions.h's mode codes (the
 // one C++ copy of posenc_kernels/ops/positions.py's PosMode). kPosCuSeqlens (RoPE): t - cu[n] +
-// (pos ? pos[n * pos_sb] : offset), sequence n by a binary search of cu; tokens past cu[N] take position 0.
+// (pos ? pos[n * stride_pos_b] : offset), sequence n by a binary search of cu; tokens past cu[N] take position 0.
 using PosMode = posenc::PosMode;
 using posenc::kPosCuSeqlens;
 using posenc::kPosOffset;
@@ -65,10 +65,10 @@ struct RopeParams {
   int64_t head_dim = 0;  // D
   int64_t half = 0;      // R / 2
   // [b, s, h] strides of q, k, q_out, k_out (channel stride is 1)
-  int64_t q_sb = 0, q_ss = 0, q_sh = 0;
-  int64_t k_sb = 0, k_ss = 0, k_sh = 0;
-  int64_t qo_sb = 0, qo_ss = 0, qo_sh = 0;
-  int64_t ko_sb = 0, ko_ss = 0, ko_sh = 0;
+  int64_t stride_q_b = 0, stride_q_s = 0, stride_q_h = 0;
+  int64_t stride_k_b = 0, stride_k_s = 0, stride_k_h = 0;
+  int64_t stride_qo_b = 0, stride_qo_s = 0, stride_qo_h = 0;
+  int64_t stride_ko_b = 0, stride_ko_s = 0, stride_ko_h = 0;
   bool copy_tail_q = false;  // out of place with R < D: copy channels [R, D) of q into q_out
   bool copy_tail_k = false;
   bool interleaved = false;  // pairs (2i, 2i + 1); else (i, i + R/2)
@@ -78,12 +78,12 @@ struct RopeParams {
   const void* cos = nullptr;
   const void* sin = nullptr;
   int32_t cos_dtype = kFloat, sin_dtype = kFloat;
-  int64_t cos_sp = 0, sin_sp = 0;  // row strides
-  int64_t cos_sc = 1, sin_sc = 1;  // column strides
+  int64_t stride_cos_p = 0, stride_sin_p = 0;  // row strides
+  int64_t stride_cos_f = 1, stride_sin_f = 1;  // column strides
   int64_t n_rows = 0;
   const void* inv_freq = nullptr;
   int32_t inv_freq_dtype = kFloat;
-  int64_t inv_freq_stride = 1;
+  int64_t stride_inv_freq = 1;
   // On-the-fly angles only (tables carry it already): an fp32 scalar multiplying the fp32 cos/sin, in both
   // angle modes and for every storage type, as the Triton kernel's fp32 argument and the torch path's
   // fp32 tensor * Python float do; the product is then converted to the math type.
@@ -92,20 +92,20 @@ struct RopeParams {
   int32_t pos_mode = kPosOffset;
   const void* pos = nullptr;
   int32_t pos_dtype = kInt64;
-  int64_t pos_sb = 0, pos_ss = 0;
+  int64_t stride_pos_b = 0, stride_pos_s = 0;
   int64_t offset = 0;
-  // kPosCuSeqlens: cu_seqlens [n_seq + 1] (pos/pos_dtype/pos_sb: the per-sequence offsets, or nullptr: offset)
+  // kPosCuSeqlens: cu_seqlens [n_seq + 1] (pos/pos_dtype/stride_pos_b: the per-sequence offsets, or nullptr: offset)
   const void* cu = nullptr;
   int32_t cu_dtype = kInt64;
-  int64_t cu_stride = 1;
+  int64_t stride_cu = 1;
   int64_t n_seq = 0;
-  // Axis map (pos_mode kPosPositions): frequency i follows pos[axis[i] * pos_sa + b * pos_sb + s * pos_ss];
+  // Axis map (pos_mode kPosPositions): frequency i follows pos[axis[i] * stride_pos_a + b * stride_pos_b + s * stride_pos_s];
   // an axis outside [0, n_axes) gives NaN (the host-side value checks were skipped), never a read.
   const void* axis = nullptr;
   int32_t axis_dtype = kInt64;
-  int64_t axis_stride = 1;
+  int64_t stride_axis = 1;
   int64_t n_axes = 0;
-  int64_t pos_sa = 0;
+  int64_t stride_pos_a = 0;
 };
 
 struct SinusoidalParams {
@@ -115,14 +115,14 @@ struct SinusoidalParams {
   int64_t seqlen = 1;
   int64_t dim = 0;   // D
   int64_t half = 0;  // D / 2 (odd D: column D - 1 is 0, + x * x_scale)
-  int64_t x_sb = 0, x_ss = 0, o_sb = 0, o_ss = 0;
+  int64_t stride_x_b = 0, stride_x_s = 0, stride_o_b = 0, stride_o_s = 0;
   const void* inv_freq = nullptr;  // [half]
   int32_t inv_freq_dtype = kFloat;
-  int64_t inv_freq_stride = 1;
+  int64_t stride_inv_freq = 1;
   int32_t pos_mode = kPosOffset;
   const void* pos = nullptr;  // integer or floating positions, integer offsets
   int32_t pos_dtype = kInt64;
-  int64_t pos_sb = 0, pos_ss = 0;
+  int64_t stride_pos_b = 0, stride_pos_s = 0;
   int64_t offset = 0;
   double x_scale = 1.0;  // rounded to fp32 for fp32 math
   double scale = 1.0;

@@ -155,17 +155,17 @@ inline void load_table(const Params& p, int64_t row, const int64_t* rows, acc_t 
       std::fill(s, s + p.half, nan);
       return;
     }
-    const table_t* cr = ct + row * p.cos_rs;
-    const table_t* sr = st + row * p.sin_rs;
-    if (p.cos_cs == 1 && p.sin_cs == 1) {
+    const table_t* cr = ct + row * p.stride_cos_p;
+    const table_t* sr = st + row * p.stride_sin_p;
+    if (p.stride_cos_f == 1 && p.stride_sin_f == 1) {
       for (int64_t i = 0; i < p.half; ++i) {
         c[i] = static_cast<acc_t>(cr[i]);
         s[i] = sign * static_cast<acc_t>(sr[i]);
       }
     } else {
       for (int64_t i = 0; i < p.half; ++i) {
-        c[i] = static_cast<acc_t>(cr[i * p.cos_cs]);
-        s[i] = sign * static_cast<acc_t>(sr[i * p.sin_cs]);
+        c[i] = static_cast<acc_t>(cr[i * p.stride_cos_f]);
+        s[i] = sign * static_cast<acc_t>(sr[i * p.stride_sin_f]);
       }
     }
     return;
@@ -176,8 +176,8 @@ inline void load_table(const Params& p, int64_t row, const int64_t* rows, acc_t 
       c[i] = s[i] = nan;
       continue;
     }
-    c[i] = static_cast<acc_t>(ct[r * p.cos_rs + i * p.cos_cs]);
-    s[i] = sign * static_cast<acc_t>(st[r * p.sin_rs + i * p.sin_cs]);
+    c[i] = static_cast<acc_t>(ct[r * p.stride_cos_p + i * p.stride_cos_f]);
+    s[i] = sign * static_cast<acc_t>(st[r * p.stride_sin_p + i * p.stride_sin_f]);
   }
 }
 
@@ -190,9 +190,9 @@ void fill_row(const Params& p, int64_t row, const int64_t* rows, acc_t* c, acc_t
   const acc_t sign = p.conjugate ? acc_t(-1) : acc_t(1);
   if (p.angle_mode == 0) {
     switch (p.table_dtype) {
-      case 0: return load_table<float>(p, row, rows, sign, c, s);
-      case 1: return load_table<double>(p, row, rows, sign, c, s);
-      case 2: return load_table<c10::Half>(p, row, rows, sign, c, s);
+      case kFloat: return load_table<float>(p, row, rows, sign, c, s);
+      case kDouble: return load_table<double>(p, row, rows, sign, c, s);
+      case kHalf: return load_table<c10::Half>(p, row, rows, sign, c, s);
       default: return load_table<c10::BFloat16>(p, row, rows, sign, c, s);
     }
   }
@@ -240,9 +240,9 @@ void items_impl(const Params& p, int64_t begin, int64_t end) {
     const int64_t b = tok / S, sq = tok - b * S;
     if (tok != cur_tok) {
       if (p.axis) {
-        const int64_t base = b * p.rows.sb + sq * p.rows.ss;
+        const int64_t base = b * p.rows.stride_pos_b + sq * p.rows.stride_pos_s;
         for (int64_t i = 0; i < half; ++i) {
-          prow[i] = p.axis[i] < 0 ? kNoRow : load_index(p.rows.ptr, p.rows.code, p.axis[i] * p.psa + base);
+          prow[i] = p.axis[i] < 0 ? kNoRow : load_index(p.rows.ptr, p.rows.code, p.axis[i] * p.stride_pos_a + base);
         }
         fill_row<acc_t>(p, 0, prow, c, s);
       } else {
@@ -268,15 +268,15 @@ void items_impl(const Params& p, int64_t begin, int64_t end) {
 }
 
 void items(const Params& p, int64_t begin, int64_t end) {
-  switch (p.dtype * 2 + (p.interleaved ? 1 : 0)) {
-    case 0: return items_impl<float, false>(p, begin, end);
-    case 1: return items_impl<float, true>(p, begin, end);
-    case 2: return items_impl<double, false>(p, begin, end);
-    case 3: return items_impl<double, true>(p, begin, end);
-    case 4: return items_impl<c10::Half, false>(p, begin, end);
-    case 5: return items_impl<c10::Half, true>(p, begin, end);
-    case 6: return items_impl<c10::BFloat16, false>(p, begin, end);
-    default: return items_impl<c10::BFloat16, true>(p, begin, end);
+  switch (p.dtype) {
+    case kFloat: return p.interleaved ? items_impl<float, true>(p, begin, end) : items_impl<float, false>(p, begin, end);
+    case kDouble:
+      return p.interleaved ? items_impl<double, true>(p, begin, end) : items_impl<double, false>(p, begin, end);
+    case kHalf:
+      return p.interleaved ? items_impl<c10::Half, true>(p, begin, end) : items_impl<c10::Half, false>(p, begin, end);
+    default:
+      return p.interleaved ? items_impl<c10::BFloat16, true>(p, begin, end)
+                           : items_impl<c10::BFloat16, false>(p, begin, end);
   }
 }
 

@@ -11,25 +11,27 @@ namespace rope_cpu {
 
 // Everything one chunk of (token, head) items needs, as plain pointers and element strides.
 struct Params {
-  int dtype;  // 0 float32, 1 float64, 2 float16, 3 bfloat16 (q, k and outputs)
+  int dtype;  // positions.h DType of q, k and the outputs (a float code)
   bool interleaved, conjugate;
   int64_t B, S, Hq, Hk, D, half;
   const void* x[2];  // q, k
   void* o[2];        // q_out, k_out
-  int64_t xs[2][4], os[2][4];  // [b, s, h, d] strides
+  // [b, s, h, d] strides of q (w = 0: stride_q_b, stride_q_s, stride_q_h, stride_q_d) and k (w = 1: stride_k_*);
+  // os: of q_out / k_out (stride_qo_*, stride_ko_*)
+  int64_t xs[2][4], os[2][4];
   bool unit[2];                // x and o of q (k) have unit channel stride: the vector path
   bool copy_tail[2];
-  // Row of token (b, s) (positions.h); cu_seqlens arrive as per-token int64 positions (sb 0, ss 1).
+  // Row of token (b, s) (positions.h); cu_seqlens arrive as per-token int64 positions (stride_pos_b 0, stride_pos_s 1).
   RowSource rows;
-  // Axis map: frequency i follows positions[axis[i] * psa + b * rows.sb + s * rows.ss] (rows.mode is
+  // Axis map: frequency i follows positions[axis[i] * stride_pos_a + b * rows.stride_pos_b + s * rows.stride_pos_s] (rows.mode is
   // kPosPositions); axis[i] < 0 marks an axis outside positions (value checks off): NaN, never a read.
   const int64_t* axis;
-  int64_t psa;
+  int64_t stride_pos_a;
   int angle_mode;  // 0 tables, 1 fp32 pos * inv_freq, 2 exact (fp64 reduced, exact_angle.h)
-  int table_dtype;  // same codes as dtype
+  int table_dtype;  // DType of cos/sin
   const void* cos;
   const void* sin;
-  int64_t cos_rs, sin_rs, cos_cs, sin_cs, n_rows;
+  int64_t stride_cos_p, stride_sin_p, stride_cos_f, stride_sin_f, n_rows;
   const float* inv32;
   const double* inv64;
   float attention_factor;

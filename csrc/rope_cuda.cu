@@ -41,15 +41,15 @@ __device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int
       c = s = static_cast<Acc>(NAN);
       return;
     }
-    c = load_float<Acc>(p.cos, p.cos_dtype, row * p.cos_sp + i * p.cos_sc);
-    s = load_float<Acc>(p.sin, p.sin_dtype, row * p.sin_sp + i * p.sin_sc);
+    c = load_float<Acc>(p.cos, p.cos_dtype, row * p.stride_cos_p + i * p.stride_cos_f);
+    s = load_float<Acc>(p.sin, p.sin_dtype, row * p.stride_sin_p + i * p.stride_sin_f);
     return;
   }
   if (row == kNoRow) {
     c = s = static_cast<Acc>(NAN);
     return;
   }
-  const int64_t fi = i * p.inv_freq_stride;
+  const int64_t fi = i * p.stride_inv_freq;
   if (p.angle_mode == kAngleInvFreq) {
     // HF numerics: one fp32 product of the fp32-rounded position and frequency, precise fp32 sincos.
     const float a = static_cast<float>(row) * load_float<float>(p.inv_freq, p.inv_freq_dtype, fi);
@@ -74,19 +74,19 @@ __device__ __forceinline__ void rope_angle(const RopeParams& p, int64_t row, int
 // Unchecked (decreasing) values still give some n in [0, N): never an out-of-bounds read.
 __device__ __forceinline__ int64_t cu_token_row(const RopeParams& p, int64_t t) {
   const int64_t N = p.n_seq;
-  if (t >= load_int(p.cu, p.cu_dtype, N * p.cu_stride)) return 0;
+  if (t >= load_int(p.cu, p.cu_dtype, N * p.stride_cu)) return 0;
   int64_t lo = 0, hi = N;  // first n in [0, N) with cu[n + 1] > t
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (load_int(p.cu, p.cu_dtype, (mid + 1) * p.cu_stride) > t) {
+    if (load_int(p.cu, p.cu_dtype, (mid + 1) * p.stride_cu) > t) {
       hi = mid;
     } else {
       lo = mid + 1;
     }
   }
   const int64_t n = lo < N ? lo : N - 1;
-  const int64_t base = p.pos ? load_int(p.pos, p.pos_dtype, n * p.pos_sb) : p.offset;
-  return t - load_int(p.cu, p.cu_dtype, n * p.cu_stride) + base;
+  const int64_t base = p.pos ? load_int(p.pos, p.pos_dtype, n * p.stride_pos_b) : p.offset;
+  return t - load_int(p.cu, p.cu_dtype, n * p.stride_cu) + base;
 }
 
 // N consecutive math-type values from shared memory: 16-byte loads when N values fill whole 16-byte
@@ -199,12 +199,12 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
     const int64_t t = tok0 + tid;
     const int64_t b = t / p.seqlen;
     const int64_t s = t - b * p.seqlen;
-    s_base[tid][0] = b * p.q_sb + s * p.q_ss;
-    s_base[tid][1] = b * p.k_sb + s * p.k_ss;
-    s_base[tid][2] = b * p.qo_sb + s * p.qo_ss;
-    s_base[tid][3] = b * p.ko_sb + s * p.ko_ss;
+    s_base[tid][0] = b * p.stride_q_b + s * p.stride_q_s;
+    s_base[tid][1] = b * p.stride_k_b + s * p.stride_k_s;
+    s_base[tid][2] = b * p.stride_qo_b + s * p.stride_qo_s;
+    s_base[tid][3] = b * p.stride_ko_b + s * p.stride_ko_s;
     s_row[tid] = p.pos_mode == kPosCuSeqlens ? cu_token_row(p, t)
-                                             : token_row(p.pos_mode, p.pos, p.pos_dtype, p.pos_sb, p.pos_ss, p.offset, b, s);
+                                             : token_row(p.pos_mode, p.pos, p.pos_dtype, p.stride_pos_b, p.stride_pos_s, p.offset, b, s);
     s_bs[tid][0] = b;
     s_bs[tid][1] = s;
   }
@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
       const int j = i - t * nc;
       int64_t row = s_row[t];
       if (p.axis) {  // multi-axis positions: frequency c0 + j follows its own row of positions
-        const int64_t ax = load_int(p.axis, p.axis_dtype, (c0 + j) * p.axis_stride);
-        row = ax >= 0 && ax < p.n_axes ? load_int(p.pos, p.pos_dtype, ax * p.pos_sa + s_bs[t][0] * p.pos_sb + s_bs[t][1] * p.pos_ss)
+        const int64_t ax = load_int(p.axis, p.axis_dtype, (c0 + j) * p.stride_axis);
+        row = ax >= 0 && ax < p.n_axes ? load_int(p.pos, p.pos_dtype, ax * p.stride_pos_a + s_bs[t][0] * p.stride_pos_b + s_bs[t][1] * p.stride_pos_s)
                                        : kNoRow;
       }
       Acc c, s;
@@ -258,8 +258,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
       const int64_t i0 = c0 + static_cast<int64_t>(u) * kPairs;
       const int64_t at = INTERLEAVED ? 2 * i0 : i0;
       Item it;
-      it.in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh) + at;
-      it.out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh) + at;
+      it.in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.stride_q_h : p.stride_k_h) + at;
+      it.out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.stride_qo_h : p.stride_ko_h) + at;
       it.cs = s_cos + t * L.chunk + u * kPairs;
       return it;
     };
@@ -302,8 +302,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, 
       const bool is_q = h < heads_q;
       if (!(is_q ? p.copy_tail_q : p.copy_tail_k)) continue;
       const int64_t hh = is_q ? h : h - heads_q;
-      const T* in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.q_sh : p.k_sh) + R;
-      T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.qo_sh : p.ko_sh) + R;
+      const T* in = static_cast<const T*>(is_q ? p.q : p.k) + s_base[t][is_q ? 0 : 1] + hh * (is_q ? p.stride_q_h : p.stride_k_h) + R;
+      T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + s_base[t][is_q ? 2 : 3] + hh * (is_q ? p.stride_qo_h : p.stride_ko_h) + R;
       for (int64_t e = static_cast<int64_t>(threadIdx.x) * VEC; e < tail; e += static_cast<int64_t>(blockDim.x) * VEC) {
         if (e + VEC <= tail) {
           store_vec<T, VEC, kVector>(out + e, load_vec<T, VEC, kVector>(in + e));
@@ -372,11 +372,11 @@ int rope_vector_width(const RopeParams& p, int elem_size) {
   bool ok = aligned16(p.q) && aligned16(p.q_out) && (!has_k || (aligned16(p.k) && aligned16(p.k_out)));
   // the dims: b has n_tokens / seqlen entries, s has seqlen, h has heads
   const int64_t nb = p.seqlen > 0 ? p.n_tokens / p.seqlen : 0;
-  ok = ok && stride_ok(p.q_sb, nb, vec) && stride_ok(p.q_ss, p.seqlen, vec) && stride_ok(p.q_sh, p.heads_q, vec);
-  ok = ok && stride_ok(p.qo_sb, nb, vec) && stride_ok(p.qo_ss, p.seqlen, vec) && stride_ok(p.qo_sh, p.heads_q, vec);
+  ok = ok && stride_ok(p.stride_q_b, nb, vec) && stride_ok(p.stride_q_s, p.seqlen, vec) && stride_ok(p.stride_q_h, p.heads_q, vec);
+  ok = ok && stride_ok(p.stride_qo_b, nb, vec) && stride_ok(p.stride_qo_s, p.seqlen, vec) && stride_ok(p.stride_qo_h, p.heads_q, vec);
   if (has_k) {
-    ok = ok && stride_ok(p.k_sb, nb, vec) && stride_ok(p.k_ss, p.seqlen, vec) && stride_ok(p.k_sh, p.heads_k, vec);
-    ok = ok && stride_ok(p.ko_sb, nb, vec) && stride_ok(p.ko_ss, p.seqlen, vec) && stride_ok(p.ko_sh, p.heads_k, vec);
+    ok = ok && stride_ok(p.stride_k_b, nb, vec) && stride_ok(p.stride_k_s, p.seqlen, vec) && stride_ok(p.stride_k_h, p.heads_k, vec);
+    ok = ok && stride_ok(p.stride_ko_b, nb, vec) && stride_ok(p.stride_ko_s, p.seqlen, vec) && stride_ok(p.stride_ko_h, p.heads_k, vec);
   }
   // A vector must hold whole pairs of one half: interleaved R % vec, else (R/2) % vec.
   ok = ok && (p.interleaved ? (2 * p.half) % vec == 0 : p.half % vec == 0);

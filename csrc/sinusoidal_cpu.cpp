@@ -22,14 +22,14 @@ namespace posenc {
 namespace sinusoidal_cpu {
 
 struct Params {
-  int dtype;  // output/x dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16
+  int dtype;  // output/x dtype (positions.h DType, a float code)
   bool interleaved, cos_first, has_x;
   int64_t B, S, D, half;
   const void* x;
   void* out;
-  int64_t xsb, xss, xsd, osb, oss, osd;
+  int64_t stride_x_b, stride_x_s, stride_x_d, stride_o_b, stride_o_s, stride_o_d;
   RowSource rows;   // integer rows (positions.h)
-  int pos_float;    // 0: integer rows; else 1 + dtype code of floating positions (read through rows.ptr/sb/ss)
+  bool pos_float;   // floating positions, of DType rows.code (read through rows.ptr and its strides); else integer rows
   const void* inv;  // [half] in the math dtype, contiguous
   double x_scale, scale;
 };
@@ -49,10 +49,10 @@ using at::vec::Vectorized;
 template <typename acc_t>
 inline acc_t float_position(const Params& p, int64_t at) {
   const void* ptr = p.rows.ptr;
-  switch (p.pos_float) {
-    case 1: return static_cast<acc_t>(static_cast<const float*>(ptr)[at]);
-    case 2: return static_cast<acc_t>(static_cast<const double*>(ptr)[at]);
-    case 3: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(ptr)[at]));
+  switch (p.rows.code) {
+    case kFloat: return static_cast<acc_t>(static_cast<const float*>(ptr)[at]);
+    case kDouble: return static_cast<acc_t>(static_cast<const double*>(ptr)[at]);
+    case kHalf: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(ptr)[at]));
     default: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[at]));
   }
 }
@@ -78,11 +78,11 @@ void tokens_impl(const Params& p, int64_t begin, int64_t end) {
   if (D > 2 * half) pe[D - 1] = acc_t(0);
   const acc_t* first = p.cos_first ? cs : sn;
   const acc_t* second = p.cos_first ? sn : cs;
-  const bool unit = p.osd == 1 && (!p.has_x || p.xsd == 1);
+  const bool unit = p.stride_o_d == 1 && (!p.has_x || p.stride_x_d == 1);
   for (int64_t tok = begin; tok < end; ++tok) {
     const int64_t b = tok / S, s = tok - b * S;
     // the row in the math dtype: one rounding from the integer row, or from the floating position
-    const acc_t row = p.pos_float ? float_position<acc_t>(p, b * p.rows.sb + s * p.rows.ss)
+    const acc_t row = p.pos_float ? float_position<acc_t>(p, b * p.rows.stride_pos_b + s * p.rows.stride_pos_s)
                                   : static_cast<acc_t>(token_row(p.rows, b, s));
     const V rv(row), sv(scale);
     int64_t i = 0;
@@ -106,8 +106,8 @@ void tokens_impl(const Params& p, int64_t begin, int64_t end) {
       std::copy(first, first + half, pe);
       std::copy(second, second + half, pe + half);
     }
-    scalar_t* o = static_cast<scalar_t*>(p.out) + b * p.osb + s * p.oss;
-    const scalar_t* x = p.has_x ? static_cast<const scalar_t*>(p.x) + b * p.xsb + s * p.xss : nullptr;
+    scalar_t* o = static_cast<scalar_t*>(p.out) + b * p.stride_o_b + s * p.stride_o_s;
+    const scalar_t* x = p.has_x ? static_cast<const scalar_t*>(p.x) + b * p.stride_x_b + s * p.stride_x_s : nullptr;
     if (unit) {
       if (x) {
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(pe[d] + xs * static_cast<acc_t>(x[d]));
@@ -115,7 +115,7 @@ void tokens_impl(const Params& p, int64_t begin, int64_t end) {
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(pe[d]);
       }
     } else {
-      const int64_t od = p.osd, xd = p.xsd;
+      const int64_t od = p.stride_o_d, xd = p.stride_x_d;
       if (x) {
         for (int64_t d = 0; d < D; ++d) o[d * od] = static_cast<scalar_t>(pe[d] + xs * static_cast<acc_t>(x[d * xd]));
       } else {
@@ -127,9 +127,9 @@ void tokens_impl(const Params& p, int64_t begin, int64_t end) {
 
 void tokens(const Params& p, int64_t begin, int64_t end) {
   switch (p.dtype) {
-    case 0: return tokens_impl<float, float>(p, begin, end);
-    case 1: return tokens_impl<double, double>(p, begin, end);
-    case 2: return tokens_impl<c10::Half, float>(p, begin, end);
+    case kFloat: return tokens_impl<float, float>(p, begin, end);
+    case kDouble: return tokens_impl<double, double>(p, begin, end);
+    case kHalf: return tokens_impl<c10::Half, float>(p, begin, end);
     default: return tokens_impl<c10::BFloat16, float>(p, begin, end);
   }
 }
@@ -164,7 +164,7 @@ TokensFn tokens_avx512() { return nullptr; }
 #if !defined(POSENC_CPU_VARIANT)
 // =================================================================================================
 // The ops (schemas: Python): checks, parameters, variant choice, parallel loop (baseline flags only).
-// Registered for CPU by posenc::_native_register("CPU", true) (bindings.cpp).
+// Called by the choosers of bindings.cpp (AddNative).
 // =================================================================================================
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -174,6 +174,7 @@ TokensFn tokens_avx512() { return nullptr; }
 
 #include "alias_checks.h"
 #include "native_ops.h"
+#include "sinusoidal_args.h"
 
 namespace posenc::sinusoidal_cpu {
 TokensFn tokens_avx2();
@@ -186,19 +187,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-int float_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    default: return 3;
-  }
-}
-
 sinusoidal_cpu::TokensFn pick_sinusoidal_variant() {
   static const sinusoidal_cpu::TokensFn fn = [] {
     const std::string cap = at::get_cpu_capability();
@@ -210,61 +198,27 @@ sinusoidal_cpu::TokensFn pick_sinusoidal_variant() {
   return fn;
 }
 
-// A [B, S, D] view by sizes and strides (2-D [T, D] is [1, T, D]) without making a view tensor.
-struct BSD {
-  int64_t B, S, D, sb, ss, sd;
-};
+using BSD = SinusoidalLayout;
 
-BSD as_bsd(const Tensor& t) {
-  if (t.dim() == 2) return {1, t.size(0), t.size(1), 0, t.stride(0), t.stride(1)};
-  return {t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-void check_x(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be [B, S, D] or [T, D], got shape ", x.sizes());
-  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), op, ": x must be float16/bfloat16/float32/float64, got ",
-                   x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): x must be a CPU tensor, got ", x.device());
-}
-
-void check_convention(int64_t dim, double base, double freq_shift, const char* op) {
-  TORCH_CHECK_VALUE(dim > 0, op, ": dim must be a positive int, got ", dim);
-  TORCH_CHECK_VALUE(std::isfinite(base) && base > 0, op, ": base must be a positive finite number, got ", base);
-  TORCH_CHECK_VALUE(dim / 2 == 0 || static_cast<double>(dim / 2) - freq_shift != 0, op, ": freq_shift=", freq_shift,
-                    " with dim=", dim, " divides by zero (the exponent is i / (dim // 2 - freq_shift))");
-}
-
-// Row source of an add/concat: positions [S] / [B, S] (integer or floating), offsets [B], or offset.
+// Row source of an add/concat/table (checked by sinusoidal_args.h): positions [S] / [B, S] (integer or
+// floating), offsets [B], or offset.
 void fill_rows(sinusoidal_cpu::Params& p, const optional<Tensor>& positions, const optional<Tensor>& offsets,
-               int64_t offset, int64_t B, int64_t S, const char* op) {
-  TORCH_CHECK(!(positions.has_value() && offsets.has_value()), op, ": pass positions or offsets, not both");
-  TORCH_CHECK(!(positions.has_value() || offsets.has_value()) || offset == 0, op,
-              ": offset must be 0 when a positions or offsets tensor is given, got ", offset);
+               int64_t offset) {
   p.rows.offset = offset;
   if (positions.has_value()) {
     const Tensor& t = *positions;
-    const bool ok = (t.dim() == 1 && t.size(0) == S) || (t.dim() == 2 && t.size(0) == B && t.size(1) == S);
-    TORCH_CHECK(ok, op, ": positions must be [S] = [", S, "] or [B, S] = [", B, ", ", S, "], got ", t.sizes());
-    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): positions must be a CPU tensor, got ", t.device());
     p.rows.mode = kPosPositions;
     p.rows.ptr = t.const_data_ptr();
-    p.rows.sb = t.dim() == 2 ? t.stride(0) : 0;
-    p.rows.ss = t.stride(-1);
-    if (is_float_dtype(t.scalar_type())) {
-      p.pos_float = 1 + float_code(t.scalar_type());
-    } else {
-      TORCH_CHECK_TYPE(index_code(t.scalar_type(), p.rows.code), op,
-                       ": positions must be an integer or floating tensor, got ", t.scalar_type());
-    }
+    p.rows.stride_pos_b = t.dim() == 2 ? t.stride(0) : 0;
+    p.rows.stride_pos_s = t.stride(-1);
+    p.rows.code = dtype_code(t.scalar_type());
+    p.pos_float = is_float_dtype(t.scalar_type());
   } else if (offsets.has_value()) {
     const Tensor& t = *offsets;
-    TORCH_CHECK_TYPE(index_code(t.scalar_type(), p.rows.code), op, ": offsets must be an integer tensor, got ",
-                     t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": offsets must be [B] = [", B, "], got ", t.sizes());
-    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): offsets must be a CPU tensor, got ", t.device());
+    p.rows.code = dtype_code(t.scalar_type());
     p.rows.mode = kPosOffsets;
     p.rows.ptr = t.const_data_ptr();
-    p.rows.sb = t.stride(0);
+    p.rows.stride_off = t.stride(0);
   }
 }
 
@@ -273,7 +227,7 @@ void run_sinusoidal(sinusoidal_cpu::Params& p, at::ScalarType dtype, double base
   const int64_t n = p.B * p.S;
   if (n == 0 || p.D == 0) return;
   const auto math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  p.dtype = float_code(dtype);
+  p.dtype = dtype_code(dtype);
   p.half = p.D / 2;
   const Tensor inv = sinusoidal_inv_freq(p.half, base, freq_shift, math, c10::Device(c10::kCPU));
   p.inv = inv.const_data_ptr();
@@ -291,27 +245,24 @@ void set_out(sinusoidal_cpu::Params& p, const BSD& o, void* ptr) {
   p.S = o.S;
   p.D = o.D;
   p.out = ptr;
-  p.osb = o.sb;
-  p.oss = o.ss;
-  p.osd = o.sd;
+  p.stride_o_b = o.stride_b;
+  p.stride_o_s = o.stride_s;
+  p.stride_o_d = o.stride_d;
 }
 
 void set_x(sinusoidal_cpu::Params& p, const BSD& x, const void* ptr, double x_scale) {
   p.has_x = true;
   p.x = ptr;
-  p.xsb = x.sb;
-  p.xss = x.ss;
-  p.xsd = x.sd;
+  p.stride_x_b = x.stride_b;
+  p.stride_x_s = x.stride_s;
+  p.stride_x_d = x.stride_d;
   p.x_scale = x_scale;
 }
 
 Tensor sinusoidal_table_cpu(const optional<Tensor>& positions, int64_t length, int64_t dim, double base,
                             bool interleaved, bool cos_first, double freq_shift, double scale, at::ScalarType dtype,
                             at::Device device) {
-  const char* op = "sinusoidal_table";
-  check_convention(dim, base, freq_shift, op);
-  TORCH_CHECK_TYPE(is_float_dtype(dtype), op, ": dtype must be a floating dtype, got ", dtype);
-  TORCH_CHECK(device.is_cpu(), op, " (CPU kernel): device must be cpu, got ", device);
+  check_sinusoidal_table(positions, length, dim, base, freq_shift, scale, dtype, device);
   sinusoidal_cpu::Params p{};
   p.interleaved = interleaved;
   p.cos_first = cos_first;
@@ -319,14 +270,12 @@ Tensor sinusoidal_table_cpu(const optional<Tensor>& positions, int64_t length, i
   Tensor out;
   if (positions.has_value()) {
     const Tensor& t = *positions;
-    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): positions must be a CPU tensor, got ", t.device());
     std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
     shape.push_back(dim);
     out = at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
     const Tensor flat = t.reshape({-1});  // a view where the strides allow (O(N) copy otherwise)
-    fill_rows(p, flat, std::nullopt, 0, 1, flat.size(0), op);
+    fill_rows(p, flat, std::nullopt, 0);
   } else {
-    TORCH_CHECK_VALUE(length >= 0, op, ": positions_or_length must be >= 0, got ", length);
     out = at::empty({length, dim}, at::TensorOptions().dtype(dtype).device(device));
   }
   const int64_t N = out.numel() / dim;
@@ -338,19 +287,12 @@ Tensor sinusoidal_table_cpu(const optional<Tensor>& positions, int64_t length, i
 void add_sinusoidal_inplace_cpu(const Tensor& x, const optional<Tensor>& positions, const optional<Tensor>& offsets,
                                 int64_t offset, double x_scale, double base, bool interleaved, bool cos_first,
                                 double freq_shift, double scale) {
-  const char* op = "add_sinusoidal_";
-  check_x(x, op);
-  const BSD xb = as_bsd(x);
-  check_convention(xb.D, base, freq_shift, op);
-  TORCH_CHECK(!x.is_inference() || c10::InferenceMode::is_enabled(),
-              "Inplace update to inference tensor outside InferenceMode is not allowed. You can make a clone to get "
-              "a normal tensor before doing inplace update. (add_sinusoidal_: x is an inference tensor)");
-  posenc_alias::check_no_internal_overlap(x, "x");
+  const BSD xb = check_sinusoidal_add(x, positions, offsets, offset, x_scale, base, freq_shift, scale, true);
   sinusoidal_cpu::Params p{};
   p.interleaved = interleaved;
   p.cos_first = cos_first;
   p.scale = scale;
-  fill_rows(p, positions, offsets, offset, xb.B, xb.S, op);
+  fill_rows(p, positions, offsets, offset);
   set_out(p, xb, x.data_ptr());
   set_x(p, xb, x.const_data_ptr(), x_scale);
   run_sinusoidal(p, x.scalar_type(), base, freq_shift);
@@ -359,17 +301,14 @@ void add_sinusoidal_inplace_cpu(const Tensor& x, const optional<Tensor>& positio
 Tensor add_sinusoidal_cpu(const Tensor& x, const optional<Tensor>& positions, const optional<Tensor>& offsets,
                           int64_t offset, double x_scale, double base, bool interleaved, bool cos_first,
                           double freq_shift, double scale) {
-  const char* op = "add_sinusoidal";
-  check_x(x, op);
-  const BSD xb = as_bsd(x);
-  check_convention(xb.D, base, freq_shift, op);
+  const BSD xb = check_sinusoidal_add(x, positions, offsets, offset, x_scale, base, freq_shift, scale, false);
   sinusoidal_cpu::Params p{};
   p.interleaved = interleaved;
   p.cos_first = cos_first;
   p.scale = scale;
-  fill_rows(p, positions, offsets, offset, xb.B, xb.S, op);
+  fill_rows(p, positions, offsets, offset);
   Tensor out = at::empty_like(x);
-  set_out(p, as_bsd(out), out.data_ptr());
+  set_out(p, sinusoidal_layout(out), out.data_ptr());
   set_x(p, xb, x.const_data_ptr(), x_scale);
   run_sinusoidal(p, x.scalar_type(), base, freq_shift);
   return out;
@@ -379,19 +318,16 @@ Tensor add_sinusoidal_cpu(const Tensor& x, const optional<Tensor>& positions, co
 Tensor concat_sinusoidal_cpu(const Tensor& x, const optional<Tensor>& positions, const optional<Tensor>& offsets,
                              int64_t offset, int64_t dim_pe, double base, bool interleaved, bool cos_first,
                              double freq_shift, double scale) {
-  const char* op = "concat_sinusoidal";
-  check_x(x, op);
-  check_convention(dim_pe, base, freq_shift, op);
-  const BSD xb = as_bsd(x);
+  const BSD xb = check_sinusoidal_concat(x, positions, offsets, offset, dim_pe, base, freq_shift, scale);
   sinusoidal_cpu::Params p{};
   p.interleaved = interleaved;
   p.cos_first = cos_first;
   p.scale = scale;
-  fill_rows(p, positions, offsets, offset, xb.B, xb.S, op);
+  fill_rows(p, positions, offsets, offset);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() += dim_pe;
   Tensor out = at::empty(shape, x.options());  // contiguous, as x.new_empty
-  BSD ob = as_bsd(out);
+  BSD ob = sinusoidal_layout(out);
   ob.D = dim_pe;
   set_out(p, ob, static_cast<char*>(out.data_ptr()) + xb.D * static_cast<int64_t>(out.element_size()));
   run_sinusoidal(p, x.scalar_type(), base, freq_shift);
@@ -399,16 +335,10 @@ Tensor concat_sinusoidal_cpu(const Tensor& x, const optional<Tensor>& positions,
   return out;
 }
 
-void register_sinusoidal_cpu(torch::Library& m) {
-  m.impl("sinusoidal_table", TORCH_FN(sinusoidal_table_cpu));
-  m.impl("add_sinusoidal_", TORCH_FN(add_sinusoidal_inplace_cpu));
-  m.impl("add_sinusoidal", TORCH_FN(add_sinusoidal_cpu));
-  m.impl("concat_sinusoidal", TORCH_FN(concat_sinusoidal_cpu));
-}
-
-const AddKernelSet add_sinusoidal_set("CPU", {"sinusoidal_table", "add_sinusoidal_", "add_sinusoidal",
-                                              "concat_sinusoidal"},
-                                      &register_sinusoidal_cpu);
+const AddNative<ops::SinusoidalTable> add_table(kNativeCPU, &sinusoidal_table_cpu);
+const AddNative<ops::AddSinusoidalInplace> add_inplace(kNativeCPU, &add_sinusoidal_inplace_cpu);
+const AddNative<ops::AddSinusoidal> add_out(kNativeCPU, &add_sinusoidal_cpu);
+const AddNative<ops::ConcatSinusoidal> add_concat(kNativeCPU, &concat_sinusoidal_cpu);
 
 }  // namespace
 }  // namespace posenc

@@ -35,9 +35,9 @@ __device__ __forceinline__ acc_t<T> token_pos(const SinusoidalParams& p, int64_t
   using Acc = acc_t<T>;
   if (p.pos_mode == kPosPositions && is_float_dtype(p.pos_dtype)) {
     // exact in double, then one rounding to the math type
-    return static_cast<Acc>(load_float<double>(p.pos, p.pos_dtype, b * p.pos_sb + s * p.pos_ss));
+    return static_cast<Acc>(load_float<double>(p.pos, p.pos_dtype, b * p.stride_pos_b + s * p.stride_pos_s));
   }
-  return static_cast<Acc>(token_row(p.pos_mode, p.pos, p.pos_dtype, p.pos_sb, p.pos_ss, p.offset, b, s));
+  return static_cast<Acc>(token_row(p.pos_mode, p.pos, p.pos_dtype, p.stride_pos_b, p.stride_pos_s, p.offset, b, s));
 }
 
 template <typename T, int VEC, bool INTERLEAVED>
@@ -65,14 +65,14 @@ __global__ void __launch_bounds__(kSinThreads) sinusoidal_kernel(const Sinusoida
     Acc inv[kAngles];
 #pragma unroll
     for (int a = 0; a < kAngles; ++a) {
-      inv[a] = active ? load_float<Acc>(p.inv_freq, p.inv_freq_dtype, (u * kAngles + a) * p.inv_freq_stride)
+      inv[a] = active ? load_float<Acc>(p.inv_freq, p.inv_freq_dtype, (u * kAngles + a) * p.stride_inv_freq)
                       : Acc(0);
     }
     for (int64_t t = t_first; t < p.n_tokens; t += t_step) {
       const int64_t b = t / p.seqlen;
       const int64_t s = t - b * p.seqlen;
-      const T* xrow = x ? x + b * p.x_sb + s * p.x_ss : nullptr;
-      T* orow = out + b * p.o_sb + s * p.o_ss;
+      const T* xrow = x ? x + b * p.stride_x_b + s * p.stride_x_s : nullptr;
+      T* orow = out + b * p.stride_o_b + s * p.stride_o_s;
       if (active) {
         const Acc pos = token_pos<T>(p, b, s);
         Acc first[kAngles], second[kAngles];
@@ -152,8 +152,8 @@ cudaError_t launch(const SinusoidalParams& p, cudaStream_t stream) {
 int sinusoidal_vector_width(const SinusoidalParams& p, int elem_size) {
   const int vec = 16 / elem_size;
   const int64_t nb = p.seqlen > 0 ? p.n_tokens / p.seqlen : 0;
-  bool ok = aligned16(p.out) && stride_ok(p.o_sb, nb, vec) && stride_ok(p.o_ss, p.seqlen, vec);
-  if (p.x) ok = ok && aligned16(p.x) && stride_ok(p.x_sb, nb, vec) && stride_ok(p.x_ss, p.seqlen, vec);
+  bool ok = aligned16(p.out) && stride_ok(p.stride_o_b, nb, vec) && stride_ok(p.stride_o_s, p.seqlen, vec);
+  if (p.x) ok = ok && aligned16(p.x) && stride_ok(p.stride_x_b, nb, vec) && stride_ok(p.stride_x_s, p.seqlen, vec);
   ok = ok && (p.interleaved ? (2 * p.half) % vec == 0 : p.half % vec == 0);
   return ok ? vec : 1;
 }

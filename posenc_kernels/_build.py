@@ -31,6 +31,25 @@ SOURCE_PATTERNS = ("*.cpp", "*.cu", "*.h", "*.cuh", "*.hpp")
 # TORCH_CUDA_ARCH_LIST, which always overrides this.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
+# The translation units of the extension, written once: the AOT build (setup.py), the JIT build
+# (_native.py) and scripts/check_cuda_compile read these lists; no file name pattern decides what is built.
+# Paths are relative to csrc/. Link order: CPU_SOURCES, then CUDA_KERNELS + CUDA_GLUE (CUDA builds), then
+# CPU_ISA_VARIANTS last - the linker keeps the first copy of an inline function two objects share, which
+# must be the baseline build (csrc/cpu_variant.h).
+CPU_SOURCES = ("bindings.cpp", "rope_cpu_ops.cpp", "rope_cpu.cpp", "sinusoidal_cpu.cpp", "learned_cpu.cpp")
+# Each wrapper recompiles a kernel file for a wider ISA (the ISA comes from `#pragma GCC target` in
+# csrc/cpu_variant.h, so they need no extra compiler flags: one set of flags serves every C++ file).
+CPU_ISA_VARIANTS = ("rope_cpu_avx2.cpp", "rope_cpu_avx512.cpp", "sinusoidal_cpu_avx2.cpp", "sinusoidal_cpu_avx512.cpp")
+CUDA_KERNELS = ("rope_cuda.cu", "sinusoidal_cuda.cu")  # nvcc; no torch header
+CUDA_GLUE = ("cuda_ops.cpp",)  # the C++ torch glue of the CUDA kernels (c10/cuda headers)
+
+
+def extension_sources(csrc: Path, cuda: bool) -> list[Path]:
+    """Every translation unit of the extension in link order (see :data:`CPU_SOURCES`)."""
+    names = CPU_SOURCES + ((CUDA_KERNELS + CUDA_GLUE) if cuda else ()) + CPU_ISA_VARIANTS
+    return [Path(csrc) / n for n in names]
+
+
 # Embedded in the ahead-of-time module (see setup.py): what it was built from, read without loading it.
 BUILD_INFO_MARKER = b"POSENC_BUILD_INFO:"
 
@@ -161,3 +180,10 @@ def read_build_info(library: str) -> Optional[dict]:
         return json.loads(data[i + len(BUILD_INFO_MARKER) : j].decode())
     except ValueError:
         return None
+
+
+if __name__ == "__main__":  # scripts/check_cuda_compile: `python posenc_kernels/_build.py cuda_kernels`
+    import sys
+
+    lists = {"cpu": CPU_SOURCES, "cpu_isa": CPU_ISA_VARIANTS, "cuda_kernels": CUDA_KERNELS, "cuda_glue": CUDA_GLUE}
+    print(" ".join(f"csrc/{n}" for n in lists[sys.argv[1]]))

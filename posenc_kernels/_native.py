@@ -15,8 +15,9 @@ C++ kernels with the dispatcher then, see ``posenc_kernels/ops/registry.py`` ``f
    2 cores); later processes load the cached library without running the compiler.
 
 ``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot`` the prebuilt module only,
-``jit`` the JIT build only, ``0`` neither. CUDA sources (``csrc/*.cu``, ``csrc/cuda_*.cpp``) join the JIT
-build only when torch has CUDA and a CUDA toolkit of torch's major version is found
+``jit`` the JIT build only, ``0`` neither. The sources are the explicit lists of
+:mod:`posenc_kernels._build` (``CPU_SOURCES``, ``CPU_ISA_VARIANTS``, ``CUDA_KERNELS``, ``CUDA_GLUE``); the CUDA
+ones join the JIT build only when torch has CUDA and a CUDA toolkit of torch's major version is found
 (:func:`posenc_kernels._build.cuda_toolkit`); without a visible GPU and without ``TORCH_CUDA_ARCH_LIST`` they
 are built for :data:`posenc_kernels._build.DEFAULT_CUDA_ARCH_LIST`. If they fail to build, the CPU kernels
 are built alone, with a warning. A failed build is remembered in its cache folder (``BUILD_FAILED``), so
@@ -26,8 +27,11 @@ and the Triton/torch backends keep working. A prebuilt module is not loaded when
 sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``).
 ``python -m posenc_kernels`` prints all of this for the running environment.
 
-The public ops are defined in Python (``posenc_kernels/ops``); the extension registers C++ kernels for them
-when the op layer asks (``_native_register``, see ``csrc/bindings.cpp``).
+The public ops are defined in Python (``posenc_kernels/ops``), before the extension is loaded. Loading it
+registers, once and for good, a C++ chooser on the ``BackendSelect`` key of every public op and the
+``ADInplaceOrView`` kernels of the mutating ones (``csrc/native_ops.h``): per call the chooser runs the C++
+kernel or redispatches to Python's CPU/CUDA kernel, from the backend selection the op layer sets here
+(:func:`set_backend`, :func:`set_thread_backend`, :func:`set_triton`).
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ import torch
 from . import _build
 
 __all__ = [
-    "available", "has_op", "load", "load_error", "source", "ops_for", "register", "set_value_checks",
-    "registered_ops", "kernel_devices", "status",
+    "available", "has_op", "load", "load_error", "source", "ops_for", "set_value_checks", "set_backend",
+    "set_thread_backend", "set_triton", "BACKEND_CODES", "kernel_devices", "status",
 ]  # fmt: skip
 
 _log = logging.getLogger("posenc_kernels")
@@ -81,27 +85,15 @@ def _cxx_flags() -> list[str]:
     return ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
 
-def _cuda_sources() -> list[Path]:
-    if not CSRC.is_dir():
-        return []
-    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("cuda_*.cpp"))
-
-
-def _is_isa_variant(p: Path) -> bool:
-    return p.stem.endswith(("_avx2", "_avx512"))
-
-
-def _cpu_sources() -> list[Path]:
-    """Baseline translation units first, the ISA variants (csrc/cpu_variant.h) last: the linker keeps the
-    first copy of an inline function two objects share, which must be the baseline build."""
-    cpp = [p for p in sorted(CSRC.glob("*.cpp")) if not p.name.startswith("cuda_")]
-    return [p for p in cpp if not _is_isa_variant(p)] + [p for p in cpp if _is_isa_variant(p)]
+def _sources(cuda: bool) -> list[Path]:
+    """The extension's translation units in link order: the one explicit list of :mod:`._build`."""
+    return _build.extension_sources(CSRC, cuda)
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_toolkit() -> tuple[Optional[str], str]:
     """The CUDA toolkit the JIT build compiles with, or ``(None, why the CUDA sources are not built)``."""
-    if not _cuda_sources():
+    if not all(p.is_file() for p in _sources(cuda=True)):
         return None, f"no CUDA sources in {CSRC}"
     if os.environ.get("POSENC_BUILD_CUDA", "1") == "0":
         return None, "POSENC_BUILD_CUDA=0"
@@ -163,7 +155,7 @@ def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
     that decides the build - sources (names, contents, link order), flags, compiler, CUDA toolkit and
     architectures - and of nothing else (no paths, no timestamps)."""
     h = hashlib.sha256()
-    h.update(" ".join(p.name for p in sources).encode())  # the link order matters (see _cpu_sources)
+    h.update(" ".join(p.name for p in sources).encode())  # the link order matters (see _build.CPU_SOURCES)
     h.update(_build.source_hash(CSRC).encode())  # every source and header csrc/ ships
     h.update(" ".join(_cxx_flags()).encode())
     h.update(os.environ.get("CXX", "c++").encode())
@@ -184,7 +176,7 @@ def _retry() -> bool:
 
 def _load_jit() -> None:
     """Build (or find cached) and load; a failing CUDA build falls back to the CPU kernels alone."""
-    if not CSRC.is_dir() or not _cpu_sources():
+    if not all(p.is_file() for p in _sources(cuda=False)):
         raise RuntimeError(f"no C++ sources at {CSRC} (an installed wheel without the prebuilt extension)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
@@ -230,9 +222,7 @@ def _cuda_build_env():
 def _build_and_load(cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    cpu = _cpu_sources()  # the ISA variants stay last, after the CUDA objects too
-    base = [p for p in cpu if not _is_isa_variant(p)]
-    sources = base + (_cuda_sources() if cuda else []) + [p for p in cpu if _is_isa_variant(p)]
+    sources = _sources(cuda)  # the ISA variants stay last, after the CUDA objects too
     name, build_dir = _jit_build_dir(sources, cuda)
     library, failed = build_dir / f"{name}.so", build_dir / _FAILED
     if failed.is_file() and not _retry():
@@ -253,7 +243,10 @@ def _build_and_load(cuda: bool) -> None:
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     what = f"CPU and CUDA ({_cuda_arch_list()[0]})" if cuda else "CPU"
-    _log.warning("posenc_kernels: building the native %s kernels once into %s (about a minute)", what, build_dir)
+    # One line on stderr's file descriptor (pytest's capture does not swallow it): a first import that
+    # compiles for a minute must say so.
+    _progress(f"posenc_kernels: building the native {what} kernels once ({len(sources)} sources) into "
+              f"{build_dir}: about 1 min on 2 cores; later imports load the cached build")
     kwargs = dict(
         name=name,
         sources=[str(p) for p in sources],
@@ -276,19 +269,35 @@ def _build_and_load(cuda: bool) -> None:
             failed.write_text(json.dumps(record) + "\n")
         raise
     failed.unlink(missing_ok=True)
-    (build_dir / _BUILT).write_text(json.dumps({"torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1)}))
+    seconds = round(time.monotonic() - t0, 1)
+    (build_dir / _BUILT).write_text(json.dumps({"torch": torch.__version__, "seconds": seconds}))
+    _progress(f"posenc_kernels: native {what} kernels built in {seconds} s")
     _state["library"] = str(library)
+
+
+def _progress(line: str) -> None:
+    """Write ``line`` to file descriptor 2 directly (not through sys.stderr, which pytest's default
+    ``--capture=fd`` replaces) and, when fd 2 is not a terminal but the process has one (an interactive
+    pytest run: its fd capture redirects fd 2 too), to the terminal as well. Kept in ``_state["progress"]``."""
+    _state.setdefault("progress", []).append(line)
+    data = (line + "\n").encode()
+    with contextlib.suppress(OSError):
+        os.write(2, data)
+    with contextlib.suppress(OSError):
+        if not os.isatty(2):
+            fd = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
 
 
 def forget_builds() -> list[Path]:
     """Remove this environment's JIT build folders (CPU and CUDA, failed or not) for the current sources;
     returns the folders removed. The next :func:`load` in a new process builds afresh."""
     removed = []
-    cpu = _cpu_sources()
-    base = [p for p in cpu if not _is_isa_variant(p)]
-    variants = [p for p in cpu if _is_isa_variant(p)]
     for cuda in (False, True) if _want_cuda() else (False,):
-        _, d = _jit_build_dir(base + (_cuda_sources() if cuda else []) + variants, cuda)
+        _, d = _jit_build_dir(_sources(cuda), cuda)
         if d.is_dir():
             shutil.rmtree(d)
             removed.append(d)
@@ -370,16 +379,11 @@ def has_op(name: str, device_type: str) -> bool:
     return device_type in ("cpu", "cuda") and op in ops_for(device_type.upper())
 
 
-def registered_ops() -> list[str]:
-    """The qualified names (``posenc::...``) of the public ops the loaded extension has kernels for, on any
-    device (it says so itself: ``_native_ops``); empty without it."""
-    return sorted(f"posenc::{op}" for op in ops_for("CPU") | ops_for("CUDA"))
-
-
 def kernel_devices() -> dict[str, list[str]]:
-    """For each of :func:`registered_ops`, the device types the extension has a kernel for (loads it). Which
-    kernel serves a key right now is the op layer's choice: ``posenc_kernels.ops.registry.registered_kernels``."""
-    return {op: [dev for dev in ("cpu", "cuda") if op.split("::")[1] in ops_for(dev.upper())] for op in registered_ops()}
+    """For each public op (``posenc::...``) the extension has a kernel for, the device types it has one for
+    (loads it); empty without it. Whether a call runs it is the backend selection's choice, per call."""
+    ops = sorted(ops_for("CPU") | ops_for("CUDA"))
+    return {f"posenc::{op}": [dev for dev in ("cpu", "cuda") if op in ops_for(dev.upper())] for op in ops}
 
 
 def status() -> dict:
@@ -413,8 +417,9 @@ _ops_for: dict = {}
 
 
 def ops_for(key: str) -> frozenset:
-    """The public ops whose kernels the loaded extension can register for dispatch key ``key`` ("CPU",
-    "CUDA"); empty without the extension. Cached: the registry asks on every Python-kernel call."""
+    """The public ops the loaded extension has kernels for: ``"CPU"`` / ``"CUDA"`` (its C++ implementations
+    per device type), ``"BackendSelect"`` (the ops it registered a chooser for), ``"ADInplaceOrView"`` (its
+    version-bump kernels); empty without the extension. Cached: the registry asks on every Python-kernel call."""
     hit = _ops_for.get(key)
     if hit is None:
         hit = frozenset()
@@ -424,28 +429,37 @@ def ops_for(key: str) -> frozenset:
     return hit
 
 
-def _control(name: str, *args) -> None:
-    """Call the extension's control op ``posenc::<name>`` when it is loaded (no-op without it)."""
-    if _state["source"] is not None and hasattr(torch.ops.posenc, name):
-        getattr(torch.ops.posenc, name)(*args)
-
-
-def set_backend(code: int) -> None:
-    """The process-wide backend (its index in ``registry.BACKENDS``) the extension's choosers read."""
-    _control("_native_set_backend", code)
-
-
-def set_thread_backend(code: int) -> None:
-    """This thread's override of :func:`set_backend` (-1: none)."""
-    _control("_native_set_thread_backend", code)
-
-
-def set_triton(cpu: bool, cuda: bool) -> None:
-    """Whether backend ``auto`` prefers the Triton kernels on CPU / CUDA tensors (set once, at import)."""
-    _control("_native_set_triton", cpu, cuda)
-
-
 def set_value_checks(enabled: bool) -> None:
     """Mirror :func:`posenc_kernels.set_value_checks` into the extension's kernels."""
     if _state["source"] is not None and hasattr(torch.ops.posenc, "_native_value_checks"):
         torch.ops.posenc._native_value_checks(enabled)
+
+
+#: The backend codes of the extension's selection state (``csrc/native_ops.h`` BackendCode).
+BACKEND_CODES = {"auto": 0, "triton": 1, "native": 2, "torch": 3}
+
+
+def _loaded() -> bool:
+    return _state["source"] is not None and hasattr(torch.ops.posenc, "_native_set_backend")
+
+
+def set_backend(code: int) -> None:
+    """The process-wide backend of the extension's choosers (:data:`BACKEND_CODES`): ``auto`` runs the C++
+    kernel on a device type where Triton is not preferred (:func:`set_triton`), ``native`` wherever the
+    op has one, ``triton``/``torch`` never. A no-op without the extension."""
+    if _loaded():
+        torch.ops.posenc._native_set_backend(int(code))
+
+
+def set_thread_backend(code: int) -> None:
+    """This thread's override of :func:`set_backend` (same codes), or ``-1`` to clear it. The caller saves
+    and restores the previous value itself (``use_backend`` nests). A no-op without the extension."""
+    if _loaded():
+        torch.ops.posenc._native_set_thread_backend(int(code))
+
+
+def set_triton(cpu: bool, cuda: bool) -> None:
+    """Whether ``auto`` prefers Triton on CPU tensors (``TRITON_INTERPRET=1``) and on CUDA tensors (Triton
+    importable); the op layer calls it once at import. A no-op without the extension."""
+    if _loaded():
+        torch.ops.posenc._native_set_triton(bool(cpu), bool(cuda))

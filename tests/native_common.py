@@ -35,17 +35,23 @@ def cpu_kernel_source(name: str) -> str:
     return next((ln for ln in dump.splitlines() if ln.startswith("CPU:")), "")
 
 
+def backend_select_source(name: str) -> str:
+    """The line of the dispatcher's dump naming the BackendSelect kernel of posenc::<name>."""
+    dump = torch._C._dispatch_dump(f"posenc::{name}")
+    return next((ln for ln in dump.splitlines() if ln.startswith("BackendSelect:")), "")
+
+
 def assert_native(name: str) -> None:
-    """posenc::<name>'s CPU key is served by the C++ kernel: the registry says so and the dispatcher's
-    CPU entry was registered by csrc/bindings.cpp (not a Python kernel of posenc_kernels/ops)."""
+    """A CPU call of posenc::<name> in this thread runs the C++ kernel: the registry says so and the
+    dispatcher's BackendSelect entry, the chooser that calls it, was registered by csrc/bindings.cpp."""
     assert registry.registered_kernels(name)["CPU"] == "native", registry.registered_kernels(name)
-    assert "bindings.cpp" in cpu_kernel_source(name), cpu_kernel_source(name)
+    assert "bindings.cpp" in backend_select_source(name), backend_select_source(name)
 
 
 @pytest.fixture(autouse=True)
 def native_cpu():
-    """Process default "native": the C++ kernels sit on the CPU key, no BackendSelect router in between
-    (conftest's fixture resets the backend to "auto" afterwards)."""
+    """Process default "native": the C++ chooser runs the C++ kernels (conftest's fixture resets the backend
+    to "auto" afterwards)."""
     if not AVAILABLE:
         yield
         return
@@ -58,7 +64,7 @@ def native_cpu():
 
 @pytest.fixture
 def native_backend():
-    """The thread-local override: the BackendSelect router is active and redispatches to the C++ kernel."""
+    """The thread-local override "native": the BackendSelect chooser calls the C++ kernel."""
     with pk.use_backend("native"):
         assert registry.registered_kernels("rope_")["BackendSelect"] == "chooser"
         assert_native("rope_")
@@ -181,6 +187,7 @@ __all__ = [
     "assert_native",
     "check",
     "cpu_kernel_source",
+    "backend_select_source",
     "make",
     "nan_poisoned_allocations",
     "native_backend",

@@ -223,10 +223,12 @@ def test_registered_ops_have_cpu_kernels():
         if os.environ.get("CI"):
             pytest.fail(f"CI builds the extension: {_native.load_error()}")
         pytest.skip(_native.load_error())
-    ops = _native.registered_ops()
+    ops = _native.kernel_devices()
     assert ops and all(op.startswith("posenc::") for op in ops)
-    for op, devices in _native.kernel_devices().items():
+    for op, devices in ops.items():
         assert "cpu" in devices, op
+        # served through the extension's chooser on BackendSelect (issue 17), Python's kernel on CPU below it
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "BackendSelect")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
 
 
@@ -242,7 +244,7 @@ def test_status_command():
         assert out.returncode == 1 and facts["error"]
     else:
         assert out.returncode == 0
-        assert set(facts["kernels"]) == set(_native.registered_ops())
+        assert set(facts["kernels"]) == set(_native.kernel_devices())
         assert all("cpu" in d for d in facts["kernels"].values())
     text = subprocess.run([sys.executable, "-m", "posenc_kernels"], capture_output=True, text=True, env=env,
                           timeout=900).stdout  # fmt: skip

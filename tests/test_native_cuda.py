@@ -273,20 +273,20 @@ def test_rope_empty_and_errors():
             _native_rope(strided, None, cos, sin, inplace=inplace)
         with pytest.raises(RuntimeError, match=r"k must have stride\(-1\) == 1"):
             _native_rope(q, torch.randn(1, 3, 1, 128, device=DEV)[..., ::2], cos, sin, inplace=inplace)
-    with pytest.raises(RuntimeError, match="exceeds head_dim"):
+    with pytest.raises(ValueError, match="exceeds head_dim"):
         _native_rope(q[..., :32], None, cos, sin)
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(TypeError, match="exact=True needs inv_freq in float64"):
         _native_rope(q, None, inv_freq=torch.ones(32, device=DEV), exact=True)
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor|must be on"):
+    with pytest.raises(ValueError, match=r"cos must be on the same device as the input \(cuda:0\), got cpu"):
         _native_rope(q, None, cos.cpu(), sin.cpu())
-    with pytest.raises(RuntimeError, match="cu_seqlens needs packed q/k"):
+    with pytest.raises(ValueError, match="cu_seqlens needs packed q/k"):
         _native_rope(q, None, cos, sin, cu_seqlens=torch.tensor([0, 3], device=DEV))
-    with pytest.raises(RuntimeError, match=r"axis_map must be an integer \[R/2\] = \[32\]"):
+    with pytest.raises(ValueError, match=r"axis_map must have one entry per frequency, \[R/2\] = \[32\]"):
         _native_rope(q, None, cos, sin, positions=torch.zeros(3, 1, 3, dtype=torch.long, device=DEV),
                      axis_map=torch.zeros(4, dtype=torch.long, device=DEV))  # fmt: skip
-    with pytest.raises(RuntimeError, match="axis_map needs positions"):
+    with pytest.raises(ValueError, match="axis_map needs positions"):
         _native_rope(q, None, cos, sin, axis_map=torch.zeros(32, dtype=torch.long, device=DEV))
-    with pytest.raises(RuntimeError, match=r"cu_seqlens must be an integer \[N \+ 1\]"):
+    with pytest.raises(ValueError, match=r"cu_seqlens must be \[N \+ 1\] with N >= 1"):
         _native_rope(q[0], None, cos, sin, cu_seqlens=torch.tensor([0], device=DEV))
     assert torch.equal(q, q0), "nothing may be written before an error"
     # accepted: a misaligned q (storage offset one element, channel stride 1): the scalar path
@@ -303,15 +303,15 @@ def test_rope_ignored_arguments_are_errors():
     offsets = torch.tensor([0, 2], device=DEV)
     positions = torch.zeros(2, 3, device=DEV, dtype=torch.int64)
     for inplace in (True, False):
-        with pytest.raises(RuntimeError, match="attention_factor"):
+        with pytest.raises(ValueError, match="attention_factor"):
             _native_rope(q, None, cos, sin, af=0.5, inplace=inplace)
-        with pytest.raises(RuntimeError, match="exact applies to on-the-fly angles"):
+        with pytest.raises(ValueError, match="exact applies to on-the-fly angles"):
             _native_rope(q, None, cos, sin, exact=True, inplace=inplace)
-        with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+        with pytest.raises(ValueError, match="offset must be 0 when an offsets tensor is given"):
             _native_rope(q, None, cos, sin, offsets=offsets, offset=3, inplace=inplace)
-        with pytest.raises(RuntimeError, match="offset must be 0 when positions are given"):
+        with pytest.raises(ValueError, match="pass positions or offsets, not both"):
             _native_rope(q, None, cos, sin, positions=positions, offset=3, inplace=inplace)
-        with pytest.raises(RuntimeError, match="positions or offsets, not both"):
+        with pytest.raises(ValueError, match="positions or offsets, not both"):
             _native_rope(q, None, cos, sin, positions=positions, offsets=offsets, inplace=inplace)
     assert torch.equal(q, q0), "nothing may be written before an error"
     # the accepted forms still run: an offset alone, attention_factor 1.0 with tables
@@ -327,19 +327,19 @@ def test_rope_aliasing_checks():
     q, k = _qk(1, 1, Hq, Hk, D, torch.float32)  # B = S = 1: head slices stay dense, so ATen's overlap test
     q0, k0 = q.clone(), k.clone()  # can prove an overlap
     cases = [
-        ("q_out has internally overlapping memory", lambda: (q[:, :, :1].expand_as(q), k)),
-        ("k_out has internally overlapping memory", lambda: (q, k[:, :, :1].expand_as(k))),
-        ("q_out must not overlap k_out", lambda: (q, q[:, :, :Hk])),  # k inside q
-        ("q_out must not overlap k_out", lambda: (q, q)),
+        ("q has internally overlapping memory", lambda: (q[:, :, :1].expand_as(q), k)),
+        ("k has internally overlapping memory", lambda: (q, k[:, :, :1].expand_as(k))),
+        ("k must not overlap q: they share memory", lambda: (q, q[:, :, :Hk])),  # k inside q
+        ("k must not overlap q: shared elements would be rotated twice", lambda: (q, q)),
     ]
     for msg, make in cases:
         a = make()
-        with pytest.raises(RuntimeError, match=msg):
+        with pytest.raises(ValueError, match=msg):  # the Python check's messages (csrc/rope_args.h)
             rope_(*a, *_args(cos, sin))
         assert torch.equal(q, q0) and torch.equal(k, k0), msg
     buf = torch.randn(1, 5, Hq, D, device=DEV)
     buf0 = buf.clone()
-    with pytest.raises(RuntimeError, match="must not overlap"):
+    with pytest.raises(ValueError, match="must not overlap"):
         rope_(buf[:, :4], buf[:, 1:], *_args(cos, sin))  # k is q shifted by one token
     assert torch.equal(buf, buf0)
     # out of place reads overlapping inputs fine
@@ -365,7 +365,7 @@ def test_rope_inference_tensors_and_version_counter():
     with torch.inference_mode():
         qi = torch.randn(2, 3, 2, 64, device=DEV)
     q0 = qi.clone()
-    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+    with pytest.raises(RuntimeError, match="q is an inference tensor: in-place updates"):
         rope_(qi, None, *_args(cos, sin))
     assert torch.equal(qi, q0)
     want, _ = rope(q0, None, *_args(cos, sin))

@@ -135,6 +135,6 @@ def test_sinusoidal_errors():
     x = torch.randn(2, 3, 128, device=DEV)[..., ::2]  # channel stride 2: refused by the CUDA kernel
     with pytest.raises(RuntimeError, match=r"stride\(-1\) == 1"):
         torch.ops.posenc.add_sinusoidal.default(x, None, None, 0, 1.0, 10000.0, True, False, 0.0, 1.0)
-    with pytest.raises(RuntimeError, match="offset must be 0 when offsets are given"):
+    with pytest.raises(ValueError, match="offset must be 0 when an offsets tensor is given"):
         torch.ops.posenc.add_sinusoidal.default(x.contiguous(), None, torch.zeros(2, dtype=torch.long, device=DEV), 3,
                                                 1.0, 10000.0, True, False, 0.0, 1.0)  # fmt: skip

@@ -263,7 +263,7 @@ def _register(s: OpSpec) -> None:
     lib = _state["impl"]
     for key in _KEYS:
         lib.impl(s.name, _python_kernel(s), key)
-    if s.factory and s.name not in _native.ops_for("CPU") | _native.ops_for("CUDA"):
+    if s.factory and s.name not in _native.ops_for("BackendSelect"):
         lib.impl(s.name, _factory_kernel(s), "BackendSelect", with_keyset=True)
     if s.mutated and not _native.available():  # else the extension's ADInplaceOrView kernels serve
         lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
@@ -284,13 +284,18 @@ def finalize() -> None:
 
 
 def registered_kernels(name: str) -> dict:
-    """What serves ``posenc::<name>`` per dispatch key (for tests and the status command): ``"CPU"`` /
-    ``"CUDA"`` -> ``"python"``; ``"BackendSelect"`` -> ``"native"`` (the extension's chooser),
-    ``"factory"`` or None."""
+    """What serves ``posenc::<name>`` for a call in this thread right now (for tests and the status line):
+    ``"native"`` (the C++ chooser runs the C++ kernel) or ``"python"`` per device key, and the BackendSelect
+    kernel (``"chooser"``: the extension's; ``"factory"``: Python's; None)."""
     s = _OPS[name]
-    out = {key: "python" for key in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)}
-    if s.name in _native.ops_for("CPU") | _native.ops_for("CUDA"):
-        out["BackendSelect"] = "native"
+    out = {}
+    for key in _KEYS:
+        try:
+            out[key] = "native" if backend_for(s, key.lower()) == "native" else "python"
+        except RuntimeError:  # a forced backend that cannot run there
+            out[key] = "python"
+    if name in _native.ops_for("BackendSelect"):
+        out["BackendSelect"] = "chooser"
     else:
         out["BackendSelect"] = "factory" if s.factory else None
     return out
