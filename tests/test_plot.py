@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (installed with matplotlib)
 
 from posenc_kernels import plot  # noqa: E402
-from posenc_kernels.schedules import rope_frequencies  # noqa: E402
+from posenc_kernels.ops.rope.schedules import rope_frequencies  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posenc_kernels as pk
-from posenc_kernels.positions import (
+from posenc_kernels.ops.positions import (
     fairseq_positions,
     opt_positions,
     position_ids_from_attention_mask,
@@ -289,8 +289,8 @@ def test_cuda_no_sync_and_graph_capture():
         (lambda: positions_from_cu_seqlens(torch.tensor([[0, 2]])), ValueError, "cu_seqlens must have 1"),
         (lambda: positions_from_cu_seqlens(torch.zeros(0, dtype=torch.long)), ValueError, "cu_seqlens must have B"),
         (lambda: positions_from_cu_seqlens(torch.tensor([1, 3])), ValueError, "cu_seqlens must start at 0"),
-        (lambda: positions_from_cu_seqlens(torch.tensor([0, 3, 2]), 3), ValueError, "cu_seqlens must be non-decr"),
-        (lambda: positions_from_cu_seqlens(torch.tensor([0, -2])), ValueError, "cu_seqlens must be non-decr"),
+        (lambda: positions_from_cu_seqlens(torch.tensor([0, 3, 2]), 3), ValueError, "cu_seqlens must start at 0 and never decrease"),
+        (lambda: positions_from_cu_seqlens(torch.tensor([0, -2])), ValueError, "cu_seqlens must start at 0 and never decrease"),
         (lambda: positions_from_cu_seqlens(torch.tensor([0, 3, 5]), 4), ValueError, "total_tokens"),
         (lambda: positions_from_cu_seqlens(torch.tensor([0, 3]), -1), ValueError, "total_tokens"),
         (lambda: positions_from_cu_seqlens(torch.tensor([0, 3]), 3.0), TypeError, "total_tokens"),

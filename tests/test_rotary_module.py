@@ -12,8 +12,8 @@ import torch
 
 from posenc_kernels import reference as ref
 from posenc_kernels.ops.rope import mrope_axis_map, rope_cos_sin
-from posenc_kernels.rotary import RotaryEmbedding
-from posenc_kernels.schedules import rope_frequencies
+from posenc_kernels.ops.rope.module import RotaryEmbedding
+from posenc_kernels.ops.rope.schedules import rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, Phi3Config  # noqa: E402

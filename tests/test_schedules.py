@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import posenc_kernels as pk
-from posenc_kernels.schedules import ROPE_TYPES, rope_frequencies
+from posenc_kernels.ops.rope.schedules import ROPE_TYPES, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 mpmath = pytest.importorskip("mpmath")
