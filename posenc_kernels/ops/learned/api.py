@@ -24,17 +24,11 @@ from .op import norm_padding_idx
 __all__ = ["add_position_embedding_", "add_position_embedding", "LearnedPositionEmbedding"]
 
 
-def _check_arg_types(x, table, positions, padding_idx) -> None:
-    """The argument kinds, checked before the op's schema would reject them with a generic message."""
-    check_tensor("x", x)
-    check_tensor("table", table)
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
+def _resolve_deterministic(padding_idx, deterministic: Optional[bool]) -> bool:
+    """``deterministic`` as the op takes it; ``padding_idx`` checked for what the schema's ``int?`` would hide
+    (a bool is an int there)."""
     if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
-
-
-def _resolve_deterministic(deterministic: Optional[bool]) -> bool:
     if deterministic is None:
         return torch.are_deterministic_algorithms_enabled()
     if not isinstance(deterministic, bool):
@@ -66,8 +60,7 @@ def add_position_embedding_(
     >>> y is x, torch.equal(x[1, 2], table[7])
     (True, True)
     """
-    _check_arg_types(x, table, positions, padding_idx)
-    _op.call_inplace(x, table, positions, padding_idx, _resolve_deterministic(deterministic))
+    _op.call_inplace(x, table, positions, padding_idx, _resolve_deterministic(padding_idx, deterministic))
     return x
 
 
@@ -89,8 +82,7 @@ def add_position_embedding(
     >>> table.grad[0].abs().sum().item(), table.grad[1, 0].item(), table.grad[5:].abs().sum().item()
     (0.0, 2.0, 0.0)
     """
-    _check_arg_types(x, table, positions, padding_idx)
-    return _op.call(x, table, positions, padding_idx, _resolve_deterministic(deterministic))
+    return _op.call(x, table, positions, padding_idx, _resolve_deterministic(padding_idx, deterministic))
 
 
 class LearnedPositionEmbedding(torch.nn.Module):

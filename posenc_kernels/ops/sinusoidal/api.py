@@ -89,7 +89,6 @@ def sinusoidal_table(
         device = torch.device("cpu") if device is None else torch.device(device)
     else:
         raise TypeError(f"positions_or_length must be an int or a tensor, got {type(positions_or_length).__name__}")
-    _finite(freq_shift=float(freq_shift), scale=float(scale))
     args = (positions, length, dim, float(base), bool(interleaved), bool(cos_first), float(freq_shift), float(scale),
             dtype, device)  # fmt: skip
     try:
@@ -98,21 +97,9 @@ def sinusoidal_table(
         reraise_with_check(e, check_table, *args)
 
 
-def _finite(**scalars) -> None:
-    """The scalars the native kernels take as given (they check memory safety only): checked here, so every
-    backend raises alike (the ops' checks repeat it for fakes and direct op calls, so traced code raises it
-    from the fake)."""
-    if torch.compiler.is_compiling():
-        return
-    for name, v in scalars.items():
-        if not math.isfinite(v):
-            raise ValueError(f"{name} must be finite, got {v!r}")
-
-
 def _add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale) -> tuple:
     """The ops' arguments after x from the public keywords."""
     x_scale, freq_shift, scale = float(x_scale), float(freq_shift), float(scale)
-    _finite(x_scale=x_scale, freq_shift=freq_shift, scale=scale)
     if type(offsets) is int:  # the common case, without split_offsets' checks
         offsets_t, offset = None, offsets
     else:
