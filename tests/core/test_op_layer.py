@@ -205,7 +205,7 @@ def test_exact_angle_constants_have_one_value_everywhere():
         src = inspect.getsource(angles.exact_angle_tl.fn)
         for c in consts:
             assert c in src, c
-    header = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "exact_angle.h"
+    header = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "exact_angle.h"
     if header.exists():
         text = header.read_text()
         for c in consts:
@@ -220,7 +220,7 @@ def test_position_mode_codes_have_one_value_everywhere():
 
     from posenc_kernels.ops.positions import PosMode
 
-    header = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "positions.h"
+    header = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "positions.h"
     if not header.exists():
         pytest.skip("no csrc/ beside the tests")
     codes = dict(re.findall(r"kPos(\w+) = (\d+)", header.read_text()))
