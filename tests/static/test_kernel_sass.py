@@ -1,8 +1,8 @@
 """Static GPU check without a GPU: the code ptxas emits for sm_90 (H100/H200), read off PTX and SASS.
 
-Every hot Triton kernel is compiled at the launch shapes its launcher really chooses (tests/static_compile.py,
-in a subprocess without TRITON_INTERPRET), and its SASS read by tests/sass.py. A memory-bound kernel's
-speed is decided by two things one can read there without running it: how many global-load round trips a
+Every hot Triton kernel is compiled at the launch shapes its launcher really chooses
+(posenc_kernels/_dev/static_compile.py, in a subprocess without TRITON_INTERPRET), and its SASS read by
+posenc_kernels/_dev/sass.py. A memory-bound kernel's speed is decided by two things one can read there without running it: how many global-load round trips a
 program waits through one after another, and how many instructions it issues per DRAM byte. CI runs this
 file on Triton 3.6 (the GPU machines' release) and the newest.
 
@@ -48,11 +48,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
+from posenc_kernels._dev.static_compile import CASES as _CASES  # names only: nothing compiles in this process
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +59,13 @@ def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run(
-        [sys.executable, str(HERE / "static_compile.py")], capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "posenc_kernels._dev.static_compile"], capture_output=True, text=True, env=env, timeout=900,
         check=False,
     )  # fmt: skip
     assert res.returncode == 0, f"static compile failed:\n{res.stderr[-4000:]}"
     return json.loads(res.stdout)
 
 
-sys.path.insert(0, str(HERE))
-from static_compile import CASES as _CASES  # noqa: E402  (names only: nothing compiles in this process)
-
-sys.path.remove(str(HERE))
 CASES = list(_CASES)
 ROPE = [c for c in CASES if c.startswith("rope_") and c != "rope_cos_sin"]
 # kernels whose rows allow 16-byte vectors everywhere (odd widths and scatter/reduction kernels aside)

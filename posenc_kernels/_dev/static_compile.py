@@ -1,12 +1,13 @@
 """Compile every hot Triton kernel for sm_90 without a GPU and report its static figures.
 
-Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (tests/test_static_sass.py runs it in a
-subprocess; scripts/static_figures writes its output to benchmarks/static_figures.json). The real
-launchers run on CPU tensors of real model shapes with the kernel objects swapped for recorders, so each
-kernel is compiled with exactly the arguments, constexprs and divisibility specialisations a launch of
-those shapes would use (Triton's own ``native_specialize_impl``).
+Run as ``python -m posenc_kernels._dev.static_compile`` in a process WITHOUT ``TRITON_INTERPRET``
+(tests/static/test_kernel_sass.py runs it in a subprocess; scripts/static_figures writes its output to
+benchmarks/static_figures.json). The real launchers run on CPU tensors of real model shapes with the
+kernel objects swapped for recorders, so each kernel is compiled with exactly the arguments, constexprs
+and divisibility specialisations a launch of those shapes would use (Triton's own
+``native_specialize_impl``).
 
-Per case: ptxas's registers and spills, PTX access counts, and the SASS figures of tests/sass.py (load
+Per case: ptxas's registers and spills, PTX access counts, and the SASS figures of ``sass`` (load
 rounds, bytes in flight, instructions on the path, occupancy), plus ``dram_bytes_per_program``: the
 case's minimal DRAM traffic (each input read once, each output written once: the figure the benchmarks'
 bandwidth uses) over its programs, and ``instructions_per_byte`` from it. Prints one JSON object:
@@ -35,13 +36,11 @@ try:
 except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sass  # noqa: E402
-
-import posenc_kernels.ops.learned.kernel as learned  # noqa: E402
-import posenc_kernels.ops.relative.kernel as relative  # noqa: E402
-import posenc_kernels.ops.rope.kernel as rope  # noqa: E402
-import posenc_kernels.ops.sinusoidal.kernel as sinus  # noqa: E402
+import posenc_kernels.ops.learned.kernel as learned
+import posenc_kernels.ops.relative.kernel as relative
+import posenc_kernels.ops.rope.kernel as rope
+import posenc_kernels.ops.sinusoidal.kernel as sinus
+from posenc_kernels._dev import sass
 
 TARGET = GPUTarget("cuda", 90, 32)
 
