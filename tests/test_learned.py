@@ -12,6 +12,8 @@ from posenc_kernels.ops.learned import op as learned_op
 from conftest import DEVICE, DTYPES, INTERPRET, assert_dtype_tolerance, max_err, ulp_err
 from posenc_kernels import get_backend
 
+NATIVE_OP = "add_position_embedding_"  # these tests also run on the native C++ CPU kernels when built (conftest.py)
+
 P = 13  # table rows: odd on purpose
 
 

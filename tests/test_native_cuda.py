@@ -23,7 +23,8 @@ from posenc_kernels import reference as ref
 from posenc_kernels.ops import registry
 from posenc_kernels.ops.angles import exact_angles as _exact_angles
 
-from conftest import assert_dtype_tolerance, cu_positions
+from conftest import assert_dtype_tolerance
+from positions_oracle import cu_positions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (gpu_check.sh)")
 

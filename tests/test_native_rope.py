@@ -13,7 +13,8 @@ from posenc_kernels import reference as ref
 from posenc_kernels.configs import MODEL_CONFIGS
 from posenc_kernels.ops.rope.op import check_rope
 
-from conftest import assert_dtype_tolerance, cu_positions, max_err
+from conftest import assert_dtype_tolerance, max_err
+from positions_oracle import cu_positions
 from native_common import *  # noqa: F401,F403  (the shared helpers: native_common.__all__)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"native extension unavailable: {_native.load_error()}")

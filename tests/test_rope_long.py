@@ -9,7 +9,10 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels import reference as ref
 
-from conftest import DEVICE, DTYPES, assert_dtype_tolerance, cu_positions, max_err
+from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
+from positions_oracle import cu_positions
+
+NATIVE_OP = "rope_"  # these tests also run on the native C++ CPU kernels when built (conftest.py)
 
 
 def qk(B, S, Hq, Hk, D, dtype=torch.float32):

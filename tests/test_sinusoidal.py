@@ -12,6 +12,8 @@ from posenc_kernels.ops.sinusoidal import op as sin_op
 
 from conftest import DEVICE, DTYPES, assert_dtype_tolerance, max_err
 
+NATIVE_OP = "add_sinusoidal_"  # these tests also run on the native C++ CPU kernels when built (conftest.py)
+
 CONV = pk.SINUSOIDAL_CONVENTIONS
 
 
