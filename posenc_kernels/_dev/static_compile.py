@@ -358,7 +358,7 @@ def t5_grad_case(kernel_name: str):
     return compile_recorded(jits[kernel_name], call, dram[kernel_name])
 
 
-# Every case: name -> what compiles it (tests/test_static_sass.py parametrises over these names).
+# Every case: name -> what compiles it (tests/static/test_kernel_sass.py parametrises over these names).
 CASES = {
     **{name: (lambda kw=kw: rope_case(**kw)) for name, kw in ROPE_CASES.items()},
     "rope_cos_sin": rope_cos_sin_case,
