@@ -13,6 +13,7 @@ from posenc_kernels.integrations import flash_attn as fa_int
 from posenc_kernels.integrations import hf as hf_int
 from posenc_kernels.integrations import vllm as vllm_int
 
+import positions_oracle as po
 from conftest import DTYPES, assert_dtype_tolerance
 
 transformers = pytest.importorskip("transformers")
@@ -28,14 +29,15 @@ HAS_CU_SEQLENS = "cu_seqlens" in inspect.signature(pk.apply_rope_).parameters
 
 def _flash_rows(x, seqlen_offsets, cu_seqlens):
     """flash-attn's table row per token: sequence b's token s reads seqlen_offsets[b] + s (an int: the same
-    for every sequence); packed inputs restart at each cu_seqlens boundary. ``[B, S]`` (packed: ``[1, T]``)."""
-    from posenc_kernels.ops.positions import cu_seqlens_positions, token_positions
-
+    for every sequence); packed inputs restart at each cu_seqlens boundary. ``[B, S]`` (packed: ``[1, T]``).
+    From the position oracle (tests/positions_oracle.py), not the package's resolver."""
     offs_t = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
     off = 0 if offs_t is not None else int(seqlen_offsets)
     if cu_seqlens is not None:
-        return cu_seqlens_positions(cu_seqlens, offs_t, off, x.shape[0])[None]
-    return token_positions(None, offs_t, off, x.shape[0], x.shape[1], x.device)
+        rows = [po.packed_positions(cu_seqlens, x.shape[0], offsets=offs_t, offset=off)]
+    else:
+        rows = po.token_positions(x.shape[0], x.shape[1], offsets=offs_t if offs_t is not None else off)
+    return po.as_tensor(rows, device=x.device, dtype=torch.int64)
 
 
 def flash_reference(x, cos, sin, interleaved=False, seqlen_offsets=0, cu_seqlens=None):

@@ -10,6 +10,7 @@ from posenc_kernels import LearnedPositionEmbedding, add_position_embedding, add
 from posenc_kernels import reference as ref
 from posenc_kernels.ops.learned import op as learned_op
 
+import positions_oracle as po
 from conftest import DEVICE, DTYPES, max_err
 from .common import P, rand_pos, check_forward, _close
 
@@ -174,6 +175,11 @@ def test_module_offsets_for_decode(backend):
         assert torch.allclose(emb(x, offsets=5), x + emb.weight[5])
         per_seq = torch.tensor([3, 9], device=DEVICE)  # per-sequence cache lengths
         assert torch.allclose(emb(x, offsets=per_seq), x + emb.weight[per_seq][:, None])
+        # a chunk of 3 tokens per sequence: rows from the position oracle, not the package's resolver
+        x3 = torch.randn(2, 3, 8, device=DEVICE)
+        for offsets in (4, per_seq):
+            rows = po.as_tensor(po.token_positions(2, 3, offsets=offsets), device=DEVICE)
+            assert torch.allclose(emb(x3, offsets=offsets), x3 + emb.weight[rows]), offsets
         assert torch.allclose(emb(x[0], offsets=2), x[0] + emb.weight[2])  # [T, D] tokens
         with pytest.raises(ValueError, match="not both"):
             emb(x, torch.zeros(1, dtype=torch.long, device=DEVICE), offsets=1)

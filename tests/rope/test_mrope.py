@@ -6,6 +6,7 @@ import torch
 
 import posenc_kernels as pk
 
+import positions_oracle as po
 from conftest import DEVICE, max_err
 from .common_modes import qk, same, rotate_with_rows
 
@@ -55,6 +56,13 @@ def test_mrope_matches_hf_recomposition(backend, interleaved_sections, angles):
     else:
         out_q, out_k = pk.apply_rope(q, k, inv_freq=inv.to(DEVICE), positions=pos3.to(DEVICE), axis_map=axis_map)
     assert max_err(out_q, truth_q) < 1e-5 and max_err(out_k, truth_k) < 1e-5
+    # The same truth from the position oracle: frequency i at the position of axis axis_map[i].
+    assert axis_map.tolist() == po.axis_map(section, interleaved=interleaved_sections)
+    pf = po.as_tensor(po.per_frequency_positions(pos3, po.axis_map(section, interleaved=interleaved_sections)))
+    angle = pf.double() * inv.double()  # [B, S, half]
+    oracle_q = rotate_with_rows(q, angle.cos().reshape(B * S, half).to(DEVICE), angle.sin().reshape(B * S, half).to(DEVICE),
+                                rows.to(DEVICE))  # fmt: skip
+    assert max_err(out_q, oracle_q) < 1e-5
     # Text tokens: three equal axes give plain 1-D RoPE.
     same_pos = pos3[:1].expand(3, B, S).to(DEVICE)
     plain, _ = pk.apply_rope(q, None, cos.to(DEVICE), sin.to(DEVICE), positions=pos3[0].to(DEVICE))
