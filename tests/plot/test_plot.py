@@ -80,11 +80,32 @@ def test_bench(tmp_path):
     check_png(plot.plot_benchmarks(tmp_path / "b.png", src))
 
 
-def test_bench_from_the_repo_json_if_present(tmp_path):
-    src = REPO / "bench-results" / "benchmarks.json"
-    if not src.exists():
-        pytest.skip("no bench-results/benchmarks.json in this checkout (scripts/bench writes it)")
-    check_png(plot.plot_benchmarks(tmp_path / "b.png", src))
+BENCH_CASES = [f"benchmarks/bench_sinusoidal.py::test_add_sinusoidal[{case}-{provider}]"
+               for case in ("4x1024x1024-float32",) for provider in ("posenc_inplace", "eager_buffer")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_bench_json(tmp_path_factory):
+    """A pytest-benchmark JSON written the way scripts/bench writes it, by a real run of two small cases of
+    the repo's own benchmarks (~15 s on 2 cores): the plot must read what the benchmarks produce, not only
+    a hand-written imitation of it. Like scripts/bench, without TRITON_INTERPRET (real implementations)."""
+    if not (REPO / "benchmarks" / "bench_sinusoidal.py").exists():
+        pytest.skip("no benchmarks/ beside the tests (an installed-package run)")
+    out = tmp_path_factory.mktemp("bench") / "benchmarks.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *BENCH_CASES, "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_bench_from_a_real_benchmark_run(tmp_path, real_bench_json):
+    rows = json.loads(real_bench_json.read_text())["benchmarks"]
+    assert sorted(r["extra_info"]["provider"] for r in rows) == ["eager_buffer", "posenc_inplace"]
+    assert all(r["extra_info"]["op"] == "add_sinusoidal_" and r["extra_info"]["gbps"] > 0 for r in rows)
+    check_png(plot.plot_benchmarks(tmp_path / "b.png", real_bench_json))
 
 
 def test_bench_without_results_names_the_file(tmp_path):
