@@ -154,14 +154,13 @@ if [ "${SKIP_NATIVE:-0}" != 1 ]; then
   fi
 fi
 
-# The rest of the suite, CUDA tests first, the static SASS tests (CPU CI runs them) and doctests last.
-tests=()
-for f in tests/test_cuda.py tests/test_native_cuda.py; do [ -f "$f" ] && tests+=("$f"); done
-for f in tests/test_*.py; do
-  case " ${tests[*]} " in *" $f "*) continue ;; esac
-  [ "$f" = tests/test_static_sass.py ] || tests+=("$f")
-done
-[ -f tests/test_static_sass.py ] && tests+=(tests/test_static_sass.py)
+# The rest of the suite: the tests that need a GPU first (test_cuda*.py in any folder: tests/core/test_cuda*.py,
+# tests/native/test_cuda*.py), then every other folder, the static SASS tests (tests/static/, CPU CI runs
+# them) and the doctests last.
+mapfile -t cuda_tests < <(find tests -name 'test_cuda*.py' -not -path 'tests/static/*' | LC_ALL=C sort)
+mapfile -t other_tests < <(find tests -name 'test_*.py' -not -name 'test_cuda*.py' -not -path 'tests/static/*' | LC_ALL=C sort)
+mapfile -t static_tests < <(find tests/static -name 'test_*.py' | LC_ALL=C sort)
+tests=("${cuda_tests[@]}" "${other_tests[@]}" "${static_tests[@]}")
 run_stage tests "$TESTS_BUDGET" 1 "$PY" -m pytest "${tests[@]}" posenc_kernels --doctest-modules -v -p no:cacheprovider \
   -p no:logging --junitxml="$OUTDIR/tests.xml"
 rc=$?

@@ -23,19 +23,6 @@ if not TRITON_RUNS and os.environ.get("CI"):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def cu_positions(cu, offsets, offset, T, device=None):
-    """Per-token positions of a packed batch, by the definition: sequence ``n`` owns tokens
-    ``cu[n]:cu[n + 1]`` and starts at ``offsets[n]`` (or the int ``offset``); tokens past ``cu[-1]`` take 0.
-    Written out token by token, independent of the package's own twins (ops/positions.py)."""
-    pos = [0] * T
-    cu = [int(v) for v in cu]
-    for n in range(len(cu) - 1):
-        start = int(offsets[n]) if offsets is not None else offset
-        for t in range(cu[n], cu[n + 1]):
-            pos[t] = t - cu[n] + start
-    return torch.tensor(pos, device=device)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -44,17 +31,15 @@ def _seed():
 
 
 # The native C++ extension has CPU kernels for RoPE, the sinusoidal and the learned ops: their suites run
-# on it too when it is built (CI builds it; tests/test_native.py fails there if it is missing). Each module
-# names an op whose native kernel it needs.
-NATIVE_MODULES = {"test_rope": "rope_", "test_rope_long": "rope_", "test_sinusoidal": "add_sinusoidal_",
-                  "test_learned": "add_position_embedding_"}  # fmt: skip
+# on it too when it is built (CI builds it; tests/native/test_extension.py fails there if it is missing). A
+# test module opts in by naming the op whose native kernel it needs: NATIVE_OP = "rope_" (module level).
 NATIVE_CPU = DEVICE.type == "cpu" and "rope_" in _native.ops_for("CPU")
 
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         names = list(BACKENDS)
-        op = NATIVE_MODULES.get(metafunc.module.__name__)
+        op = getattr(metafunc.module, "NATIVE_OP", None)
         if DEVICE.type == "cpu" and op is not None and op in _native.ops_for("CPU"):
             names.append("native")
         metafunc.parametrize("backend", names, indirect=True)

@@ -27,7 +27,7 @@ import os
 import sys
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# common.py sits beside this script: run as a script, its folder is already first on sys.path.
 from common import (  # noqa: E402  (sets TRITON_INTERPRET first)
     DEVICE, DRY, GRAPH_TIMING, TIMING, Cut, Results, graph_us_per_call, one_line, peak_extra_mib, time_us,
 )  # fmt: skip

@@ -1,11 +1,10 @@
 """GPU check, stage 3a: build (or load) the C++/CUDA extension through posenc_kernels._native and check that
 it has the RoPE and sinusoidal kernels for this device (CUDA on the GPU; CPU in the dry run)."""
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# common.py sits beside this script: run as a script, its folder is already first on sys.path.
 from common import DEVICE  # noqa: E402
 
 from posenc_kernels import _native  # noqa: E402

@@ -11,11 +11,10 @@ the output's scale). Outputs must be finite. Rows go to $OUT/smoke.json as they 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# common.py sits beside this script: run as a script, its folder is already first on sys.path.
 from common import DEVICE, DRY, Cut, Results, one_line  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import torch  # noqa: E402

@@ -1,0 +1,1 @@
+"""Cross-cutting tests: the op layer and registry, position resolution, int64 indexing, CUDA graphs, context parallel."""

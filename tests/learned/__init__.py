@@ -1,0 +1,1 @@
+"""Learned absolute position embeddings: add_position_embedding(_) and LearnedPositionEmbedding."""

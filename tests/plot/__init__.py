@@ -1,0 +1,1 @@
+"""posenc_kernels.plot: the pictures and the command line."""

@@ -1,0 +1,226 @@
+"""posenc_kernels.plot: every picture is written (a real PNG of plausible size), the numbers behind the RoPE
+decay picture are right (its schedules are the package's rope_frequencies), and the command line works."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402  (installed with matplotlib)
+
+from posenc_kernels import plot  # noqa: E402
+from posenc_kernels.ops.rope.schedules import rope_frequencies  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path, *, min_width=500, min_height=250, max_bytes=400_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert 5_000 < len(data) < max_bytes, f"{path}: {len(data)} bytes"
+    with Image.open(path) as im:
+        im.load()
+        width, height = im.size
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert width >= min_width and height >= min_height, (width, height)
+    assert colors is None or len(colors) > 20, "nearly blank picture"
+
+
+# ----------------------------------------------------------------------------------------------
+# Each picture, small sizes (the Triton interpreter runs the kernels behind them)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal(tmp_path):
+    out = plot.plot_sinusoidal(tmp_path / "s.png", length=24, dim=18)
+    assert out == tmp_path / "s.png"
+    check_png(out)
+
+
+def test_rope_decay(tmp_path):
+    out = plot.plot_rope_decay(
+        tmp_path / "sub" / "r.png", head_dim=32, trained_length=64, max_distance=300, samples=4
+    )
+    check_png(out)
+
+
+def test_alibi_non_power_of_two_heads(tmp_path):
+    check_png(plot.plot_alibi(tmp_path / "a.png", num_heads=12, length=10, heads=(0, 11)))
+
+
+def test_t5(tmp_path):
+    check_png(plot.plot_t5(tmp_path / "t.png", length=40, num_buckets=8, max_distance=16))
+
+
+def synthetic_bench_json(path: Path) -> Path:
+    rows = []
+    for op, shapes, providers in [
+        ("apply_rope_", ["llama3-8b 512 tok bfloat16", "llama3-8b 4096 tok bfloat16"], ["posenc", "hf_eager"]),
+        ("add_sinusoidal_", ["4x1024x1024 float32"], ["posenc", "eager_buffer", "eager_compute"]),
+    ]:
+        for i, shape in enumerate(shapes):
+            for j, provider in enumerate(providers):
+                gbps = 100.0 * (i + 1) / (j + 1)
+                rows.append({"name": f"{op}-{shape}-{provider}", "extra_info": {
+                    "op": op, "shape": shape, "provider": provider, "gbps": gbps, "median_us": 10.0 * (j + 1),
+                    "copy_ratio": gbps / 300.0, "device": "Test GPU", "timing": "synthetic"}})  # fmt: skip
+    rows.append({"name": "no-extra-info", "extra_info": {}})  # ignored, as benchmarks/report.py does
+    path.write_text(json.dumps({"benchmarks": rows}))
+    return path
+
+
+def test_bench(tmp_path):
+    src = synthetic_bench_json(tmp_path / "bench.json")
+    check_png(plot.plot_benchmarks(tmp_path / "b.png", src))
+
+
+# The smallest case bench_sinusoidal.py has on this device (its CASES differ between CPU and CUDA).
+_BENCH_CASE = "1x4096x1024-bfloat16" if torch.cuda.is_available() else "4x1024x1024-float32"
+BENCH_CASES = [f"benchmarks/bench_sinusoidal.py::test_add_sinusoidal[{_BENCH_CASE}-{provider}]"
+               for provider in ("posenc_inplace", "eager_buffer")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_bench_json(tmp_path_factory):
+    """A pytest-benchmark JSON written the way scripts/bench writes it, by a real run of two small cases of
+    the repo's own benchmarks (~15 s on 2 cores): the plot must read what the benchmarks produce, not only
+    a hand-written imitation of it. Like scripts/bench, without TRITON_INTERPRET (real implementations)."""
+    if not (REPO / "benchmarks" / "bench_sinusoidal.py").exists():
+        pytest.skip("no benchmarks/ beside the tests (an installed-package run)")
+    out = tmp_path_factory.mktemp("bench") / "benchmarks.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *BENCH_CASES, "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_bench_from_a_real_benchmark_run(tmp_path, real_bench_json):
+    rows = json.loads(real_bench_json.read_text())["benchmarks"]
+    assert sorted(r["extra_info"]["provider"] for r in rows) == ["eager_buffer", "posenc_inplace"]
+    assert all(r["extra_info"]["op"] == "add_sinusoidal_" and r["extra_info"]["gbps"] > 0 for r in rows)
+    check_png(plot.plot_benchmarks(tmp_path / "b.png", real_bench_json))
+
+
+def test_bench_without_results_names_the_file(tmp_path):
+    src = tmp_path / "empty.json"
+    src.write_text(json.dumps({"benchmarks": [{"extra_info": {}}]}))
+    with pytest.raises(ValueError, match="bench_json .*empty.json"):
+        plot.plot_benchmarks(tmp_path / "b.png", src)
+
+
+def test_missing_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot.plot_alibi(tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_plotting_leaves_pyplot_state_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    plot.plot_alibi(tmp_path / "a.png", num_heads=4, length=6)
+    assert matplotlib.get_backend() == before
+    assert had_pyplot or "matplotlib.pyplot" not in sys.modules, "plotting imported pyplot"
+
+
+# ----------------------------------------------------------------------------------------------
+# The numbers behind the RoPE picture
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rope_decay_curves_match_closed_form():
+    """Rotation preserves each pair's norm, so <R_m q, q> = sum_i |q_pair_i|^2 cos(m theta_i) exactly; the
+    RoFormer bound at m = 0 is mean_j j = (d/2 + 1) / 2."""
+    inv = rope_frequencies(16, 10000.0)[0]
+    gen = torch.Generator().manual_seed(3)
+    bound, score = plot._rope_decay_curves(inv, 50, 5, gen)
+    q = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    q = (q / q.norm(dim=-1, keepdim=True)).double()
+    pair_norm = q[:, :8] ** 2 + q[:, 8:] ** 2  # rotate-half layout: channel i pairs with i + d/2
+    angles = torch.arange(51, dtype=torch.float64)[:, None] * inv.double()[None, :]
+    want = (pair_norm[None, :, :] * angles.cos()[:, None, :]).sum(-1).mean(-1)
+    assert torch.allclose(score, want, atol=1e-5)
+    assert bound[0].item() == pytest.approx((8 + 1) / 2)
+    s = torch.complex(angles.cos(), angles.sin()).cumsum(-1).abs().mean(-1)
+    assert torch.allclose(bound, s, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim, base, factor, trained", [(128, 10000.0, 4.0, 4096), (128, 500000.0, 8.0, 8192), (32, 10000.0, 2.0, 2048)])
+def test_rope_schedules_are_the_packages(dim, base, factor, trained):
+    """The picture's schedules are rope_frequencies with HF rope_parameters (HF parity: tests/rope/test_schedules_hf.py)."""
+    want = {
+        "default": rope_frequencies(dim, base)[0],
+        "linear": rope_frequencies(dim, base, scaling={"rope_type": "linear", "factor": factor})[0],
+        "ntk": rope_frequencies(dim, base * factor ** (dim / (dim - 2)))[0],  # NTK-aware: only the base grows
+        "yarn": rope_frequencies(dim, base, scaling={"type": "yarn", "factor": factor, "beta_fast": 32, "beta_slow": 1,
+                                                     "original_max_position_embeddings": trained})[0],  # fmt: skip
+        "llama3": rope_frequencies(dim, base, scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1,
+                                                       "high_freq_factor": 4, "original_max_position_embeddings": trained})[0],  # fmt: skip
+    }
+    assert set(plot.ROPE_SCHEDULES) == set(want)
+    got = {k: plot._rope_schedule(k, dim, base, factor, trained) for k in plot.ROPE_SCHEDULES}
+    for kind in plot.ROPE_SCHEDULES:
+        assert got[kind].dtype == torch.float32 and got[kind].shape == (dim // 2,)
+        assert torch.equal(got[kind], want[kind]), kind
+    # What the picture shows: PI divides every frequency by the factor; YaRN, Llama 3.1 and NTK-aware keep the
+    # highest frequency and divide the lowest by the factor (NTK: base' ** -(d-2)/d = base ** -(d-2)/d / factor).
+    default = got["default"].double()
+    assert torch.allclose(got["linear"].double(), default / factor, rtol=1e-6, atol=0)
+    for kind in ("yarn", "llama3", "ntk"):
+        assert got[kind][0] == default[0]
+        assert got[kind][-1].item() == pytest.approx(default[-1].item() / factor, rel=1e-6)
+
+
+def test_rope_schedule_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of default, linear, ntk, yarn, llama3; got 'longrope'"):
+        plot._rope_schedule("longrope", 64, 10000.0, 2.0, 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# ALiBi / T5 pictures
+# ----------------------------------------------------------------------------------------------
+
+
+def test_alibi_heads_validated(tmp_path):
+    with pytest.raises(ValueError, match="heads must be a non-empty list of head indices"):
+        plot.plot_alibi(tmp_path / "a.png", num_heads=4, heads=(5,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_subprocess(tmp_path):
+    src = synthetic_bench_json(tmp_path / "bench.json")
+    out = tmp_path / "images"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "posenc_kernels.plot", "bench", "--out", str(out), "--bench-json", str(src)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out / "bench.png")
+    check_png(out / "bench.png")
+
+
+def test_cli_in_process(tmp_path, capsys):
+    assert plot.main(["alibi", "--out", str(tmp_path)]) == 0
+    check_png(tmp_path / "alibi.png")
+    with pytest.raises(SystemExit) as e:
+        plot.main(["bench", "--out", str(tmp_path), "--bench-json", str(tmp_path / "missing.json")])
+    assert e.value.code == 2
+    assert "missing.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot.main(["nope", "--out", str(tmp_path)])

@@ -1,0 +1,1 @@
+"""Sinusoidal absolute encodings: tables, add_sinusoidal(_), concat_sinusoidal."""
