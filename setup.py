@@ -120,7 +120,8 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     # csrc/ travels inside the package (posenc_kernels/csrc) so an installed copy can build it on first use.
-    packages=find_packages(include=["posenc_kernels", "posenc_kernels.*"]) + ["posenc_kernels.csrc"],
+    # posenc_dev: the SASS reader and the static harness that scripts/ and tests/ import (development tools)
+    packages=find_packages(include=["posenc_kernels", "posenc_kernels.*", "posenc_dev"]) + ["posenc_kernels.csrc"],
     package_dir={"posenc_kernels.csrc": "csrc"},
     package_data={"posenc_kernels.csrc": list(_build.SOURCE_PATTERNS)},
     ext_modules=ext_modules,

@@ -1,8 +1,8 @@
 """Static GPU check without a GPU: the code ptxas emits for sm_90 (H100/H200), read off PTX and SASS.
 
 Every hot Triton kernel is compiled at the launch shapes its launcher really chooses
-(posenc_kernels/_dev/static_compile.py, in a subprocess without TRITON_INTERPRET), and its SASS read by
-posenc_kernels/_dev/sass.py. A memory-bound kernel's speed is decided by two things one can read there without running it: how many global-load round trips a
+(posenc_dev/static_compile.py, in a subprocess without TRITON_INTERPRET), and its SASS read by
+posenc_dev/sass.py. A memory-bound kernel's speed is decided by two things one can read there without running it: how many global-load round trips a
 program waits through one after another, and how many instructions it issues per DRAM byte. CI runs this
 file on Triton 3.6 (the GPU machines' release) and the newest.
 
@@ -51,7 +51,7 @@ import sys
 
 import pytest
 
-from posenc_kernels._dev.static_compile import CASES as _CASES  # names only: nothing compiles in this process
+from posenc_dev.static_compile import CASES as _CASES  # names only: nothing compiles in this process
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run(
-        [sys.executable, "-m", "posenc_kernels._dev.static_compile"], capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "posenc_dev.static_compile"], capture_output=True, text=True, env=env, timeout=900,
         check=False,
     )  # fmt: skip
     assert res.returncode == 0, f"static compile failed:\n{res.stderr[-4000:]}"

@@ -2,11 +2,10 @@
 
 * ``sass``: reads sm_90 SASS without a GPU (load rounds, bytes in flight, instructions per byte);
 * ``static_compile``: compiles every hot Triton kernel for sm_90 with the arguments a real launch would
-  use and reports its static figures (``python -m posenc_kernels._dev.static_compile``, without
+  use and reports its static figures (``python -m posenc_dev.static_compile``, without
   ``TRITON_INTERPRET``).
 
-They live inside the package so that ``scripts/*``, ``tests/static/`` and the GPU check import them
-the ordinary way wherever ``posenc_kernels`` is importable (an editable checkout or an installed wheel),
-with no ``sys.path`` edits. Importing this package imports nothing; ``static_compile`` needs Triton's
+A package of their own beside ``posenc_kernels`` (setup.py installs both), so that ``scripts/*``,
+``tests/static/`` and the GPU check import them the ordinary way, with no ``sys.path`` edits. Importing this package imports nothing; ``static_compile`` needs Triton's
 NVIDIA backend, ``sass`` only the standard library (and ``cuobjdump`` to read a cubin).
 """

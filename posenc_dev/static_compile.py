@@ -1,6 +1,6 @@
 """Compile every hot Triton kernel for sm_90 without a GPU and report its static figures.
 
-Run as ``python -m posenc_kernels._dev.static_compile`` in a process WITHOUT ``TRITON_INTERPRET``
+Run as ``python -m posenc_dev.static_compile`` in a process WITHOUT ``TRITON_INTERPRET``
 (tests/static/test_kernel_sass.py runs it in a subprocess; scripts/static_figures writes its output to
 benchmarks/static_figures.json). The real launchers run on CPU tensors of real model shapes with the
 kernel objects swapped for recorders, so each kernel is compiled with exactly the arguments, constexprs
@@ -40,7 +40,7 @@ import posenc_kernels.ops.learned.kernel as learned
 import posenc_kernels.ops.relative.kernel as relative
 import posenc_kernels.ops.rope.kernel as rope
 import posenc_kernels.ops.sinusoidal.kernel as sinus
-from posenc_kernels._dev import sass
+from posenc_dev import sass
 
 TARGET = GPUTarget("cuda", 90, 32)
 

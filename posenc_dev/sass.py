@@ -1,7 +1,7 @@
 """Read sm_90 SASS without a GPU: the static figures that decide a memory-bound kernel's speed.
 
 The project's own reader (``../shared/tools/sass/`` is a measuring aid, not a dependency). Used by
-posenc_kernels/_dev/static_compile.py (Triton kernels: tests/static/, scripts/static_figures,
+posenc_dev/static_compile.py (Triton kernels: tests/static/, scripts/static_figures,
 scripts/static_peers) and scripts/check_cuda_compile (the CUDA C++ kernels).
 
 Figures, for one kernel's SASS (``cuobjdump -sass`` of the cubin):
