@@ -1,37 +1,21 @@
-"""The optional C++/CUDA extension (``csrc/``): locating, building and calling it.
+"""The optional C++/CUDA extension (``csrc/``): locating, building and loading it, and the controls the op
+layer sets in it. Where the kernels come from, first hit wins (once, at import):
 
-Where the kernels come from, first hit wins (once, when the package is imported: the op layer registers the
-C++ kernels with the dispatcher then, see ``posenc_kernels/ops/registry.py`` ``finalize``):
+1. ``posenc_kernels._C``, built ahead of time against the installed torch
+   (``POSENC_BUILD_EXT=1 pip install --no-build-isolation .``); not loaded when it was built from other
+   sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``);
+2. a just-in-time build of the sources :mod:`posenc_kernels._build` lists, cached under
+   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``) keyed by torch version, sources, flags and
+   CUDA toolkit/architectures (never paths or timestamps). A failed build is remembered (``BUILD_FAILED``;
+   ``POSENC_NATIVE_RETRY=1`` retries, ``python -m posenc_kernels --rebuild`` rebuilds); when nothing loads,
+   one warning line says why and the Triton/torch backends keep working.
 
-1. ``posenc_kernels._C``, built ahead of time against the installed torch::
-
-       POSENC_BUILD_EXT=1 pip install --no-build-isolation .
-
-2. A just-in-time build with ``torch.utils.cpp_extension.load`` from the ``csrc/`` sources (a source
-   checkout, or the copy every install ships as ``posenc_kernels/csrc``), cached under
-   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``) in ``<torch version>-<cpu|cuXX>/<key>``,
-   the key hashing the sources' names and contents, the flags and the CUDA toolkit/architectures - never
-   timestamps, so reinstalling the package reuses the build. The first use compiles (about a minute on
-   2 cores); later processes load the cached library without running the compiler.
-
-``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot`` the prebuilt module only,
-``jit`` the JIT build only, ``0`` neither. The sources are the explicit lists of
-:mod:`posenc_kernels._build` (``CPU_SOURCES``, ``CPU_ISA_VARIANTS``, ``CUDA_KERNELS``, ``CUDA_GLUE``); the CUDA
-ones join the JIT build only when torch has CUDA and a CUDA toolkit of torch's major version is found
-(:func:`posenc_kernels._build.cuda_toolkit`); without a visible GPU and without ``TORCH_CUDA_ARCH_LIST`` they
-are built for :data:`posenc_kernels._build.DEFAULT_CUDA_ARCH_LIST`. If they fail to build, the CPU kernels
-are built alone, with a warning. A failed build is remembered in its cache folder (``BUILD_FAILED``), so
-later processes do not compile it again: ``POSENC_NATIVE_RETRY=1`` retries it, ``python -m posenc_kernels
---rebuild`` rebuilds from scratch. When nothing loads (no compiler, failed build) one warning line says why
-and the Triton/torch backends keep working. A prebuilt module is not loaded when it was built from other
-sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``).
-``python -m posenc_kernels`` prints all of this for the running environment.
-
-The public ops are defined in Python (``posenc_kernels/ops``), before the extension is loaded. Loading it
-registers, once and for good, a C++ chooser on the ``BackendSelect`` key of every public op and the
-``ADInplaceOrView`` kernels of the mutating ones (``csrc/native_ops.h``): per call the chooser runs the C++
-kernel or redispatches to Python's CPU/CUDA kernel, from the backend selection the op layer sets here
-(:func:`set_backend`, :func:`set_thread_backend`, :func:`set_triton`).
+``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot``, ``jit``, ``0`` neither.
+``docs/install.md`` tells the whole story. Loading the library registers, once and for good, a C++ chooser
+on the ``BackendSelect`` key of every public op it implements and the ``ADInplaceOrView`` kernels of the
+mutating ones (``csrc/native_ops.h``); per call the chooser runs the C++ kernel or redispatches to
+Python's CPU/CUDA kernel, from the backend selection set here (:func:`set_backend`,
+:func:`set_thread_backend`, :func:`set_triton`; codes are indices into ``registry.BACKENDS``).
 """
 
 from __future__ import annotations
@@ -56,7 +40,7 @@ from . import _build
 
 __all__ = [
     "available", "has_op", "load", "load_error", "source", "ops_for", "set_value_checks", "set_backend",
-    "set_thread_backend", "set_triton", "BACKEND_CODES", "kernel_devices", "status",
+    "set_thread_backend", "set_triton", "kernel_devices", "status",
 ]  # fmt: skip
 
 _log = logging.getLogger("posenc_kernels")
@@ -435,18 +419,15 @@ def set_value_checks(enabled: bool) -> None:
         torch.ops.posenc._native_value_checks(enabled)
 
 
-#: The backend codes of the extension's selection state (``csrc/native_ops.h`` BackendCode).
-BACKEND_CODES = {"auto": 0, "triton": 1, "native": 2, "torch": 3}
-
-
 def _loaded() -> bool:
     return _state["source"] is not None and hasattr(torch.ops.posenc, "_native_set_backend")
 
 
 def set_backend(code: int) -> None:
-    """The process-wide backend of the extension's choosers (:data:`BACKEND_CODES`): ``auto`` runs the C++
-    kernel on a device type where Triton is not preferred (:func:`set_triton`), ``native`` wherever the
-    op has one, ``triton``/``torch`` never. A no-op without the extension."""
+    """The process-wide backend of the extension's choosers (an index into ``registry.BACKENDS``, the codes
+    of ``csrc/native_ops.h``): ``auto`` runs the C++ kernel on a device type where Triton is not preferred
+    (:func:`set_triton`), ``native`` wherever the op has one, ``triton``/``torch`` never. A no-op without
+    the extension."""
     if _loaded():
         torch.ops.posenc._native_set_backend(int(code))
 
