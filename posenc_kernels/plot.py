@@ -33,7 +33,6 @@ FILENAMES = {name: name.replace("-", "_") + ".png" for name in ("sinusoidal", "r
 _DPI = 110
 
 
-
 def _figure(width: float, height: float):
     """A standalone Figure on an Agg canvas (no pyplot, so no global backend switch)."""
     try:
@@ -64,7 +63,6 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
-
 def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Path:
     """Heatmaps (positions x channels) of :func:`posenc_kernels.sinusoidal_table` in the Transformer's
     interleaved layout and in the ``[sin | cos]`` layout of tensor2tensor/fairseq."""
@@ -85,7 +83,6 @@ def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Pat
     fig.colorbar(im, ax=axes, shrink=0.9, label="PE value")
     fig.suptitle(f"Sinusoidal position encodings: sinusoidal_table({length}, {dim})", fontsize=12)
     return _save(fig, path)
-
 
 
 def _rope_scaling(kind: str, factor: float, trained_length: int) -> Optional[dict]:
@@ -196,7 +193,6 @@ def plot_rope_decay(
     return _save(fig, path)
 
 
-
 def plot_alibi(
     path: PathLike, *, num_heads: int = 8, length: int = 24, heads: Optional[Sequence[int]] = None
 ) -> Path:
@@ -259,7 +255,6 @@ def plot_t5(path: PathLike, *, length: int = 160, num_buckets: int = 32, max_dis
     return _save(fig, path)
 
 
-
 def _bench_rows(bench_json: PathLike) -> list:
     with open(bench_json) as f:
         data = json.load(f)
@@ -316,7 +311,6 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
     first = rows[0]
     fig.suptitle(f"{first.get('device', 'unknown device')}: {first.get('timing', '')}", fontsize=11)
     return _save(fig, path)
-
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

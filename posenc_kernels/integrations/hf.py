@@ -42,7 +42,6 @@ __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatc
            "SUPPORTED_ARCHITECTURES"]  # fmt: skip
 
 
-
 def _is_float(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
 
@@ -87,7 +86,6 @@ def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
     q_out = q.to(out_dtype)
     k_out = k.to(out_dtype) if k is not None else None
     return apply_rope_(q_out, k_out, table_cos, table_sin, positions=positions, interleaved=interleaved)
-
 
 
 def apply_rotary_pos_emb(

@@ -87,7 +87,6 @@ _NOT_SCHEDULE_KEYS = frozenset(
 )
 
 
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -159,7 +158,6 @@ def _rope_type(scaling: Mapping) -> str:
     if name not in _SCHEDULE_KEYS:
         raise ValueError(f"unknown rope_type {name!r}: expected one of {', '.join(ROPE_TYPES)}")
     return name
-
 
 
 def _powers(base: float, d: int, n: Optional[int] = None) -> torch.Tensor:
@@ -287,7 +285,6 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         return inv / factor, 1.0
 
     raise AssertionError(rope_type)  # pragma: no cover - _rope_type() filters
-
 
 
 def rope_frequencies(
