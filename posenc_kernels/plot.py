@@ -26,29 +26,11 @@ import torch
 
 PathLike = Union[str, Path]
 
-__all__ = [
-    "plot_sinusoidal",
-    "plot_rope_decay",
-    "plot_alibi",
-    "plot_t5",
-    "plot_benchmarks",
-    "main",
-]
+__all__ = ["plot_sinusoidal", "plot_rope_decay", "plot_alibi", "plot_t5", "plot_benchmarks", "main"]
 
-FILENAMES = {
-    "sinusoidal": "sinusoidal.png",
-    "rope-decay": "rope_decay.png",
-    "alibi": "alibi.png",
-    "t5": "t5.png",
-    "bench": "bench.png",
-}
+FILENAMES = {name: name.replace("-", "_") + ".png" for name in ("sinusoidal", "rope-decay", "alibi", "t5", "bench")}
 
 _DPI = 110
-
-
-# ==============================================================================================
-# matplotlib plumbing
-# ==============================================================================================
 
 
 def _figure(width: float, height: float):
@@ -81,11 +63,6 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
-# ==============================================================================================
-# 1. Sinusoidal table
-# ==============================================================================================
-
-
 def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Path:
     """Heatmaps (positions x channels) of :func:`posenc_kernels.sinusoidal_table` in the Transformer's
     interleaved layout and in the ``[sin | cos]`` layout of tensor2tensor/fairseq."""
@@ -106,11 +83,6 @@ def plot_sinusoidal(path: PathLike, *, length: int = 128, dim: int = 128) -> Pat
     fig.colorbar(im, ax=axes, shrink=0.9, label="PE value")
     fig.suptitle(f"Sinusoidal position encodings: sinusoidal_table({length}, {dim})", fontsize=12)
     return _save(fig, path)
-
-
-# ==============================================================================================
-# 2. RoPE long-term decay under context-extension schedules
-# ==============================================================================================
 
 
 def _rope_scaling(kind: str, factor: float, trained_length: int) -> Optional[dict]:
@@ -137,13 +109,8 @@ def _rope_schedule(kind: str, head_dim: int, base: float, factor: float, trained
     return rope_frequencies(head_dim, base, scaling=_rope_scaling(kind, factor, trained_length))[0]
 
 
-ROPE_SCHEDULES = {
-    "default": "default (no scaling)",
-    "linear": "linear / PI",
-    "ntk": "NTK-aware",
-    "yarn": "YaRN",
-    "llama3": "Llama 3.1",
-}
+ROPE_SCHEDULES = {"default": "default (no scaling)", "linear": "linear / PI", "ntk": "NTK-aware", "yarn": "YaRN",
+                  "llama3": "Llama 3.1"}  # fmt: skip
 
 
 def _rope_decay_curves(inv_freq: torch.Tensor, max_distance: int, samples: int, generator: torch.Generator):
@@ -175,14 +142,9 @@ def _log_bins(values: torch.Tensor, n_bins: int):
     the curves stay readable where they oscillate faster than a pixel."""
     n = values.shape[0] - 1
     edges = torch.unique(torch.logspace(0, math.log10(n + 1), n_bins + 1).long().clamp(1, n + 1))
-    centre, mean, lo, hi = [], [], [], []
-    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        v = values[a:b]
-        centre.append(math.sqrt(a * max(a, b - 1)))
-        mean.append(float(v.mean()))
-        lo.append(float(v.min()))
-        hi.append(float(v.max()))
-    return centre, mean, lo, hi
+    pairs = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+    centre, bins = [math.sqrt(a * max(a, b - 1)) for a, b in pairs], [values[a:b] for a, b in pairs]
+    return centre, [float(v.mean()) for v in bins], [float(v.min()) for v in bins], [float(v.max()) for v in bins]
 
 
 def plot_rope_decay(
@@ -202,10 +164,8 @@ def plot_rope_decay(
     mean over log-spaced distance bins; the band is the bin's min..max (the oscillation)."""
     max_distance = int(factor * trained_length) if max_distance is None else max_distance
     gen = torch.Generator().manual_seed(0)
-    curves = {}
-    for kind in ROPE_SCHEDULES:
-        inv = _rope_schedule(kind, head_dim, base, factor, trained_length)
-        curves[kind] = _rope_decay_curves(inv, max_distance, samples, gen)
+    curves = {kind: _rope_decay_curves(_rope_schedule(kind, head_dim, base, factor, trained_length), max_distance,
+                                       samples, gen) for kind in ROPE_SCHEDULES}  # fmt: skip
 
     fig = _figure(11, 4.4)
     axes = fig.subplots(1, 2)
@@ -228,18 +188,9 @@ def plot_rope_decay(
     axes[1].set_title("mean score $\\langle R_m q, q\\rangle$ over random unit q", fontsize=11)
     axes[1].set_ylabel("attention logit (unit q = k)")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(
-        f"RoPE long-term decay: head_dim {head_dim}, base {base:g}, trained on {trained_length} tokens, "
-        f"schedules scaled x{factor:g}",
-        fontsize=12,
-    )
+    fig.suptitle(f"RoPE long-term decay: head_dim {head_dim}, base {base:g}, trained on {trained_length} tokens, "
+                 f"schedules scaled x{factor:g}", fontsize=12)  # fmt: skip
     return _save(fig, path)
-
-
-# ==============================================================================================
-# 3. ALiBi and T5 relative biases
-# ==============================================================================================
-# The matrices come from posenc_kernels.ops.relative, the package's own kernels.
 
 
 def plot_alibi(
@@ -299,16 +250,9 @@ def plot_t5(path: PathLike, *, length: int = 160, num_buckets: int = 32, max_dis
         if bidirectional:
             ax.axline((max_distance, 0), slope=1, color="white", ls=":", lw=0.8)
     fig.colorbar(im, ax=list(axes), shrink=0.85, label="bucket (row of the learned bias table)")
-    fig.suptitle(
-        f"T5 relative position buckets: {num_buckets} buckets, max_distance {max_distance} (dotted), {length} tokens",
-        fontsize=12,
-    )
+    fig.suptitle(f"T5 relative position buckets: {num_buckets} buckets, max_distance {max_distance} (dotted), "
+                 f"{length} tokens", fontsize=12)  # fmt: skip
     return _save(fig, path)
-
-
-# ==============================================================================================
-# 4. Benchmarks
-# ==============================================================================================
 
 
 def _bench_rows(bench_json: PathLike) -> list:
@@ -369,29 +313,17 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
     return _save(fig, path)
 
 
-# ==============================================================================================
-# Command line
-# ==============================================================================================
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posenc_kernels.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=list(FILENAMES) + ["all"], help="which picture (all: every one)")
     parser.add_argument("--out", default="docs/images", help="output folder (default: docs/images)")
-    parser.add_argument(
-        "--bench-json",
-        default="bench-results/benchmarks.json",
-        help="pytest-benchmark JSON for 'bench' (default: bench-results/benchmarks.json, what scripts/bench writes)",
-    )
+    parser.add_argument("--bench-json", default="bench-results/benchmarks.json",
+                        help="pytest-benchmark JSON for 'bench' (default: bench-results/benchmarks.json, what "
+                        "scripts/bench writes)")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
-    makers = {
-        "sinusoidal": lambda p: plot_sinusoidal(p),
-        "rope-decay": lambda p: plot_rope_decay(p),
-        "alibi": lambda p: plot_alibi(p),
-        "t5": lambda p: plot_t5(p),
-        "bench": lambda p: plot_benchmarks(p, args.bench_json),
-    }
+    makers = {"sinusoidal": plot_sinusoidal, "rope-decay": plot_rope_decay, "alibi": plot_alibi, "t5": plot_t5,
+              "bench": lambda p: plot_benchmarks(p, args.bench_json)}  # fmt: skip
     todo = list(FILENAMES) if args.what == "all" else [args.what]
     if args.what == "all" and not Path(args.bench_json).exists():
         print(f"skipping bench: {args.bench_json} not found (run scripts/bench first)", file=sys.stderr)

@@ -15,41 +15,19 @@ Two kinds:
 from __future__ import annotations
 
 from .ops.rope.reference import (  # noqa: F401
-    hf_apply_rotary_pos_emb,
-    hf_gptj_apply_rotary_pos_emb,
-    rope_cos_sin_reference,
-    rope_frequencies_reference,
-    rope_hf_eager,
-    rope_reference,
-    rotate_by_angles_reference,
-    rotate_every_two,
-    rotate_half,
-    rotate_reference,
+    hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb, rope_cos_sin_reference, rope_frequencies_reference,
+    rope_hf_eager, rope_reference, rotate_by_angles_reference, rotate_every_two, rotate_half, rotate_reference,
     vllm_rope_native,
 )
 from .ops.learned.reference import (  # noqa: F401
-    add_position_embedding_reference,
-    position_embedding_eager,
-    position_embedding_grad_reference,
+    add_position_embedding_reference, position_embedding_eager, position_embedding_grad_reference,
 )
 from .ops.relative.reference import (  # noqa: F401
-    alibi_bias_eager,
-    alibi_bias_reference,
-    alibi_slopes_bloom,
-    alibi_slopes_paper,
-    alibi_slopes_reference,
-    attention_reference,
-    bloom_alibi_row_bias,
-    t5_relative_bias_hf_eager,
-    t5_relative_bias_reference,
+    alibi_bias_eager, alibi_bias_reference, alibi_slopes_bloom, alibi_slopes_paper, alibi_slopes_reference,
+    attention_reference, bloom_alibi_row_bias, t5_relative_bias_hf_eager, t5_relative_bias_reference,
     t5_relative_bucket_hf,
 )
 from .ops.sinusoidal.reference import (  # noqa: F401
-    add_sinusoidal_reference,
-    concat_sinusoidal_reference,
-    published_diffusers,
-    published_fairseq,
-    published_tensor2tensor,
-    published_transformer,
-    sinusoidal_table_reference,
+    add_sinusoidal_reference, concat_sinusoidal_reference, published_diffusers, published_fairseq,
+    published_tensor2tensor, published_transformer, sinusoidal_table_reference,
 )

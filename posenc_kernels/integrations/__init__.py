@@ -14,14 +14,5 @@ from .flash_attn import apply_rotary_emb
 from .hf import apply_rotary_pos_emb, apply_rotary_pos_emb_gptj, patch, unpatch
 from .vllm import rotary_embedding
 
-__all__ = [
-    "hf",
-    "vllm",
-    "flash_attn",
-    "apply_rotary_pos_emb",
-    "apply_rotary_pos_emb_gptj",
-    "patch",
-    "unpatch",
-    "rotary_embedding",
-    "apply_rotary_emb",
-]
+__all__ = ["hf", "vllm", "flash_attn", "apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch",
+           "rotary_embedding", "apply_rotary_emb"]  # fmt: skip

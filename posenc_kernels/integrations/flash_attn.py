@@ -36,7 +36,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..ops.checks import check_inplace_autograd
+from ..ops.checks import check_inplace_autograd, check_tensor
 from ..ops.rope import apply_rope, apply_rope_
 
 __all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_"]
@@ -124,9 +124,8 @@ def _inplace(x, layout, num_heads_q, cos, sin, cos_k, sin_k, interleaved, seqlen
     """In place under flash-attn's rules: PyTorch's in-place autograd where it applies, else the raw write."""
     if torch.is_grad_enabled() and x.requires_grad and _autograd_refuses_inplace(x):
         offsets_t, offset = _split_offsets(seqlen_offsets)
-        return _RawInplaceRotary.apply(
-            x, cos, sin, cos_k, sin_k, offsets_t, cu_seqlens, layout, num_heads_q, interleaved, offset
-        )
+        return _RawInplaceRotary.apply(x, cos, sin, cos_k, sin_k, offsets_t, cu_seqlens, layout, num_heads_q,
+                                       interleaved, offset)  # fmt: skip
     _rotate_(x, layout, num_heads_q, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, cu_seqlens)
     return x
 
@@ -155,8 +154,7 @@ def apply_rotary_emb(
     >>> out.sum().backward(); leaf.grad.shape
     torch.Size([2, 6, 3, 8])
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("x", x)
     _check_flags(interleaved, inplace)
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
@@ -200,8 +198,7 @@ def apply_rotary_emb_qkv_(
     >>> out is qkv, torch.equal(qkv[:, :, 6:], v)
     (True, True)
     """
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    check_tensor("qkv", qkv)
     _check_flags(interleaved)
     if qkv.dim() == 5:
         if qkv.shape[2] != 3:
@@ -238,8 +235,7 @@ def apply_rotary_emb_kv_(
     >>> apply_rotary_emb_kv_(kv, angle.cos(), angle.sin()) is kv, torch.equal(kv[:, :, 1], v)
     (True, True)
     """
-    if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    check_tensor("kv", kv)
     _check_flags(interleaved)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must be [B, S, 2, H, D], got shape {tuple(kv.shape)}")

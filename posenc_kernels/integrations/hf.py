@@ -1,8 +1,5 @@
 """Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` and :func:`patch` for HF models.
 
-Read top-down: how an HF call maps onto the kernel -> HF's own math (the fallback) -> the two entry points
--> the model patch.
-
 HF's contract (``transformers.models.<arch>.modeling_<arch>``):
 
 * ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: ``q``/``k`` are ``[B, H, S, D]`` with
@@ -37,26 +34,16 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from ..ops.checks import FLOAT_DTYPES, check_tensor
 from ..ops.rope import apply_rope, apply_rope_
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
-__all__ = [
-    "apply_rotary_pos_emb",
-    "apply_rotary_pos_emb_gptj",
-    "patch",
-    "unpatch",
-    "RotaryPatch",
-    "SUPPORTED_ARCHITECTURES",
-]
-
-
-# ==============================================================================================
-# Mapping an HF call onto the kernel
-# ==============================================================================================
+__all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch", "RotaryPatch",
+           "SUPPORTED_ARCHITECTURES"]  # fmt: skip
 
 
 def _is_float(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
 
 
 def _tables_need_grad(cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -101,18 +88,6 @@ def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
     return apply_rope_(q_out, k_out, table_cos, table_sin, positions=positions, interleaved=interleaved)
 
 
-# ==============================================================================================
-# Entry points
-# ==============================================================================================
-
-
-def _check_is_tensor(name: str, t, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def apply_rotary_pos_emb(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -137,22 +112,13 @@ def apply_rotary_pos_emb(
     >>> q2.shape, k2.shape
     (torch.Size([2, 4, 5, 16]), torch.Size([2, 1, 5, 16]))
     """
-    _check_is_tensor("q", q)
-    _check_is_tensor("k", k, optional=True)
-    _check_is_tensor("cos", cos)
-    _check_is_tensor("sin", sin)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if t is not None or name != "k":
+            check_tensor(name, t)
     plan = None
     ud = unsqueeze_dim % 4 if isinstance(unsqueeze_dim, int) and -4 <= unsqueeze_dim < 4 else None
-    if (
-        ud in (1, 2)
-        and q.dim() == 4
-        and _is_float(q)
-        and _is_float(cos)
-        and _is_float(sin)
-        and cos.dim() == 3
-        and cos.shape[-1] % 2 == 0
-        and not _tables_need_grad(cos, sin)
-    ):
+    if (ud in (1, 2) and q.dim() == 4 and _is_float(q) and _is_float(cos) and _is_float(sin) and cos.dim() == 3
+            and cos.shape[-1] % 2 == 0 and not _tables_need_grad(cos, sin)):  # fmt: skip
         to_bshd = (lambda t: t.transpose(1, 2)) if ud == 1 else (lambda t: t)
         others = [to_bshd(k)] if k is not None and k.dim() == 4 else ([] if k is None else None)
         if others is not None:
@@ -188,9 +154,8 @@ def apply_rotary_pos_emb_gptj(tensor: torch.Tensor, sin: torch.Tensor, cos: torc
     >>> apply_rotary_pos_emb_gptj(x, angle.sin(), angle.cos()).shape
     torch.Size([1, 3, 2, 8])
     """
-    _check_is_tensor("tensor", tensor)
-    _check_is_tensor("sin", sin)
-    _check_is_tensor("cos", cos)
+    for name, t in (("tensor", tensor), ("sin", sin), ("cos", cos)):
+        check_tensor(name, t)
     plan = None
     tables_ok = _is_float(cos) and _is_float(sin) and not _tables_need_grad(cos, sin)
     if tensor.dim() == 4 and _is_float(tensor) and tables_ok:
@@ -203,21 +168,12 @@ def apply_rotary_pos_emb_gptj(tensor: torch.Tensor, sin: torch.Tensor, cos: torc
     return out.view(tensor.shape) if flat else out
 
 
-# ==============================================================================================
-# Patching HF models
-# ==============================================================================================
-
 # model_type -> (module, function name, replacement). Each attention forward looks the function up in its
 # module's globals at call time, so replacing that global swaps the rotary application.
+_REPLACEMENTS = {a: apply_rotary_pos_emb for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox")}
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, object]] = {
-    "llama": ("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "gemma": ("transformers.models.gemma.modeling_gemma", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "phi3": ("transformers.models.phi3.modeling_phi3", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "gpt_neox": ("transformers.models.gpt_neox.modeling_gpt_neox", "apply_rotary_pos_emb", apply_rotary_pos_emb),
-    "gptj": ("transformers.models.gptj.modeling_gptj", "apply_rotary_pos_emb", apply_rotary_pos_emb_gptj),
+    arch: (f"transformers.models.{arch}.modeling_{arch}", "apply_rotary_pos_emb", fn)
+    for arch, fn in {**_REPLACEMENTS, "gptj": apply_rotary_pos_emb_gptj}.items()
 }
 
 _lock = threading.Lock()
@@ -288,12 +244,8 @@ class RotaryPatch:
                 if getattr(module, fn_name) is replacement:
                     setattr(module, fn_name, original)
                 else:
-                    warnings.warn(
-                        f"{mod_name}.{fn_name} was replaced by someone else after posenc_kernels patched it; "
-                        "leaving the newer replacement in place",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                    warnings.warn(f"{mod_name}.{fn_name} was replaced by someone else after posenc_kernels patched it; "
+                                  "leaving the newer replacement in place", RuntimeWarning, stacklevel=2)  # fmt: skip
 
     def __enter__(self) -> "RotaryPatch":
         return self
@@ -302,8 +254,7 @@ class RotaryPatch:
         self.unpatch()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return f"RotaryPatch({list(self.architectures)}, {state})"
+        return f"RotaryPatch({list(self.architectures)}, {'active' if self.active else 'undone'})"
 
 
 def patch(

@@ -34,9 +34,7 @@ def _as_heads(name: str, x: torch.Tensor, lead: tuple[int, ...], head_size: int)
     """``x`` with ``lead`` leading dims, then ``[H*D]`` or ``[H, D]``, as a ``[*lead, H, D]`` view."""
     check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=(len(lead) + 1, len(lead) + 2))
     if tuple(x.shape[: len(lead)]) != lead:
-        raise ValueError(
-            f"{name} must have the leading dims of positions {list(lead)}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have the leading dims of positions {list(lead)}, got shape {tuple(x.shape)}")
     if x.dim() == len(lead) + 2:
         if x.shape[-1] != head_size:
             raise ValueError(f"{name} is [..., H, D]: D must equal head_size={head_size}, got {tuple(x.shape)}")

@@ -24,16 +24,8 @@ from ..checks import FLOAT_DTYPES, INT_DTYPES, check_tensor, reraise_with_check
 from .buckets import bucket_layout, bucket_torch, check_bucket_args, check_lengths, is_int, t5_bucket_thresholds
 from .op import alibi_bias_op, check_alibi, check_t5, t5_relative_bias_op
 
-__all__ = [
-    "alibi_slopes",
-    "alibi_bias",
-    "alibi_score_mod",
-    "t5_bucket_thresholds",
-    "t5_relative_bucket",
-    "t5_relative_bias",
-    "t5_score_mod",
-    "T5RelativePositionBias",
-]
+__all__ = ["alibi_slopes", "alibi_bias", "alibi_score_mod", "t5_bucket_thresholds", "t5_relative_bucket",
+           "t5_relative_bias", "t5_score_mod", "T5RelativePositionBias"]  # fmt: skip
 
 
 def alibi_slopes(num_heads: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -127,15 +119,11 @@ def t5_relative_bucket(
     """T5 bucket of every ``key_pos - query_pos`` in an int tensor of any shape (same shape, same dtype).
 
     The exact value of T5's bucket formula (HF transformers' ``T5Attention._relative_position_bucket``):
-    ``bidirectional`` gives keys after
-    the query the upper ``num_buckets / 2`` buckets; per direction, half the buckets are exact distances and
-    the rest logarithmic up to ``max_distance`` (farther keys share the last bucket); unidirectional maps
-    every key after the query to bucket 0. Computed with the exact integer thresholds of
-    :func:`t5_bucket_thresholds` (comparisons only: usable in score_mods and compiled graphs). HF's fp32
-    ``log`` gives the same buckets for T5's own settings and every common one (tested on [-1000, 1000]);
-    in a few exotic (num_buckets, max_distance) pairs where the log ratio is exactly a bucket boundary -
-    e.g. num_buckets=34, max_distance=27 at offset -18, exactly bucket 14 - HF's fp32 rounding lands one
-    bucket off and this function keeps the exact value.
+    ``bidirectional`` gives keys after the query the upper ``num_buckets / 2`` buckets; per direction, half
+    the buckets are exact distances and the rest logarithmic up to ``max_distance`` (farther keys share the
+    last bucket); unidirectional maps every key after the query to bucket 0. Computed with the exact integer
+    thresholds of :func:`t5_bucket_thresholds` (comparisons only: usable in score_mods and compiled graphs);
+    where the log ratio is exactly a bucket boundary, HF's fp32 ``log`` may land one bucket low.
 
     >>> import torch, posenc_kernels as rel
     >>> rel.t5_relative_bucket(torch.tensor([-200, -16, -1, 0, 1, 15, 16, 1000]))
@@ -149,10 +137,8 @@ def t5_relative_bucket(
     check_bucket_args(num_buckets, max_distance, bidirectional)
     half, m, thr = bucket_layout(int(num_buckets), int(max_distance), bidirectional)
     if torch.iinfo(relative_position.dtype).max < int(num_buckets) - 1:
-        raise ValueError(
-            f"relative_position's dtype {relative_position.dtype} cannot hold buckets up to {int(num_buckets) - 1}; "
-            "pass a wider integer tensor"
-        )
+        raise ValueError(f"relative_position's dtype {relative_position.dtype} cannot hold buckets up to "
+                         f"{int(num_buckets) - 1}; pass a wider integer tensor")  # fmt: skip
     # Computed in int64 whatever the input dtype (|int8(-128)| and friends overflow in their own dtype).
     return bucket_torch(relative_position.to(torch.int64), half, m, thr, bidirectional).to(relative_position.dtype)
 
@@ -216,11 +202,6 @@ def t5_score_mod(table: torch.Tensor, *, bidirectional: bool = True, max_distanc
         return score + table[bucket, h].to(score.dtype)
 
     return score_mod
-
-
-# ==============================================================================================
-# nn.Module
-# ==============================================================================================
 
 
 class T5RelativePositionBias(torch.nn.Module):

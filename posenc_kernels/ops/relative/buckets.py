@@ -103,7 +103,6 @@ def bucket_torch(rel, half: int, max_exact: int, thresholds: Sequence[int], bidi
     return base + torch.where(n < max_exact, n, max_exact + count)
 
 
-
 def check_lengths(Lq, Lk, q_offset) -> None:
     for name, v in (("Lq", Lq), ("Lk", Lk), ("q_offset", q_offset)):
         if not is_int(v):

@@ -155,9 +155,7 @@ if HAS_TRITON:
         i_hi = tl.minimum(Lk - q_offset - r_lo, Lq)
         base = grad_ptr + h * stride_g_h
         acc = tl.zeros([BLOCK_I, BLOCK_R], dtype=ACC)
-        # A while loop: its data-dependent bounds work in every Triton interpreter (a range() over
-        # in-kernel values does not in 3.6's).
-        i0 = i_lo
+        i0 = i_lo  # while, not range(): Triton 3.6's interpreter cannot range() over in-kernel values
         while i0 < i_hi:
             i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
             j = i[:, None] + q_offset + r[None, :]
@@ -200,8 +198,6 @@ if HAS_TRITON:
         out = tl.sum(acc, axis=1).to(gtable_ptr.dtype.element_ty)
         tl.store(gtable_ptr + b * stride_gt_b + h * stride_gt_h, out, mask=b < NUM_BUCKETS)
 
-
-
 _TILE_ELEMS = 2048  # outputs per head per program: 16 per thread over 4 warps
 _TARGET_PROGRAMS = 1024  # enough programs to fill an H100/H200 several times over
 
@@ -211,8 +207,7 @@ def _bias_blocks(H: int, Lq: int, Lk: int):
     thread stores whole 128-bit vectors), 16 query rows x 128 keys for a square plane, wider in keys when
     there are few queries (decode: 1 x 2048), taller when there are few keys. A program covers a group of
     heads so that the distance/bucket math of a tile is done once for the group; groups are as large as
-    leaves ~1024 programs (all heads in one program for a 32-head 4k x 4k bias). Chosen by compiling for
-    sm_90: no spills, 128-bit stores, <= 100 registers."""
+    leaves ~1024 programs (all heads in one program for a 32-head 4k x 4k bias)."""
     block_k = max(16, min(next_pow2(Lk), _TILE_ELEMS // min(next_pow2(Lq), 16)))
     block_q = max(1, min(next_pow2(Lq), _TILE_ELEMS // block_k))
     n_k = triton.cdiv(Lk, block_k)

@@ -53,33 +53,31 @@ def _alibi_impl(launch):
     return impl
 
 
-def _t5_triton_impl(table, Lq, Lk, bidirectional, max_distance, q_offset):
-    out = table.new_empty((table.shape[1], Lq, Lk))
-    if out.numel():
+def _t5_impl(triton: bool):
+    def impl(table, Lq, Lk, bidirectional, max_distance, q_offset):
+        if table.shape[1] * Lq * Lk == 0:
+            return table.new_empty((table.shape[1], Lq, Lk))
+        if not triton:
+            return t5_torch(table, Lq, Lk, q_offset, bidirectional, max_distance)
+        out = table.new_empty((table.shape[1], Lq, Lk))
         t5_triton(out, table, Lq, Lk, q_offset, bidirectional, max_distance)
-    return out
+        return out
+
+    return impl
 
 
-def _t5_torch_impl(table, Lq, Lk, bidirectional, max_distance, q_offset):
-    if table.shape[1] * Lq * Lk == 0:
-        return table.new_empty((table.shape[1], Lq, Lk))
-    return t5_torch(table, Lq, Lk, q_offset, bidirectional, max_distance)
+def _t5_backward_impl(triton: bool):
+    def impl(grad, num_buckets, Lq, Lk, bidirectional, max_distance, q_offset):
+        H = grad.shape[0]
+        if H == 0 or Lq == 0 or Lk == 0:
+            return grad.new_zeros((num_buckets, H))
+        if not triton:
+            return t5_backward_torch(grad, num_buckets, Lq, Lk, q_offset, bidirectional, max_distance)
+        gtable = grad.new_empty((num_buckets, H))
+        t5_backward_triton(grad, gtable, Lq, Lk, q_offset, bidirectional, max_distance)
+        return gtable
 
-
-def _t5_backward_triton_impl(grad, num_buckets, Lq, Lk, bidirectional, max_distance, q_offset):
-    H = grad.shape[0]
-    if H == 0 or Lq == 0 or Lk == 0:
-        return grad.new_zeros((num_buckets, H))
-    gtable = grad.new_empty((num_buckets, H))
-    t5_backward_triton(grad, gtable, Lq, Lk, q_offset, bidirectional, max_distance)
-    return gtable
-
-
-def _t5_backward_torch_impl(grad, num_buckets, Lq, Lk, bidirectional, max_distance, q_offset):
-    H = grad.shape[0]
-    if H == 0 or Lq == 0 or Lk == 0:
-        return grad.new_zeros((num_buckets, H))
-    return t5_backward_torch(grad, num_buckets, Lq, Lk, q_offset, bidirectional, max_distance)
+    return impl
 
 
 alibi_bias_op = registry.define(
@@ -94,7 +92,7 @@ t5_relative_bias_op = registry.define(
     "-> Tensor",
     check=check_t5,
     fake=lambda table, Lq, Lk, *rest: table.new_empty((table.shape[1], Lq, Lk)),
-    impls={"triton": _t5_triton_impl, "torch": _t5_torch_impl},
+    impls={"triton": _t5_impl(True), "torch": _t5_impl(False)},
 )
 
 t5_relative_bias_backward = registry.define(
@@ -102,7 +100,7 @@ t5_relative_bias_backward = registry.define(
     "SymInt max_distance, SymInt q_offset) -> Tensor",
     check=check_t5_backward,
     fake=lambda grad, num_buckets, *rest: grad.new_empty((num_buckets, grad.shape[0])),
-    impls={"triton": _t5_backward_triton_impl, "torch": _t5_backward_torch_impl},
+    impls={"triton": _t5_backward_impl(True), "torch": _t5_backward_impl(False)},
 )
 
 

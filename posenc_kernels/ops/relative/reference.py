@@ -18,10 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------
-# ALiBi
-# ----------------------------------------------------------------------------------------------
-
 
 def alibi_slopes_paper(n: int) -> list:
     """The ALiBi paper's ``get_slopes`` (Press et al., fairseq ``transformer.py``), transcribed: a geometric
@@ -96,11 +92,6 @@ def bloom_alibi_row_bias(slopes: torch.Tensor, Lk: int) -> torch.Tensor:
     """BLOOM's form of the causal bias, ``slope * j`` for every query (``[H, 1, Lk]``): it differs from the
     causal ALiBi bias by ``slope * query_pos`` in each row, which softmax ignores."""
     return slopes.float()[:, None, None] * torch.arange(Lk, device=slopes.device, dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# T5 relative position buckets
-# ----------------------------------------------------------------------------------------------
 
 
 def t5_relative_bucket_hf(relative_position, bidirectional=True, num_buckets=32, max_distance=128):

@@ -119,9 +119,8 @@ class RotaryEmbedding(nn.Module):
         if scaling is not None and not isinstance(scaling, Mapping):
             raise TypeError(f"scaling must be a dict of HF rope_parameters or None, got {type(scaling).__name__}")
         scaling = dict(scaling or {})
-        self.max_position_embeddings = _positive_int(
-            "max_position_embeddings", max_position_embeddings, allow_none=True
-        )
+        mpe = _positive_int("max_position_embeddings", max_position_embeddings, allow_none=True)
+        self.max_position_embeddings = mpe
         if base is not None:
             theta = scaling.get("rope_theta")
             if theta is not None and float(theta) != float(base):
@@ -149,11 +148,8 @@ class RotaryEmbedding(nn.Module):
         if self.rope_type == "proportional" and partial_rotary_factor is not None:
             scaling["partial_rotary_factor"] = partial_rotary_factor
 
-        self.head_dim, self.rotary_dim = head_dim, rotary_dim
-        self.scaling = scaling
-        self.interleaved = bool(interleaved)
-        self.cache = bool(cache)
-        self.exact = bool(exact)
+        self.head_dim, self.rotary_dim, self.scaling = head_dim, rotary_dim, scaling
+        self.interleaved, self.cache, self.exact = bool(interleaved), bool(cache), bool(exact)
         self._freq_dtype = torch.float64 if self.exact else torch.float32
 
         # rope_frequencies validates the schedule here, at construction (type, keys, values, base).
@@ -181,11 +177,10 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("long_inv_freq", long_inv.to(device), persistent=False)
 
         # M-RoPE.
-        if mrope_section is None:
-            mrope_section = scaling.get("mrope_section")
-        if mrope_interleaved is None:
-            mrope_interleaved = bool(scaling.get("mrope_interleaved", False))
+        mrope_section = scaling.get("mrope_section") if mrope_section is None else mrope_section
         self.mrope_section = None if mrope_section is None else [int(s) for s in mrope_section]
+        if mrope_interleaved is None:
+            mrope_interleaved = scaling.get("mrope_interleaved", False)
         self.mrope_interleaved = bool(mrope_interleaved)
         if self.mrope_section is not None:
             if sum(self.mrope_section) != rotary_dim // 2:
@@ -199,13 +194,10 @@ class RotaryEmbedding(nn.Module):
             self.axis_map = None
 
         # Tables, grown on demand: "cos_cached"/"sin_cached" (and "*_long_cached" for longrope's long set).
-        for name in self._table_names():
+        longrope = self.rope_type == "longrope"
+        for name in ["cos_cached", "sin_cached"] + ["cos_long_cached", "sin_long_cached"] * longrope:
             empty = torch.empty(0, rotary_dim // 2, dtype=torch.float32, device=device)
             self.register_buffer(name, empty, persistent=False)
-
-    # ------------------------------------------------------------------------------------------
-    # Construction from an HF config
-    # ------------------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: Any, *, layer_type: Optional[str] = None, **overrides: Any) -> "RotaryEmbedding":
@@ -273,10 +265,6 @@ class RotaryEmbedding(nn.Module):
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    # ------------------------------------------------------------------------------------------
-    # Schedules and tables
-    # ------------------------------------------------------------------------------------------
-
     def _schedule(self, seq_len: Optional[int]) -> tuple[torch.Tensor, float]:
         return rope_frequencies(
             self.rotary_dim,
@@ -285,12 +273,6 @@ class RotaryEmbedding(nn.Module):
             max_position_embeddings=self.max_position_embeddings,
             dtype=self._freq_dtype,
         )
-
-    def _table_names(self) -> list:
-        names = ["cos_cached", "sin_cached"]
-        if self.rope_type == "longrope":
-            names += ["cos_long_cached", "sin_long_cached"]
-        return names
 
     def _frequencies(self, seq_len: Optional[int]) -> tuple[torch.Tensor, str, bool]:
         """``(inv_freq, table prefix, table usable)`` for a call whose largest position is ``seq_len - 1``,
@@ -354,10 +336,6 @@ class RotaryEmbedding(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
-
-    # ------------------------------------------------------------------------------------------
-    # forward
-    # ------------------------------------------------------------------------------------------
 
     def _seq_len(self, q, positions, offsets, cu_seqlens) -> int:
         """Largest position + 1 (HF's ``seq_len``); a host sync when it comes from a tensor."""

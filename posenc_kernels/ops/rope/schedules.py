@@ -61,21 +61,10 @@ _SCHEDULE_KEYS = {
     "linear": frozenset({"factor"}),
     "dynamic": frozenset({"factor", "original_max_position_embeddings"}),
     "ntk": frozenset({"factor"}),
-    "yarn": frozenset(
-        {
-            "factor",
-            "original_max_position_embeddings",
-            "attention_factor",
-            "beta_fast",
-            "beta_slow",
-            "mscale",
-            "mscale_all_dim",
-            "truncate",
-        }
-    ),
-    "longrope": frozenset(
-        {"short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"}
-    ),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim", "truncate"}),  # fmt: skip
+    "longrope": frozenset({"short_factor", "long_factor", "original_max_position_embeddings", "factor",
+                           "attention_factor"}),  # fmt: skip
     "llama3": frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
     "proportional": frozenset({"factor", "partial_rotary_factor"}),
 }
@@ -98,11 +87,6 @@ _NOT_SCHEDULE_KEYS = frozenset(
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# Argument readers: every error names the key and what was expected
-# ----------------------------------------------------------------------------------------------
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -120,10 +104,13 @@ def _missing(rope_type: str, key: str, hint: str = "") -> MissingRopeParameter:
     return MissingRopeParameter(f"scaling[{key!r}] is required for rope_type {rope_type!r}{hint}")
 
 
-def _number(p: Mapping, key: str, rope_type: str, *, default=None, positive: bool = True) -> Optional[float]:
-    """``p[key]`` as a finite float (``> 0`` if ``positive``); ``default`` when absent or None."""
+def _number(p: Mapping, key: str, rope_type: str, *, default=None, positive=True, required=False) -> Optional[float]:
+    """``p[key]`` as a finite float (``> 0`` if ``positive``); ``default`` when absent or None, or
+    :class:`MissingRopeParameter` if ``required``."""
     v = p.get(key)
     if v is None:
+        if required:
+            raise _missing(rope_type, key)
         return default
     if not _is_number(v) or not math.isfinite(float(v)) or (positive and float(v) <= 0):
         want = "a positive finite number" if positive else "a finite number"
@@ -173,11 +160,6 @@ def _rope_type(scaling: Mapping) -> str:
     return name
 
 
-# ----------------------------------------------------------------------------------------------
-# The schedules, float64
-# ----------------------------------------------------------------------------------------------
-
-
 def _powers(base: float, d: int, n: Optional[int] = None) -> torch.Tensor:
     """float64 ``base ** (-2i / d)`` for ``i < n`` (``d / 2`` by default)."""
     stop = d if n is None else 2 * n
@@ -199,26 +181,17 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         return _powers(base, d), 1.0
 
     if rope_type == "linear":
-        factor = _number(p, "factor", rope_type)
-        if factor is None:
-            raise _missing(rope_type, "factor")
+        factor = _number(p, "factor", rope_type, required=True)
         return _powers(base, d) / factor, 1.0
 
     if rope_type == "ntk":
-        factor = _number(p, "factor", rope_type)
-        if factor is None:
-            raise _missing(rope_type, "factor")
+        factor = _number(p, "factor", rope_type, required=True)
         return _powers(base * factor ** _ntk_exponent(d, rope_type), d), 1.0
 
     if rope_type == "dynamic":
-        factor = _number(p, "factor", rope_type)
-        if factor is None:
-            raise _missing(rope_type, "factor")
+        factor = _number(p, "factor", rope_type, required=True)
         # HF reads config.max_position_embeddings; the scaling key is the fallback for a bare dict.
-        if max_position_embeddings is not None:
-            original = max_position_embeddings
-        else:
-            original = _original_length(p, rope_type, None)
+        original = max_position_embeddings or _original_length(p, rope_type, None)
         length = original if seq_len is None else max(seq_len, original)
         new_base = base * (factor * length / original - (factor - 1)) ** _ntk_exponent(d, rope_type)
         return _powers(new_base, d), 1.0
@@ -249,9 +222,7 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         beta_slow = _number(p, "beta_slow", rope_type, default=1.0)
         if base == 1:
             raise ValueError("base must not be 1 for rope_type 'yarn' (its correction range divides by log(base))")
-        truncate = p.get("truncate")
-        if truncate is None:
-            truncate = True
+        truncate = True if p.get("truncate") is None else p["truncate"]
         if not isinstance(truncate, bool):
             raise ValueError(f"scaling['truncate'] must be a bool for rope_type 'yarn', got {truncate!r}")
 
@@ -284,15 +255,9 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         return 1.0 / (ext * float(base) ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), float(attention_factor)
 
     if rope_type == "llama3":
-        factor = _number(p, "factor", rope_type)
-        if factor is None:
-            raise _missing(rope_type, "factor")
-        low_ff = _number(p, "low_freq_factor", rope_type)
-        if low_ff is None:
-            raise _missing(rope_type, "low_freq_factor")
-        high_ff = _number(p, "high_freq_factor", rope_type)
-        if high_ff is None:
-            raise _missing(rope_type, "high_freq_factor")
+        factor = _number(p, "factor", rope_type, required=True)
+        low_ff = _number(p, "low_freq_factor", rope_type, required=True)
+        high_ff = _number(p, "high_freq_factor", rope_type, required=True)
         if high_ff <= low_ff:
             raise ValueError(
                 f"scaling['high_freq_factor'] must exceed scaling['low_freq_factor'] for rope_type 'llama3', "
@@ -320,11 +285,6 @@ def _schedule(rope_type, p, d, base, seq_len, max_position_embeddings):
         return inv / factor, 1.0
 
     raise AssertionError(rope_type)  # pragma: no cover - _rope_type() filters
-
-
-# ----------------------------------------------------------------------------------------------
-# Public function
-# ----------------------------------------------------------------------------------------------
 
 
 def rope_frequencies(
