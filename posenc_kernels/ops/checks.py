@@ -82,8 +82,10 @@ def max_element_offset(t: Optional[torch.Tensor]) -> int:
 
 
 def reraise_with_check(error: Exception, check, *args, **kwargs):
-    """A native kernel refused a call: raise the op's own check's message for it (what its fake and its
-    Python implementations raise, so eager and compiled code raise alike), else the kernel's error."""
+    """An op call failed before any kernel could name the argument - the dispatcher refused what the schema
+    cannot take (a list for a tensor, a string for a float): raise the op's check's error for it (a
+    TypeError naming the argument), else the original error. Kernels themselves (Python and C++) already
+    raise the check's messages."""
     try:
         check(*args, values=True, **kwargs)
     except (TypeError, ValueError, RuntimeError):

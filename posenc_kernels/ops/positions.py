@@ -16,21 +16,10 @@ calls, :func:`token_positions` its torch twin, and ``csrc/positions.h`` the C++ 
 on CUDA: skipped when :func:`~posenc_kernels.ops.checks.value_checks_on` says so; the kernels then give NaN
 for a row outside the table instead of reading out of bounds).
 
-The builders are pure torch and never read a device value back to the host (the one documented exception:
-``positions_from_cu_seqlens`` without ``total_tokens``), so they can be captured in a CUDA graph and traced
-by ``torch.compile(fullgraph=True)``. Each reproduces one published convention exactly:
-
-=================================== ====================================================================
-``position_ids_from_attention_mask`` Hugging Face ``GenerationMixin.prepare_inputs_for_generation``:
-                                     ``mask.cumsum(-1) - 1``, padded slots set to 1, the last
-                                     ``L - past_length`` columns kept.
-``opt_positions``                    Hugging Face ``OPTLearnedPositionalEmbedding``:
-                                     ``cumsum(mask) * mask - 1`` from ``past_length`` on, plus 2.
-``fairseq_positions``                fairseq ``utils.make_positions``: real tokens numbered from
-                                     ``padding_idx + 1``, padding tokens get ``padding_idx``.
-``positions_from_cu_seqlens``        packed (varlen) batches: ``0, 1, ...`` restarting at every sequence
-                                     start in ``cu_seqlens``, plus an optional per-sequence offset.
-=================================== ====================================================================
+The public builders (``position_ids_from_attention_mask``, ``opt_positions``, ``fairseq_positions``,
+``positions_from_cu_seqlens``) each reproduce one published convention exactly; they are pure torch and
+never read a device value back to the host (one documented exception), so CUDA graphs and
+``torch.compile(fullgraph=True)`` take them.
 """
 
 from __future__ import annotations

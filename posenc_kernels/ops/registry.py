@@ -1,23 +1,12 @@
 """The op layer: one schema per op, one kernel per dispatch key registered once, the backend chosen per call.
 
-**Declaring.** :func:`define` declares one op from its schema string; :func:`posenc_kernels.ops.pair.define_pair`
-declares an in-place op and its out-of-place twin together (and derives their autograd and call paths).
-
-**Registering** (:func:`finalize`, once, when the package is imported; nothing is registered or removed
-after it, so threads never see the dispatch table change):
-
-* **CPU** and **CUDA**: a Python kernel per op that runs the op's check, then its Triton or pure-torch
-  implementation (:func:`python_backend` picks which, per call).
-* **BackendSelect**: where the native extension (``csrc/``) has a kernel for the op, its C++ *chooser*:
-  per call it reads the backend in force (a process setting plus a thread-local override, mirrored into
-  the extension by :func:`set_backend` / :func:`use_backend`) and either runs the C++ kernel directly -
-  so an eager native call costs what a bare C++ op costs - or redispatches to the Python kernel below.
-  A factory op (``sinusoidal_table``: no tensor argument to pick a key from) without a native kernel gets
-  a Python BackendSelect kernel that picks the key from its ``device`` argument, as ATen's factories do.
-* **ADInplaceOrView** (mutating ops): bumps the version counters of what the op writes - the extension's
-  C++ kernels when it is loaded, else a Python kernel.
-* **Meta / fake**: the op's check (without values) and its output shapes; **Autograd**: registered once
-  per functional op; the in-place ops are differentiated through their derived autograd.Function.
+:func:`define` declares an op from its schema string (:func:`posenc_kernels.ops.pair.define_pair` an
+in-place op and its out-of-place twin). :func:`finalize` registers, once, at import: a Python kernel on CPU
+and CUDA (the op's check, then Triton or torch: :func:`python_backend`); the extension's C++ chooser on
+BackendSelect where it has a kernel (it runs the C++ kernel or passes the call on, from the backend that
+:func:`set_backend` / :func:`use_backend` mirror into it); a Python BackendSelect kernel for a factory op
+without one; ADInplaceOrView for mutating ops; the fake. Nothing is registered or removed afterwards, so
+threads never see the dispatch table change. ``docs/design.md`` tells the whole story.
 """
 
 from __future__ import annotations

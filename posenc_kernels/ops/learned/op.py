@@ -1,16 +1,11 @@
-"""Learned position embedding ops: the schemas (their one definition), the checks shared by the fakes and
-every implementation, the implementations per backend, and autograd.
+"""Learned position embedding ops: the pair ``posenc::add_position_embedding_`` / ``add_position_embedding``
+(``x + table[positions]``; backward: x gets the gradient unchanged, the table the per-row sums of
+``posenc::position_embedding_backward``), their checks, implementations and autograd. The native extension
+implements the pair for CPU (``csrc/learned_cpu.cpp``).
 
-``posenc::add_position_embedding_`` adds ``table[positions]`` into x in place; ``posenc::add_position_embedding``
-is its out-of-place twin (autograd: x gets the gradient unchanged, the table the per-row sums computed by
-``posenc::position_embedding_backward``). The native extension implements the two forward ops for CPU
-(``csrc/learned_cpu.cpp``, schemas as registered there); Triton and torch implement all three.
-
-Contract: ``x`` is ``[B, S, D]`` or ``[T, D]`` with any strides; ``table`` is ``[P, D]`` of any float
-dtype (it may differ from x's; any strides); ``positions`` is an integer tensor ``[B, S]`` or ``[S]``
-(``[T]`` for 2-D x) with values in ``[0, P)``, checked once per call (never again in backward). A row
-outside the table (reachable only with value checks off, see ``set_value_checks``) reads as NaN and
-receives no gradient: the kernels never read or write out of bounds.
+Contract: ``x`` ``[B, S, D]`` or ``[T, D]`` and ``table`` ``[P, D]`` of any float dtypes and strides;
+``positions`` integer ``[B, S]`` or ``[S]`` (``[T]`` for 2-D x) in ``[0, P)``, checked once per call. A row
+outside the table (value checks off) reads as NaN and gets no gradient: never an out-of-bounds access.
 """
 
 from __future__ import annotations

@@ -1,31 +1,13 @@
-"""RoPE: the public functions. They coerce arguments and call the ops; the ops validate and dispatch.
+"""RoPE: the public functions. They coerce arguments and call the op pair (:mod:`.op`); the ops validate
+and dispatch. The contract, in short (``docs/rope.md`` has the whole of it):
 
-Layout conventions (the public contract):
-
-* ``q`` is ``[B, S, Hq, D]`` and ``k`` is ``[B, S, Hk, D]`` (or ``None``), with any strides (an HF
-  ``[B, H, S, D]`` tensor passed as ``.transpose(1, 2)`` works without a copy; a non-unit channel stride
-  too, on a slower path).
-* ``cos`` / ``sin`` are ``[P, R/2]`` tables; ``R = 2 * cos.shape[-1] <= D`` channels rotate, the rest are
-  untouched (partial rotary).
-* The table row of token ``(b, s)`` is ``positions[b, s]`` (or ``positions[s]``) when positions are given,
-  else ``offsets + s`` with ``offsets`` an int or a ``[B]`` tensor (see :mod:`posenc_kernels.ops.positions`).
-* ``interleaved=False`` pairs channel ``d`` with ``d + R/2`` (GPT-NeoX / HF); ``True`` pairs ``2i`` with
-  ``2i + 1`` (GPT-J).
-* Packed (varlen) batches: ``q`` ``[T, Hq, D]`` / ``k`` ``[T, Hk, D]`` with ``cu_seqlens`` ``[N + 1]``
-  (sequence ``n`` owns tokens ``cu_seqlens[n]:cu_seqlens[n+1]``; its positions restart at ``offsets[n]``
-  or the int ``offsets``; tokens past ``cu_seqlens[-1]``, a padded graph bucket, take position 0), or
-  with per-token ``positions`` ``[T]``.
-* Angles come from the tables, or on the fly from ``inv_freq`` ``[R/2]`` (no table): by default one fp32
-  product ``fp32(pos) * inv_freq`` then fp32 cos/sin (HF's numerics), scaled by ``attention_factor``;
-  ``exact=True`` takes float64 ``inv_freq`` and runs the exact algorithm of :mod:`posenc_kernels.ops.angles`
-  (within 1e-6 rad of the float64 truth up to positions 2**22 and beyond).
-* Multi-axis positions (M-RoPE, axial RoPE): ``axis_map`` ``[R/2]`` says which row of ``positions``
-  ``[A, B, S]`` (or ``[A, S]``) frequency ``i`` follows; see :func:`mrope_axis_map`.
-
-Under ``torch.compile`` the in-place functions trace the out-of-place op and copy its result back into q/k
-(``Tensor.copy_``): PyTorch 2.13 mis-traces a mutating custom op in two cases - an autograd.Function that
-marks its input dirty loses its backward (the gradient passes unrotated), and two views of one base (packed
-QKV) are regenerated at storage offset 0 under dynamic shapes - so the traced path avoids both.
+* ``q`` ``[B, S, Hq, D]``, ``k`` ``[B, S, Hk, D]`` or None, any strides (HF's ``[B, H, S, D]`` as
+  ``.transpose(1, 2)``); packed ``[T, H, D]`` with ``cu_seqlens`` ``[N + 1]`` or per-token positions.
+* Angles from ``cos``/``sin`` tables ``[P, R/2]`` (``R <= D`` channels rotate: partial rotary) or on the fly
+  from ``inv_freq`` ``[R/2]`` (fp32 ``pos * inv_freq`` as HF, or ``exact=True`` with float64 frequencies).
+* Token ``(b, s)`` takes row ``positions[b, s]`` (or ``[s]``), else ``offsets + s`` (:mod:`..positions`);
+  ``axis_map`` ``[R/2]`` picks a row of ``positions`` ``[A, ...]`` per frequency (M-RoPE, axial).
+* ``interleaved=False`` pairs ``d`` with ``d + R/2`` (GPT-NeoX / HF), ``True`` pairs ``2i``, ``2i + 1``.
 """
 
 from __future__ import annotations

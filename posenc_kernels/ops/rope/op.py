@@ -1,9 +1,6 @@
-"""RoPE ops: the schemas (their one definition), the check shared by the fake and every implementation,
-the implementations per backend, and autograd.
-
-``posenc::rope_`` rotates q and k in place; ``posenc::rope`` is its out-of-place twin (with autograd: the
-backward is the same op rotating by -theta); ``posenc::rope_cos_sin`` builds tables. The native extension
-implements ``rope_`` and ``rope`` for CPU and CUDA (``csrc/``); Triton and torch implement everything.
+"""RoPE ops: the pair ``posenc::rope_`` / ``posenc::rope`` (q and k rotated in place / out of place; the
+backward is the same op rotating by -theta) and the table op ``posenc::rope_cos_sin``, with the check
+shared by the fakes and every implementation. The native extension implements the pair (``csrc/``).
 """
 
 from __future__ import annotations

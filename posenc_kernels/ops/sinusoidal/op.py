@@ -1,12 +1,8 @@
-"""Sinusoidal ops: the schemas (their one definition), the checks shared by the fakes and every
-implementation, the implementations per backend, and autograd.
-
-``posenc::sinusoidal_table`` builds encodings (a factory op: without positions its only tensor argument is
-absent, so its ``device`` argument picks the kernel); ``posenc::add_sinusoidal_`` adds them into x in place,
-``posenc::add_sinusoidal`` is its out-of-place twin (autograd: ``grad * x_scale``);
-``posenc::concat_sinusoidal`` returns ``[x | PE]``. The native extension implements all four for CPU and
-CUDA (``csrc/sinusoidal_*``); Triton and torch implement them too. The schemas are those of
-``csrc/bindings.cpp``'s kernels.
+"""Sinusoidal ops: their declarations, the checks shared by the fakes and every implementation, the
+implementations per backend, and autograd. ``posenc::sinusoidal_table`` builds encodings (a factory op: its
+``device`` argument picks the kernel when there are no positions); ``posenc::add_sinusoidal_`` /
+``posenc::add_sinusoidal`` add them into x (backward ``grad * x_scale``); ``posenc::concat_sinusoidal``
+returns ``[x | PE]``. The native extension implements all four for CPU and CUDA (``csrc/sinusoidal_*``).
 """
 
 from __future__ import annotations
