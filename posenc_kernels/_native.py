@@ -1,21 +1,15 @@
 """The optional C++/CUDA extension (``csrc/``): locating, building and loading it, and the controls the op
-layer sets in it. Where the kernels come from, first hit wins (once, at import):
+layer sets in it (``docs/install.md`` tells the whole story). First hit wins, once:
 
-1. ``posenc_kernels._C``, built ahead of time against the installed torch
-   (``POSENC_BUILD_EXT=1 pip install --no-build-isolation .``); not loaded when it was built from other
-   sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``);
-2. a just-in-time build of the sources :mod:`posenc_kernels._build` lists, cached under
-   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``) keyed by torch version, sources, flags and
-   CUDA toolkit/architectures (never paths or timestamps). A failed build is remembered (``BUILD_FAILED``;
-   ``POSENC_NATIVE_RETRY=1`` retries, ``python -m posenc_kernels --rebuild`` rebuilds); when nothing loads,
-   one warning line says why and the Triton/torch backends keep working.
+1. ``posenc_kernels._C``, built ahead of time (``setup.py``); passed over when built against another torch
+   or from other sources than a checkout's ``csrc/``;
+2. a just-in-time build cached under ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``), keyed
+   by everything that decides the build; a failure is remembered (``POSENC_NATIVE_RETRY=1`` retries).
 
-``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot``, ``jit``, ``0`` neither.
-``docs/install.md`` tells the whole story. Loading the library registers, once and for good, a C++ chooser
-on the ``BackendSelect`` key of every public op it implements and the ``ADInplaceOrView`` kernels of the
-mutating ones (``csrc/native_ops.h``); per call the chooser runs the C++ kernel or redispatches to
-Python's CPU/CUDA kernel, from the backend selection set here (:func:`set_backend`,
-:func:`set_thread_backend`, :func:`set_triton`; codes are indices into ``registry.BACKENDS``).
+``POSENC_NATIVE``: ``1``/``auto`` (default) both in that order, ``aot``, ``jit``, ``0`` neither. When
+nothing loads, one warning says why and the Triton/torch backends work. The library registers a C++
+chooser per public op (``csrc/native_ops.h``) that runs its kernel or redispatches to Python's, from the
+selection set here (:func:`set_backend`, ...; codes are indices into ``registry.BACKENDS``).
 """
 
 from __future__ import annotations
@@ -62,10 +56,8 @@ def _mode() -> str:
 
 
 def _cxx_flags() -> list[str]:
-    # The flags torch's own generic kernels build with: -O3 and no -march, so the library runs wherever
-    # torch runs (at::vec DEFAULT width, vectorised by the compiler). OpenMP for at::parallel_for.
-    # -ffp-contract=off: no FMA contraction, so every ISA variant rounds like torch's eager ops (a*c - b*s).
-    # The C++ standard is torch's default for its headers.
+    # torch's generic-kernel flags (no -march: runs wherever torch runs); no FMA contraction, so every ISA
+    # variant rounds like torch's eager ops.
     return ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
 
@@ -89,14 +81,9 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and _cuda_toolkit()[0] is not None
 
 
-def _visible_capabilities() -> list[tuple[int, int]]:
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-
-
 def _cuda_arch_list() -> tuple[str, str]:
-    return _build.cuda_arch_list(_visible_capabilities())
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return _build.cuda_arch_list([torch.cuda.get_device_capability(i) for i in range(n)])
 
 
 def _checkout_csrc() -> Optional[Path]:
@@ -154,8 +141,9 @@ def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
 _FAILED, _BUILT = "BUILD_FAILED", "BUILT"
 
 
-def _retry() -> bool:
-    return os.environ.get("POSENC_NATIVE_RETRY", "0") == "1"
+def _warn(message: str) -> None:
+    """One warning line (no source line echoed), filterable by module ``posenc_kernels._native``."""
+    warnings.warn_explicit(message, RuntimeWarning, filename="posenc_kernels", lineno=0, module=__name__)
 
 
 def _load_jit() -> None:
@@ -173,13 +161,7 @@ def _load_jit() -> None:
                 return _build_and_load(cuda=True)
             except Exception as e:
                 _state["cuda_skipped"] = f"the CUDA build failed: {_one_line(e)}"
-                warnings.warn_explicit(
-                    f"native CUDA kernels unavailable ({_one_line(e)}); using the CPU kernels alone",
-                    RuntimeWarning,
-                    filename="posenc_kernels",
-                    lineno=0,
-                    module=__name__,
-                )
+                _warn(f"native CUDA kernels unavailable ({_one_line(e)}); using the CPU kernels alone")
     _build_and_load(cuda=False)
 
 
@@ -209,7 +191,7 @@ def _build_and_load(cuda: bool) -> None:
     sources = _sources(cuda)  # the ISA variants stay last, after the CUDA objects too
     name, build_dir = _jit_build_dir(sources, cuda)
     library, failed = build_dir / f"{name}.so", build_dir / _FAILED
-    if failed.is_file() and not _retry():
+    if failed.is_file() and os.environ.get("POSENC_NATIVE_RETRY", "0") != "1":
         try:
             why = json.loads(failed.read_text()).get("error", "?")
         except ValueError:
@@ -218,34 +200,24 @@ def _build_and_load(cuda: bool) -> None:
             f"an earlier build of these sources failed ({why}); not compiling again (remembered in {failed}; "
             "POSENC_NATIVE_RETRY=1 or python -m posenc_kernels --rebuild tries again)"
         )
-    # A finished build of exactly these inputs (the folder is keyed by them; BUILT is written once the library
-    # is complete): load it without running ninja, which would recompile every source whose timestamp is
-    # newer, e.g. after a reinstall.
+    # A finished build of exactly these inputs (BUILT is written last): load it without ninja, which would
+    # recompile every source with a newer timestamp, e.g. after a reinstall.
     if library.is_file() and (build_dir / _BUILT).is_file():
         torch.ops.load_library(str(library))
         _state["library"] = str(library)
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     what = f"CPU and CUDA ({_cuda_arch_list()[0]})" if cuda else "CPU"
-    # One line on stderr's file descriptor (pytest's capture does not swallow it): a first import that
-    # compiles for a minute must say so.
     _progress(f"posenc_kernels: building the native {what} kernels once ({len(sources)} sources) into "
               f"{build_dir}: about 1 min on 2 cores; later imports load the cached build")
-    kwargs = dict(
-        name=name,
-        sources=[str(p) for p in sources],
-        extra_cflags=_cxx_flags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("POSENC_NATIVE_VERBOSE", "0") == "1",
-    )
-    if cuda:
-        kwargs["extra_cuda_cflags"] = ["-O3"]
     t0 = time.monotonic()
     try:
         with _cuda_build_env() if cuda else contextlib.nullcontext():
-            cpp_extension.load(**kwargs)
+            cpp_extension.load(
+                name=name, sources=[str(p) for p in sources], extra_cflags=_cxx_flags(), extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3"] if cuda else None, build_directory=str(build_dir), is_python_module=False,
+                verbose=os.environ.get("POSENC_NATIVE_VERBOSE", "0") == "1",
+            )  # fmt: skip
     except Exception as e:
         record = {"error": _one_line(e), "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
@@ -260,9 +232,8 @@ def _build_and_load(cuda: bool) -> None:
 
 
 def _progress(line: str) -> None:
-    """Write ``line`` to file descriptor 2 directly (not through sys.stderr, which pytest's default
-    ``--capture=fd`` replaces) and, when fd 2 is not a terminal but the process has one (an interactive
-    pytest run: its fd capture redirects fd 2 too), to the terminal as well. Kept in ``_state["progress"]``."""
+    """Write ``line`` to fd 2 directly (pytest's ``--capture=fd`` replaces sys.stderr) and, when fd 2 is not a
+    terminal but the process has one (pytest redirects fd 2), to that terminal; kept in ``_state["progress"]``."""
     _state.setdefault("progress", []).append(line)
     data = (line + "\n").encode()
     with contextlib.suppress(OSError):
@@ -320,14 +291,7 @@ def load() -> bool:
         if _state["source"] is None:
             _state["error"] = "; ".join(errors) or "unknown reason"
             if mode != "0":
-                # One line (no source line echoed), filterable by module "posenc_kernels._native".
-                warnings.warn_explicit(
-                    f"native extension unavailable ({_state['error']}); using the Triton/torch backends",
-                    RuntimeWarning,
-                    filename="posenc_kernels",
-                    lineno=0,
-                    module=__name__,
-                )
+                _warn(f"native extension unavailable ({_state['error']}); using the Triton/torch backends")
         _state["done"] = True
         return _state["source"] is not None
 
@@ -394,9 +358,7 @@ def status() -> dict:
     return info
 
 
-# ----------------------------------------------------------------------------------------------
-# What the op layer (posenc_kernels/ops/registry.py) asks of the extension
-# ----------------------------------------------------------------------------------------------
+# What the op layer (posenc_kernels/ops/registry.py) asks of the extension.
 _ops_for: dict = {}
 
 
