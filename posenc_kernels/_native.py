@@ -61,24 +61,14 @@ def _cxx_flags() -> list[str]:
     return ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
 
-def _sources(cuda: bool) -> list[Path]:
-    """The extension's translation units in link order: the one explicit list of :mod:`._build`."""
-    return _build.extension_sources(CSRC, cuda)
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_toolkit() -> tuple[Optional[str], str]:
     """The CUDA toolkit the JIT build compiles with, or ``(None, why the CUDA sources are not built)``."""
-    if not all(p.is_file() for p in _sources(cuda=True)):
+    if not all(p.is_file() for p in _build.extension_sources(CSRC, cuda=True)):
         return None, f"no CUDA sources in {CSRC}"
     if os.environ.get("POSENC_BUILD_CUDA", "1") == "0":
         return None, "POSENC_BUILD_CUDA=0"
     return _build.cuda_toolkit(torch.version.cuda)
-
-
-def _want_cuda() -> bool:
-    """CUDA sources are built only for a CUDA torch with a toolkit (nvcc and headers) of its CUDA version."""
-    return torch.version.cuda is not None and _cuda_toolkit()[0] is not None
 
 
 def _cuda_arch_list() -> tuple[str, str]:
@@ -148,7 +138,7 @@ def _warn(message: str) -> None:
 
 def _load_jit() -> None:
     """Build (or find cached) and load; a failing CUDA build falls back to the CPU kernels alone."""
-    if not all(p.is_file() for p in _sources(cuda=False)):
+    if not all(p.is_file() for p in _build.extension_sources(CSRC, cuda=False)):
         raise RuntimeError(f"no C++ sources at {CSRC} (an installed wheel without the prebuilt extension)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
@@ -188,7 +178,7 @@ def _cuda_build_env():
 def _build_and_load(cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    sources = _sources(cuda)  # the ISA variants stay last, after the CUDA objects too
+    sources = _build.extension_sources(CSRC, cuda)  # in link order
     name, build_dir = _jit_build_dir(sources, cuda)
     library, failed = build_dir / f"{name}.so", build_dir / _FAILED
     if failed.is_file() and os.environ.get("POSENC_NATIVE_RETRY", "0") != "1":
@@ -250,9 +240,9 @@ def _progress(line: str) -> None:
 def forget_builds() -> list[Path]:
     """Remove this environment's JIT build folders (CPU and CUDA, failed or not) for the current sources;
     returns the folders removed. The next :func:`load` in a new process builds afresh."""
-    removed = []
-    for cuda in (False, True) if _want_cuda() else (False,):
-        _, d = _jit_build_dir(_sources(cuda), cuda)
+    removed, cuda_too = [], torch.version.cuda is not None and _cuda_toolkit()[0] is not None
+    for cuda in (False, True) if cuda_too else (False,):
+        _, d = _jit_build_dir(_build.extension_sources(CSRC, cuda), cuda)
         if d.is_dir():
             shutil.rmtree(d)
             removed.append(d)
@@ -299,9 +289,8 @@ def load() -> bool:
 def _one_line(e: Exception) -> str:
     """The first compiler diagnostic of a failed build (else the first line of the message)."""
     text = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    first = next((ln for ln in text if "error:" in ln), None) or next(
-        (ln for ln in text if "error" in ln.lower()), text[0] if text else ""
-    )
+    first = next((ln for ln in text if "error:" in ln), None)
+    first = first or next((ln for ln in text if "error" in ln.lower()), text[0] if text else "")
     return f"{type(e).__name__}: {first[:300]}"
 
 
@@ -328,18 +317,17 @@ def has_op(name: str, device_type: str) -> bool:
 
 
 def kernel_devices() -> dict[str, list[str]]:
-    """For each public op (``posenc::...``) the extension has a kernel for, the device types it has one for
-    (loads it); empty without it. Whether a call runs it is the backend selection's choice, per call."""
+    """``{"posenc::op": device types it has a C++ kernel for}`` (loads the extension; empty without it)."""
     ops = sorted(ops_for("CPU") | ops_for("CUDA"))
     return {f"posenc::{op}": [dev for dev in ("cpu", "cuda") if op in ops_for(dev.upper())] for op in ops}
 
 
 def status() -> dict:
-    """Where the extension stands in this process (loads it, maybe building it): source, library, kernels per
-    op and device, cache folder, CUDA toolkit and architectures, and why something was skipped or failed."""
+    """Where the extension stands in this process (loads it, maybe building it): what ``python -m
+    posenc_kernels`` prints."""
     loaded = load()
     home, toolkit = _cuda_toolkit() if torch.version.cuda is not None else (None, "torch is a CPU build")
-    info = {
+    return {
         "mode": _mode(),
         "source": source(),
         "library": _state["library"],
@@ -351,11 +339,8 @@ def status() -> dict:
         "cuda_toolkit_note": toolkit,
         "cuda_skipped": _state["cuda_skipped"],
         "cuda_archs": _cuda_arch_list() if home is not None else None,
-        "aot_build_info": None,
+        "aot_build_info": _build.read_build_info(_state["library"]) if _state["source"] == "aot" else None,
     }
-    if _state["source"] == "aot":
-        info["aot_build_info"] = _build.read_build_info(_state["library"])
-    return info
 
 
 # What the op layer (posenc_kernels/ops/registry.py) asks of the extension.
@@ -363,9 +348,8 @@ _ops_for: dict = {}
 
 
 def ops_for(key: str) -> frozenset:
-    """The public ops the loaded extension has kernels for: ``"CPU"`` / ``"CUDA"`` (its C++ implementations
-    per device type), ``"BackendSelect"`` (the ops it registered a chooser for), ``"ADInplaceOrView"`` (its
-    version-bump kernels); empty without the extension. Cached: the registry asks on every Python-kernel call."""
+    """The public ops the loaded extension registered for dispatch key ``key`` (``"CPU"``, ``"CUDA"``,
+    ``"BackendSelect"``, ``"ADInplaceOrView"``); empty without it. Cached: asked on every Python-kernel call."""
     hit = _ops_for.get(key)
     if hit is None:
         hit = frozenset()
@@ -386,17 +370,16 @@ def _loaded() -> bool:
 
 
 def set_backend(code: int) -> None:
-    """The process-wide backend of the extension's choosers (an index into ``registry.BACKENDS``, the codes
-    of ``csrc/native_ops.h``): ``auto`` runs the C++ kernel on a device type where Triton is not preferred
-    (:func:`set_triton`), ``native`` wherever the op has one, ``triton``/``torch`` never. A no-op without
-    the extension."""
+    """The process-wide backend of the extension's choosers (an index into ``registry.BACKENDS``): ``auto``
+    runs the C++ kernel where Triton is not preferred (:func:`set_triton`), ``native`` wherever the op has
+    one, ``triton``/``torch`` never. A no-op without the extension."""
     if _loaded():
         torch.ops.posenc._native_set_backend(int(code))
 
 
 def set_thread_backend(code: int) -> None:
-    """This thread's override of :func:`set_backend` (same codes), or ``-1`` to clear it. The caller saves
-    and restores the previous value itself (``use_backend`` nests). A no-op without the extension."""
+    """This thread's override of :func:`set_backend` (same codes), or ``-1`` to clear it (the caller restores
+    the previous value). A no-op without the extension."""
     if _loaded():
         torch.ops.posenc._native_set_thread_backend(int(code))
 
