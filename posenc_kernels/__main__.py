@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import posenc_kernels
     from posenc_kernels import _native
 
-    removed = []
+    removed = [str(d) for d in _native.forget_builds()] if args.rebuild else []
     if args.rebuild:
-        removed = [str(d) for d in _native.forget_builds()]
         os.environ["POSENC_NATIVE_RETRY"] = "1"
         if _native._mode() == "auto":  # a rebuild means the JIT build, even beside a prebuilt module
             os.environ["POSENC_NATIVE"] = "jit"

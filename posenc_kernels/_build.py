@@ -54,9 +54,7 @@ def source_hash(csrc: Path) -> str:
     """Hash of the names and contents of :func:`source_files` (not their paths or timestamps)."""
     h = hashlib.sha256()
     for p in source_files(csrc):
-        h.update(p.name.encode() + b"\0")
-        h.update(p.read_bytes())
-        h.update(b"\0")
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

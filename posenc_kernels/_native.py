@@ -112,9 +112,8 @@ def _cache_root() -> Path:
 
 
 def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
-    """``(library name, build folder)``: the folder is keyed by the torch version and a hash of everything
-    that decides the build - sources (names, contents, link order), flags, compiler, CUDA toolkit and
-    architectures - and of nothing else (no paths, no timestamps)."""
+    """``(library name, build folder)``, keyed by the torch version and a hash of everything that decides the
+    build (sources in link order, flags, compiler, CUDA toolkit and architectures), never paths or times."""
     h = hashlib.sha256()
     h.update(" ".join(p.name for p in sources).encode())  # the link order matters (see _build.CPU_SOURCES)
     h.update(_build.source_hash(CSRC).encode())  # every source and header csrc/ ships
@@ -161,10 +160,8 @@ def _cuda_build_env():
     folder without headers) and an explicit TORCH_CUDA_ARCH_LIST (torch's detection fails without a GPU)."""
     from torch.utils import cpp_extension
 
-    home, _ = _cuda_toolkit()
     saved_home, saved_archs = cpp_extension.CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST")
-    cpp_extension.CUDA_HOME = home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()[0]
+    cpp_extension.CUDA_HOME, os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_toolkit()[0], _cuda_arch_list()[0]
     try:
         yield
     finally:
@@ -223,8 +220,7 @@ def _build_and_load(cuda: bool) -> None:
 
 def _progress(line: str) -> None:
     """Write ``line`` to fd 2 directly (pytest's ``--capture=fd`` replaces sys.stderr) and, when fd 2 is not a
-    terminal but the process has one (pytest redirects fd 2), to that terminal; kept in ``_state["progress"]``."""
-    _state.setdefault("progress", []).append(line)
+    terminal but the process has one (pytest redirects fd 2), to that terminal."""
     data = (line + "\n").encode()
     with contextlib.suppress(OSError):
         os.write(2, data)

@@ -213,15 +213,14 @@ def split_offsets(offsets, name: str = "offsets") -> tuple[Optional[torch.Tensor
     """Public ``offsets`` (int or tensor) -> the ops' (offsets tensor or None, int offset) pair."""
     if isinstance(offsets, torch.Tensor):
         return offsets, 0
-    if isinstance(offsets, bool) or not isinstance(offsets, int):
-        # Python ints only: numpy ints and the like are accepted through int().
-        try:
-            as_int = int(offsets)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
-        if as_int != offsets or isinstance(offsets, (bool, float)):
-            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {offsets!r}")
-        return None, as_int
-    return None, offsets
+    if isinstance(offsets, int) and not isinstance(offsets, bool):
+        return None, offsets
+    try:  # numpy ints and the like, through int(); never bools or floats
+        as_int = int(offsets)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
+    if as_int != offsets or isinstance(offsets, (bool, float)):
+        raise TypeError(f"{name} must be an int or a [B] integer tensor, got {offsets!r}")
+    return None, as_int
 
 

@@ -147,9 +147,8 @@ _ELEMS_PER_PROGRAM = 4096
 
 
 def channel_block(D: int, widest: int) -> int:
-    """Channels per program: among the power of two covering D (capped at ``widest``) and its half and
-    quarter, the width that pads D least, the wider on ties (GPT-2's 768 -> 3 x 256 rather than a
-    half-empty second block of 512; 1600 -> 128; 4096 -> widest)."""
+    """Channels per program: of the power of two covering D (at most ``widest``), its half and its quarter,
+    the one that pads D least, the wider on ties (768 -> 3 x 256, not a half-empty second 512)."""
     top = min(widest, next_pow2(D))
     return min((b for b in (top, top // 2, top // 4) if b >= 1), key=lambda b: (-(-D // b) * b, -b))
 

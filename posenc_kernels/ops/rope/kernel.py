@@ -1,9 +1,5 @@
-"""RoPE Triton kernels and their launchers.
-
-One program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q *or* k (the head-block axis of the grid
-covers q's blocks then k's), so q and k take one launch. The program issues every global load it needs -
-the position (when it is a tensor), the cos/sin rows, the head rows - before it converts or broadcasts any
-of them, so their latencies overlap; tests/static/ reads the round trips off the SASS.
+"""RoPE Triton kernels and their launchers: one program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q
+*or* k (the grid's head-block axis covers q's blocks then k's), so q and k take one launch.
 """
 
 from __future__ import annotations
