@@ -1,12 +1,11 @@
 """``python -m posenc_kernels``: what this environment runs - the first thing to run on a new machine.
 
-Prints the versions (package, Python, torch and its CUDA, triton), whether the native C++/CUDA extension
-loaded, from where (``aot``: the module built at install time; ``jit``: the cached just-in-time build),
-which of its ops have kernels for which devices, the JIT cache folder, the CUDA toolkit and architectures a
-build uses, and why anything was skipped or failed. Loading may build the extension (once, cached).
+Prints the versions, whether the native extension loaded and from where (``aot`` or ``jit``), its kernels
+per op and device, the JIT cache, the CUDA toolkit and architectures, and why anything was skipped or
+failed (see :func:`posenc_kernels._native.status`). Loading may build the extension (once, cached).
 
-``--rebuild`` forgets this environment's just-in-time builds of the current sources (a remembered failure
-included) and builds them again; ``--json`` prints the same facts as JSON.
+``--rebuild`` forgets this environment's just-in-time builds (a remembered failure included) and builds
+them again; ``--json`` prints the same facts as JSON.
 """
 
 from __future__ import annotations
@@ -37,29 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     import posenc_kernels
     from posenc_kernels import _native
 
-    removed = []
+    removed = [str(d) for d in _native.forget_builds()] if args.rebuild else []
     if args.rebuild:
-        removed = [str(d) for d in _native.forget_builds()]
         os.environ["POSENC_NATIVE_RETRY"] = "1"
         if _native._mode() == "auto":  # a rebuild means the JIT build, even beside a prebuilt module
             os.environ["POSENC_NATIVE"] = "jit"
     st = _native.status()
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     facts = {
         "posenc_kernels": posenc_kernels.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)],
         "triton": _version("triton"),
         "removed": removed,
         **st,
     }
+    code = 0 if st["source"] is not None or st["mode"] == "0" else 1
     if args.json:
         print(json.dumps(facts, indent=2, default=str))
-        return 0 if st["source"] is not None or st["mode"] == "0" else 1
+        return code
 
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
     gpus = ", ".join(facts["gpus"]) if facts["gpus"] else "no GPU visible"
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CUDA kernels skipped: {st['cuda_skipped']}")
     print(f"JIT cache: {st['cache']} (POSENC_NATIVE_CACHE moves it); sources: {st['csrc']}; "
           f"POSENC_NATIVE={os.environ.get('POSENC_NATIVE', '1')}")  # fmt: skip
-    return 0 if st["source"] is not None or st["mode"] == "0" else 1
+    return code
 
 
 if __name__ == "__main__":

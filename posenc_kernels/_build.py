@@ -1,8 +1,6 @@
-"""Build facts shared by the ahead-of-time build (``setup.py``) and the just-in-time one (``_native.py``).
-
-Standard library only: ``setup.py`` loads this file by path, before (and without) importing the package,
-so one definition decides for both builds which sources are hashed, which CUDA toolkit is used and which
-GPU architectures are compiled.
+"""Build facts shared by the ahead-of-time build (``setup.py``) and the just-in-time one (``_native.py``):
+sources, source hash, CUDA toolkit, GPU architectures. Standard library only: ``setup.py`` loads this file
+by path, without importing the package.
 """
 
 from __future__ import annotations
@@ -18,27 +16,19 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-# What csrc/ ships (setup.py's package_data) and what the source hash covers: the top level of csrc/.
-# csrc/compat/ is not part of it: it only lets scripts/check_cuda_compile parse the CUDA glue against a
-# CPU build of torch; no build of the extension includes it.
+# What csrc/ ships (setup.py's package_data) and the source hash covers: its top level (not csrc/compat/,
+# which only scripts/check_cuda_compile uses).
 SOURCE_PATTERNS = ("*.cpp", "*.cu", "*.h", "*.cuh", "*.hpp")
 
-# GPU architectures built when TORCH_CUDA_ARCH_LIST is unset and no GPU can be queried (a Docker build, a
-# wheel built in CI). sm_80 machine code runs on every Ampere and Ada card (8.0, 8.6, 8.7, 8.9: same major
-# version), sm_90 on Hopper; "+PTX" adds compute_90 PTX, which the driver compiles on first load for any
-# newer card (Blackwell 10.x/12.x), so one build runs on every GPU from the A100 on. Two SASS targets keep
-# the build short (each .cu is compiled once per target). Older cards (Turing 7.5, Volta) need
-# TORCH_CUDA_ARCH_LIST, which always overrides this.
+# Built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: sm_80 code runs on Ampere and Ada, sm_90
+# on Hopper, compute_90 PTX on newer cards (docs/install.md); older cards need TORCH_CUDA_ARCH_LIST.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
-# The translation units of the extension, written once: the AOT build (setup.py), the JIT build
-# (_native.py) and scripts/check_cuda_compile read these lists; no file name pattern decides what is built.
-# Paths are relative to csrc/. Link order: CPU_SOURCES, then CUDA_KERNELS + CUDA_GLUE (CUDA builds), then
-# CPU_ISA_VARIANTS last - the linker keeps the first copy of an inline function two objects share, which
-# must be the baseline build (csrc/cpu_variant.h).
+# The extension's translation units (relative to csrc/), for setup.py, _native.py and
+# scripts/check_cuda_compile. Link order: CPU_SOURCES, CUDA_KERNELS + CUDA_GLUE, then CPU_ISA_VARIANTS last:
+# the linker keeps the first copy of an inline function, which must be the baseline's (csrc/cpu_variant.h).
 CPU_SOURCES = ("bindings.cpp", "rope_cpu_ops.cpp", "rope_cpu.cpp", "sinusoidal_cpu.cpp", "learned_cpu.cpp")
-# Each wrapper recompiles a kernel file for a wider ISA (the ISA comes from `#pragma GCC target` in
-# csrc/cpu_variant.h, so they need no extra compiler flags: one set of flags serves every C++ file).
+# Each recompiles a kernel file for a wider ISA by `#pragma GCC target` (no extra compiler flags).
 CPU_ISA_VARIANTS = ("rope_cpu_avx2.cpp", "rope_cpu_avx512.cpp", "sinusoidal_cpu_avx2.cpp", "sinusoidal_cpu_avx512.cpp")
 CUDA_KERNELS = ("rope_cuda.cu", "sinusoidal_cuda.cu")  # nvcc; no torch header
 CUDA_GLUE = ("cuda_ops.cpp",)  # the C++ torch glue of the CUDA kernels (c10/cuda headers)
@@ -61,13 +51,10 @@ def source_files(csrc: Path) -> list[Path]:
 
 
 def source_hash(csrc: Path) -> str:
-    """Hash of the names and contents of :func:`source_files`: equal for equal sources wherever they lie
-    and whatever their timestamps (a reinstall or a fresh checkout does not change it)."""
+    """Hash of the names and contents of :func:`source_files` (not their paths or timestamps)."""
     h = hashlib.sha256()
     for p in source_files(csrc):
-        h.update(p.name.encode() + b"\0")
-        h.update(p.read_bytes())
-        h.update(b"\0")
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -75,26 +62,27 @@ def _toolkit_ok(d: Path) -> bool:
     return (d / "bin" / "nvcc").is_file() and (d / "include" / "cuda_runtime.h").is_file()
 
 
+def _run(*cmd: str) -> str:
+    """stdout and stderr of ``cmd`` ("" when it cannot be run)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout + out.stderr
+
+
 @functools.lru_cache(maxsize=None)
 def _nvcc_top(nvcc: str) -> Optional[Path]:
     """The toolkit an nvcc (maybe a wrapper script) really runs from: its ``-dryrun`` prints ``TOP=``."""
-    try:
-        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
+    m = re.search(r"^#\$ TOP=(.*)$", _run(nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull), re.M)
     return Path(m.group(1).strip()).resolve() if m else None
 
 
 def find_cuda_home() -> tuple[Optional[str], str]:
-    """``(toolkit root, how it was found)``, or ``(None, why not)``.
-
-    A toolkit is a folder with ``bin/nvcc`` and ``include/cuda_runtime.h``. Looked for in ``$CUDA_HOME``,
-    ``$CUDA_PATH``, the toolkit of the ``nvcc`` on PATH (through symlinks and wrapper scripts: an nvcc
-    wrapper in /usr/local/bin makes torch guess ``/usr/local``, which has no CUDA headers),
-    ``/usr/local/cuda``, then the newest ``/usr/local/cuda-*``. A ``$CUDA_HOME``/``$CUDA_PATH`` that is not
-    a toolkit is reported in the reason when nothing else is found."""
+    """``(toolkit root, how it was found)``, or ``(None, why not)``. A toolkit has ``bin/nvcc`` and
+    ``include/cuda_runtime.h``; looked for in ``$CUDA_HOME``, ``$CUDA_PATH``, the toolkit of the ``nvcc`` on
+    PATH (through symlinks and wrapper scripts, where torch guesses wrong), ``/usr/local/cuda``, then the
+    newest ``/usr/local/cuda-*``."""
     rejected = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         v = os.environ.get(var)
@@ -121,12 +109,7 @@ def find_cuda_home() -> tuple[Optional[str], str]:
 @functools.lru_cache(maxsize=None)
 def nvcc_version(cuda_home: str) -> Optional[str]:
     """``"13.0"`` from ``nvcc --version`` (None when it cannot be run)."""
-    try:
-        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=30).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
+    m = re.search(r"release (\d+\.\d+)", _run(str(Path(cuda_home) / "bin" / "nvcc"), "--version"))
     return m.group(1) if m else None
 
 
@@ -147,9 +130,8 @@ def cuda_toolkit(torch_cuda: Optional[str]) -> tuple[Optional[str], str]:
 
 
 def cuda_arch_list(visible_capabilities: list[tuple[int, int]]) -> tuple[str, str]:
-    """``(TORCH_CUDA_ARCH_LIST to build with, where it came from)``: the variable when set, else the
-    visible GPUs' architectures (torch's own choice, PTX for the newest), else
-    :data:`DEFAULT_CUDA_ARCH_LIST`."""
+    """``(TORCH_CUDA_ARCH_LIST to build with, where it came from)``: the variable, else the visible GPUs'
+    architectures (PTX for the newest), else :data:`DEFAULT_CUDA_ARCH_LIST`."""
     env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if env:
         return env, "TORCH_CUDA_ARCH_LIST"

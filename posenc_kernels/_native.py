@@ -1,21 +1,15 @@
 """The optional C++/CUDA extension (``csrc/``): locating, building and loading it, and the controls the op
-layer sets in it. Where the kernels come from, first hit wins (once, at import):
+layer sets in it (``docs/install.md`` tells the whole story). First hit wins, once:
 
-1. ``posenc_kernels._C``, built ahead of time against the installed torch
-   (``POSENC_BUILD_EXT=1 pip install --no-build-isolation .``); not loaded when it was built from other
-   sources than a checkout's ``csrc/`` or against another torch (it carries both, see ``setup.py``);
-2. a just-in-time build of the sources :mod:`posenc_kernels._build` lists, cached under
-   ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``) keyed by torch version, sources, flags and
-   CUDA toolkit/architectures (never paths or timestamps). A failed build is remembered (``BUILD_FAILED``;
-   ``POSENC_NATIVE_RETRY=1`` retries, ``python -m posenc_kernels --rebuild`` rebuilds); when nothing loads,
-   one warning line says why and the Triton/torch backends keep working.
+1. ``posenc_kernels._C``, built ahead of time (``setup.py``); passed over when built against another torch
+   or from other sources than a checkout's ``csrc/``;
+2. a just-in-time build cached under ``$POSENC_NATIVE_CACHE`` (default ``~/.cache/posenc_kernels``), keyed
+   by everything that decides the build; a failure is remembered (``POSENC_NATIVE_RETRY=1`` retries).
 
-``POSENC_NATIVE`` selects: ``1``/``auto`` (default) both in that order, ``aot``, ``jit``, ``0`` neither.
-``docs/install.md`` tells the whole story. Loading the library registers, once and for good, a C++ chooser
-on the ``BackendSelect`` key of every public op it implements and the ``ADInplaceOrView`` kernels of the
-mutating ones (``csrc/native_ops.h``); per call the chooser runs the C++ kernel or redispatches to
-Python's CPU/CUDA kernel, from the backend selection set here (:func:`set_backend`,
-:func:`set_thread_backend`, :func:`set_triton`; codes are indices into ``registry.BACKENDS``).
+``POSENC_NATIVE``: ``1``/``auto`` (default) both in that order, ``aot``, ``jit``, ``0`` neither. When
+nothing loads, one warning says why and the Triton/torch backends work. The library registers a C++
+chooser per public op (``csrc/native_ops.h``) that runs its kernel or redispatches to Python's, from the
+selection set here (:func:`set_backend`, ...; codes are indices into ``registry.BACKENDS``).
 """
 
 from __future__ import annotations
@@ -62,41 +56,24 @@ def _mode() -> str:
 
 
 def _cxx_flags() -> list[str]:
-    # The flags torch's own generic kernels build with: -O3 and no -march, so the library runs wherever
-    # torch runs (at::vec DEFAULT width, vectorised by the compiler). OpenMP for at::parallel_for.
-    # -ffp-contract=off: no FMA contraction, so every ISA variant rounds like torch's eager ops (a*c - b*s).
-    # The C++ standard is torch's default for its headers.
+    # torch's generic-kernel flags (no -march: runs wherever torch runs); no FMA contraction, so every ISA
+    # variant rounds like torch's eager ops.
     return ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
-
-
-def _sources(cuda: bool) -> list[Path]:
-    """The extension's translation units in link order: the one explicit list of :mod:`._build`."""
-    return _build.extension_sources(CSRC, cuda)
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_toolkit() -> tuple[Optional[str], str]:
     """The CUDA toolkit the JIT build compiles with, or ``(None, why the CUDA sources are not built)``."""
-    if not all(p.is_file() for p in _sources(cuda=True)):
+    if not all(p.is_file() for p in _build.extension_sources(CSRC, cuda=True)):
         return None, f"no CUDA sources in {CSRC}"
     if os.environ.get("POSENC_BUILD_CUDA", "1") == "0":
         return None, "POSENC_BUILD_CUDA=0"
     return _build.cuda_toolkit(torch.version.cuda)
 
 
-def _want_cuda() -> bool:
-    """CUDA sources are built only for a CUDA torch with a toolkit (nvcc and headers) of its CUDA version."""
-    return torch.version.cuda is not None and _cuda_toolkit()[0] is not None
-
-
-def _visible_capabilities() -> list[tuple[int, int]]:
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-
-
 def _cuda_arch_list() -> tuple[str, str]:
-    return _build.cuda_arch_list(_visible_capabilities())
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return _build.cuda_arch_list([torch.cuda.get_device_capability(i) for i in range(n)])
 
 
 def _checkout_csrc() -> Optional[Path]:
@@ -135,9 +112,8 @@ def _cache_root() -> Path:
 
 
 def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
-    """``(library name, build folder)``: the folder is keyed by the torch version and a hash of everything
-    that decides the build - sources (names, contents, link order), flags, compiler, CUDA toolkit and
-    architectures - and of nothing else (no paths, no timestamps)."""
+    """``(library name, build folder)``, keyed by the torch version and a hash of everything that decides the
+    build (sources in link order, flags, compiler, CUDA toolkit and architectures), never paths or times."""
     h = hashlib.sha256()
     h.update(" ".join(p.name for p in sources).encode())  # the link order matters (see _build.CPU_SOURCES)
     h.update(_build.source_hash(CSRC).encode())  # every source and header csrc/ ships
@@ -154,13 +130,14 @@ def _jit_build_dir(sources: list[Path], cuda: bool) -> tuple[str, Path]:
 _FAILED, _BUILT = "BUILD_FAILED", "BUILT"
 
 
-def _retry() -> bool:
-    return os.environ.get("POSENC_NATIVE_RETRY", "0") == "1"
+def _warn(message: str) -> None:
+    """One warning line (no source line echoed), filterable by module ``posenc_kernels._native``."""
+    warnings.warn_explicit(message, RuntimeWarning, filename="posenc_kernels", lineno=0, module=__name__)
 
 
 def _load_jit() -> None:
     """Build (or find cached) and load; a failing CUDA build falls back to the CPU kernels alone."""
-    if not all(p.is_file() for p in _sources(cuda=False)):
+    if not all(p.is_file() for p in _build.extension_sources(CSRC, cuda=False)):
         raise RuntimeError(f"no C++ sources at {CSRC} (an installed wheel without the prebuilt extension)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
@@ -173,13 +150,7 @@ def _load_jit() -> None:
                 return _build_and_load(cuda=True)
             except Exception as e:
                 _state["cuda_skipped"] = f"the CUDA build failed: {_one_line(e)}"
-                warnings.warn_explicit(
-                    f"native CUDA kernels unavailable ({_one_line(e)}); using the CPU kernels alone",
-                    RuntimeWarning,
-                    filename="posenc_kernels",
-                    lineno=0,
-                    module=__name__,
-                )
+                _warn(f"native CUDA kernels unavailable ({_one_line(e)}); using the CPU kernels alone")
     _build_and_load(cuda=False)
 
 
@@ -189,10 +160,8 @@ def _cuda_build_env():
     folder without headers) and an explicit TORCH_CUDA_ARCH_LIST (torch's detection fails without a GPU)."""
     from torch.utils import cpp_extension
 
-    home, _ = _cuda_toolkit()
     saved_home, saved_archs = cpp_extension.CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST")
-    cpp_extension.CUDA_HOME = home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()[0]
+    cpp_extension.CUDA_HOME, os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_toolkit()[0], _cuda_arch_list()[0]
     try:
         yield
     finally:
@@ -206,10 +175,10 @@ def _cuda_build_env():
 def _build_and_load(cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    sources = _sources(cuda)  # the ISA variants stay last, after the CUDA objects too
+    sources = _build.extension_sources(CSRC, cuda)  # in link order
     name, build_dir = _jit_build_dir(sources, cuda)
     library, failed = build_dir / f"{name}.so", build_dir / _FAILED
-    if failed.is_file() and not _retry():
+    if failed.is_file() and os.environ.get("POSENC_NATIVE_RETRY", "0") != "1":
         try:
             why = json.loads(failed.read_text()).get("error", "?")
         except ValueError:
@@ -218,34 +187,24 @@ def _build_and_load(cuda: bool) -> None:
             f"an earlier build of these sources failed ({why}); not compiling again (remembered in {failed}; "
             "POSENC_NATIVE_RETRY=1 or python -m posenc_kernels --rebuild tries again)"
         )
-    # A finished build of exactly these inputs (the folder is keyed by them; BUILT is written once the library
-    # is complete): load it without running ninja, which would recompile every source whose timestamp is
-    # newer, e.g. after a reinstall.
+    # A finished build of exactly these inputs (BUILT is written last): load it without ninja, which would
+    # recompile every source with a newer timestamp, e.g. after a reinstall.
     if library.is_file() and (build_dir / _BUILT).is_file():
         torch.ops.load_library(str(library))
         _state["library"] = str(library)
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     what = f"CPU and CUDA ({_cuda_arch_list()[0]})" if cuda else "CPU"
-    # One line on stderr's file descriptor (pytest's capture does not swallow it): a first import that
-    # compiles for a minute must say so.
     _progress(f"posenc_kernels: building the native {what} kernels once ({len(sources)} sources) into "
               f"{build_dir}: about 1 min on 2 cores; later imports load the cached build")
-    kwargs = dict(
-        name=name,
-        sources=[str(p) for p in sources],
-        extra_cflags=_cxx_flags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("POSENC_NATIVE_VERBOSE", "0") == "1",
-    )
-    if cuda:
-        kwargs["extra_cuda_cflags"] = ["-O3"]
     t0 = time.monotonic()
     try:
         with _cuda_build_env() if cuda else contextlib.nullcontext():
-            cpp_extension.load(**kwargs)
+            cpp_extension.load(
+                name=name, sources=[str(p) for p in sources], extra_cflags=_cxx_flags(), extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3"] if cuda else None, build_directory=str(build_dir), is_python_module=False,
+                verbose=os.environ.get("POSENC_NATIVE_VERBOSE", "0") == "1",
+            )  # fmt: skip
     except Exception as e:
         record = {"error": _one_line(e), "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
@@ -260,10 +219,8 @@ def _build_and_load(cuda: bool) -> None:
 
 
 def _progress(line: str) -> None:
-    """Write ``line`` to file descriptor 2 directly (not through sys.stderr, which pytest's default
-    ``--capture=fd`` replaces) and, when fd 2 is not a terminal but the process has one (an interactive
-    pytest run: its fd capture redirects fd 2 too), to the terminal as well. Kept in ``_state["progress"]``."""
-    _state.setdefault("progress", []).append(line)
+    """Write ``line`` to fd 2 directly (pytest's ``--capture=fd`` replaces sys.stderr) and, when fd 2 is not a
+    terminal but the process has one (pytest redirects fd 2), to that terminal."""
     data = (line + "\n").encode()
     with contextlib.suppress(OSError):
         os.write(2, data)
@@ -279,9 +236,9 @@ def _progress(line: str) -> None:
 def forget_builds() -> list[Path]:
     """Remove this environment's JIT build folders (CPU and CUDA, failed or not) for the current sources;
     returns the folders removed. The next :func:`load` in a new process builds afresh."""
-    removed = []
-    for cuda in (False, True) if _want_cuda() else (False,):
-        _, d = _jit_build_dir(_sources(cuda), cuda)
+    removed, cuda_too = [], torch.version.cuda is not None and _cuda_toolkit()[0] is not None
+    for cuda in (False, True) if cuda_too else (False,):
+        _, d = _jit_build_dir(_build.extension_sources(CSRC, cuda), cuda)
         if d.is_dir():
             shutil.rmtree(d)
             removed.append(d)
@@ -320,14 +277,7 @@ def load() -> bool:
         if _state["source"] is None:
             _state["error"] = "; ".join(errors) or "unknown reason"
             if mode != "0":
-                # One line (no source line echoed), filterable by module "posenc_kernels._native".
-                warnings.warn_explicit(
-                    f"native extension unavailable ({_state['error']}); using the Triton/torch backends",
-                    RuntimeWarning,
-                    filename="posenc_kernels",
-                    lineno=0,
-                    module=__name__,
-                )
+                _warn(f"native extension unavailable ({_state['error']}); using the Triton/torch backends")
         _state["done"] = True
         return _state["source"] is not None
 
@@ -335,9 +285,8 @@ def load() -> bool:
 def _one_line(e: Exception) -> str:
     """The first compiler diagnostic of a failed build (else the first line of the message)."""
     text = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    first = next((ln for ln in text if "error:" in ln), None) or next(
-        (ln for ln in text if "error" in ln.lower()), text[0] if text else ""
-    )
+    first = next((ln for ln in text if "error:" in ln), None)
+    first = first or next((ln for ln in text if "error" in ln.lower()), text[0] if text else "")
     return f"{type(e).__name__}: {first[:300]}"
 
 
@@ -364,18 +313,17 @@ def has_op(name: str, device_type: str) -> bool:
 
 
 def kernel_devices() -> dict[str, list[str]]:
-    """For each public op (``posenc::...``) the extension has a kernel for, the device types it has one for
-    (loads it); empty without it. Whether a call runs it is the backend selection's choice, per call."""
+    """``{"posenc::op": device types it has a C++ kernel for}`` (loads the extension; empty without it)."""
     ops = sorted(ops_for("CPU") | ops_for("CUDA"))
     return {f"posenc::{op}": [dev for dev in ("cpu", "cuda") if op in ops_for(dev.upper())] for op in ops}
 
 
 def status() -> dict:
-    """Where the extension stands in this process (loads it, maybe building it): source, library, kernels per
-    op and device, cache folder, CUDA toolkit and architectures, and why something was skipped or failed."""
+    """Where the extension stands in this process (loads it, maybe building it): what ``python -m
+    posenc_kernels`` prints."""
     loaded = load()
     home, toolkit = _cuda_toolkit() if torch.version.cuda is not None else (None, "torch is a CPU build")
-    info = {
+    return {
         "mode": _mode(),
         "source": source(),
         "library": _state["library"],
@@ -387,23 +335,17 @@ def status() -> dict:
         "cuda_toolkit_note": toolkit,
         "cuda_skipped": _state["cuda_skipped"],
         "cuda_archs": _cuda_arch_list() if home is not None else None,
-        "aot_build_info": None,
+        "aot_build_info": _build.read_build_info(_state["library"]) if _state["source"] == "aot" else None,
     }
-    if _state["source"] == "aot":
-        info["aot_build_info"] = _build.read_build_info(_state["library"])
-    return info
 
 
-# ----------------------------------------------------------------------------------------------
-# What the op layer (posenc_kernels/ops/registry.py) asks of the extension
-# ----------------------------------------------------------------------------------------------
+# What the op layer (posenc_kernels/ops/registry.py) asks of the extension.
 _ops_for: dict = {}
 
 
 def ops_for(key: str) -> frozenset:
-    """The public ops the loaded extension has kernels for: ``"CPU"`` / ``"CUDA"`` (its C++ implementations
-    per device type), ``"BackendSelect"`` (the ops it registered a chooser for), ``"ADInplaceOrView"`` (its
-    version-bump kernels); empty without the extension. Cached: the registry asks on every Python-kernel call."""
+    """The public ops the loaded extension registered for dispatch key ``key`` (``"CPU"``, ``"CUDA"``,
+    ``"BackendSelect"``, ``"ADInplaceOrView"``); empty without it. Cached: asked on every Python-kernel call."""
     hit = _ops_for.get(key)
     if hit is None:
         hit = frozenset()
@@ -424,17 +366,16 @@ def _loaded() -> bool:
 
 
 def set_backend(code: int) -> None:
-    """The process-wide backend of the extension's choosers (an index into ``registry.BACKENDS``, the codes
-    of ``csrc/native_ops.h``): ``auto`` runs the C++ kernel on a device type where Triton is not preferred
-    (:func:`set_triton`), ``native`` wherever the op has one, ``triton``/``torch`` never. A no-op without
-    the extension."""
+    """The process-wide backend of the extension's choosers (an index into ``registry.BACKENDS``): ``auto``
+    runs the C++ kernel where Triton is not preferred (:func:`set_triton`), ``native`` wherever the op has
+    one, ``triton``/``torch`` never. A no-op without the extension."""
     if _loaded():
         torch.ops.posenc._native_set_backend(int(code))
 
 
 def set_thread_backend(code: int) -> None:
-    """This thread's override of :func:`set_backend` (same codes), or ``-1`` to clear it. The caller saves
-    and restores the previous value itself (``use_backend`` nests). A no-op without the extension."""
+    """This thread's override of :func:`set_backend` (same codes), or ``-1`` to clear it (the caller restores
+    the previous value). A no-op without the extension."""
     if _loaded():
         torch.ops.posenc._native_set_thread_backend(int(code))
 

@@ -1,6 +1,5 @@
-"""Argument validation shared by every op family: each helper raises a TypeError/ValueError (or PyTorch's
-own RuntimeError for autograd's in-place rules) that names the argument. Also the small launch helpers
-every launcher uses."""
+"""Argument validation shared by every op family (a TypeError/ValueError, or PyTorch's own RuntimeError for
+autograd's in-place rules, naming the argument), and the small helpers every launcher uses."""
 
 from __future__ import annotations
 
@@ -21,9 +20,8 @@ _tls = threading.local()
 def set_value_checks(enabled: bool) -> None:
     """Turn the checks that read tensor *values* (positions/offsets inside the table) on or off.
 
-    They cost a device-to-host sync per call on CUDA when positions or offsets are tensors. With them off
-    (or while a CUDA graph is captured, where they are skipped), the kernels turn a token whose row lies
-    outside the table into NaN outputs rather than reading out of bounds. ``POSENC_VALUE_CHECKS=0`` sets the
+    They cost a device-to-host sync per call on CUDA with tensor positions or offsets. Without them, a row
+    outside the table gives NaN outputs, never an out-of-bounds read. ``POSENC_VALUE_CHECKS=0`` sets the
     initial value. Shape, dtype, device and layout checks always run.
 
     >>> import posenc_kernels as pk
@@ -48,8 +46,7 @@ def value_checks_on(device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def skip_value_checks():
-    """Skip the value checks inside, in this thread: their tensors were just checked by the same call (the
-    backward re-applying forward's saved, version-checked tensors; k's launch after q's)."""
+    """Skip the value checks inside, in this thread: the same call just checked their tensors."""
     prev = getattr(_tls, "skip", False)
     _tls.skip = True
     try:
@@ -123,9 +120,8 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch
 
 
 def _nested_layout(shape, strides) -> bool:
-    """Sufficient condition for a strided layout to address distinct elements: sorted by stride, each
-    dimension's stride covers the whole extent of the smaller ones. Holds for every view that slicing,
-    transposing, expanding-free reshaping or splitting produces."""
+    """Sufficient condition for a strided layout to address distinct elements (holds for every slice,
+    transpose, split or reshape): sorted by stride, each stride covers the extent of the smaller ones."""
     dims = sorted((st, n) for n, st in zip(shape, strides) if n > 1)
     extent = 1  # elements spanned by the dimensions seen so far
     for st, n in dims:
@@ -151,11 +147,8 @@ def check_writable(name: str, t: torch.Tensor) -> None:
 
 
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Two tensors written in place by one op must not share elements (they would be rotated twice).
-
-    Disjoint head slices of one buffer (packed QKV) pass. Same storage with intersecting spans is
-    resolved exactly when both views have the same nested strides (the offset between them is then a
-    box shift in the parent's coordinates); any other intersecting layout is refused as unprovable."""
+    """Two tensors written in place by one op must not share elements (they would be rotated twice);
+    disjoint head slices of one buffer (packed QKV) pass. Exact for any layout (see below)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -196,8 +189,7 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
 
 
 def check_inplace_autograd(name: str, t: torch.Tensor, *, grad_from_other_input: bool = False) -> None:
-    """The errors PyTorch's own in-place ops raise under autograd, raised here before anything is
-    written (a custom autograd.Function would only raise them after its forward had run).
+    """The errors PyTorch's own in-place ops raise under autograd, raised before anything is written.
 
     ``grad_from_other_input``: ``t`` does not require grad but the op writes a value that does (e.g. a
     table that requires grad added into x): only the view rules apply then."""
@@ -223,15 +215,14 @@ def split_offsets(offsets, name: str = "offsets") -> tuple[Optional[torch.Tensor
     """Public ``offsets`` (int or tensor) -> the ops' (offsets tensor or None, int offset) pair."""
     if isinstance(offsets, torch.Tensor):
         return offsets, 0
-    if isinstance(offsets, bool) or not isinstance(offsets, int):
-        # Python ints only: numpy ints and the like are accepted through int().
-        try:
-            as_int = int(offsets)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
-        if as_int != offsets or isinstance(offsets, (bool, float)):
-            raise TypeError(f"{name} must be an int or a [B] integer tensor, got {offsets!r}")
-        return None, as_int
-    return None, offsets
+    if isinstance(offsets, int) and not isinstance(offsets, bool):
+        return None, offsets
+    try:  # numpy ints and the like, through int(); never bools or floats
+        as_int = int(offsets)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a [B] integer tensor, got {type(offsets).__name__}") from None
+    if as_int != offsets or isinstance(offsets, (bool, float)):
+        raise TypeError(f"{name} must be an int or a [B] integer tensor, got {offsets!r}")
+    return None, as_int
 
 

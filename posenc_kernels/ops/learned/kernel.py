@@ -1,11 +1,7 @@
 """Learned position embeddings: Triton kernels and their launchers.
 
 * Forward: one program adds ``BLOCK_T`` tokens of one sequence x ``BLOCK_D`` channels of
-  ``table[positions]`` to x. Grid ``(B * token blocks, channel blocks)``: ``b`` and the token block come
-  from one scalar division per program; the row comes from :func:`..positions.token_positions_tl`. The
-  position and x loads are issued first, the table row (which needs the position) next, and nothing is
-  converted before all three are in flight. x, out and the table take any strides, the channel one
-  included (Triton specialises a stride of 1, keeping vector accesses in the contiguous case).
+  ``table[positions]`` to x (any strides); the position and x loads are issued first, then the table row.
 * Backward (the table gradient): fp32 atomic adds (fast, summation order unspecified), or a deterministic
   kernel (positions sorted stably, one program per table row summing its tokens in that order).
 """
@@ -151,20 +147,18 @@ _ELEMS_PER_PROGRAM = 4096
 
 
 def channel_block(D: int, widest: int) -> int:
-    """Channels per program: among the power of two covering D (capped at ``widest``) and its half and
-    quarter, the width that pads D least, the wider on ties (GPT-2's 768 -> 3 x 256 rather than a
-    half-empty second block of 512; 1600 -> 128; 4096 -> widest)."""
+    """Channels per program: of the power of two covering D (at most ``widest``), its half and its quarter,
+    the one that pads D least, the wider on ties (768 -> 3 x 256, not a half-empty second 512)."""
     top = min(widest, next_pow2(D))
     return min((b for b in (top, top // 2, top // 4) if b >= 1), key=lambda b: (-(-D // b) * b, -b))
 
 
-def pe_add_blocks(D: int, seqlen: int):
-    """Tile heuristic: about 4096 elements per program (16 per thread over 8 warps, i.e. 128-bit accesses
-    for fp32 and two of them for 16-bit dtypes), up to 512 channels wide (see :func:`channel_block`) and
-    the rest in tokens of one sequence; tokens of a tile share nothing, so the only aim is enough bytes in
-    flight per program."""
-    block_d = channel_block(D, 512)
-    block_t = max(1, min(_ELEMS_PER_PROGRAM // block_d, next_pow2(seqlen), 64))
+def pe_blocks(D: int, n: int, widest: int, cap: int):
+    """``(tokens, channels, warps)`` per program: about 4096 elements (16 per thread over 8 warps), up to
+    ``widest`` channels (:func:`channel_block`), the rest in tokens (at most ``cap`` and the count ``n``).
+    Tokens of a tile share nothing, so the only aim is enough bytes in flight per program."""
+    block_d = channel_block(D, widest)
+    block_t = max(1, min(_ELEMS_PER_PROGRAM // block_d, next_pow2(n), cap))
     num_warps = prev_pow2(min(8, max(1, block_t * block_d // 512)))
     return block_t, block_d, num_warps
 
@@ -175,7 +169,7 @@ def pe_add_triton(x, out, table, positions) -> None:
     if B * S * D == 0:
         return
     spos_b = positions.stride(0) if positions.dim() == 2 else 0
-    block_t, block_d, num_warps = pe_add_blocks(D, S)
+    block_t, block_d, num_warps = pe_blocks(D, S, 512, 64)
     n_s_blocks = triton.cdiv(S, block_t)
     grid = (B * n_s_blocks, triton.cdiv(D, block_d))
     idx64 = max(max_element_offset(t) for t in (x, out, table)) > I32_MAX
@@ -189,15 +183,6 @@ def pe_add_triton(x, out, table, positions) -> None:
         )  # fmt: skip
 
 
-def pe_grad_blocks(D: int, n: int, cap: int):
-    """Backward tiles: up to 1024 channels wide, then ``block_k`` tokens (at most ``cap`` and the count
-    ``n``) so a program holds about 4096 elements; warps as for the forward."""
-    block_d = channel_block(D, 1024)
-    block_k = max(1, min(_ELEMS_PER_PROGRAM // block_d, next_pow2(n), cap))
-    num_warps = prev_pow2(min(8, max(1, block_k * block_d // 512)))
-    return block_k, block_d, num_warps
-
-
 def grad_table_triton(g, positions, out, padding_idx: int, deterministic: bool) -> None:
     """The table gradient into ``out`` ``[P, D]`` (every element written) for ``g`` ``[B, S, D]``."""
     B, S, D = g.shape
@@ -209,7 +194,7 @@ def grad_table_triton(g, positions, out, padding_idx: int, deterministic: bool) 
         buf = out if out.dtype == acc and out.is_contiguous() else torch.empty(num_rows, D, dtype=acc, device=g.device)
         buf.zero_()
         spos_b = positions.stride(0) if positions.dim() == 2 else 0
-        block_t, block_d, num_warps = pe_grad_blocks(D, S, 64)
+        block_t, block_d, num_warps = pe_blocks(D, S, 1024, 64)
         n_s_blocks = triton.cdiv(S, block_t)
         grid = ((1 if shared else B) * n_s_blocks, triton.cdiv(D, block_d))
         with device_guard(g):
@@ -229,7 +214,7 @@ def grad_table_triton(g, positions, out, padding_idx: int, deterministic: bool) 
     bounds = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=g.device, dtype=torch.int64))
     # A row's entries come BLOCK_K at a time: in the shared case a row has B of them per token, otherwise
     # usually a handful (one per sequence that reaches it), so 8.
-    block_k, block_d, num_warps = pe_grad_blocks(D, B * S, next_pow2(B) if shared else 8)
+    block_k, block_d, num_warps = pe_blocks(D, B * S, 1024, next_pow2(B) if shared else 8)
     grid = (num_rows, triton.cdiv(D, block_d))
     with device_guard(g):
         _pe_grad_sorted_kernel[grid](

@@ -1,11 +1,6 @@
-"""Learned position embedding references, written for clarity.
-
-* ``add_position_embedding_reference``: the definition, computed in float64 (or a dtype you pass); run it
-  on tensors that require grad for the reference gradients (``F.embedding`` gives the padding row none).
-* ``position_embedding_grad_reference``: the table gradient as a formula: per row, the sum of the upstream
-  gradient rows of the tokens that read it; the padding row zero.
-* ``position_embedding_eager``: ``x + table[positions]`` as models write it, in the input dtypes - the eager
-  provider of the benchmarks.
+"""Learned position embedding references, written for clarity: the definition in float64 (or a dtype you
+pass; differentiable for the reference gradients), the table gradient as a formula, and
+``position_embedding_eager`` (as models write it: the benchmarks' eager provider).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """Learned position embeddings in pure torch (any device): the CPU path without the native extension, and
-the ``torch`` backend. Same results as the kernels (positions from :mod:`..positions`); temporaries
-bounded by a chunk size, never proportional to the input."""
+the ``torch`` backend. Same results as the kernels; temporaries bounded by a chunk size."""
 
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ _CHUNK_ELEMS = 1 << 21  # bounds the temporaries (8 MiB of fp32 each)
 
 def pe_add_torch(x, out, table, positions) -> None:
     """out = x + table[positions] for ``[B, S, D]`` x/out (any strides; out may be x), chunked along S. One
-    ``torch.add`` with ``out=``: PyTorch computes a 16-bit or mixed pair in fp32 (its opmath type; fp64 with
-    an fp64 operand) and rounds once on store, as the kernel does. With value checks skipped, rows outside
-    the table become NaN (as in the kernel) instead of raising."""
+    ``torch.add`` with ``out=`` computes in fp32 (fp64) and rounds once, as the kernel does. With value
+    checks skipped, rows outside the table become NaN (as in the kernel) instead of raising."""
     B, S, D = x.shape
     if B * S * D == 0:
         return
@@ -40,10 +38,8 @@ def pe_add_torch(x, out, table, positions) -> None:
 
 def grad_table_torch(g, positions, out, padding_idx: int, deterministic: bool) -> None:
     """Table gradient into ``out`` ``[P, D]``: index_add of the gradient rows in fp32 (fp64 for fp64
-    tables), chunked along S when the rows need converting. Rows outside the table (reachable with value
-    checks off; the backward never re-checks) get nothing, without a host sync. On CPU index_add_ adds the
-    rows one after another (deterministic); on CUDA the deterministic path uses index_put_ with
-    accumulate=True, which sorts the indices (PyTorch's deterministic kernel)."""
+    tables), chunked along S when the rows need converting; rows outside the table get nothing (no host
+    sync). Deterministic on CPU; on CUDA ``deterministic`` uses index_put_(accumulate=True), which sorts."""
     B, S, D = g.shape
     num_rows = out.shape[0]
     if num_rows * D == 0:

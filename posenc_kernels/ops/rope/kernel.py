@@ -1,9 +1,5 @@
-"""RoPE Triton kernels and their launchers.
-
-One program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q *or* k (the head-block axis of the grid
-covers q's blocks then k's), so q and k take one launch. The program issues every global load it needs -
-the position (when it is a tensor), the cos/sin rows, the head rows - before it converts or broadcasts any
-of them, so their latencies overlap; tests/test_static_sass.py reads the round trips off the SASS.
+"""RoPE Triton kernels and their launchers: one program rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of q
+*or* k (the grid's head-block axis covers q's blocks then k's), so q and k take one launch.
 """
 
 from __future__ import annotations
@@ -176,23 +172,13 @@ ROPE_TILE_AXES = (2048, 32)  # an axis map: per-frequency position selects; more
 
 
 def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, seqlen: int, tile=ROPE_TILE):
-    """Block-size heuristic (documented in the README).
+    """``(BLOCK_HALF, BLOCK_TAIL, BLOCK_H, BLOCK_T, num_warps)`` (docs/kernels.md, "Block heuristic").
 
-    A program handles BLOCK_T tokens of one sequence x BLOCK_H heads; the cos/sin rows it loads serve all
-    of them. The channels a head touches are ``width`` = the rotary ones (padded to a power of two) plus,
-    when copying out of place with partial rotary, the pass-through tail. BLOCK_H is the power of two
-    covering the smaller head count, so q and k programs are alike (Llama-3-8B: q in 4 blocks of 8 heads,
-    k in one), capped so a tile stays within ROPE_TILE elements; BLOCK_T fills the tile (at most 16 tokens
-    and never past the sequence length: a decode step's programs hold one token). Warps grow with the
-    tile: 64 elements per thread, i.e. eight 16-byte vectors of 16-bit data in flight. Chosen from the
-    SASS figures (tests/test_static_sass.py; before/after in benchmarks/RESULTS.md): against 32 elements
-    per thread it cuts the instructions per byte at Llama-3-8B prefill by a fifth (0.068 -> 0.054) and
-    keeps one load round trip, for 94 registers and 5 resident blocks per SM (160 B of loads in flight per
-    thread, ~100 KB per SM: several times what an SM needs to cover DRAM latency). Kernels that compute
-    sin/cos take half the tile (``ROPE_TILE_ANGLES``: 8192 spills libdevice's registers), an axis map a
-    quarter at 32 per thread (``ROPE_TILE_AXES``: its per-frequency position selects otherwise make ptxas
-    serialise the loads). A tile too small for one 16-byte vector per thread and half (one head of a
-    decode step) takes more heads per program instead."""
+    A program handles BLOCK_T tokens of one sequence x BLOCK_H heads, each ``width`` channels (rotary ones
+    padded to a power of two, plus the copied tail). BLOCK_H covers the smaller head count, so q and k
+    programs are alike, capped so a tile holds at most ``tile[0]`` elements; BLOCK_T fills the tile (at most
+    16 tokens and the sequence length); ``tile[1]`` elements per thread set the warps. A tile too small for
+    a full vector per thread takes more heads instead."""
     tile_elems, per_thread = tile
     block_half = next_pow2(half)
     block_tail = next_pow2(tail) if tail else 0
@@ -223,16 +209,14 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
         angles, n_rows = (2 if exact else 1), 0
         inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()  # [R/2], read-only
         tab = (inv_freq, inv_freq, 0, 0, 0, 0)  # dummies: no program reads them
-    axis = spos_a = n_axes = saxis = 0
-    if axis_map is not None:
-        p0 = positions[0]
-        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(p0, None, 0, None)
-        pos, spos_a, axis, saxis, n_axes = positions, positions.stride(0), axis_map, axis_map.stride(0), positions.shape[0]
-    else:
+    if axis_map is None:
         mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
             positions, offsets, offset, cu_seqlens
         )
-        axis = None
+        spos_a = saxis = n_axes = 0
+    else:  # positions [A, B, S]: every axis has the first one's layout
+        mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
+        pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
     inplace = q_out is q and (k is None or k_out is k)
@@ -249,7 +233,7 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
     grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
         _rope_kernel[grid](
-            q, kk, q_out, ko, tab[0], tab[1], inv_freq, pos, off, axis,
+            q, kk, q_out, ko, tab[0], tab[1], inv_freq, pos, off, axis_map,
             S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, float(attention_factor),
             *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
             spos_a, spb, sps, soff, saxis,

@@ -1,11 +1,9 @@
 """RoPE references, written for clarity.
 
-* ``*_reference``: the definition, computed in float64 (or a dtype you pass): the truth a kernel is
-  measured against.
-* ``rope_hf_eager`` / ``hf_apply_rotary_pos_emb`` / ``rotate_half`` (and GPT-J's): RoPE as HF transformers
-  writes it, in the input dtype: the "same computation done by torch" of the tolerance rule, the eager
-  benchmark provider, and the fallback of ``integrations.hf`` for calls its kernels cannot take;
-  ``vllm_rope_native``: vLLM's ``forward_native``, a benchmark provider.
+* ``*_reference``: the definition, in float64 (or a dtype you pass): the truth kernels are measured against.
+* ``rope_hf_eager``, ``hf_apply_rotary_pos_emb``, ``rotate_half`` (and GPT-J's): RoPE as HF transformers
+  writes it, in the input dtype: the tolerance rule's "same computation done by torch", the eager
+  benchmark provider and ``integrations.hf``'s fallback; ``vllm_rope_native``: vLLM's ``forward_native``.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from ..positions import token_positions
+
 
 def _rows(positions, offsets, batch: int, seqlen: int, device) -> torch.Tensor:
     """Table row of every token, ``[B, S]`` int64 (``offsets`` an int or a ``[B]`` tensor)."""
@@ -109,8 +108,7 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     """HF transformers' ``apply_rotary_pos_emb``: q/k ``[B, H, S, D]`` (``unsqueeze_dim=1``) or
     ``[B, S, H, D]`` (``2``), cos/sin ``[B, S, R]`` (the half table duplicated, gathered per token); the
-    first ``R`` channels rotate, the rest pass through (Phi-3 / GPT-NeoX partial rotary; Llama's when
-    ``R == D``); ``k`` may be None. The eager benchmark provider and ``integrations.hf``'s fallback."""
+    first ``R`` channels rotate, the rest pass through (partial rotary); ``k`` may be None."""
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     rotary_dim = cos.shape[-1]
@@ -148,16 +146,10 @@ def rope_hf_eager(
     R = 2 * cos.shape[-1]
 
     def one(x):
-        c = cos[rows].to(x.dtype)[:, :, None, :]
-        s = sin[rows].to(x.dtype)[:, :, None, :]
-        rot, rest = x[..., :R], x[..., R:]
+        c, s = cos[rows].to(x.dtype), sin[rows].to(x.dtype)  # [B, S, R/2]
         if interleaved:
-            c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
-            rotated = rotate_every_two(rot)
-        else:
-            c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
-            rotated = rotate_half(rot)
-        return torch.cat((rot * c + rotated * s, rest), dim=-1)
+            return torch.cat((hf_gptj_apply_rotary_pos_emb(x[..., :R], s, c), x[..., R:]), dim=-1)
+        return hf_apply_rotary_pos_emb(x, None, torch.cat((c, c), -1), torch.cat((s, s), -1), unsqueeze_dim=2)[0]
 
     return one(q), (one(k) if k is not None else None)
 

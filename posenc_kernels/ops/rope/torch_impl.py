@@ -1,8 +1,5 @@
 """RoPE in pure torch (any device): the CPU path without the native extension, and the ``torch`` backend.
-
-Same numerics as the kernels (angles from :mod:`..angles`, positions from :mod:`..positions`); math in
-fp32 (fp64 for fp64 storage), temporaries bounded by a chunk size, never proportional to the input.
-"""
+Same numerics as the kernels (angles from :mod:`..angles`); temporaries bounded by a chunk size."""
 
 from __future__ import annotations
 

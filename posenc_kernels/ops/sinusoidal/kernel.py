@@ -1,12 +1,8 @@
 """Sinusoidal Triton kernel and its launcher: the table (no x) and the fused ``x * x_scale + PE``.
 
 One program writes ``BLOCK_T`` tokens of one sequence x ``BLOCK_C`` frequencies (``2 * BLOCK_C``
-channels: every angle gives one sin and one cos, so each transcendental is used once). The grid is
-``(B * token blocks, frequency blocks)``: ``b`` and the token block come from one scalar division per
-program. Positions come from :func:`..positions.token_positions_tl` (an int offset, per-sequence offsets,
-or explicit int/float positions). The position and frequency loads are issued together and x after the
-sin/cos math (see the kernel); x and out take any strides, the channel one included (Triton specialises a stride of 1,
-so the contiguous case keeps its vector accesses).
+channels: each angle's sin and cos are each used once), positions from
+:func:`..positions.token_positions_tl`; x and out take any strides.
 """
 
 from __future__ import annotations
@@ -100,13 +96,9 @@ _ANGLES_PER_PROGRAM = 512
 
 
 def sinusoidal_blocks(half: int, seqlen: int, interleaved: bool = True):
-    """Tile heuristic: about 512 angles (1024 outputs) per program, up to 64 frequencies wide, the rest in
-    tokens (of one sequence: at most its length). Each thread's outputs must fill 16-byte vectors: the
-    interleaved layout takes 4 warps (4 sin/cos pairs = 8 adjacent outputs per thread), the halves layout
-    2 (8 angles per thread, as each half holds one of sin and cos). Chosen by compiling the candidates for
-    sm_90 with Triton 3.6 and 3.9 (tests/static_compile.py cases): 8 pairs per thread with x loaded first
-    spill 4 bytes in 3.6's bf16 adds, hence 4 for interleaved, and x after the math for halves.
-    tests/test_static_sass.py keeps it so, on both releases (CI runs both)."""
+    """Tile heuristic: about 512 angles per program, up to 64 frequencies wide, the rest in tokens (at most
+    the sequence length). Each thread's outputs fill 16-byte vectors: 4 warps interleaved (4 sin/cos pairs
+    per thread), 2 for halves (8 angles per thread); more per thread spills on Triton 3.6 (tests/static/)."""
     block_c = max(1, min(next_pow2(half), 64))
     block_t = max(1, min(_ANGLES_PER_PROGRAM // block_c, next_pow2(seqlen), 64))
     num_warps = prev_pow2(min(4 if interleaved else 2, max(1, block_t * block_c // (128 if interleaved else 256))))

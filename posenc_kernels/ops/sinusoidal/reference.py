@@ -1,10 +1,9 @@
 """Sinusoidal references, written for clarity.
 
-* ``*_reference``: the definition, computed in float64 (or a dtype you pass): the truth the kernels are
-  measured against.
-* ``published_*``: the formulas as their sources write them (the Transformer paper as the Annotated
-  Transformer codes it, tensor2tensor, fairseq, diffusers), in fp32: the "same computation done by torch"
-  of the tolerance rule and the eager providers of the benchmarks.
+* ``*_reference``: the definition, in float64 (or a dtype you pass): the truth kernels are measured against.
+* ``published_*``: the formulas as their sources write them (the Annotated Transformer, tensor2tensor,
+  fairseq, diffusers), in fp32: the tolerance rule's "same computation done by torch" and the benchmarks'
+  eager providers.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def sinusoidal_table_reference(
 
 
 def _sinusoidal_positions(x3: torch.Tensor, positions, offsets) -> torch.Tensor:
-    """Position of every token of ``x3`` ``[B, S, D]``: positions if given, else offsets + s. The kernels
-    take positions to fp32 first (as every published implementation does), fp64 for fp64 inputs: so does
-    the truth."""
+    """Position of every token of ``x3`` ``[B, S, D]`` (positions, else offsets + s), rounded to fp32 (fp64
+    for fp64 inputs) as the kernels and every published implementation do."""
     B, S = x3.shape[0], x3.shape[1]
     if isinstance(offsets, torch.Tensor):
         pos = token_positions(positions, offsets, 0, B, S, x3.device)

@@ -1,6 +1,5 @@
 """Sinusoidal encodings in pure torch (any device): the CPU path without the native extension, and the
-``torch`` backend. Same numerics as the kernel (positions from :mod:`..positions`, frequencies from
-:func:`sinusoidal_inv_freq`); temporaries bounded by a chunk size, never proportional to the input."""
+``torch`` backend. Same numerics as the kernel; temporaries bounded by a chunk size."""
 
 from __future__ import annotations
 
@@ -16,17 +15,15 @@ _CHUNK_ELEMS = 1 << 21
 
 @functools.lru_cache(maxsize=64)
 def sinusoidal_inv_freq(half: int, base: float, freq_shift: float, device: torch.device, dtype: torch.dtype):
-    """``base ** (-i / (half - freq_shift))`` computed in float64 and rounded once to ``dtype`` (fp32, or
-    fp64 for fp64 outputs); cached per device (a few bytes). The C++ kernels compute the same values
-    (``csrc/bindings.cpp``, ``sinusoidal_inv_freq``)."""
+    """``base ** (-i / (half - freq_shift))`` computed in float64, rounded once to ``dtype``, cached per
+    device; ``csrc/bindings.cpp``'s ``sinusoidal_inv_freq`` computes the same values."""
     i = torch.arange(half, dtype=torch.float64)
     return torch.exp(-math.log(base) * i / (half - freq_shift)).to(device=device, dtype=dtype)
 
 
 def sinusoidal_torch(x, out, positions, offsets, offset, x_scale, inv_freq, scale, interleaved, cos_first) -> None:
     """Writes PE (x None) or x * x_scale + PE into ``out`` ``[B, S, D]`` (any strides; ``out`` may be
-    ``x``), chunked along S; the encodings are computed once per chunk when every sequence uses the same
-    positions."""
+    ``x``), chunked along S; once per chunk when every sequence uses the same positions."""
     B, S, D = out.shape
     if B * S == 0:
         return
