@@ -1,33 +1,7 @@
-"""flash-attn-style ``apply_rotary_emb`` (``flash_attn.layers.rotary.apply_rotary_emb``).
-
-flash-attn's contract: ``x`` ``[B, S, H, D]``, or packed ``[T, H, D]`` with ``cu_seqlens`` ``[N + 1]``;
-``cos``/``sin`` ``[seqlen_ro, rotary_dim / 2]``; the first ``rotary_dim <= D`` channels rotate, the rest pass
-through; token ``s`` of sequence ``b`` reads row ``seqlen_offsets + s`` (an int, or a ``[B]`` tensor of
-per-sequence offsets); ``interleaved`` pairs ``(2i, 2i+1)`` (GPT-J) instead of ``(i, i + rotary_dim/2)``
-(GPT-NeoX); ``inplace`` writes into ``x`` and returns it. Differentiable w.r.t. ``x``.
-
-Also ``apply_rotary_emb_qkv_`` (``[B, S, 3, H, D]`` or ``[B, S, Hq + 2*Hk, D]`` with ``num_heads_q``,
-optional ``cos_k``/``sin_k``) and ``apply_rotary_emb_kv_`` (``[B, S, 2, H, D]``, k rotated), in place.
-
-Mapped onto :func:`posenc_kernels.apply_rope` / :func:`posenc_kernels.apply_rope_`. In place, flash-attn
-writes the raw data inside its autograd Function and returns the tensor as an output; PyTorch's in-place
-rules (which ``apply_rope_`` keeps) refuse a leaf that requires grad, a view of one, and a multi-output view.
-For those, and only those, the drop-in does what flash-attn does (values and gradients flow through the
-returned tensor); everywhere else the write is recorded by autograd as an in-place op, which gives the same
-values and gradients through the returned tensor and, beyond flash-attn, correct gradients through a view's
-base.
-
-Differences from flash-attn, all tested by the CPU port of its ``tests/test_rotary.py``
-(``tests/test_upstream_flash_attn_rotary.py``) or listed here:
-
-* tables of any float dtype are accepted (flash-attn requires x's dtype);
-* ``max_seqlen`` is optional (flash-attn needs it only to size its grid) and, when given, only type-checked;
-* a row past the table is an error raised before anything is written, where flash-attn's kernel silently
-  leaves such tokens unrotated (cos=1, sin=0) when ``seqlen_offsets`` is a tensor;
-* in place on a tensor autograd can record, the result is ``x`` itself (flash-attn: an alias of ``x``);
-* backward never writes the incoming gradient (flash-attn rotates it in place when ``inplace=True``);
-* any strides, the channel dimension's included, as flash-attn (a scalar path when it is not 1; on
-  CUDA the C++ backend refuses a channel stride, the default Triton one takes it).
+"""flash-attn-style ``apply_rotary_emb`` (``flash_attn.layers.rotary.apply_rotary_emb``),
+``apply_rotary_emb_qkv_`` and ``apply_rotary_emb_kv_``, mapped onto :func:`posenc_kernels.apply_rope` /
+:func:`posenc_kernels.apply_rope_`. The contract mirrored, and every difference from flash-attn:
+``docs/integrations.md``.
 """
 
 from __future__ import annotations

@@ -1,28 +1,6 @@
-"""Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` and :func:`patch` for HF models.
-
-HF's contract (``transformers.models.<arch>.modeling_<arch>``):
-
-* ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: ``q``/``k`` are ``[B, H, S, D]`` with
-  ``unsqueeze_dim=1`` or ``[B, S, H, D]`` with ``unsqueeze_dim=2``; ``cos``/``sin`` are ``[B or 1, S, R]``,
-  already multiplied by the rotary module's ``attention_scaling`` and cast to the activation dtype. The
-  first ``R`` channels rotate (``R < D`` only in the partial-rotary models, Phi-3 and GPT-NeoX, whose HF
-  function slices and concatenates); the result is new tensors of dtype ``promote(q, cos)``.
-* GPT-J has its own ``apply_rotary_pos_emb(tensor, sin, cos)``: ``tensor`` ``[B, S, H, R]``, ``sin``/``cos``
-  ``[B or 1, S, R/2]``, pairs ``(2i, 2i+1)``; its attention slices the first ``rotary_dim`` channels itself.
-
-Mapping onto :func:`posenc_kernels.apply_rope` without copying q or k (only the outputs are written):
-HF's cos rows are per token, so the table is ``cos[..., :R/2]`` viewed ``[B*S, R/2]`` and token ``(b, s)``
-reads row ``b*S + s`` (row ``s`` when cos has batch 1). q ``[B, H, S, D]`` is passed as
-``q.transpose(1, 2)``. When that ``[B, S, H, D]`` view can be flattened to ``[1, B*S, H, D]`` (always, for
-the projections HF attention produces) the row is the token index and no positions tensor is needed -
-hence no position-value check, no host sync; otherwise an ``arange`` positions tensor is passed.
-
-**Assumption**: ``cos``/``sin`` have HF's duplicated-halves layout ``cat(f, f)`` (column ``j`` equals
-column ``j + R/2``); every HF rotary module produces it, and only the first half is read. Values are not
-checked (that would cost a pass over the tables and a sync per call). Inputs whose *structure* does not
-fit - cos/sin that require grad (the kernel gives no gradient for the tables), shapes other than the two
-HF layouts, odd ``R``, ``R > D``, q/k of different dtypes or devices, ``stride(-1) != 1`` - take HF's own
-math instead, so results are HF's in every case.
+"""Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` (and GPT-J's) and :func:`patch` for HF models,
+mapped onto :func:`posenc_kernels.apply_rope` without copying q or k. The contract mirrored, the mapping and
+its one assumption (HF's duplicated-halves cos/sin, else HF's own math runs): ``docs/integrations.md``.
 """
 
 from __future__ import annotations

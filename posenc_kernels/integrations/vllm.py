@@ -1,21 +1,6 @@
-"""vLLM-style ``rotary_embedding``: in place on packed tokens, cos and sin in one cache.
-
-vLLM's op (``torch.ops._C.rotary_embedding``) rotates ``query`` ``[T, Hq*D]`` (or ``[T, Hq, D]``, or with
-``[B, S]`` leading dims) and ``key`` (``Hk`` heads, or None) in place, token ``t`` reading row
-``positions[t]`` of ``cos_sin_cache`` ``[max_pos, rot_dim]``: cos in columns ``[0, rot_dim/2)``, sin in
-``[rot_dim/2, rot_dim)``. The first ``rot_dim <= head_size`` channels of each head rotate; ``is_neox``
-pairs ``(i, i + rot_dim/2)``, otherwise GPT-J pairs ``(2i, 2i+1)``.
-
-Mapped onto :func:`posenc_kernels.apply_rope_` without copies: cos/sin are the two column halves of the
-cache (row-strided views), query is viewed ``[1, T, Hq, D]`` (or ``[B, S, Hq, D]``) and positions ``[T]``
-(or ``[B, S]``). Differences from vLLM: the cache may have any float dtype (vLLM requires query's); every
-position is checked against the cache's rows before anything is written (a host sync on CUDA, skipped
-under CUDA-graph capture or with ``posenc_kernels.set_value_checks(False)``); gradients flow (vLLM's op
-is inference only); the result is the fp32 rotation rounded once to the dtype, where vLLM's reference
-(``forward_native``) rounds three times in bf16 (the CPU port of vLLM's ``test_pos_encoding.py``,
-``tests/test_upstream_vllm_pos_encoding.py``, accepts a case past vLLM's tolerance only when ours is at least
-as close to the float64 truth as vLLM's reference); ``offsets`` (``batched_rotary_embedding``) is not
-taken. Any channel stride is taken (vLLM's kernel needs stride 1), in place without a copy.
+"""vLLM-style ``rotary_embedding``: in place on packed tokens, cos and sin in one cache, mapped onto
+:func:`posenc_kernels.apply_rope_` without copies. The contract mirrored, and every difference from vLLM:
+``docs/integrations.md``.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_INTERPRET = interpreter_enabled()
-_TRITON_ON = {"cpu": HAS_TRITON and _INTERPRET, "cuda": HAS_TRITON}
+_TRITON_ON = {"cpu": HAS_TRITON and interpreter_enabled(), "cuda": HAS_TRITON}  # where auto prefers Triton
 
 
 @dataclass

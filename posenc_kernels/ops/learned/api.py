@@ -1,13 +1,7 @@
 """Learned absolute position embeddings (GPT-2 ``wpe``, BERT, OPT, ViT): the public functions and the
-module. They coerce arguments and call the ops (:mod:`.op`, which states the contract); the ops validate
-and dispatch.
-
-* Forward: one pass, ``x[b, s] + table[positions[b, s]]`` gathered and added in fp32 registers (fp64 when
-  x or the table is fp64), cast to x's dtype on store.
-* Backward: x gets the upstream gradient unchanged; the table gets ``sum`` of the gradient rows of the
-  tokens that read each row (repeated positions summed, the ``padding_idx`` row zero), accumulated in fp32
-  (fp64 for fp64 tables) and returned in the table's dtype: atomic adds, or with ``deterministic=True``
-  (or ``None`` while ``torch.are_deterministic_algorithms_enabled()``) a sorted, bitwise reproducible sum.
+module. They coerce arguments and call the op pair (:mod:`.op`, which states the contract). Math in fp32
+registers (fp64 with an fp64 operand); the table's gradient sums the rows of repeated positions (atomic
+adds, or with ``deterministic`` a sorted, bitwise reproducible sum) and leaves ``padding_idx``'s row zero.
 """
 
 from __future__ import annotations

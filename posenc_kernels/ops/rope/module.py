@@ -1,34 +1,7 @@
-"""``RotaryEmbedding``: the nn.Module that owns a RoPE schedule and rotates q/k in place.
-
-It holds what an HF ``*RotaryEmbedding`` holds (``inv_freq``, ``attention_factor`` and the dynamic-NTK /
-LongRoPE switching state) but instead of returning cos/sin for ``apply_rotary_pos_emb`` it rotates q and k
-with one kernel launch (:func:`posenc_kernels.apply_rope_`).
-
-Angle sources:
-
-* ``cache=True`` (default): fp32 cos/sin tables ``[P, R/2]`` (``attention_factor`` folded in), grown on
-  demand to the next power of two >= the largest position + 1 and never shrunk. Growth needs the largest
-  position on the host: free for int offsets, a host sync for tensor positions/offsets or ``cu_seqlens``
-  (pass ``seq_len=`` to forward to skip it, or use ``cache=False``).
-* ``cache=False``: no table; the kernel computes ``pos * inv_freq`` on the fly (one fp32 product, HF's
-  numerics, so both sources give the same values). No host sync for static schedules.
-* ``exact=True``: the frequencies are kept in float64. Tables are then built from float64 angles (each entry
-  the fp32 value nearest ``af * cos(pos * inv_freq)``); without a table the kernel's exact mode reduces the
-  float64 angle mod 2*pi (within 1e-6 rad of the truth up to position 2**22).
-
-Schedules that depend on the length follow HF's ``dynamic_rope_update`` exactly (``seq_len`` = largest
-position + 1, a host sync for tensor positions, as in HF):
-
-* ``dynamic``: state as in HF: frequencies are recomputed when ``seq_len`` exceeds the longest length seen
-  so far, and go back to the original ones when ``seq_len`` drops below ``max_position_embeddings``. Scaled
-  frequencies are used on the fly (a table rebuilt at every decoding step would cost more than it saves);
-  the table serves the original frequencies.
-* ``longrope``: ``short_factor`` while ``seq_len <= original_max_position_embeddings``, else ``long_factor``;
-  one table per set.
-
-Buffers are non-persistent (a state dict carries no RoPE tables, as in HF) and follow ``.to(device)``;
-``.to(dtype)`` / ``.half()`` leave them in their own precision (fp32 tables, fp32 or float64 frequencies):
-casting a frequency to bf16 would move every angle.
+"""``RotaryEmbedding``: the nn.Module that owns a RoPE schedule (what an HF ``*RotaryEmbedding`` holds) and,
+instead of returning cos/sin, rotates q and k in place with one launch (:func:`posenc_kernels.apply_rope_`).
+Its angle sources (``cache``, ``exact``), the dynamic-NTK / LongRoPE switching and the buffers' rules:
+``docs/rope.md``.
 """
 
 from __future__ import annotations

@@ -1,47 +1,7 @@
-"""RoPE frequency schedules: the inverse frequencies (and attention factor) of every HF rope type.
-
-:func:`rope_frequencies` takes Hugging Face's ``rope_parameters`` dict (``config.rope_parameters`` in
-transformers 5, ``config.rope_scaling`` before) with HF's key names, so a model config passes straight
-through, and reproduces the semantics of ``transformers.modeling_rope_utils`` (its ``ROPE_INIT_FUNCTIONS``
-and the models' ``compute_default_rope_parameters``):
-
-=============  ====================================================================================
-rope_type      inverse frequency ``inv[i]``, ``x_i = 2i / d`` (``d`` = rotary_dim), attention factor
-=============  ====================================================================================
-default        ``base ** -x_i``; 1
-linear         ``base ** -x_i / factor`` (position interpolation); 1
-dynamic        NTK-by-parts of the *current* length: ``base' = base * (factor * L / L0 - (factor - 1))
-               ** (d / (d - 2))`` with ``L = max(seq_len, L0)``, ``L0 = max_position_embeddings``: the
-               original frequencies at or below the original length; 1
-ntk            static NTK-aware (bloc97; not an HF type): ``base' = base * factor ** (d / (d - 2))``; 1
-yarn           YaRN: a linear ramp between extrapolation (high frequencies kept) and interpolation
-               (``/ factor``) over the dims whose wavelengths fit ``beta_fast .. beta_slow`` times in
-               ``original_max_position_embeddings``; ``attention_factor`` or ``0.1 ln(factor) + 1``, or
-               with ``mscale`` and ``mscale_all_dim`` (DeepSeek) the ratio of the two such terms
-longrope       ``1 / (ext_i * base ** x_i)``, ``ext`` = ``long_factor`` when ``seq_len >
-               original_max_position_embeddings``, else ``short_factor``; ``attention_factor`` or
-               ``sqrt(1 + ln(factor) / ln(original))`` (1 when ``factor <= 1``)
-llama3         Llama 3.1: wavelengths above ``original / low_freq_factor`` divided by ``factor``,
-               below ``original / high_freq_factor`` kept, a smooth blend between; 1
-proportional   Gemma-style: ``base ** (-2i / d)`` for the first ``partial_rotary_factor * d / 2``
-               pairs, 0 (no rotation) for the rest, all ``/ factor``; 1
-=============  ====================================================================================
-
-Aliases accepted as HF does: the old key ``"type"`` for ``"rope_type"``, ``"mrope"`` (Qwen2-VL) for
-``default``, ``"su"`` (early Phi-3) for ``longrope``.
-
-Keys that are not schedule keys are tolerated and ignored: ``rope_theta`` (the base, see ``base``),
-``partial_rotary_factor``, ``mrope_section``, ``mrope_interleaved``. Keys unknown for the rope type give a
-``UserWarning`` (HF logs a warning too), never an error, so real configs pass through.
-
-``partial_rotary_factor`` is honoured by the *caller*: ``rotary_dim`` is the number of rotated channels
-(``int(head_dim * partial_rotary_factor)``, what :class:`~posenc_kernels.RotaryEmbedding` computes),
-exactly the ``dim`` HF's init functions derive. The exception is ``proportional``, whose frequencies span the
-whole head with zeros in the non-rotated pairs: there ``rotary_dim`` is the head dim and the factor is read
-from ``scaling``.
-
-Numerics: every formula is evaluated in float64 and rounded once to ``dtype``; fp32 results are the values
-nearest the exact ones (HF evaluates in fp32 and lands a few fp32 ulps away; the tests measure it).
+"""RoPE frequency schedules: :func:`rope_frequencies` gives the inverse frequencies and attention factor of
+every HF rope type from HF's ``rope_parameters`` dict, with the semantics of
+``transformers.modeling_rope_utils``, evaluated in float64 and rounded once. The formula of each type, the
+aliases and keys accepted: ``docs/rope.md``.
 """
 
 from __future__ import annotations
