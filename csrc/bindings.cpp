@@ -149,20 +149,6 @@ bool value_checks_on(const c10::Device& device) {
   return true;
 }
 
-bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
-  }
-  std::sort(dims.begin(), dims.end());
-  int64_t extent = 1;
-  for (const auto& [st, n] : dims) {
-    if (st < extent) return false;
-    extent += (n - 1) * st;
-  }
-  return true;
-}
-
 std::string disjoint_error(const char* name_a, const at::Tensor& a, const char* name_b, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return "";
   if (a.storage().data() != b.storage().data()) return "";

@@ -102,11 +102,7 @@ posenc_cuda::RopeParams rope_params(const Tensor& q, const OptT& k, const OptT& 
     p.sin = sin->data_ptr();
     p.cos_dtype = dtype_code(cos->scalar_type());
     p.sin_dtype = dtype_code(sin->scalar_type());
-    p.stride_cos_p = cos->stride(0);
-    p.stride_sin_p = sin->stride(0);
-    p.stride_cos_f = cos->stride(1);
-    p.stride_sin_f = sin->stride(1);
-    p.n_rows = cos->size(0);
+    posenc::set_table_strides(p, *cos, *sin);
   } else {
     const Tensor& f = *inv_freq;
     p.angle_mode = exact ? posenc_cuda::kAngleInvFreqExact : posenc_cuda::kAngleInvFreq;

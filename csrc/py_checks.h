@@ -21,6 +21,7 @@
 #include <sstream>
 #include <string>
 
+#include "alias_checks.h"
 #include "native_ops.h"
 
 namespace posenc {
@@ -111,7 +112,7 @@ inline void check_tensor(const char* name, const at::Tensor& t, Dtypes dtypes, s
 }
 
 // _nested_layout: sorted by stride, each dimension's stride covers the extent of the smaller ones.
-bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides);  // bindings.cpp
+using posenc_alias::nested_layout;
 
 // check_writable(name, t)
 inline void check_writable(const char* name, const at::Tensor& t) {

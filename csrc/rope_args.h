@@ -146,4 +146,15 @@ inline void check_rope_values(const RopeShape& r, const OptT& cos, const OptT& p
   }
 }
 
+// The cos/sin table fields both kernels' parameter structs share (CPU: rope_cpu::Params, CUDA:
+// posenc_cuda::Params), named as the Triton kernel's arguments.
+template <class Params>
+inline void set_table_strides(Params& p, const at::Tensor& cos, const at::Tensor& sin) {
+  p.stride_cos_p = cos.stride(0);
+  p.stride_sin_p = sin.stride(0);
+  p.stride_cos_f = cos.stride(1);
+  p.stride_sin_f = sin.stride(1);
+  p.n_rows = cos.size(0);
+}
+
 }  // namespace posenc

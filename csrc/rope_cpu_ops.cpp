@@ -160,11 +160,7 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
     p.table_dtype = dtype_code(cos->scalar_type());
     p.cos = cos->const_data_ptr();
     p.sin = sin->const_data_ptr();
-    p.stride_cos_p = cos->stride(0);
-    p.stride_sin_p = sin->stride(0);
-    p.stride_cos_f = cos->stride(1);
-    p.stride_sin_f = sin->stride(1);
-    p.n_rows = cos->size(0);
+    set_table_strides(p, *cos, *sin);
   } else {
     // inv_freq read through its stride, converted once per call (R/2 values, on the stack when small)
     const Tensor& f = *inv_freq;

@@ -128,11 +128,19 @@ _q = _g(2, 5, 4, 8)
 ROPE_INPLACE_CASES["k is q"] = _rope_args(q=_q, k=_q)  # the same tensor twice
 
 
-def _sin_args(**kw):
-    a = dict(x=_g(2, 5, 8), positions=None, offsets=None, offset=0, x_scale=1.0, base=10000.0, interleaved=True,
-             cos_first=False, freq_shift=0.0, scale=1.0)  # fmt: skip
-    a.update(kw)
-    return tuple(a.values())
+def _schema_args(**defaults):
+    """A builder of one op's positional arguments: schema order, a fresh x per case, keywords overriding."""
+
+    def build(**kw):
+        a = dict(x=_g(2, 5, 8), **defaults)
+        a.update(kw)
+        return tuple(a.values())
+
+    return build
+
+
+_CONVENTION = dict(base=10000.0, interleaved=True, cos_first=False, freq_shift=0.0, scale=1.0)
+_sin_args = _schema_args(positions=None, offsets=None, offset=0, x_scale=1.0, **_CONVENTION)
 
 
 SIN_CASES = {
@@ -159,11 +167,7 @@ SIN_INPLACE_CASES = {
 }
 
 
-def _concat_args(**kw):
-    a = dict(x=_g(2, 5, 8), positions=None, offsets=None, offset=0, dim_pe=6, base=10000.0, interleaved=True,
-             cos_first=False, freq_shift=0.0, scale=1.0)  # fmt: skip
-    a.update(kw)
-    return tuple(a.values())
+_concat_args = _schema_args(positions=None, offsets=None, offset=0, dim_pe=6, **_CONVENTION)
 
 
 CONCAT_CASES = {
