@@ -27,7 +27,8 @@
 #
 # GPU_CHECK_DRY_RUN=1 runs every stage on CPU (Triton interpreter, tiny shapes, a wall-clock timer, no CUDA
 # graph, the native CPU kernels), same code paths and files, labelled as a dry run; .ci/run calls it through
-# benchmarks/gpu_check/ci_dry_run. SKIP_NATIVE=1 skips the extension stages.
+# benchmarks/gpu_check/ci_dry_run (GPU_CHECK_DRY_HOLD=<results name>:<N> stalls that stage after N rows, so its
+# deadline test cuts at a known point). SKIP_NATIVE=1 skips the extension stages.
 # Uses the machine's own python3 (torch/triton from the image; GPU_CHECK_PYTHON overrides; the dry run
 # uses .venv/bin/python when present). Peers: scripts/prepare_peers fills .whl/ (see benchmarks/RESULTS.md).
 set -uo pipefail
