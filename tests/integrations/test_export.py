@@ -4,7 +4,8 @@ on views of the projections' outputs) and ``RotaryEmbedding`` (in place, partial
 
 Each artifact is compared with the eager module, bitwise (the same kernels run), at the length it was
 exported with and at a second one, after a round trip through its file (``torch.export.save``/``load``;
-``aoti_compile_and_package``/``aoti_load_package``). One AOTInductor package is built (it compiles C++).
+``aoti_compile_and_package``/``aoti_load_package``); a length whose positions pass the fixed tables raises
+in the loaded program, as in eager code. One AOTInductor package is built (it compiles C++).
 """
 
 import pytest
@@ -40,6 +41,8 @@ class RopeFrontEnd(nn.Module):
 def module_and_inputs():
     torch.manual_seed(0)
     m = RopeFrontEnd().eval()
+    # The module's table is grown on demand; grown while tracing, it would fix the length (docs/deploying.md).
+    m.rope.cos_sin(64)
     xs = [torch.randn(2, 7, MODEL), torch.randn(2, 11, MODEL)]  # the export length, then another
     with torch.no_grad():
         want = [m(x) for x in xs]
@@ -69,6 +72,8 @@ def test_export_dynamic_seq(module_and_inputs, strict, tmp_path):
         for x, w in zip(xs, want):
             _same(ep.module()(x), w, f"exported, S={x.shape[1]}")
             _same(loaded(x), w, f"saved and loaded, S={x.shape[1]}")
+        with pytest.raises(ValueError, match="table has 64 rows"):  # offsets 3 + 63 tokens: past the buffers
+            loaded(torch.randn(2, 63, MODEL))
 
 
 @pytest.mark.slow
