@@ -3,7 +3,7 @@
 The repository is built once per module. A subprocess in which ``posenc_kernels`` cannot be imported (an
 import hook refuses it: the package is installed in the test environment) kernelizes a tiny random Llama
 from it with ``kernels`` and runs three checks, each reported separately: the logits against the unpatched
-model, with the profiler showing the hub copy's op (``kernels`` silently falls back to HF's math when a
+model (the suite's rule: within twice the unpatched fp32 model's error against float64), with the profiler showing the hub copy's op (``kernels`` silently falls back to HF's math when a
 layer fails to load, so equal logits alone prove nothing); values and gradients of the layer on partial
 rotary against a float64 reference; the layer under ``torch.compile`` with inductor against eager. In
 this process: the hub copy and the installed package side by side (two op namespaces, same results), and
@@ -29,7 +29,7 @@ kernels = pytest.importorskip("kernels")
 # Runs in a fresh interpreter: argv[1] the repository, argv[2] the build id. Prints one JSON line.
 USER_SCRIPT = textwrap.dedent(
     r'''
-    import importlib.abc, json, sys, traceback
+    import copy, importlib.abc, json, sys, traceback
 
     class _NoPosencKernels(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -70,6 +70,7 @@ USER_SCRIPT = textwrap.dedent(
         ids = torch.randint(0, 128, (2, 7))
         with torch.no_grad():
             want = model(ids).logits
+            truth = copy.deepcopy(model).double()(ids).logits  # the unpatched model in float64
             # The user's three lines: the mapping, kernelize, and checking that the layer loaded.
             mapping = {"rotary_pos_emb": {"cpu": LocalLayerRepository(repo_path=repo,
                                                                       layer_name="apply_rotary_transformers")}}
@@ -78,7 +79,10 @@ USER_SCRIPT = textwrap.dedent(
             assert build in sys.modules, f"kernelize did not load {build}"
             got, ops = ops_run(lambda: model(ids).logits)
         assert ops == [build + "::rope"], f"the hub layer did not run (ops seen: {ops})"
-        assert torch.equal(got, want), (got - want).abs().max().item()  # same fp32 products and sums as HF
+        # The suite's tolerance rule: within 2x the unpatched fp32 model's own error, plus half an ulp.
+        err, base = ((x.double() - truth).abs().max().item() for x in (got, want))
+        limit = 2 * base + 0.5 * torch.finfo(torch.float32).eps * truth.abs().max().item()
+        assert err <= limit, f"logits error {err:.3g} > {limit:.3g} (unpatched fp32: {base:.3g})"
 
     def reference(q, k, cos, sin):  # HF's partial-rotary function (Phi-3, GPT-NeoX), unsqueeze_dim=1
         cos, sin, R = cos.unsqueeze(1), sin.unsqueeze(1), cos.shape[-1]
