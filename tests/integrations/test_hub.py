@@ -165,6 +165,7 @@ def test_repository_layout(repo, build_id):
     assert not (pkg / "ops" / "sinusoidal").exists()  # only the RoPE family travels
 
 
+@pytest.mark.slow  # a subprocess that imports transformers and compiles with inductor
 @pytest.mark.parametrize("check", ["logits", "gradients", "inductor"])
 def test_kernelized_without_posenc_kernels(user_run, check):
     assert user_run[check] == "ok", user_run[check]
