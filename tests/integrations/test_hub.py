@@ -3,11 +3,11 @@
 The repository is built once per module. A subprocess in which ``posenc_kernels`` cannot be imported (an
 import hook refuses it: the package is installed in the test environment) kernelizes a tiny random Llama
 from it with ``kernels`` and runs three checks, each reported separately: the logits against the unpatched
-model (the suite's rule: within twice the unpatched fp32 model's error against float64), with the profiler showing the hub copy's op (``kernels`` silently falls back to HF's math when a
-layer fails to load, so equal logits alone prove nothing); values and gradients of the layer on partial
-rotary against a float64 reference; the layer under ``torch.compile`` with inductor against eager. In
-this process: the hub copy and the installed package side by side (two op namespaces, same results), and
-the build id's rules.
+model (the suite's rule: within twice the unpatched fp32 model's error against float64), with the profiler
+showing the hub copy's op (``kernels`` silently falls back to HF's math when a layer fails to load, so
+equal logits alone prove nothing); values and gradients of the layer on partial rotary against a float64
+reference; the layer under ``torch.compile`` with inductor against eager. In this process: the hub copy
+and the installed package side by side (two op namespaces, same results), and the build id's rules.
 """
 
 import json
