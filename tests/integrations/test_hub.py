@@ -48,10 +48,13 @@ USER_SCRIPT = textwrap.dedent(
     repo, build = Path(sys.argv[1]), sys.argv[2]
     results = {}
 
-    def ops_run(fn):
+    def ops_run(fn, calls=None):
         with torch.profiler.profile() as prof:
             out = fn()
-        return out, sorted({e.name for e in prof.events() if e.name.startswith(build + "::")})
+        names = [e.name for e in prof.events() if e.name.startswith(build + "::")]
+        if calls is not None:
+            calls.append(len(names))
+        return out, sorted(set(names))
 
     def section(name):
         def wrap(fn):
@@ -77,8 +80,10 @@ USER_SCRIPT = textwrap.dedent(
             with use_kernel_mapping(mapping):
                 model = kernelize(model, device="cpu", mode=Mode.INFERENCE)
             assert build in sys.modules, f"kernelize did not load {build}"
-            got, ops = ops_run(lambda: model(ids).logits)
+            calls = []
+            got, ops = ops_run(lambda: model(ids).logits, calls)
         assert ops == [build + "::rope"], f"the hub layer did not run (ops seen: {ops})"
+        assert calls == [config.num_hidden_layers], calls  # q and k in one op call per layer
         # The suite's tolerance rule: within 2x the unpatched fp32 model's own error, plus half an ulp.
         err, base = ((x.double() - truth).abs().max().item() for x in (got, want))
         limit = 2 * base + 0.5 * torch.finfo(torch.float32).eps * truth.abs().max().item()
