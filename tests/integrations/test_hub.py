@@ -2,11 +2,12 @@
 
 The repository is built once per module. A subprocess in which ``posenc_kernels`` cannot be imported (an
 import hook refuses it: the package is installed in the test environment) kernelizes a tiny random Llama
-from it with ``kernels`` and runs three checks, each reported separately: the logits against the unpatched
+from it with ``kernels`` and runs four checks, each reported separately: the logits against the unpatched
 model (the suite's rule: within twice the unpatched fp32 model's error against float64), with the profiler
 showing the hub copy's op (``kernels`` silently falls back to HF's math when a layer fails to load, so
-equal logits alone prove nothing); values and gradients of the layer on partial rotary against a float64
-reference; the layer under ``torch.compile`` with inductor against eager. In this process: the hub copy
+equal logits alone prove nothing); the parameter gradients of a model kernelized for training, by the same
+rule; values and gradients of the layer on partial rotary against a float64 reference; the layer under
+``torch.compile`` with inductor against eager. In this process: the hub copy
 and the installed package side by side (two op namespaces, same results), and the build id's rules.
 """
 
@@ -88,6 +89,27 @@ USER_SCRIPT = textwrap.dedent(
         err, base = ((x.double() - truth).abs().max().item() for x in (got, want))
         limit = 2 * base + 0.5 * torch.finfo(torch.float32).eps * truth.abs().max().item()
         assert err <= limit, f"logits error {err:.3g} > {limit:.3g} (unpatched fp32: {base:.3g})"
+
+    @section("training")
+    def _():
+        torch.manual_seed(2)
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config).train()
+        unpatched, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+        ids = torch.randint(0, 128, (2, 7))
+        mapping = {"rotary_pos_emb": {"cpu": LocalLayerRepository(repo_path=repo,
+                                                                  layer_name="apply_rotary_transformers")}}
+        with use_kernel_mapping(mapping):  # a mode that needs has_backward and can_torch_compile
+            model = kernelize(model, device="cpu", mode=Mode.TRAINING | Mode.TORCH_COMPILE)
+        _, ops = ops_run(lambda: model(ids, labels=ids).loss.backward())
+        assert ops == [build + "::rope"], f"the hub layer did not run (ops seen: {ops})"
+        for m in (unpatched, truth):
+            m(ids, labels=ids).loss.backward()
+        for (name, p), u, t in zip(model.named_parameters(), unpatched.parameters(), truth.parameters()):
+            err, base = ((g.double() - t.grad).abs().max().item() for g in (p.grad, u.grad))
+            limit = 2 * base + 0.5 * torch.finfo(torch.float32).eps * t.grad.abs().max().item()
+            assert err <= limit, f"grad of {name}: error {err:.3g} > {limit:.3g} (unpatched fp32: {base:.3g})"
 
     def reference(q, k, cos, sin):  # HF's partial-rotary function (Phi-3, GPT-NeoX), unsqueeze_dim=1
         cos, sin, R = cos.unsqueeze(1), sin.unsqueeze(1), cos.shape[-1]
@@ -171,7 +193,7 @@ def test_repository_layout(repo, build_id):
 
 
 @pytest.mark.slow  # a subprocess that imports transformers and compiles with inductor
-@pytest.mark.parametrize("check", ["logits", "gradients", "inductor"])
+@pytest.mark.parametrize("check", ["logits", "training", "gradients", "inductor"])
 def test_kernelized_without_posenc_kernels(user_run, check):
     assert user_run[check] == "ok", user_run[check]
     assert user_run["posenc_kernels imported"] is False
