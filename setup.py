@@ -134,8 +134,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        # transformers: parity tests against HF's rope functions and models (CPU, tiny random models).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6"],
+        # transformers: parity tests against HF's rope functions and models (CPU, tiny random models);
+        # kernels: the hub layer kernelized as a user would (tests/integrations/test_hub.py), the release
+        # transformers 5.25 requires, pinned because its layer rules and metadata format change between releases.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6", "kernels==0.19.1"],
         # Pictures: python -m posenc_kernels.plot ...
         "plot": ["matplotlib"],
     },

@@ -121,7 +121,7 @@ class OpPair:
             for n, a in zip(self.names, args):
                 if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
                     raise NotImplementedError(
-                        f"forward-mode AD is not supported by posenc::{self.name} ({n} is a dual tensor)"
+                        f"forward-mode AD is not supported by {NAMESPACE}::{self.name} ({n} is a dual tensor)"
                     )
         if not torch.is_grad_enabled():
             return False
@@ -130,7 +130,7 @@ class OpPair:
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 if n not in self.differentiable:
                     raise ValueError(
-                        f"{n} requires grad, but posenc::{self.name} gives gradients for "
+                        f"{n} requires grad, but {NAMESPACE}::{self.name} gives gradients for "
                         f"{' and '.join(self.differentiable)} only: pass {n}.detach()"
                     )
                 records = True

@@ -199,7 +199,7 @@ def _factory_kernel(spec: OpSpec):
     def kernel(keyset, *args):
         device_type = torch.device(args[device_arg]).type
         if device_type not in keys:
-            raise RuntimeError(f"posenc::{spec.name} has no kernel for device {device_type!r}")
+            raise RuntimeError(f"{NAMESPACE}::{spec.name} has no kernel for device {device_type!r}")
         return spec.overload.redispatch(torch._C.DispatchKeySet(keys[device_type]), *args)
 
     kernel.__name__ = f"posenc_{spec.name}_factory"
@@ -225,7 +225,7 @@ def define(schema: str, *, check: Callable, fake: Callable, impls: dict, native:
     op defined after it)."""
     name = schema.split("(", 1)[0]
     if name in _OPS:
-        raise RuntimeError(f"posenc::{name} is defined twice")
+        raise RuntimeError(f"{NAMESPACE}::{name} is defined twice")
     LIB.define(schema)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
     args = overload._schema.arguments
