@@ -10,7 +10,7 @@ from posenc_kernels import reference as ref
 from posenc_kernels.ops import registry
 from posenc_kernels.ops.learned import op as learned_op
 
-from conftest import DEVICE, assert_dtype_tolerance, max_err
+from conftest import DEVICE, assert_dtype_tolerance, gradcheck_kw, max_err
 from .common import P, rand_pos, _grad_backend
 
 NATIVE_OP = "add_position_embedding_"  # these tests also run on the native C++ CPU kernels when built (conftest.py)
@@ -131,10 +131,10 @@ def test_gradcheck_float64(backend, deterministic):
     # Repeated rows; padding row 2 is never read, so its true (zero) gradient is also the padding rule's.
     pos = torch.tensor([[1, 3, 1, 0], [4, 1, 0, 3]], device=DEVICE)
     kw = dict(padding_idx=2, deterministic=deterministic)
-    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding(x, t, pos, **kw), (x, table))
-    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding_(x * 1.0, t, pos[1], **kw), (x, table))
+    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding(x, t, pos, **kw), (x, table), **gradcheck_kw(backend))
+    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding_(x * 1.0, t, pos[1], **kw), (x, table), **gradcheck_kw(backend))
     tokens = pos.reshape(-1)
-    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding(x, t, tokens), (x.reshape(8, 5), table))
+    assert torch.autograd.gradcheck(lambda x, t: add_position_embedding(x, t, tokens), (x.reshape(8, 5), table), **gradcheck_kw(backend))
 
 
 def test_opcheck(backend):

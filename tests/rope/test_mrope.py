@@ -7,7 +7,7 @@ import torch
 import posenc_kernels as pk
 
 import positions_oracle as po
-from conftest import DEVICE, max_err
+from conftest import DEVICE, gradcheck_kw, max_err
 from .common_modes import qk, same, rotate_with_rows
 
 NATIVE_OP = "rope_"  # these tests also run on the native C++ CPU kernels when built (conftest.py)
@@ -92,7 +92,7 @@ def test_mrope_gradients_and_errors(backend):
     cos, sin = pk.rope_cos_sin(10, pk.rope_frequencies(8)[0].to(DEVICE), dtype=torch.float64)
     pos = torch.randint(0, 10, (3, 2, 3), device=DEVICE)
     q = torch.randn(2, 3, 2, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda q: pk.apply_rope(q, None, cos, sin, positions=pos, axis_map=axis_map)[0], (q,))
+    torch.autograd.gradcheck(lambda q: pk.apply_rope(q, None, cos, sin, positions=pos, axis_map=axis_map)[0], (q,), **gradcheck_kw(backend))
     x = torch.randn(2, 3, 2, 8, device=DEVICE)
     x0 = x.clone()
     with pytest.raises(ValueError, match=r"axis_map must have one entry per frequency, \[R/2\] = \[4\]"):
