@@ -4,6 +4,7 @@ autograd's in-place rules, naming the argument), and the small helpers every lau
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Optional
@@ -146,46 +147,93 @@ def check_writable(name: str, t: torch.Tensor) -> None:
         )
 
 
+#: Search steps the exact overlap test may take before it refuses conservatively (see :func:`shared_element`).
+OVERLAP_WORK = 4096
+
+
+class _OutOfWork(Exception):
+    pass
+
+
+def _byte_terms(t: torch.Tensor, flip: bool) -> tuple[int, list]:
+    """``t``'s bytes as ``first + sum(c * z)`` over ``0 <= z <= bound``: (first byte, [(c, bound)]); with
+    ``flip``, counted down from its last byte instead (``last - sum(c * z)``), returned as (last byte, ...)."""
+    e = t.element_size()
+    lo = t.storage_offset() * e
+    terms = [(1, e - 1)] if e > 1 else []
+    for n, st in zip(t.shape, t.stride()):
+        if n > 1 and st != 0:
+            lo += min(st, 0) * (n - 1) * e
+            terms.append((abs(st) * e, n - 1))
+    hi = lo + sum(c * u for c, u in terms)
+    return (hi if flip else lo), terms
+
+
+def shared_element(a: torch.Tensor, b: torch.Tensor, work: int = OVERLAP_WORK) -> Optional[bool]:
+    """Whether two strided views of one storage share a byte: exact (True/False), or None when the search
+    needed more than ``work`` steps. Mirrored by ``csrc/alias_checks.h`` (``element_overlap``).
+
+    A byte of a is ``a0 + sum(c_i x_i)``, one of b ``b1 - sum(d_j y_j)`` counted down from b's last byte
+    (the element's bytes are a term of coefficient 1). They meet iff ``sum(c_i x_i) + sum(d_j y_j) = b1 - a0``
+    with every ``0 <= x_i, y_j <=`` its bound: a bounded knapsack over at most 2 (rank + 1) terms. Terms of
+    equal coefficient merge (views of one buffer share strides), then a depth-first search from the largest
+    coefficient, pruned by the reach of the smaller ones and by their gcd. For layouts whose strides each
+    cover the smaller dimensions' extent (every slice, transpose or split of a buffer) a coefficient has at
+    most two feasible values, and the search takes a few steps per dimension; the cap only bounds
+    adversarial as_strided layouts."""
+    a0, ta = _byte_terms(a, False)
+    b1, tb = _byte_terms(b, True)
+    target = b1 - a0
+    if target < 0 or target > sum(c * u for c, u in ta + tb):
+        return False  # disjoint byte spans
+    merged: dict[int, int] = {}
+    for c, u in ta + tb:
+        merged[c] = merged.get(c, 0) + u
+    terms = sorted(merged.items(), reverse=True)
+    n = len(terms)
+    reach, gcd = [0] * (n + 1), [0] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        reach[k] = reach[k + 1] + terms[k][0] * terms[k][1]
+        gcd[k] = math.gcd(gcd[k + 1], terms[k][0])
+    steps = [0]
+
+    def solve(k: int, rem: int) -> bool:
+        steps[0] += 1
+        if steps[0] > work:
+            raise _OutOfWork
+        if rem == 0:
+            return True
+        if k == n or rem > reach[k] or rem % gcd[k]:
+            return False
+        c, u = terms[k]
+        if k == n - 1:
+            return rem // c <= u  # rem is a multiple of c (gcd)
+        lo, hi = max(0, -(-(rem - reach[k + 1]) // c)), min(u, rem // c)
+        return any(solve(k + 1, rem - z * c) for z in range(hi, lo - 1, -1))
+
+    try:
+        return solve(0, target)
+    except _OutOfWork:
+        return None
+
+
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """Two tensors written in place by one op must not share elements (they would be rotated twice);
-    disjoint head slices of one buffer (packed QKV) pass. Exact for any layout (see below)."""
+    disjoint views of one buffer (head or channel slices of packed QKV, a token shift) pass. Exact for any
+    two strided views (:func:`shared_element`), from metadata alone: no sync, graph-capture safe."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return
-
-    def byte_span(t):
-        lo = t.storage_offset() * t.element_size()
-        return lo, lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
-
-    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
-    if a1 <= b0 or b1 <= a0:
-        return
-    msg = f"{name_b} must not overlap {name_a}: they share memory that is written in place"
-    if a.element_size() != b.element_size():
-        raise ValueError(msg + " (views of one buffer with different dtypes)")
-    esize = a.element_size()
-    a0, a1, b0, b1 = a0 // esize, a1 // esize, b0 // esize, b1 // esize
-    if a.stride() == b.stride() and _nested_layout(tuple(map(max, a.shape, b.shape)), a.stride()):
-        # Same nested layout (packed QKV head slices): the offset between the views is a box shift.
-        delta = b.storage_offset() - a.storage_offset()
-        lo, hi = (a, b) if delta >= 0 else (b, a)
-        rest = abs(delta)
-        for st, n_lo in sorted(zip(a.stride(), lo.shape), reverse=True):
-            shift = rest // st if st > 0 else 0
-            rest -= shift * st
-            if shift >= n_lo:  # hi starts beyond lo's extent in this dimension: the boxes are disjoint
-                return
-        if rest:
-            return  # not a whole element shift of the shared layout: no element coincides
-        raise ValueError(msg)
-    # Any other intersecting layouts (rare): mark a's elements over the shared span and test b's. Exact,
-    # at the cost of a bool map of the span (and a sync on CUDA).
-    lo = min(a0, b0)
-    mark = torch.zeros(max(a1, b1) - lo, dtype=torch.bool, device=a.device)
-    mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
-    if bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any()):
-        raise ValueError(msg)
+    shared = shared_element(a, b)
+    if shared is None:
+        raise ValueError(
+            f"{name_b} must not overlap {name_a}, and their layouts are too irregular to prove that they do not "
+            f"share an element within the exact check's budget ({OVERLAP_WORK} steps): refused conservatively; "
+            "pass tensors of separate buffers or a plain slice of one"
+        )
+    if shared:
+        raise ValueError(f"{name_b} must not overlap {name_a}: they share memory that is written in place")
 
 
 def check_inplace_autograd(name: str, t: torch.Tensor, *, grad_from_other_input: bool = False) -> None:
