@@ -30,6 +30,7 @@ def set_value_checks(enabled: bool) -> None:
     """
     from .. import _native
 
+    check_flag("enabled", enabled)
     _value_checks["on"] = bool(enabled)
     _native.set_value_checks(bool(enabled))
 
@@ -103,6 +104,18 @@ def device_guard(t: torch.Tensor):
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Register dtype of the math: fp64 when any operand is fp64, else fp32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_flag(name: str, value, *, optional: bool = False) -> None:
+    """A flag is a bool (``interleaved="yes"`` is an error, not True); ``optional`` also takes None."""
+    if not (type(value) is bool or (optional and value is None)):
+        raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_flags(**flags) -> None:
+    """:func:`check_flag` for each keyword (the public functions' flags in one call)."""
+    for name, value in flags.items():
+        check_flag(name, value)
 
 
 def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch.device] = None) -> None:
