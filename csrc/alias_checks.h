@@ -12,7 +12,6 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
-#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -72,6 +71,16 @@ inline int64_t byte_terms(const Tensor& t, bool flip, std::vector<std::pair<int6
   return flip ? lo + hi_extra : lo;
 }
 
+// Euclid's gcd (std::gcd's binary algorithm compiles to tzcnt, which the baseline-ISA check flags).
+inline int64_t gcd(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
 struct Knapsack {
   std::vector<std::pair<int64_t, int64_t>> terms;  // (coefficient, bound), largest coefficient first
   std::vector<int64_t> reach, gcd;
@@ -123,7 +132,7 @@ inline Overlap element_overlap(const Tensor& a, const Tensor& b) {
   ks.gcd.assign(n + 1, 0);
   for (size_t k = n; k-- > 0;) {
     ks.reach[k] = ks.reach[k + 1] + ks.terms[k].first * ks.terms[k].second;
-    ks.gcd[k] = std::gcd(ks.gcd[k + 1], ks.terms[k].first);
+    ks.gcd[k] = detail::gcd(ks.terms[k].first, ks.gcd[k + 1]);
   }
   const bool found = ks.solve(0, target);
   return ks.out_of_work ? Overlap::Unknown : found ? Overlap::Yes : Overlap::No;
