@@ -14,7 +14,7 @@ import operator
 import torch
 
 from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
-from .registry import define, register_autograd
+from .registry import NAMESPACE, define, register_autograd
 
 
 def _arg_names(args: str) -> list[str]:
@@ -125,7 +125,7 @@ class OpPair:
             if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
                 if not self.has_jvp or n not in self.differentiable:
                     raise NotImplementedError(
-                        f"forward-mode AD is not supported by posenc::{self.name} w.r.t. {n} ({n} is a dual tensor)"
+                        f"forward-mode AD is not supported by {NAMESPACE}::{self.name} w.r.t. {n} ({n} is a dual tensor)"
                     )
                 dual = True
         return dual
@@ -141,7 +141,7 @@ class OpPair:
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 if n not in self.differentiable:
                     raise ValueError(
-                        f"{n} requires grad, but posenc::{self.name} gives gradients for "
+                        f"{n} requires grad, but {NAMESPACE}::{self.name} gives gradients for "
                         f"{' and '.join(self.differentiable)} only: pass {n}.detach()"
                     )
                 records = True

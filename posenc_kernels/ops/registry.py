@@ -291,7 +291,7 @@ def register_autograd(name: str, backward: Callable, *, setup_context: Callable,
     def kernel(keyset, *args):
         tangents = _tangents(names, args) if fwAD._current_level >= 0 else None
         if tangents is None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
                 for n, a in zip(names, args):
                     if isinstance(a, torch.Tensor) and a.requires_grad and n not in differentiable:
                         raise ValueError(
