@@ -164,22 +164,22 @@ def check_writable(name: str, t: torch.Tensor) -> None:
 OVERLAP_WORK = 4096
 
 
-class _OutOfWork(Exception):
-    pass
-
-
-def _byte_terms(t: torch.Tensor, flip: bool) -> tuple[int, list]:
-    """``t``'s bytes as ``first + sum(c * z)`` over ``0 <= z <= bound``: (first byte, [(c, bound)]); with
-    ``flip``, counted down from its last byte instead (``last - sum(c * z)``), returned as (last byte, ...)."""
+def _byte_terms(t: torch.Tensor, flip: bool, terms: dict) -> int:
+    """Adds ``t``'s bytes as ``first + sum(c * z)``, ``0 <= z <= bound``, to ``terms`` ({c: summed bound});
+    returns its first byte, or with ``flip`` its last (its bytes then count down: ``last - sum(c * z)``)."""
     e = t.element_size()
-    lo = t.storage_offset() * e
-    terms = [(1, e - 1)] if e > 1 else []
+    first = t.storage_offset() * e
+    span = e - 1
+    if e > 1:
+        terms[1] = terms.get(1, 0) + e - 1
     for n, st in zip(t.shape, t.stride()):
         if n > 1 and st != 0:
-            lo += min(st, 0) * (n - 1) * e
-            terms.append((abs(st) * e, n - 1))
-    hi = lo + sum(c * u for c, u in terms)
-    return (hi if flip else lo), terms
+            c = (st if st > 0 else -st) * e
+            if st < 0:
+                first += st * (n - 1) * e
+            terms[c] = terms.get(c, 0) + n - 1
+            span += c * (n - 1)
+    return first + span if flip else first
 
 
 def shared_element(a: torch.Tensor, b: torch.Tensor, work: int = OVERLAP_WORK) -> Optional[bool]:
@@ -194,40 +194,35 @@ def shared_element(a: torch.Tensor, b: torch.Tensor, work: int = OVERLAP_WORK) -
     cover the smaller dimensions' extent (every slice, transpose or split of a buffer) a coefficient has at
     most two feasible values, and the search takes a few steps per dimension; the cap only bounds
     adversarial as_strided layouts."""
-    a0, ta = _byte_terms(a, False)
-    b1, tb = _byte_terms(b, True)
-    target = b1 - a0
-    if target < 0 or target > sum(c * u for c, u in ta + tb):
-        return False  # disjoint byte spans
-    merged: dict[int, int] = {}
-    for c, u in ta + tb:
-        merged[c] = merged.get(c, 0) + u
+    merged: dict = {}
+    target = _byte_terms(b, True, merged) - _byte_terms(a, False, merged)
     terms = sorted(merged.items(), reverse=True)
     n = len(terms)
     reach, gcd = [0] * (n + 1), [0] * (n + 1)
     for k in range(n - 1, -1, -1):
-        reach[k] = reach[k + 1] + terms[k][0] * terms[k][1]
-        gcd[k] = math.gcd(gcd[k + 1], terms[k][0])
-    steps = [0]
-
-    def solve(k: int, rem: int) -> bool:
-        steps[0] += 1
-        if steps[0] > work:
-            raise _OutOfWork
+        c, u = terms[k]
+        reach[k] = reach[k + 1] + c * u
+        gcd[k] = math.gcd(gcd[k + 1], c)
+    if target < 0 or target > reach[0]:
+        return False  # disjoint byte spans
+    stack, steps = [(0, target)], 0  # depth first: (next term, remainder)
+    while stack:
+        k, rem = stack.pop()
+        steps += 1
+        if steps > work:
+            return None
         if rem == 0:
             return True
         if k == n or rem > reach[k] or rem % gcd[k]:
-            return False
+            continue
         c, u = terms[k]
         if k == n - 1:
-            return rem // c <= u  # rem is a multiple of c (gcd)
+            if rem // c <= u:  # rem is a multiple of c (gcd)
+                return True
+            continue
         lo, hi = max(0, -(-(rem - reach[k + 1]) // c)), min(u, rem // c)
-        return any(solve(k + 1, rem - z * c) for z in range(hi, lo - 1, -1))
-
-    try:
-        return solve(0, target)
-    except _OutOfWork:
-        return None
+        stack.extend((k + 1, rem - z * c) for z in range(lo, hi + 1))  # the largest z is popped first
+    return False
 
 
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
