@@ -10,6 +10,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
+#include <map>
+#include <string>
 #include <utility>
 #include <vector>
 #include <optional>
@@ -43,48 +46,116 @@ inline bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
   return true;
 }
 
-// Whether a and b may share an element. ATen answers for dense tensors; two non-dense views of one storage
-// (head slices of a fused qkv) are resolved as posenc_kernels/ops/checks.py check_disjoint does: disjoint
-// byte spans, or - with the same nested strides - a box shift between them that leaves one outside the
-// other in some dimension; any other intersecting layout is resolved exactly with a bool map of the span.
-inline bool shares_memory(const Tensor& a, const Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  const auto st = at::get_overlap_status(a, b);
-  if (st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial) return true;
-  if (st == at::MemOverlapStatus::No) return false;
-  // TooHard (a non-dense view): ATen has not compared the storages yet.
-  if (!a.storage().is_alias_of(b.storage())) return false;
-  auto span = [](const Tensor& t) {
-    int64_t hi = t.storage_offset() + 1;
-    for (int64_t d = 0; d < t.dim(); ++d) hi += (t.size(d) - 1) * std::abs(t.stride(d));
-    return std::make_pair(t.storage_offset() * t.element_size(), hi * t.element_size());
-  };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
-  if (a1 <= b0 || b1 <= a0) return false;
-  if (a.element_size() != b.element_size()) return true;
-  std::vector<int64_t> shape(a.dim());
-  for (int64_t d = 0; d < a.dim(); ++d) shape[d] = std::max(a.size(d), b.size(d));
-  if (a.strides() != b.strides() || a.dim() != b.dim() || !nested_layout(shape, a.strides())) {
-    // Other intersecting layouts (rare): mark a's elements over the shared span and test b's - exact, at the
-    // cost of a bool map of the span (and a sync on CUDA), as the Python check does.
-    const int64_t e = a.element_size(), lo = std::min(a0, b0) / e, hi = std::max(a1, b1) / e;
-    at::Tensor mark = at::zeros({hi - lo}, a.options().dtype(at::kBool));
-    mark.as_strided(a.sizes(), a.strides(), a.storage_offset() - lo).fill_(true);
-    return mark.as_strided(b.sizes(), b.strides(), b.storage_offset() - lo).any().item<bool>();
+// Search steps the exact overlap test may take before answering Unknown (a conservative refusal).
+// Mirrors posenc_kernels/ops/checks.py OVERLAP_WORK.
+constexpr int64_t kOverlapWork = 4096;
+
+enum class Overlap { No, Yes, Unknown };
+
+namespace detail {
+
+// t's bytes as first + sum(c * z), 0 <= z <= bound (flip: last - sum(c * z)); returns first (or last).
+inline int64_t byte_terms(const Tensor& t, bool flip, std::vector<std::pair<int64_t, int64_t>>& terms) {
+  const int64_t e = t.element_size();
+  int64_t lo = t.storage_offset() * e;
+  if (e > 1) terms.emplace_back(1, e - 1);
+  int64_t hi_extra = e - 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t n = t.size(d), st = t.stride(d);
+    if (n > 1 && st != 0) {
+      lo += std::min<int64_t>(st, 0) * (n - 1) * e;
+      terms.emplace_back(std::abs(st) * e, n - 1);
+      hi_extra += std::abs(st) * e * (n - 1);
+    }
   }
-  const int64_t delta = b.storage_offset() - a.storage_offset();
-  const Tensor& lo = delta >= 0 ? a : b;
-  int64_t rest = std::abs(delta);
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, lo's size), largest stride first
-  for (int64_t d = 0; d < a.dim(); ++d) dims.emplace_back(a.stride(d), lo.size(d));
-  std::sort(dims.rbegin(), dims.rend());
-  for (const auto& [stride, n_lo] : dims) {
-    const int64_t shift = stride > 0 ? rest / stride : 0;
-    rest -= shift * stride;
-    if (shift >= n_lo) return false;  // the other view starts past lo's extent in this dimension
+  return flip ? lo + hi_extra : lo;
+}
+
+// Euclid's gcd (std::gcd's binary algorithm compiles to tzcnt, which the baseline-ISA check flags).
+inline int64_t gcd(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
   }
-  return rest == 0;  // not a whole-element shift of the shared layout: no element coincides
+  return a;
+}
+
+struct Knapsack {
+  std::vector<std::pair<int64_t, int64_t>> terms;  // (coefficient, bound), largest coefficient first
+  std::vector<int64_t> reach, gcd;
+  int64_t steps = 0;
+  bool out_of_work = false;
+
+  bool solve(size_t k, int64_t rem) {
+    if (++steps > kOverlapWork) {
+      out_of_work = true;
+      return false;
+    }
+    if (rem == 0) return true;
+    if (k == terms.size() || rem > reach[k] || rem % gcd[k] != 0) return false;
+    const auto [c, u] = terms[k];
+    if (k + 1 == terms.size()) return rem / c <= u;  // rem is a multiple of c (gcd)
+    const int64_t need = rem - reach[k + 1];
+    const int64_t lo = need > 0 ? (need + c - 1) / c : 0, hi = std::min(u, rem / c);
+    for (int64_t z = hi; z >= lo && !out_of_work; --z) {
+      if (solve(k + 1, rem - z * c)) return true;
+    }
+    return false;
+  }
+};
+
+}  // namespace detail
+
+// Whether two strided views of one storage share a byte: exact (Yes/No), or Unknown when the search needs
+// more than kOverlapWork steps. A byte of a is a0 + sum(c_i x_i), one of b b1 - sum(d_j y_j) counted down
+// from b's last byte; they meet iff sum(c_i x_i) + sum(d_j y_j) = b1 - a0 within the bounds: a bounded
+// knapsack over at most 2 (rank + 1) terms, equal coefficients merged, searched depth first from the largest
+// coefficient with reach and gcd pruning (see posenc_kernels/ops/checks.py shared_element: the same steps).
+// From metadata only: no sync, graph-capture safe.
+inline Overlap element_overlap(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return Overlap::No;
+  if (!a.storage().is_alias_of(b.storage())) return Overlap::No;
+  std::vector<std::pair<int64_t, int64_t>> raw;
+  const int64_t a0 = detail::byte_terms(a, false, raw);
+  const int64_t b1 = detail::byte_terms(b, true, raw);
+  const int64_t target = b1 - a0;
+  int64_t total = 0;
+  for (const auto& [c, u] : raw) total += c * u;
+  if (target < 0 || target > total) return Overlap::No;  // disjoint byte spans
+  std::map<int64_t, int64_t, std::greater<int64_t>> merged;
+  for (const auto& [c, u] : raw) merged[c] += u;
+  detail::Knapsack ks;
+  ks.terms.assign(merged.begin(), merged.end());
+  const size_t n = ks.terms.size();
+  ks.reach.assign(n + 1, 0);
+  ks.gcd.assign(n + 1, 0);
+  for (size_t k = n; k-- > 0;) {
+    ks.reach[k] = ks.reach[k + 1] + ks.terms[k].first * ks.terms[k].second;
+    ks.gcd[k] = detail::gcd(ks.terms[k].first, ks.gcd[k + 1]);
+  }
+  const bool found = ks.solve(0, target);
+  return ks.out_of_work ? Overlap::Unknown : found ? Overlap::Yes : Overlap::No;
+}
+
+// Whether a and b may share an element (Unknown counts: the callers refuse).
+inline bool shares_memory(const Tensor& a, const Tensor& b) { return element_overlap(a, b) != Overlap::No; }
+
+// check_disjoint(name_a, a, name_b, b)'s ValueError message ("" when a and b share no element), worded as
+// posenc_kernels/ops/checks.py's.
+inline std::string disjoint_message(const char* name_a, const Tensor& a, const char* name_b, const Tensor& b) {
+  switch (element_overlap(a, b)) {
+    case Overlap::No:
+      return "";
+    case Overlap::Yes:
+      return std::string(name_b) + " must not overlap " + name_a + ": they share memory that is written in place";
+    case Overlap::Unknown:
+    default:
+      return std::string(name_b) + " must not overlap " + name_a +
+             ", and their layouts are too irregular to prove that they do not share an element within the exact "
+             "check's budget (" + std::to_string(kOverlapWork) + " steps): refused conservatively; pass tensors of "
+             "separate buffers or a plain slice of one";
+  }
 }
 
 // In place: out is exactly in - the same first element and the same strides wherever a stride matters

@@ -150,45 +150,7 @@ bool value_checks_on(const c10::Device& device) {
 }
 
 std::string disjoint_error(const char* name_a, const at::Tensor& a, const char* name_b, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return "";
-  if (a.storage().data() != b.storage().data()) return "";
-  auto span = [](const at::Tensor& t) {
-    int64_t n = 1;
-    for (int64_t d = 0; d < t.dim(); ++d) n += (t.size(d) - 1) * t.stride(d);
-    const int64_t lo = t.storage_offset() * t.element_size();
-    return std::make_pair(lo, lo + t.element_size() * n);
-  };
-  auto [a0, a1] = span(a);
-  auto [b0, b1] = span(b);
-  if (a1 <= b0 || b1 <= a0) return "";
-  const std::string msg = std::string(name_b) + " must not overlap " + name_a + ": they share memory that is written in place";
-  if (a.element_size() != b.element_size()) return msg + " (views of one buffer with different dtypes)";
-  const int64_t e = a.element_size();
-  a0 /= e, a1 /= e, b0 /= e, b1 /= e;
-  std::vector<int64_t> shape(a.dim());
-  const bool same_rank = a.dim() == b.dim();
-  for (int64_t d = 0; d < a.dim() && same_rank; ++d) shape[d] = std::max(a.size(d), b.size(d));
-  if (same_rank && a.strides() == b.strides() && nested_layout(shape, a.strides())) {
-    // Same nested layout (packed QKV head slices): the offset between the views is a box shift.
-    const int64_t delta = b.storage_offset() - a.storage_offset();
-    const at::Tensor& lo = delta >= 0 ? a : b;
-    int64_t rest = std::abs(delta);
-    std::vector<std::pair<int64_t, int64_t>> dims;
-    for (int64_t d = 0; d < a.dim(); ++d) dims.emplace_back(a.stride(d), lo.size(d));
-    std::sort(dims.rbegin(), dims.rend());
-    for (const auto& [st, n_lo] : dims) {
-      const int64_t shift = st > 0 ? rest / st : 0;
-      rest -= shift * st;
-      if (shift >= n_lo) return "";
-    }
-    if (rest) return "";
-    return msg;
-  }
-  // Any other intersecting layouts (rare): mark a's elements over the shared span and test b's.
-  const int64_t lo = std::min(a0, b0);
-  at::Tensor mark = at::zeros({std::max(a1, b1) - lo}, a.options().dtype(at::kBool));
-  mark.as_strided(a.sizes(), a.strides(), a0 - lo).fill_(true);
-  return mark.as_strided(b.sizes(), b.strides(), b0 - lo).any().item<bool>() ? msg : "";
+  return posenc_alias::disjoint_message(name_a, a, name_b, b);  // the one exact check (alias_checks.h)
 }
 
 bool index_min_max(const at::Tensor& t, int64_t& lo, int64_t& hi) {

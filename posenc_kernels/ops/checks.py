@@ -4,6 +4,7 @@ autograd's in-place rules, naming the argument), and the small helpers every lau
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Optional
@@ -29,6 +30,7 @@ def set_value_checks(enabled: bool) -> None:
     """
     from .. import _native
 
+    check_flag("enabled", enabled)
     _value_checks["on"] = bool(enabled)
     _native.set_value_checks(bool(enabled))
 
@@ -104,6 +106,18 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def check_flag(name: str, value, *, optional: bool = False) -> None:
+    """A flag is a bool (``interleaved="yes"`` is an error, not True); ``optional`` also takes None."""
+    if not (type(value) is bool or (optional and value is None)):
+        raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_flags(**flags) -> None:
+    """:func:`check_flag` for each keyword (the public functions' flags in one call)."""
+    for name, value in flags.items():
+        check_flag(name, value)
+
+
 def check_tensor(name: str, t, *, dtypes=None, ndim=None, device: Optional[torch.device] = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -146,46 +160,88 @@ def check_writable(name: str, t: torch.Tensor) -> None:
         )
 
 
+#: Search steps the exact overlap test may take before it refuses conservatively (see :func:`shared_element`).
+OVERLAP_WORK = 4096
+
+
+def _byte_terms(t: torch.Tensor, flip: bool, terms: dict) -> int:
+    """Adds ``t``'s bytes as ``first + sum(c * z)``, ``0 <= z <= bound``, to ``terms`` ({c: summed bound});
+    returns its first byte, or with ``flip`` its last (its bytes then count down: ``last - sum(c * z)``)."""
+    e = t.element_size()
+    first = t.storage_offset() * e
+    span = e - 1
+    if e > 1:
+        terms[1] = terms.get(1, 0) + e - 1
+    for n, st in zip(t.shape, t.stride()):
+        if n > 1 and st != 0:
+            c = (st if st > 0 else -st) * e
+            if st < 0:
+                first += st * (n - 1) * e
+            terms[c] = terms.get(c, 0) + n - 1
+            span += c * (n - 1)
+    return first + span if flip else first
+
+
+def shared_element(a: torch.Tensor, b: torch.Tensor, work: int = OVERLAP_WORK) -> Optional[bool]:
+    """Whether two strided views of one storage share a byte: exact (True/False), or None when the search
+    needed more than ``work`` steps. Mirrored by ``csrc/alias_checks.h`` (``element_overlap``).
+
+    A byte of a is ``a0 + sum(c_i x_i)``, one of b ``b1 - sum(d_j y_j)`` counted down from b's last byte
+    (the element's bytes are a term of coefficient 1). They meet iff ``sum(c_i x_i) + sum(d_j y_j) = b1 - a0``
+    with every ``0 <= x_i, y_j <=`` its bound: a bounded knapsack over at most 2 (rank + 1) terms. Terms of
+    equal coefficient merge (views of one buffer share strides), then a depth-first search from the largest
+    coefficient, pruned by the reach of the smaller ones and by their gcd. For layouts whose strides each
+    cover the smaller dimensions' extent (every slice, transpose or split of a buffer) a coefficient has at
+    most two feasible values, and the search takes a few steps per dimension; the cap only bounds
+    adversarial as_strided layouts."""
+    merged: dict = {}
+    target = _byte_terms(b, True, merged) - _byte_terms(a, False, merged)
+    terms = sorted(merged.items(), reverse=True)
+    n = len(terms)
+    reach, gcd = [0] * (n + 1), [0] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        c, u = terms[k]
+        reach[k] = reach[k + 1] + c * u
+        gcd[k] = math.gcd(gcd[k + 1], c)
+    if target < 0 or target > reach[0]:
+        return False  # disjoint byte spans
+    stack, steps = [(0, target)], 0  # depth first: (next term, remainder)
+    while stack:
+        k, rem = stack.pop()
+        steps += 1
+        if steps > work:
+            return None
+        if rem == 0:
+            return True
+        if k == n or rem > reach[k] or rem % gcd[k]:
+            continue
+        c, u = terms[k]
+        if k == n - 1:
+            if rem // c <= u:  # rem is a multiple of c (gcd)
+                return True
+            continue
+        lo, hi = max(0, -(-(rem - reach[k + 1]) // c)), min(u, rem // c)
+        stack.extend((k + 1, rem - z * c) for z in range(lo, hi + 1))  # the largest z is popped first
+    return False
+
+
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """Two tensors written in place by one op must not share elements (they would be rotated twice);
-    disjoint head slices of one buffer (packed QKV) pass. Exact for any layout (see below)."""
+    disjoint views of one buffer (head or channel slices of packed QKV, a token shift) pass. Exact for any
+    two strided views (:func:`shared_element`), from metadata alone: no sync, graph-capture safe."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return
-
-    def byte_span(t):
-        lo = t.storage_offset() * t.element_size()
-        return lo, lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
-
-    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
-    if a1 <= b0 or b1 <= a0:
-        return
-    msg = f"{name_b} must not overlap {name_a}: they share memory that is written in place"
-    if a.element_size() != b.element_size():
-        raise ValueError(msg + " (views of one buffer with different dtypes)")
-    esize = a.element_size()
-    a0, a1, b0, b1 = a0 // esize, a1 // esize, b0 // esize, b1 // esize
-    if a.stride() == b.stride() and _nested_layout(tuple(map(max, a.shape, b.shape)), a.stride()):
-        # Same nested layout (packed QKV head slices): the offset between the views is a box shift.
-        delta = b.storage_offset() - a.storage_offset()
-        lo, hi = (a, b) if delta >= 0 else (b, a)
-        rest = abs(delta)
-        for st, n_lo in sorted(zip(a.stride(), lo.shape), reverse=True):
-            shift = rest // st if st > 0 else 0
-            rest -= shift * st
-            if shift >= n_lo:  # hi starts beyond lo's extent in this dimension: the boxes are disjoint
-                return
-        if rest:
-            return  # not a whole element shift of the shared layout: no element coincides
-        raise ValueError(msg)
-    # Any other intersecting layouts (rare): mark a's elements over the shared span and test b's. Exact,
-    # at the cost of a bool map of the span (and a sync on CUDA).
-    lo = min(a0, b0)
-    mark = torch.zeros(max(a1, b1) - lo, dtype=torch.bool, device=a.device)
-    mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
-    if bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any()):
-        raise ValueError(msg)
+    shared = shared_element(a, b)
+    if shared is None:
+        raise ValueError(
+            f"{name_b} must not overlap {name_a}, and their layouts are too irregular to prove that they do not "
+            f"share an element within the exact check's budget ({OVERLAP_WORK} steps): refused conservatively; "
+            "pass tensors of separate buffers or a plain slice of one"
+        )
+    if shared:
+        raise ValueError(f"{name_b} must not overlap {name_a}: they share memory that is written in place")
 
 
 def check_inplace_autograd(name: str, t: torch.Tensor, *, grad_from_other_input: bool = False) -> None:

@@ -14,7 +14,7 @@ import operator
 import torch
 
 from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
-from .registry import LIB, NAMESPACE, define
+from .registry import NAMESPACE, define, register_autograd
 
 
 def _arg_names(args: str) -> list[str]:
@@ -27,7 +27,7 @@ class OpPair:
     overloads; :meth:`call_inplace` and :meth:`call` are what the public functions call."""
 
     def __init__(self, name, args, *, mutates, check, body, launchers, setup_context, backward, native=False,
-                 differentiable=None, functional_only=None, separable=False):  # fmt: skip
+                 differentiable=None, functional_only=None, separable=False, jvp=None):  # fmt: skip
         names = _arg_names(args)
         self.differentiable = tuple(differentiable or mutates)
         self.name, self.names = name, names
@@ -74,7 +74,8 @@ class OpPair:
             native=native,
         )
         self.check = check
-        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+        self.has_jvp = jvp is not None
+        register_autograd(name, backward, setup_context=setup_context, differentiable=self.differentiable, jvp=jvp)
         self.function = self._inplace_function()
 
     # -- argument plumbing
@@ -114,15 +115,25 @@ class OpPair:
         return Function
 
     # -- the public call paths
-    def _autograd(self, args) -> bool:
-        """Forward AD, and gradients the op does not give, are refused before anything is written (never a
-        silent zero or None); returns whether reverse mode records."""
-        if torch.autograd.forward_ad._current_level >= 0:
-            for n, a in zip(self.names, args):
-                if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+    def _dual(self, args) -> bool:
+        """Whether an argument carries a forward-mode tangent; one the op cannot differentiate (or any, for
+        an op without a jvp) is refused here, before anything is written."""
+        if torch.autograd.forward_ad._current_level < 0:
+            return False
+        dual = False
+        for n, a in zip(self.names, args):
+            if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+                if not self.has_jvp or n not in self.differentiable:
                     raise NotImplementedError(
-                        f"forward-mode AD is not supported by {NAMESPACE}::{self.name} ({n} is a dual tensor)"
+                        f"forward-mode AD is not supported by {NAMESPACE}::{self.name} w.r.t. {n} ({n} is a dual tensor)"
                     )
+                dual = True
+        return dual
+
+    def _autograd(self, args) -> bool:
+        """Forward AD the op cannot do, and gradients it does not give, are refused before anything is
+        written (never a silent zero or None); returns whether reverse mode records."""
+        self._dual(args)
         if not torch.is_grad_enabled():
             return False
         records = False
@@ -150,8 +161,15 @@ class OpPair:
         the out-of-place op with its result copied back (PyTorch 2.13 drops the backward of a traced
         Function that marks an input dirty, and regenerates two views of one base at offset 0 under
         dynamic shapes)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._dual(args):
+            # Forward AD takes this path too: the out-of-place op's jvp, and copy_ carries the tangent into
+            # the written tensor (checked first: nothing is written on an error).
             self._autograd(args)
+            if not torch.compiler.is_compiling():
+                self.check(*args, values=True, inplace=True)
+                for i in self.mutated:
+                    if args[i] is not None:
+                        check_inplace_autograd(self.names[i], args[i], grad_from_other_input=True)
             new = self.out(*args)
             for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
                 if args[i] is not None:
@@ -202,6 +220,9 @@ def define_pair(name: str, args: str, **kwargs) -> OpPair:
     * ``differentiable``: the arguments that get gradients (default: ``mutates``); another argument that
       requires grad is an error, never a silent None;
     * ``functional_only``: arguments (name -> the value the in-place op stands for) only the out-of-place
-      op takes; ``separable``: each written tensor can be processed alone in the first written slot.
+      op takes; ``separable``: each written tensor can be processed alone in the first written slot;
+    * ``jvp(primals, tangents)``: the out-of-place op's forward-mode formula (see
+      :func:`posenc_kernels.ops.registry.register_autograd`); without it forward AD is refused. The in-place
+      op under forward AD runs the out-of-place op and copies its result (and tangent) back.
     """
     return OpPair(name, args, **kwargs)

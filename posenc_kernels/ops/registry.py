@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._C import DispatchKey
+from torch._library import autograd as _library_autograd  # torch.library.register_autograd's building block
 
 from .. import _native
 
@@ -255,6 +257,63 @@ def _register(s: OpSpec) -> None:
         lib.impl(s.name, _factory_kernel(s), "BackendSelect", with_keyset=True)
     if s.mutated and not _native.available():  # else the extension's ADInplaceOrView kernels serve
         lib.impl(s.name, _inplace_view_kernel(s), "ADInplaceOrView", with_keyset=True)
+
+
+def _tangents(names, args) -> Optional[dict]:
+    """The forward-mode tangents of the op's tensor arguments, by name (None when there are none)."""
+    found = None
+    for n, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            t = fwAD.unpack_dual(a).tangent
+            if t is not None:
+                found = {} if found is None else found
+                found[n] = t
+    return found
+
+
+def register_autograd(name: str, backward: Callable, *, setup_context: Callable, differentiable: tuple,
+                      jvp: Optional[Callable] = None) -> None:  # fmt: skip
+    """The op's autograd, once, on the Autograd key: reverse mode from ``backward`` / ``setup_context`` (as
+    ``torch.library.register_autograd``, whose building block it reuses), and forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) from ``jvp(primals, tangents)``: ``primals`` the op's arguments without
+    their tangents, ``tangents`` a dict of the tangents present by argument name; it returns the output's
+    tangent (a tuple for several outputs, None for an output without one), computed with differentiable ops.
+
+    ``differentiable`` names the arguments that get gradients and tangents. A tangent on any other argument
+    (or any tangent when ``jvp`` is None) raises NotImplementedError naming the op and the argument, and a
+    gradient asked of any other argument raises ValueError: never a silent zero tangent or None gradient
+    (``torch.library.register_autograd`` alone gives zero tangents: it never sees forward-mode duals)."""
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    names = [a.name for a in op._schema.arguments]
+    reverse = _library_autograd.make_autograd_impl(op, _library_autograd.Info(backward, setup_context))
+    multi = len(op._schema.returns) > 1
+
+    def kernel(keyset, *args):
+        tangents = _tangents(names, args) if fwAD._current_level >= 0 else None
+        if tangents is None:
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+                for n, a in zip(names, args):
+                    if isinstance(a, torch.Tensor) and a.requires_grad and n not in differentiable:
+                        raise ValueError(
+                            f"{n} requires grad, but posenc::{name} gives gradients for "
+                            f"{' and '.join(differentiable)} only: pass {n}.detach()"
+                        )
+            return reverse(keyset, *args)
+        for n in tangents:
+            if jvp is None or n not in differentiable:
+                raise NotImplementedError(
+                    f"forward-mode AD is not supported by posenc::{name} w.r.t. {n} ({n} is a dual tensor)"
+                    + (f"; it is for {' and '.join(differentiable)}" if jvp is not None else "")
+                )
+        primals = tuple(fwAD.unpack_dual(a).primal if isinstance(a, torch.Tensor) else a for a in args)
+        out = op(*primals)
+        tangent = jvp(primals, tangents)
+        if not multi:
+            return fwAD.make_dual(out, tangent)
+        return tuple(o if t is None else fwAD.make_dual(o, t) for o, t in zip(out, tangent))
+
+    kernel.__name__ = f"posenc_{name}_autograd"
+    LIB.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 def finalize() -> None:

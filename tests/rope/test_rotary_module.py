@@ -5,6 +5,8 @@ positions, packed batches, gradcheck, buffers, errors, torch.compile.
 import pytest
 import torch
 
+import posenc_kernels as pk
+
 from posenc_kernels.ops.rope import rope_cos_sin
 from posenc_kernels.ops.rope.module import RotaryEmbedding
 from posenc_kernels.ops.rope.schedules import rope_frequencies
@@ -228,3 +230,30 @@ def test_module_under_torch_compile_fullgraph(cache):
     want = f(x, y)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+@pytest.mark.parametrize("kw", [
+    dict(head_dim=16, scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
+    dict(head_dim=16, scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                               "original_max_position_embeddings": 8}, max_position_embeddings=32, rotary_dim=8),
+    dict(head_dim=16, mrope_section=[2, 2, 4], exact=True),
+], ids=["dynamic", "longrope", "mrope-exact"])  # fmt: skip
+def test_meta_init_then_reset_parameters_matches_eager(kw):
+    """Built under torch.device("meta"), moved with to_empty() (uninitialised buffers: outputs were off by
+    5.25), then reset_parameters(): every buffer and the output equal an eagerly built module's."""
+    eager = RotaryEmbedding(**kw)
+    with torch.device("meta"):
+        meta = RotaryEmbedding(**kw)
+    meta = meta.to_empty(device="cpu")
+    for buf in meta.buffers():
+        buf.fill_(float("nan")) if buf.is_floating_point() else buf.fill_(-1)  # what to_empty may leave
+    meta.reset_parameters()
+    for (name, a), (_, b) in zip(eager.named_buffers(), meta.named_buffers()):
+        assert torch.equal(a, b), name
+    mrope = "mrope_section" in kw
+    positions = torch.arange(12).expand(3, 1, 12) if mrope else None
+    q = torch.randn(1, 12, 2, 16)
+    with pk.use_backend("torch"):
+        want = eager(q.clone(), positions=positions)[0]
+        got = meta(q.clone(), positions=positions)[0]
+    assert torch.equal(got, want)

@@ -16,7 +16,7 @@ import torch
 
 from .. import registry
 from ..pair import define_pair
-from ..checks import FLOAT_DTYPES, check_disjoint, check_tensor, check_writable
+from ..checks import FLOAT_DTYPES, check_disjoint, check_tensor, check_writable, skip_value_checks
 from ..positions import check_position_args, check_position_values
 from .kernel import grad_table_triton, pe_add_triton
 from .torch_impl import grad_table_torch, pe_add_torch
@@ -115,6 +115,50 @@ position_embedding_backward = registry.define(
 )
 
 
+def _gather(table, positions, padding_idx, zeros):
+    """``zeros + table[positions]`` (0 at padding_idx unless None), with the forward op:
+    the derivative of the table gradient, differentiable again through it (any order)."""
+    if padding_idx is not None:
+        keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        keep[norm_padding_idx(padding_idx, table.shape[0])] = 0
+        table = table * keep
+    with skip_value_checks():  # the forward checked these positions (saved, version-checked)
+        return add_position_embedding.out(zeros, table, positions, None, False)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad, positions, num_rows, padding_idx, deterministic, dtype = inputs
+    ctx.save_for_backward(positions)
+    ctx.padding_idx, ctx.grad_shape, ctx.grad_dtype = padding_idx, tuple(grad.shape), grad.dtype
+
+
+def _backward_backward(ctx, gg):
+    # position_embedding_backward is linear in grad: its adjoint is the gather of the forward.
+    (positions,) = ctx.saved_tensors
+    zeros = gg.new_zeros(ctx.grad_shape, dtype=ctx.grad_dtype)
+    out = _gather(gg, positions, ctx.padding_idx, zeros) if ctx.needs_input_grad[0] else None
+    return out, None, None, None, None, None
+
+
+def _backward_jvp(primals, tangents):
+    grad, positions, num_rows, padding_idx, deterministic, dtype = primals
+    return position_embedding_backward(tangents["grad"], positions, num_rows, padding_idx, deterministic, dtype)
+
+
+registry.register_autograd(
+    "position_embedding_backward", _backward_backward, setup_context=_backward_setup_context,
+    differentiable=("grad",), jvp=_backward_jvp,
+)  # fmt: skip
+
+
+def _jvp(primals, tangents):
+    # Linear in x and the table: dx + dtable[positions] (the padding row included: it is read by the
+    # forward; only its gradient is frozen, as nn.Embedding's).
+    x, table, positions = primals[:3]
+    zeros = tangents["x"] if "x" in tangents else torch.zeros_like(x)
+    return _gather(tangents["table"], positions, None, zeros) if "table" in tangents else zeros
+
+
 def _setup_context(ctx, inputs, output):
     x, table, positions, padding_idx, deterministic = inputs
     ctx.save_for_backward(positions)
@@ -143,4 +187,5 @@ add_position_embedding = define_pair(
     setup_context=_setup_context,
     backward=_backward,
     native=True,
+    jvp=_jvp,
 )

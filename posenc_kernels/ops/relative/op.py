@@ -120,7 +120,13 @@ def _alibi_backward(ctx, grad):
     return g, None, None, None, None, None
 
 
-torch.library.register_autograd("posenc::alibi_bias", _alibi_backward, setup_context=_alibi_setup_context, lib=registry.LIB)
+def _alibi_jvp(primals, tangents):
+    return alibi_bias_op(tangents["slopes"], *primals[1:])  # linear in the slopes
+
+
+registry.register_autograd(
+    "alibi_bias", _alibi_backward, setup_context=_alibi_setup_context, differentiable=("slopes",), jvp=_alibi_jvp
+)
 
 
 def _t5_setup_context(ctx, inputs, output):
@@ -134,4 +140,30 @@ def _t5_backward(ctx, grad):
     return g.to(ctx.table_dtype), None, None, None, None, None
 
 
-torch.library.register_autograd("posenc::t5_relative_bias", _t5_backward, setup_context=_t5_setup_context, lib=registry.LIB)
+def _t5_jvp(primals, tangents):
+    return t5_relative_bias_op(tangents["table"].to(primals[0].dtype), *primals[1:])  # linear in the table
+
+
+registry.register_autograd(
+    "t5_relative_bias", _t5_backward, setup_context=_t5_setup_context, differentiable=("table",), jvp=_t5_jvp
+)
+
+
+# The backward is linear in grad and its adjoint is the forward lookup: double backward and forward AD.
+def _t5_bwd_setup_context(ctx, inputs, output):
+    ctx.args = tuple(inputs[2:])  # Lq, Lk, bidirectional, max_distance, q_offset
+    ctx.grad_dtype = inputs[0].dtype
+
+
+def _t5_bwd_backward(ctx, gg):
+    return (t5_relative_bias_op(gg, *ctx.args).to(ctx.grad_dtype),) + (None,) * 6
+
+
+def _t5_bwd_jvp(primals, tangents):
+    return t5_relative_bias_backward(tangents["grad"].to(primals[0].dtype), *primals[1:])
+
+
+registry.register_autograd(
+    "t5_relative_bias_backward", _t5_bwd_backward, setup_context=_t5_bwd_setup_context, differentiable=("grad",),
+    jvp=_t5_bwd_jvp,
+)  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import FLOAT_DTYPES, check_tensor, split_offsets
+from ..checks import FLOAT_DTYPES, check_flag, check_flags, check_tensor, split_offsets
 from .op import rope, rope_cos_sin_op
 
 __all__ = ["rope_cos_sin", "apply_rope_", "apply_rope", "apply_rope_qkv_", "mrope_axis_map", "axial_positions"]
@@ -49,11 +49,14 @@ def rope_cos_sin(
         positions = torch.arange(positions_or_length, device=device)
     else:
         raise TypeError(f"positions_or_length must be an int or a tensor, got {type(positions_or_length).__name__}")
+    check_tensor("inv_freq", inv_freq)
     return rope_cos_sin_op(positions, inv_freq, float(attention_factor), dtype)
 
 
 def _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact):
     """The ops' arguments after q and k (RopeArgs order) from the public keywords."""
+    if type(interleaved) is not bool or type(exact) is not bool:  # (one type test per flag on the decode path)
+        check_flags(interleaved=interleaved, exact=exact)
     if type(offsets) is int:  # the common case, without split_offsets' checks
         offsets_t, offset = None, offsets
     else:
@@ -189,6 +192,7 @@ def mrope_axis_map(mrope_section, *, interleaved: bool = False, device=None) -> 
     >>> pk.mrope_axis_map([2, 2, 2], interleaved=True)
     tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)
     """
+    check_flag("interleaved", interleaved)
     sections = [int(v) for v in mrope_section]
     if not sections or any(v < 0 for v in sections) or sum(sections) == 0:
         raise ValueError(f"mrope_section must be non-negative ints with a positive sum, got {list(mrope_section)}")

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ..checks import check_flag, check_flags
 from .api import apply_rope_, mrope_axis_map, rope_cos_sin
 from .schedules import rope_frequencies
 
@@ -88,6 +89,8 @@ class RotaryEmbedding(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
+        # None: the default device in force (a torch.device("meta") block builds meta buffers).
+        device = torch.empty(0).device if device is None else torch.device(device)
         head_dim = _positive_int("head_dim", head_dim)
         if scaling is not None and not isinstance(scaling, Mapping):
             raise TypeError(f"scaling must be a dict of HF rope_parameters or None, got {type(scaling).__name__}")
@@ -122,6 +125,7 @@ class RotaryEmbedding(nn.Module):
             scaling["partial_rotary_factor"] = partial_rotary_factor
 
         self.head_dim, self.rotary_dim, self.scaling = head_dim, rotary_dim, scaling
+        check_flags(interleaved=interleaved, cache=cache, exact=exact)
         self.interleaved, self.cache, self.exact = bool(interleaved), bool(cache), bool(exact)
         self._freq_dtype = torch.float64 if self.exact else torch.float32
 
@@ -154,6 +158,7 @@ class RotaryEmbedding(nn.Module):
         self.mrope_section = None if mrope_section is None else [int(s) for s in mrope_section]
         if mrope_interleaved is None:
             mrope_interleaved = scaling.get("mrope_interleaved", False)
+        check_flag("mrope_interleaved", mrope_interleaved)
         self.mrope_interleaved = bool(mrope_interleaved)
         if self.mrope_section is not None:
             if sum(self.mrope_section) != rotary_dim // 2:
@@ -171,6 +176,34 @@ class RotaryEmbedding(nn.Module):
         for name in ["cos_cached", "sin_cached"] + ["cos_long_cached", "sin_long_cached"] * longrope:
             empty = torch.empty(0, rotary_dim // 2, dtype=torch.float32, device=device)
             self.register_buffer(name, empty, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute every buffer (frequencies, the M-RoPE axis map; tables emptied, to regrow on demand)
+        from the module's settings, on the device its buffers are on, as ``nn.Linear.reset_parameters`` does
+        for its weights. For a module built under ``torch.device("meta")`` and moved with ``to_empty()``,
+        whose buffers hold uninitialised memory:
+
+        >>> import torch
+        >>> from posenc_kernels import RotaryEmbedding
+        >>> with torch.device("meta"):
+        ...     rope = RotaryEmbedding(64, base=500000.0)
+        >>> rope = rope.to_empty(device="cpu")
+        >>> rope.reset_parameters()
+        >>> torch.equal(rope.inv_freq, RotaryEmbedding(64, base=500000.0).inv_freq)
+        True
+        """
+        device = self.inv_freq.device
+        inv_freq, self.attention_factor = self._schedule(None)
+        self.inv_freq = inv_freq.to(device)
+        if self.rope_type == "dynamic":
+            self._dynamic_cached = self.max_position_embeddings
+            self.original_inv_freq = inv_freq.clone().to(device)
+        if self.rope_type == "longrope":
+            self.long_inv_freq = self._schedule(self._longrope_original + 1)[0].to(device)
+        if self.mrope_section is not None:
+            self.axis_map = mrope_axis_map(self.mrope_section, interleaved=self.mrope_interleaved, device=device)
+        for name in [n for n in self._buffers if n.endswith("_cached")]:
+            self._buffers[name] = torch.empty(0, self.rotary_dim // 2, dtype=torch.float32, device=device)
 
     @classmethod
     def from_config(cls, config: Any, *, layer_type: Optional[str] = None, **overrides: Any) -> "RotaryEmbedding":
@@ -239,13 +272,14 @@ class RotaryEmbedding(nn.Module):
         return cls(**kwargs)
 
     def _schedule(self, seq_len: Optional[int]) -> tuple[torch.Tensor, float]:
-        return rope_frequencies(
-            self.rotary_dim,
-            scaling=self.scaling,
-            seq_len=seq_len,
-            max_position_embeddings=self.max_position_embeddings,
-            dtype=self._freq_dtype,
-        )
+        with torch.device("cpu"):  # host math, whatever the default device (meta init included)
+            return rope_frequencies(
+                self.rotary_dim,
+                scaling=self.scaling,
+                seq_len=seq_len,
+                max_position_embeddings=self.max_position_embeddings,
+                dtype=self._freq_dtype,
+            )
 
     def _frequencies(self, seq_len: Optional[int]) -> tuple[torch.Tensor, str, bool]:
         """``(inv_freq, table prefix, table usable)`` for a call whose largest position is ``seq_len - 1``,

@@ -13,7 +13,7 @@ import torch
 from .. import registry
 from ..pair import define_pair
 from ..checks import (
-    FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_tensor, check_writable, skip_value_checks, value_checks_on,
+    FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_disjoint, check_tensor, check_writable, skip_value_checks, value_checks_on,
 )  # fmt: skip
 from ..positions import check_position_args, check_position_values
 from .kernel import cos_sin_triton, rope_triton
@@ -169,6 +169,16 @@ def _backward(ctx, grad_q, grad_k):
     return (gq, gk if ctx.has_k else None) + (None,) * len(RopeArgs._fields)
 
 
+def _jvp(primals, tangents):
+    # Linear in q and k: the tangents are rotated as the values are.
+    q, k = primals[0], primals[1]
+    dq = tangents["q"] if "q" in tangents else torch.zeros_like(q)
+    dk = None if k is None else tangents["k"] if "k" in tangents else torch.zeros_like(k)
+    with skip_value_checks():  # the primal call checked these arguments
+        tq, tk = rope.out(dq, dk, *primals[2:])
+    return tq, tk if k is not None else None
+
+
 rope = define_pair(
     "rope",
     f"Tensor q, Tensor? k, {_ARGS}",
@@ -180,6 +190,7 @@ rope = define_pair(
     backward=_backward,
     native=True,
     separable=True,  # k rotates exactly as q does: one autograd.Function per tensor
+    jvp=_jvp,
 )
 
 
@@ -215,3 +226,46 @@ rope_cos_sin_op = registry.define(
     fake=_cos_sin_fake,
     impls={"triton": _cos_sin_impl(cos_sin_triton), "torch": _cos_sin_impl(cos_sin_torch)},
 )
+
+
+# d cos(a) = -sin(a) da and d sin(a) = cos(a) da with a = position * inv_freq (the outputs carry
+# attention_factor): gradients and tangents of float positions and of inv_freq, from the saved outputs (so
+# differentiable again).
+def _cos_sin_setup_context(ctx, inputs, output):
+    positions, inv_freq = inputs[0], inputs[1]
+    ctx.save_for_backward(positions, inv_freq, *output)
+
+
+def _cos_sin_backward(ctx, g_cos, g_sin):
+    positions, inv_freq, cos, sin = ctx.saved_tensors
+    acc = acc_dtype(cos.dtype, inv_freq.dtype, positions.dtype if positions.is_floating_point() else cos.dtype)
+    ga = torch.zeros(cos.shape, dtype=acc, device=cos.device)
+    if g_cos is not None:
+        ga = ga - g_cos.to(acc) * sin.to(acc)
+    if g_sin is not None:
+        ga = ga + g_sin.to(acc) * cos.to(acc)
+    gpos = ginv = None
+    if ctx.needs_input_grad[0]:
+        gpos = (ga * inv_freq.to(acc)).sum(-1).to(positions.dtype)
+    if ctx.needs_input_grad[1]:
+        ginv = (ga * positions.to(acc)[..., None]).reshape(-1, inv_freq.shape[0]).sum(0).to(inv_freq.dtype)
+    return gpos, ginv, None, None
+
+
+def _cos_sin_jvp(primals, tangents):
+    positions, inv_freq, attention_factor, dtype = primals
+    acc = acc_dtype(dtype, inv_freq.dtype, positions.dtype if positions.is_floating_point() else dtype)
+    with skip_value_checks():
+        cos, sin = rope_cos_sin_op(positions, inv_freq, attention_factor, dtype)
+    da = torch.zeros(cos.shape, dtype=acc, device=cos.device)
+    if "positions" in tangents:
+        da = da + tangents["positions"].to(acc)[..., None] * inv_freq.to(acc)
+    if "inv_freq" in tangents:
+        da = da + positions.to(acc)[..., None] * tangents["inv_freq"].to(acc)
+    return (-sin.to(acc) * da).to(dtype), (cos.to(acc) * da).to(dtype)
+
+
+registry.register_autograd(
+    "rope_cos_sin", _cos_sin_backward, setup_context=_cos_sin_setup_context, differentiable=("positions", "inv_freq"),
+    jvp=_cos_sin_jvp,
+)  # fmt: skip

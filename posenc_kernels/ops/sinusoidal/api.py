@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import reraise_with_check, split_offsets
+from ..checks import check_flags, reraise_with_check, split_offsets
 from .op import add_sinusoidal as _add
 from .op import check_concat, check_convention, check_table, concat_sinusoidal_op, sinusoidal_table_op
 
@@ -89,6 +89,7 @@ def sinusoidal_table(
         device = torch.device("cpu") if device is None else torch.device(device)
     else:
         raise TypeError(f"positions_or_length must be an int or a tensor, got {type(positions_or_length).__name__}")
+    check_flags(interleaved=interleaved, cos_first=cos_first)
     args = (positions, length, dim, float(base), bool(interleaved), bool(cos_first), float(freq_shift), float(scale),
             dtype, device)  # fmt: skip
     try:
@@ -99,6 +100,8 @@ def sinusoidal_table(
 
 def _add_args(positions, offsets, x_scale, base, interleaved, cos_first, freq_shift, scale) -> tuple:
     """The ops' arguments after x from the public keywords."""
+    if type(interleaved) is not bool or type(cos_first) is not bool:
+        check_flags(interleaved=interleaved, cos_first=cos_first)
     x_scale, freq_shift, scale = float(x_scale), float(freq_shift), float(scale)
     if type(offsets) is int:  # the common case, without split_offsets' checks
         offsets_t, offset = None, offsets
@@ -217,6 +220,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
     ):
         super().__init__()
         check_convention(dim, base, freq_shift, scale)
+        check_flags(interleaved=interleaved, cos_first=cos_first, inplace=inplace)
         self.dim, self.inplace = dim, inplace
         self.kwargs = dict(
             x_scale=x_scale, base=base, interleaved=interleaved, cos_first=cos_first, freq_shift=freq_shift, scale=scale

@@ -151,36 +151,132 @@ concat_sinusoidal_op = registry.define(
 _N_ADD_ARGS = 10  # x and the nine arguments after it
 
 
+# ---- autograd: linear in x; w.r.t. float positions through the slope of the encoding
+#
+# d/dp sin(scale * p * f) = scale * f * cos(scale * p * f) and d/dp cos(...) = -scale * f * sin(...): the
+# slope is the table with sin and cos swapped (cos_first flipped), times scale * f and the sign of the
+# channel. Built with sinusoidal_table itself, so it is differentiable again (double backward).
+
+
+def _slope_coef(dim, base, interleaved, cos_first, freq_shift, scale, device, dtype):
+    half = dim // 2
+    f = sinusoidal_inv_freq(half, float(base), float(freq_shift), device, dtype) * scale
+    first, second = (-f, f) if cos_first else (f, -f)  # sin channels +, cos channels -
+    coef = torch.stack((first, second), -1).flatten() if interleaved else torch.cat((first, second))
+    return torch.nn.functional.pad(coef, (0, dim - 2 * half))
+
+
+def pe_slope(positions, dim, base, interleaved, cos_first, freq_shift, scale, dtype):
+    """``d PE / d position``, ``positions.shape + (dim,)`` in ``dtype``."""
+    swapped = sinusoidal_table_op(
+        positions, 0, dim, base, interleaved, not cos_first, freq_shift, scale, dtype, positions.device
+    )
+    return swapped * _slope_coef(dim, base, interleaved, cos_first, freq_shift, scale, positions.device, dtype)
+
+
+def _float_positions(positions) -> bool:
+    return positions is not None and positions.is_floating_point()
+
+
+def _positions_grad(grad, positions, convention):
+    """Gradient of float positions ``[B, S]`` / ``[S]`` / ``[T]`` from the encoding part's ``grad``."""
+    acc = acc_dtype(grad.dtype, positions.dtype)
+    g = (grad.to(acc) * pe_slope(positions, grad.shape[-1], *convention, acc)).sum(-1)
+    while g.dim() > positions.dim():  # positions [S] shared by every sequence
+        g = g.sum(0)
+    return g.to(positions.dtype)
+
+
+def _positions_tangent(positions, dpos, dim, convention, dtype):
+    acc = acc_dtype(dtype, positions.dtype)
+    return (pe_slope(positions, dim, *convention, acc) * dpos.to(acc)[..., None]).to(dtype)
+
+
+def _table_setup_context(ctx, inputs, output):
+    positions = inputs[0]
+    ctx.save_for_backward(positions if _float_positions(positions) else None)
+    ctx.convention = tuple(inputs[3:8])
+
+
+def _table_backward(ctx, grad):
+    (positions,) = ctx.saved_tensors
+    gpos = _positions_grad(grad, positions, ctx.convention) if ctx.needs_input_grad[0] else None
+    return (gpos,) + (None,) * 9
+
+
+def _table_jvp(primals, tangents):
+    positions, _, dim, *convention = primals[:8]
+    return _positions_tangent(positions, tangents["positions"], dim, convention, primals[8])
+
+
+registry.register_autograd(
+    "sinusoidal_table", _table_backward, setup_context=_table_setup_context, differentiable=("positions",),
+    jvp=_table_jvp,
+)  # fmt: skip
+
+
 def _add_setup_context(ctx, inputs, output):
-    ctx.x_scale = inputs[4]
+    positions = inputs[1]
+    ctx.save_for_backward(positions if _float_positions(positions) else None)
+    ctx.x_scale, ctx.convention = inputs[4], tuple(inputs[5:10])
 
 
 def _add_backward(ctx, grad):
-    # d(x * x_scale + PE)/dx = x_scale; positions and the convention are not differentiable.
-    return (grad * ctx.x_scale,) + (None,) * (_N_ADD_ARGS - 1)
+    # d(x * x_scale + PE(positions))/dx = x_scale; float positions through the slope of PE.
+    (positions,) = ctx.saved_tensors
+    gx = grad * ctx.x_scale if ctx.needs_input_grad[0] else None
+    gpos = _positions_grad(grad, positions, ctx.convention) if ctx.needs_input_grad[1] else None
+    return (gx, gpos) + (None,) * (_N_ADD_ARGS - 2)
+
+
+def _add_jvp(primals, tangents):
+    x, positions, x_scale, convention = primals[0], primals[1], primals[4], primals[5:10]
+    t = tangents["x"] * x_scale if "x" in tangents else torch.zeros_like(x)
+    if "positions" in tangents:
+        t = t + _positions_tangent(positions, tangents["positions"], x.shape[-1], convention, x.dtype)
+    return t
 
 
 add_sinusoidal = define_pair(
     "add_sinusoidal",
     f"Tensor x, {_ADD_ARGS}",
     mutates=("x",),
+    differentiable=("x", "positions"),
     check=check_add,
     body=_add_body,
     launchers=LAUNCHERS,
     setup_context=_add_setup_context,
     backward=_add_backward,
     native=True,
+    jvp=_add_jvp,
 )
 
 
 def _concat_setup_context(ctx, inputs, output):
-    ctx.d = inputs[0].shape[-1]
+    positions = inputs[1]
+    ctx.save_for_backward(positions if _float_positions(positions) else None)
+    ctx.d, ctx.convention = inputs[0].shape[-1], tuple(inputs[5:10])
 
 
 def _concat_backward(ctx, grad):
-    return (grad[..., : ctx.d],) + (None,) * (_N_ADD_ARGS - 1)
+    (positions,) = ctx.saved_tensors
+    gx = grad[..., : ctx.d] if ctx.needs_input_grad[0] else None
+    gpos = _positions_grad(grad[..., ctx.d :], positions, ctx.convention) if ctx.needs_input_grad[1] else None
+    return (gx, gpos) + (None,) * (_N_ADD_ARGS - 2)
 
 
-torch.library.register_autograd(
-    "posenc::concat_sinusoidal", _concat_backward, setup_context=_concat_setup_context, lib=registry.LIB
-)
+def _concat_jvp(primals, tangents):
+    x, positions, dim_pe, convention = primals[0], primals[1], primals[4], primals[5:10]
+    tx = tangents["x"] if "x" in tangents else torch.zeros_like(x)
+    if "positions" in tangents:
+        tpe = _positions_tangent(positions, tangents["positions"], dim_pe, convention, x.dtype)
+        tpe = tpe.expand(tuple(x.shape[:-1]) + (dim_pe,))
+    else:
+        tpe = x.new_zeros(tuple(x.shape[:-1]) + (dim_pe,))
+    return torch.cat((tx, tpe), -1)
+
+
+registry.register_autograd(
+    "concat_sinusoidal", _concat_backward, setup_context=_concat_setup_context, differentiable=("x", "positions"),
+    jvp=_concat_jvp,
+)  # fmt: skip

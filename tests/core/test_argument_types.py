@@ -1,0 +1,92 @@
+"""Every public function raises a TypeError naming the argument for a non-tensor where a tensor is expected
+(a list as q used to raise AttributeError) and for a non-bool flag (``interleaved="yes"`` used to be
+accepted), before anything is written (issue 20, must-have 5). One table over the public API."""
+
+import pytest
+import torch
+
+import posenc_kernels as pk
+
+
+def _valid():
+    """name -> (function, valid keyword arguments, tensor arguments, flag arguments)."""
+    inv = pk.rope_frequencies(4)[0]
+    cos, sin = pk.rope_cos_sin(3, inv)
+    q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4)
+    x, table, pos = torch.randn(1, 3, 4), torch.randn(5, 4), torch.arange(3)
+    rope_kw = dict(q=q, k=k, cos=cos, sin=sin, interleaved=False, exact=False)
+    sin_kw = dict(x=x, interleaved=True, cos_first=False)
+    return {
+        "apply_rope_": (pk.apply_rope_, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
+        "apply_rope": (pk.apply_rope, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
+        "apply_rope_qkv_": (
+            pk.apply_rope_qkv_, dict(qkv=torch.randn(1, 3, 4, 4), cos=cos, sin=sin, num_heads_q=2, num_heads_kv=1,
+                                     interleaved=False, exact=False),
+            ("qkv", "cos", "sin"), ("interleaved", "exact"),
+        ),  # fmt: skip
+        "rope_cos_sin": (pk.rope_cos_sin, dict(positions_or_length=pos, inv_freq=inv), ("inv_freq",), ()),
+        "mrope_axis_map": (pk.mrope_axis_map, dict(mrope_section=[1, 1], interleaved=False), (), ("interleaved",)),
+        "RotaryEmbedding": (pk.RotaryEmbedding, dict(head_dim=8, interleaved=False, cache=True, exact=False), (),
+                            ("interleaved", "cache", "exact")),  # fmt: skip
+        "sinusoidal_table": (pk.sinusoidal_table, dict(positions_or_length=3, dim=4, interleaved=True,
+                                                       cos_first=False), (), ("interleaved", "cos_first")),  # fmt: skip
+        "add_sinusoidal_": (pk.add_sinusoidal_, sin_kw, ("x",), ("interleaved", "cos_first")),
+        "add_sinusoidal": (pk.add_sinusoidal, sin_kw, ("x",), ("interleaved", "cos_first")),
+        "concat_sinusoidal": (pk.concat_sinusoidal, dict(sin_kw, dim_pe=4), ("x",), ("interleaved", "cos_first")),
+        "SinusoidalPositionalEncoding": (pk.SinusoidalPositionalEncoding, dict(dim=4, interleaved=True,
+                                         cos_first=False, inplace=False), (), ("interleaved", "cos_first", "inplace")),  # fmt: skip
+        "add_position_embedding_": (pk.add_position_embedding_, dict(x=x, table=table, positions=pos,
+                                    deterministic=True), ("x", "table", "positions"), ("deterministic",)),  # fmt: skip
+        "add_position_embedding": (pk.add_position_embedding, dict(x=x, table=table, positions=pos,
+                                   deterministic=True), ("x", "table", "positions"), ("deterministic",)),  # fmt: skip
+        "alibi_bias": (pk.alibi_bias, dict(slopes=torch.ones(2), Lq=2, Lk=3, causal=True), ("slopes",), ("causal",)),
+        "alibi_score_mod": (pk.alibi_score_mod, dict(slopes=torch.ones(2), causal=True), ("slopes",), ("causal",)),
+        "t5_bucket_thresholds": (pk.t5_bucket_thresholds, dict(bidirectional=True), (), ("bidirectional",)),
+        "t5_relative_bucket": (pk.t5_relative_bucket, dict(relative_position=torch.arange(-2, 3), bidirectional=True),
+                               ("relative_position",), ("bidirectional",)),  # fmt: skip
+        "t5_relative_bias": (pk.t5_relative_bias, dict(table=torch.randn(32, 2), Lq=2, Lk=3, bidirectional=True),
+                             ("table",), ("bidirectional",)),  # fmt: skip
+        "t5_score_mod": (pk.t5_score_mod, dict(table=torch.randn(32, 2), bidirectional=True), ("table",),
+                         ("bidirectional",)),  # fmt: skip
+        "T5RelativePositionBias": (pk.T5RelativePositionBias, dict(num_heads=2, bidirectional=True), (),
+                                   ("bidirectional",)),  # fmt: skip
+        "position_ids_from_attention_mask": (pk.position_ids_from_attention_mask,
+                                             dict(attention_mask=torch.ones(1, 3, dtype=torch.long)),
+                                             ("attention_mask",), ()),  # fmt: skip
+        "opt_positions": (pk.opt_positions, dict(attention_mask=torch.ones(1, 3, dtype=torch.long)),
+                          ("attention_mask",), ()),  # fmt: skip
+        "fairseq_positions": (pk.fairseq_positions, dict(tokens=torch.ones(1, 3, dtype=torch.long), padding_idx=0),
+                              ("tokens",), ()),  # fmt: skip
+        "positions_from_cu_seqlens": (pk.positions_from_cu_seqlens, dict(cu_seqlens=torch.tensor([0, 2, 3])),
+                                      ("cu_seqlens",), ()),  # fmt: skip
+        "set_value_checks": (pk.set_value_checks, dict(enabled=True), (), ("enabled",)),
+    }
+
+
+CASES = [(n, "tensor", a) for n, (_, _, ts, _) in _valid().items() for a in ts]
+CASES += [(n, "flag", a) for n, (_, _, _, fs) in _valid().items() for a in fs]
+
+
+def test_the_table_covers_the_public_api():
+    """Every public function with a tensor or flag argument is in the table (a new one must be added)."""
+    import inspect
+
+    covered = set(_valid())
+    for name in pk.__all__:
+        obj = getattr(pk, name)
+        if not callable(obj) or name in covered:
+            continue
+        params = inspect.signature(obj).parameters.values()
+        typed = [p.name for p in params if "Tensor" in str(p.annotation) or str(p.annotation) in ("bool", "Optional[bool]")]
+        assert not typed, f"{name} takes {typed}: add it to _valid()"
+
+
+@pytest.mark.parametrize("name,kind,arg", CASES, ids=[f"{n}-{a}" for n, _, a in CASES])
+def test_type_error_names_the_argument(name, kind, arg):
+    fn, kw, _, _ = _valid()[name]
+    written = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    bad = dict(kw, **{arg: [1.0, 2.0] if kind == "tensor" else "yes"})
+    with pytest.raises(TypeError, match=rf"^{arg} must be"):
+        fn(**bad)
+    for k, v in written.items():
+        assert torch.equal(kw[k], v), f"{k} was written before the error"
