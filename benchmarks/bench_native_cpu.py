@@ -12,7 +12,8 @@ Threads under contention (``test_thread_scaling``, issue 21): ``pk.apply_rope_``
 and 512 tokens with 1 thread and with the default thread count, beside ``x.mul_(1.0)`` over the same bytes
 (torch's own elementwise op), on the machine as it is and with two busy background processes started by
 the test (``python -c "while 1: pass"``, killed after). The four calls are timed in interleaved rounds
-(one call each per round), so a change in the machine's load hits all four alike; the figure is the
+(one call each per round, the order reversed every other round), so a change in the machine's load hits
+all four alike and none always runs on the cache another left warm; the figure is the
 N-thread/1-thread ratio of the median times, ours beside mul_'s (lower is better; 1.0: the second thread
 neither helps nor hurts).
 
@@ -58,7 +59,7 @@ HOST_COST = ["add_sinusoidal_", "add_sinusoidal_op_bare", "add_position_embeddin
              "aten_mul_"]  # fmt: skip
 
 THREAD_CASES = [(4096, 0), (4096, 2), (512, 0), (512, 2)]  # (tokens, busy background processes)
-THREAD_ROUNDS = 15
+THREAD_ROUNDS = 16
 
 _RESULTS: dict = {}  # (tokens, dtype name) -> {provider: median us}
 _HOST: dict = {}  # provider -> median us (absolute encodings at decode)
@@ -175,13 +176,15 @@ def _busy_processes(n):
 
 
 def _interleaved_medians(calls, rounds):
-    """Median seconds of each ``(fn, threads)`` in ``calls``, timed one call each per round, in turn."""
+    """Median seconds of each ``(fn, threads)`` in ``calls``, timed one call each per round, in turn; every
+    other round in reverse order, so no call always follows the one that warmed the cache for it."""
     times = [[] for _ in calls]
     for fn, threads in calls:  # warm-up, each thread count once
         torch.set_num_threads(threads)
         fn()
-    for _ in range(rounds):
-        for i, (fn, threads) in enumerate(calls):
+    for r in range(rounds):
+        order = list(enumerate(calls))
+        for i, (fn, threads) in order if r % 2 == 0 else order[::-1]:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
             fn()
