@@ -77,7 +77,7 @@ BASELINES = {
     "t5_relative_bias_fwd_bwd": "eager",
 }
 # For ops not in BASELINES (a new benchmark file): the first of these present in the group.
-FALLBACK_BASELINES = ("hf_eager", "eager", "eager_buffer", "unfused", "torch_eager")
+FALLBACK_BASELINES = ("hf_eager", "eager", "eager_buffer", "unfused", "posenc_unfused", "torch_eager")
 
 # Ours, in order of preference, where a group has several of this package's providers (the default call).
 PRIMARY = ("posenc_inplace", "posenc_native", "posenc_table", "posenc_qkv", "posenc", "posenc_patched")
@@ -135,8 +135,10 @@ def load_rows(path) -> list[dict]:
 
 
 def is_ours(row: dict) -> bool:
+    """This package's fused call: ``posenc*`` or ``*patched*`` (an ``*unfused*`` provider is a baseline even
+    when it uses the package's ops), or a row with ``ours: true``."""
     p = row["provider"]
-    return bool(row.get("ours")) or p.startswith("posenc") or "patched" in p
+    return bool(row.get("ours")) or ((p.startswith("posenc") or "patched" in p) and "unfused" not in p)
 
 
 def baseline_of(op: str, group: Sequence[dict]) -> Optional[str]:
@@ -330,7 +332,8 @@ def summary_lines(rows: Sequence[dict], *, full_table: Optional[str] = None, jso
         if h.scaling:
             body.append(f"{lead} {_scaling_text(h)}")
         else:
-            line = f"{lead} {_short(h.ours['provider'], 14):<14} {fmt_us(h.ours['median_us']):>8} {copy_pct(h.ours):>5}  "
+            ours = h.ours
+            line = f"{lead} {_short(ours['provider'], 14):<14} {fmt_us(ours['median_us']):>8} {copy_pct(ours):>5}  "
             body.append(line + _ratio_text(h, WIDTH - len(line)))
     if not chosen:
         body.append("(no group has both a posenc provider and a baseline)")
