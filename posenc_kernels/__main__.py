@@ -2,7 +2,8 @@
 
 Prints the versions, whether the native extension loaded and from where (``aot`` or ``jit``), its kernels
 per op and device, the instruction set its CPU kernels picked (AVX512, AVX2 or baseline), the JIT cache,
-the CUDA toolkit and architectures, and why anything was skipped or failed (see :func:`posenc_kernels._native.status`). Loading may build the extension (once, cached).
+the CUDA toolkit and architectures, and why anything was skipped or failed (see
+:func:`posenc_kernels._native.status`). Loading may build the extension (once, cached).
 
 ``--rebuild`` forgets this environment's just-in-time builds (a remembered failure included) and builds
 them again; ``--json`` prints the same facts as JSON.
