@@ -421,6 +421,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--load-start", type=float, help="the 1-minute load average when the run started")
     parser.add_argument("--isa", help="the CPU instruction set the native kernels picked")
     args = parser.parse_args(argv)
+    if not Path(args.json).is_file():
+        print(f"no benchmark results: {args.json} not found")
+        return 1
     rows = load_rows(args.json)
     if not rows:
         print(f"no benchmark results in {args.json}")
