@@ -11,6 +11,11 @@ Timing method (stated in every result's extra_info):
 Memory-bound ops report effective bandwidth: minimal bytes (each input read once, each output written
 once) / median time, and the ratio to a device-to-device copy of the same number of bytes measured in the
 same run, the figure to quote.
+
+Every row's ``extra_info`` names its ``family`` (pass ``family=...``; else derived from ``op`` by
+``posenc_dev.bench_summary.family_of``), ``op``, ``shape`` and ``provider``; ``scripts/bench``'s summary
+(``posenc_dev/bench_summary.py``) groups by them and compares ours (``posenc*`` providers) with the op's
+baseline, which a row may name itself with ``baseline="<provider>"``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import functools
 import time
 
 import torch
+
+from posenc_dev.bench_summary import family_of
 
 # Every shape compiles its own torch.compile graph (dynamic=False): allow more than the default 8.
 torch._dynamo.config.recompile_limit = 64
@@ -138,6 +145,7 @@ def record(benchmark, *, op: str, shape: str, provider: str, nbytes: int, median
     dispatch-bound cases that count no bytes)."""
     gbps = nbytes / (median_us * 1e-6) / 1e9 if median_us > 0 else 0.0
     copy_gbps = nbytes / (copy_us * 1e-6) / 1e9 if copy_us > 0 else 0.0
+    info.setdefault("family", family_of(op))
     benchmark.extra_info.update(
         op=op,
         shape=shape,

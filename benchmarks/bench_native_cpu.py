@@ -8,6 +8,15 @@ default CPU backend) and on the pure-torch backend, the HF-style eager reference
 rotate_half(x) * sin`` on [B, H, S, D] with cos/sin gathered per token and duplicated to [1, S, D] in the
 activations' dtype, as HF's rotary module hands them over) and ``torch.compile`` of that reference.
 
+Threads under contention (``test_thread_scaling``, issue 21): ``pk.apply_rope_`` on Llama-3-8B bf16 at 4096
+and 512 tokens with 1 thread and with the default thread count, beside ``x.mul_(1.0)`` over the same bytes
+(torch's own elementwise op), on the machine as it is and with two busy background processes started by
+the test (``python -c "while 1: pass"``, killed after). The four calls are timed in interleaved rounds
+(one call each per round, the order reversed every other round), so a change in the machine's load hits
+all four alike and none always runs on the cache another left warm; the figure is the
+N-thread/1-thread ratio of the median times, ours beside mul_'s (lower is better; 1.0: the second thread
+neither helps nor hurts).
+
 Host cost at decode (one token, an offsets tensor, one thread): each public in-place function
 (``apply_rope_``, ``add_sinusoidal_``, ``add_position_embedding_``) beside the bare call of its op
 (``torch.ops.posenc.<op>.default``, whose CPU kernel is the C++ one: registered straight for the op's CPU
@@ -19,7 +28,11 @@ drift with machine load).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -44,6 +57,9 @@ PROVIDERS = ["posenc_native", "posenc_torch", "hf_eager", "hf_compiled"]
 DECODE_PROVIDERS = PROVIDERS + ["empty_custom_op", "rope_op_bare", "aten_mul_"]
 HOST_COST = ["add_sinusoidal_", "add_sinusoidal_op_bare", "add_position_embedding_", "add_position_embedding_op_bare",
              "aten_mul_"]  # fmt: skip
+
+THREAD_CASES = [(4096, 0), (4096, 2), (512, 0), (512, 2)]  # (tokens, busy background processes)
+THREAD_ROUNDS = 16
 
 _RESULTS: dict = {}  # (tokens, dtype name) -> {provider: median us}
 _HOST: dict = {}  # provider -> median us (absolute encodings at decode)
@@ -142,6 +158,65 @@ def test_decode(benchmark, case, provider):
         torch.set_num_threads(_THREADS)
     if us is not None:
         _record(tokens, dtype, provider, us)
+
+
+@contextmanager
+def _busy_processes(n):
+    """``n`` background processes spinning on the CPU (``python -c "while 1: pass"``) for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(0.3)  # let them start spinning
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _interleaved_medians(calls, rounds):
+    """Median seconds of each ``(fn, threads)`` in ``calls``, timed one call each per round, in turn; every
+    other round in reverse order, so no call always follows the one that warmed the cache for it."""
+    times = [[] for _ in calls]
+    for fn, threads in calls:  # warm-up, each thread count once
+        torch.set_num_threads(threads)
+        fn()
+    for r in range(rounds):
+        order = list(enumerate(calls))
+        for i, (fn, threads) in order if r % 2 == 0 else order[::-1]:
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: f"{c[0]}tok-busy{c[1]}")
+def test_thread_scaling(benchmark, case):
+    """apply_rope_ with 1 thread and the default count beside x.mul_(1.0) over the same bytes, one run."""
+    tokens, busy = case
+    q, k, cos, sin = _setup(tokens, torch.bfloat16)
+    x = torch.randn(q.numel() + k.numel(), dtype=torch.bfloat16)
+    ours = lambda: pk.apply_rope_(q, k, cos, sin)  # noqa: E731
+    mul = lambda: x.mul_(1.0)  # noqa: E731
+    n = _THREADS
+    try:
+        with torch.no_grad(), _busy_processes(busy):
+            o1, on, m1, mn = _interleaved_medians([(ours, 1), (ours, n), (mul, 1), (mul, n)], THREAD_ROUNDS)
+            torch.set_num_threads(n)
+            benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=0)  # pytest-benchmark's own row
+    finally:
+        torch.set_num_threads(_THREADS)
+    nbytes = 2 * (q.nbytes + k.nbytes)
+    record(
+        benchmark, op="apply_rope_ CPU threads", shape=f"llama3-8b {tokens} tok bf16", provider="posenc_native",
+        nbytes=nbytes, median_us=on * 1e6, copy_us=0.0, condition=f"+{busy} busy procs" if busy else "as is",
+        timing=f"median of {THREAD_ROUNDS} interleaved rounds (ours 1 / {n} threads, x.mul_ 1 / {n} threads), "
+               "wall clock",
+        scaling={"threads": n, "ours": on / o1, "mul_": mn / m1, "ours_1_us": o1 * 1e6, "ours_n_us": on * 1e6,
+                 "mul_1_us": m1 * 1e6, "mul_n_us": mn * 1e6},
+    )  # fmt: skip
 
 
 def _host_cost_fn(provider):

@@ -16,6 +16,8 @@
 //                                               "BackendSelect" / "ADInplaceOrView": the ops this library
 //                                               registered a kernel for on that key
 //   _native_value_checks(bool enabled) -> ()    the checks that read tensor values; default on
+//   _native_cpu_isa() -> str[]                  ["rope=<ISA>", "sinusoidal=<ISA>"]: the instruction set of
+//                                               the CPU kernel variants this process runs (native_ops.h)
 // Native runs op O on device type d iff O has a kernel for d and (code == native or (code == auto and
 // Triton is not preferred on d)), code = this thread's override if set, else the process default.
 
@@ -123,6 +125,10 @@ std::vector<std::string> native_ops(const std::string& key) {
   POSENC_PUBLIC_OPS(POSENC_ADD)
 #undef POSENC_ADD
   return names;
+}
+
+std::vector<std::string> native_cpu_isa() {
+  return {std::string("rope=") + rope_cpu_isa(), std::string("sinusoidal=") + sinusoidal_cpu_isa()};
 }
 
 }  // namespace
@@ -295,4 +301,5 @@ TORCH_LIBRARY_FRAGMENT(posenc, m) {
   m.def("_native_set_triton(bool cpu, bool cuda) -> ()", &posenc::native_set_triton);
   m.def("_native_ops(str key) -> str[]", &posenc::native_ops);
   m.def("_native_value_checks(bool enabled) -> ()", &posenc::native_value_checks);
+  m.def("_native_cpu_isa() -> str[]", &posenc::native_cpu_isa);
 }

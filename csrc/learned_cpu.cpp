@@ -3,8 +3,9 @@
 // x [B, S, D] (or [T, D] as [1, T, D]), positions [B, S] or [S] (any integer dtype), table [P, D] of any
 // float dtype (it may differ from x's). Per token: gather the table row and add, in fp32 (fp64 when x or
 // the table is fp64), one rounding on store - torch.add(x, table[rows], out=...)'s numerics. Parallel over
-// tokens (at::parallel_for, with a grain that runs decode inline). A row outside [0, P) (value checks off)
-// gives NaN, never an out-of-bounds read. padding_idx and deterministic matter only to the backward.
+// tokens (cpu_parallel.h: the grain from the bytes moved, so small calls run inline). A row outside [0, P)
+// (value checks off) gives NaN, never an out-of-bounds read. padding_idx and deterministic matter only to
+// the backward.
 // No ISA variants: the unit-stride loop is a plain convert-add-convert the compiler vectorises at the
 // baseline width, and the op is memory bound.
 
@@ -17,6 +18,7 @@
 #include <limits>
 
 #include "alias_checks.h"
+#include "cpu_parallel.h"
 #include "native_ops.h"
 #include "py_checks.h"
 
@@ -135,12 +137,9 @@ void run_learned(LearnedParams& p, const Tensor& x, const Tensor& out, const Ten
   const int64_t n = p.B * p.S;
   if (n == 0 || p.D == 0) return;
   const AddFn fn = pick(x.scalar_type(), table.scalar_type());
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(p.D, 1));
-  if (n <= grain) {
-    fn(p, 0, n);
-  } else {
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
-  }
+  // The split (cpu_parallel.h): a token reads D elements of x and of its table row, and writes D.
+  const int64_t row_bytes = p.D * static_cast<int64_t>(2 * x.element_size() + table.element_size());
+  parallel_items(n, row_bytes, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 void add_position_embedding_inplace_cpu(const Tensor& x, const Tensor& table, const Tensor& positions,

@@ -52,6 +52,12 @@ bool native_selected(NativeDevice dev);
 
 bool value_checks_enabled();  // default true; posenc::_native_value_checks
 
+// The instruction set of the CPU kernel variant this process runs ("AVX512", "AVX2" or "baseline": the
+// widest at::get_cpu_capability() allows that this build compiled; rope_cpu_ops.cpp, sinusoidal_cpu.cpp).
+// posenc::_native_cpu_isa reports them.
+const char* rope_cpu_isa();
+const char* sinusoidal_cpu_isa();
+
 // Whether the current CUDA stream of a device captures a graph: set at load by cuda_ops.cpp (CUDA builds),
 // read by value_checks_on (py_checks.h), which skips the value checks then.
 using CaptureQuery = bool (*)(const c10::Device&);

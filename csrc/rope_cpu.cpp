@@ -3,10 +3,11 @@
 // Rows: positions [S] / [B, S] (any integer dtype), offsets [B] + s, offset + s, packed varlen (cu_seqlens:
 // per-token positions built once, O(T) int64), or per frequency with an axis map (positions [A, B, S]).
 // Any strides: unit channel stride takes the vector path, any other a scalar strided path (in place too).
-// Work is split over (token, head) items of q and k together with at::parallel_for; a chunk walks its
-// items token by token, so the cos/sin row of a token is loaded (or computed) once and serves all of its
-// q and k heads. The inner loop is at::vec::Vectorized: storage dtype -> fp32 registers (fp64 for fp64),
-// rotate, round on store. Both halves of a pair are loaded before either is written, so q_out may be q.
+// Work is split over (token, head) items of q and k together (cpu_parallel.h: a grain from the bytes
+// moved, small calls inline); a chunk walks its items token by token, so the cos/sin row of a token is
+// loaded (or computed) once and serves all of its q and k heads. The inner loop is at::vec::Vectorized:
+// storage dtype -> fp32 registers (fp64 for fp64), rotate, round on store. Both halves of a pair are
+// loaded before either is written, so q_out may be q.
 //
 // ISA, chosen at run time like torch's own CPU kernels: the kernel section below is compiled three times,
 // here with the baseline flags (-O3, no -march: at::vec's DEFAULT width, runs wherever torch runs) and in

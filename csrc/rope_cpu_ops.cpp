@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "alias_checks.h"
+#include "cpu_parallel.h"
 #include "native_ops.h"
 #include "rope_args.h"
 
@@ -67,6 +68,15 @@ rope_cpu::ItemsFn pick_variant() {
   }();
   return fn;
 }
+
+}  // namespace
+
+const char* rope_cpu_isa() {
+  const rope_cpu::ItemsFn fn = pick_variant();
+  return fn == rope_cpu::items_avx512() ? "AVX512" : fn == rope_cpu::items_avx2() ? "AVX2" : "baseline";
+}
+
+namespace {
 
 constexpr int64_t kSmall = 512;  // inv_freq / axis_map entries converted on the stack up to this many
 
@@ -200,13 +210,9 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
   }
   p.attention_factor = static_cast<float>(attention_factor);
   const rope_cpu::ItemsFn fn = pick_variant();
-  // Grain: about 32K channels of work per task, so a decode token (a few heads) runs inline.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(p.D, 1));
-  if (n_items <= grain) {
-    fn(p, 0, n_items);
-  } else {
-    at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
-  }
+  // The split (cpu_parallel.h): an item (one head of one token) reads and writes D elements.
+  parallel_items(n_items, 2 * p.D * static_cast<int64_t>(q.element_size()),
+                 [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 // posenc::rope_: q, k <- rotate(q, k), in place. Every check (rope_args.h) runs before any write.

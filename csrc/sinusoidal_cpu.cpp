@@ -173,6 +173,7 @@ TokensFn tokens_avx512() { return nullptr; }
 #include <torch/library.h>
 
 #include "alias_checks.h"
+#include "cpu_parallel.h"
 #include "native_ops.h"
 #include "sinusoidal_args.h"
 
@@ -197,6 +198,15 @@ sinusoidal_cpu::TokensFn pick_sinusoidal_variant() {
   }();
   return fn;
 }
+
+}  // namespace
+
+const char* sinusoidal_cpu_isa() {
+  const sinusoidal_cpu::TokensFn fn = pick_sinusoidal_variant();
+  return fn == sinusoidal_cpu::tokens_avx512() ? "AVX512" : fn == sinusoidal_cpu::tokens_avx2() ? "AVX2" : "baseline";
+}
+
+namespace {
 
 using BSD = SinusoidalLayout;
 
@@ -232,12 +242,9 @@ void run_sinusoidal(sinusoidal_cpu::Params& p, at::ScalarType dtype, double base
   const Tensor inv = sinusoidal_inv_freq(p.half, base, freq_shift, math, c10::Device(c10::kCPU));
   p.inv = inv.const_data_ptr();
   const sinusoidal_cpu::TokensFn fn = pick_sinusoidal_variant();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(p.D, 1));
-  if (n <= grain) {
-    fn(p, 0, n);
-  } else {
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
-  }
+  // The split (cpu_parallel.h): a token writes D elements (and reads D of x when there is one).
+  const int64_t row_bytes = p.D * static_cast<int64_t>(c10::elementSize(dtype));
+  parallel_items(n, p.has_x ? 2 * row_bytes : row_bytes, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 void set_out(sinusoidal_cpu::Params& p, const BSD& o, void* ptr) {

@@ -1,8 +1,9 @@
 """``python -m posenc_kernels``: what this environment runs - the first thing to run on a new machine.
 
 Prints the versions, whether the native extension loaded and from where (``aot`` or ``jit``), its kernels
-per op and device, the JIT cache, the CUDA toolkit and architectures, and why anything was skipped or
-failed (see :func:`posenc_kernels._native.status`). Loading may build the extension (once, cached).
+per op and device, the instruction set its CPU kernels picked (AVX512, AVX2 or baseline), the JIT cache,
+the CUDA toolkit and architectures, and why anything was skipped or failed (see
+:func:`posenc_kernels._native.status`). Loading may build the extension (once, cached).
 
 ``--rebuild`` forgets this environment's just-in-time builds (a remembered failure included) and builds
 them again; ``--json`` prints the same facts as JSON.
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"native: loaded ({st['source']}) from {st['library']}")
         for op, devices in st["kernels"].items():
             print(f"  {op:28s} {' '.join(d.upper() for d in devices) or 'no kernels'}")
+        if st["cpu_isa"]:
+            isas = sorted(set(st["cpu_isa"].values()))
+            which = isas[0] if len(isas) == 1 else ", ".join(f"{f} {i}" for f, i in st["cpu_isa"].items())
+            print(f"  CPU instruction set: {which} (the {' and '.join(st['cpu_isa'])} kernels; torch's CPU "
+                  f"capability {st['torch_cpu_capability']})")  # fmt: skip
     if st["aot_build_info"]:
         b = st["aot_build_info"]
         print(f"  built for torch {b.get('torch')}, sources {b.get('source')}, "

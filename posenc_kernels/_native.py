@@ -34,7 +34,7 @@ from . import _build
 
 __all__ = [
     "available", "has_op", "load", "load_error", "source", "ops_for", "set_value_checks", "set_backend",
-    "set_thread_backend", "set_triton", "kernel_devices", "status",
+    "set_thread_backend", "set_triton", "kernel_devices", "status", "cpu_isa",
 ]  # fmt: skip
 
 _log = logging.getLogger("posenc_kernels")
@@ -336,7 +336,19 @@ def status() -> dict:
         "cuda_skipped": _state["cuda_skipped"],
         "cuda_archs": _cuda_arch_list() if home is not None else None,
         "aot_build_info": _build.read_build_info(_state["library"]) if _state["source"] == "aot" else None,
+        "cpu_isa": cpu_isa() if loaded else {},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def cpu_isa() -> dict[str, str]:
+    """``{"rope": ..., "sinusoidal": ...}``: the instruction set (``AVX512``, ``AVX2``, ``baseline``) of the
+    CPU kernel variant each family runs in this process: the widest ``at::get_cpu_capability()`` allows
+    (``ATEN_CPU_CAPABILITY`` narrows it) that this build compiled. Empty without the extension, or for a
+    build that predates the query. The learned op has one baseline build (no variants)."""
+    if not load() or not hasattr(torch.ops.posenc, "_native_cpu_isa"):
+        return {}
+    return dict(item.split("=", 1) for item in torch.ops.posenc._native_cpu_isa())
 
 
 # What the op layer (posenc_kernels/ops/registry.py) asks of the extension.

@@ -26,7 +26,7 @@ import torch
 
 PathLike = Union[str, Path]
 
-__all__ = ["plot_sinusoidal", "plot_rope_decay", "plot_alibi", "plot_t5", "plot_benchmarks", "main"]
+__all__ = ["plot_sinusoidal", "plot_rope_decay", "plot_alibi", "plot_t5", "plot_benchmarks", "plot_speedups", "main"]
 
 FILENAMES = {name: name.replace("-", "_") + ".png" for name in ("sinusoidal", "rope-decay", "alibi", "t5", "bench")}
 
@@ -310,6 +310,40 @@ def plot_benchmarks(path: PathLike, bench_json: PathLike = "bench-results/benchm
         ax.legend(fontsize=7, loc="upper left")
     first = rows[0]
     fig.suptitle(f"{first.get('device', 'unknown device')}: {first.get('timing', '')}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_speedups(path: PathLike, items: Sequence[tuple], *, title: str = "") -> Path:
+    """Horizontal bars of speed-up ratios, one per ``(label, ratio, baseline)`` item (ratio = the baseline's
+    time / ours, so > 1 is faster), on a log axis with a line at 1x; each bar is labelled with its ratio and
+    baseline. ``scripts/bench`` draws its headline ratios with it (``bench-results/summary.png``)."""
+    if not items:
+        raise ValueError("items is empty: nothing to plot")
+    for label, ratio, _ in items:
+        if not (isinstance(ratio, (int, float)) and ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"items: the ratio of {label!r} must be a positive finite number, got {ratio!r}")
+    n = len(items)
+    fig = _figure(10, 1.2 + 0.42 * n)
+    ax = fig.subplots()
+    ys = list(range(n))[::-1]
+    ratios = [float(r) for _, r, _ in items]
+    colors = ["C2" if r >= 1 else "C3" for r in ratios]
+    ax.barh(ys, ratios, color=colors, height=0.6)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    lo, hi = min(ratios + [1.0]), max(ratios + [1.0])
+    ax.set_xlim(lo / 1.6, hi * 8.0)
+    ax.axvline(1.0, color="black", lw=1)
+    for y, (_, r, base) in zip(ys, items):  # the label right of the bar, or of the 1x line for a ratio < 1
+        ax.text(max(r, 1.0) * 1.05, y, f"{r:.2f}x vs {base}", va="center", fontsize=8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([str(lbl) for lbl, _, _ in items], fontsize=8)
+    ax.set_xlabel("speed-up: baseline median time / ours (log scale; > 1 is faster)")
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(textwrap.fill(title, 100), fontsize=10)
     return _save(fig, path)
 
 

@@ -11,11 +11,15 @@
 # (pip install --no-build-isolation; editable, so posenc_kernels/_C*.so lands in the checkout); without it
 # the install stays pure Python and the extension builds just in time on first use (posenc_kernels/_native.py).
 set -euo pipefail
+# Progress: one line per step that does work (a fresh clone's set-up takes minutes; a re-run prints one line).
+_say() { echo "setup.sh: $*"; }
+_t_setup=$SECONDS
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$_root"
 if [ "${POSENC_NO_VENV:-0}" != "1" ]; then
   _venv="${POSENC_VENV:-.venv}"
   if [ ! -x "$_venv/bin/python" ]; then
+    _say "creating the virtual environment $_venv"
     "${PYTHON:-python3}" -m venv "$_venv"
   fi
   # shellcheck disable=SC1091
@@ -24,10 +28,13 @@ fi
 _pip() { python -m pip --disable-pip-version-check -q "$@"; }
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    _say "installing torch (the default CUDA wheel; a GPU is visible): a few minutes"
     _pip install torch
   else
+    _say "installing torch==${POSENC_TORCH_VERSION:-2.13.0} (CPU wheel): a minute or two"
     _pip install "torch==${POSENC_TORCH_VERSION:-2.13.0}"
   fi
+  _say "torch installed ($((SECONDS - _t_setup)) s so far)"
 fi
 # The stamp lives inside the environment it describes, so a recreated venv always gets its install.
 _stamp="$(python -c 'import sys; print(sys.prefix)')/.posenc-installed"
@@ -44,6 +51,7 @@ if [ "$_build_ext" = "1" ]; then
   if [ -z "$_so" ] || [ -n "$(find csrc -type f -newer "$_so" | head -n1)" ]; then _need_install=1; fi
 fi
 if [ "$_need_install" = "1" ]; then
+  _say "installing posenc_kernels (editable) with its test tools (pytest, pytest-benchmark, matplotlib, transformers)"
   if [ -n "${POSENC_TRITON:-}" ]; then
     _pip install "triton==${POSENC_TRITON}"
   fi
@@ -61,6 +69,9 @@ if [ "$_need_install" = "1" ]; then
     _pip install -e ".[test]"
   fi
   echo "$_want" > "$_stamp"
+  _say "installed in $((SECONDS - _t_setup)) s"
+else
+  _say "${_venv:-the current Python} is up to date (posenc_kernels installed from $_root)"
 fi
 # Without a GPU the Triton kernels run through the interpreter (must be set before the package is imported).
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then

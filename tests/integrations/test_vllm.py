@@ -75,6 +75,24 @@ def test_vllm_matches_reference(backend, dtype, is_neox, pos_shape, Hq, Hk, D, r
         assert_dtype_tolerance(key, truth[1], same[1], what="vllm key")
 
 
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_vllm_rope_native_reference_partial_rotary(is_neox):
+    """posenc_kernels.reference.vllm_rope_native (the benchmarks' vLLM provider) with rotary_dim < head_size
+    (it crashed there, issue 21) agrees with our op, and passes the channels past rotary_dim through."""
+    T, Hq, Hk, D, rot = 7, 3, 2, 32, 16
+    g = torch.Generator().manual_seed(21)
+    cache = vllm_cache(40, rot, torch.float32)
+    positions = torch.randint(0, 40, (T,), generator=g)
+    query, key = torch.randn(T, Hq * D, generator=g), torch.randn(T, Hk * D, generator=g)
+    want_q, want_k = ref.vllm_rope_native(positions, query, key, cache, D, is_neox_style=is_neox)
+    got_q, got_k = vllm_int.rotary_embedding(positions, query.clone(), key.clone(), D, cache, is_neox)
+    torch.testing.assert_close(want_q, got_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want_k, got_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(want_q.view(T, Hq, D)[..., rot:], query.view(T, Hq, D)[..., rot:])
+    assert not torch.allclose(want_q.view(T, Hq, D)[..., :rot], query.view(T, Hq, D)[..., :rot])
+    assert ref.vllm_rope_native(positions, query, None, cache, D)[1] is None
+
+
 def test_vllm_packed_qkv_slices(backend):
     """query/key as column slices of one fused qkv projection (vLLM's split): rotated through the views."""
     T, Hq, Hk, D = 9, 4, 2, 16

@@ -9,6 +9,7 @@ the just-in-time cache (a finished build is loaded without the compiler, a faile
 import ctypes
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -235,11 +236,22 @@ def test_registered_ops_have_cpu_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
 
 
+def _expected_cpu_isa(capability: str) -> str:
+    """The CPU kernels' variant for torch's capability: x86-64 GCC builds AVX2 and AVX512 variants
+    (csrc/cpu_variant.h), other compilers and machines the baseline only."""
+    built = platform.machine() in ("x86_64", "AMD64") and "clang" not in os.environ.get("CXX", "")
+    return capability if built and capability in ("AVX2", "AVX512") else "baseline"
+
+
 def test_status_command():
-    """``python -m posenc_kernels`` (the first thing a user runs): versions, kernels per device, cache."""
+    """``python -m posenc_kernels`` (the first thing a user runs): versions, kernels per device, the CPU
+    kernels' instruction set (the --json run with ATEN_CPU_CAPABILITY narrowed to avx2 where torch runs
+    AVX512: the variant that runs is reported, not the widest built), cache."""
     env = dict(os.environ)
+    cap = torch.backends.cpu.get_cpu_capability()
+    narrow = dict(env, ATEN_CPU_CAPABILITY="avx2") if cap == "AVX512" else env
     out = subprocess.run([sys.executable, "-m", "posenc_kernels", "--json"], capture_output=True, text=True,
-                         env=env, timeout=900)  # fmt: skip
+                         env=narrow, timeout=900)  # fmt: skip
     facts = json.loads(out.stdout)
     assert facts["torch"] == torch.__version__ and facts["posenc_kernels"]
     assert facts["cache"] and "triton" in facts
@@ -249,9 +261,14 @@ def test_status_command():
         assert out.returncode == 0
         assert set(facts["kernels"]) == set(_native.kernel_devices())
         assert all("cpu" in d for d in facts["kernels"].values())
+        isa = _expected_cpu_isa("AVX2" if cap == "AVX512" else cap)
+        assert facts["cpu_isa"] == {"rope": isa, "sinusoidal": isa}, (facts["cpu_isa"], cap)
     text = subprocess.run([sys.executable, "-m", "posenc_kernels"], capture_output=True, text=True, env=env,
                           timeout=900).stdout  # fmt: skip
     assert text.startswith("posenc_kernels ") and f"torch {torch.__version__}" in text and "JIT cache:" in text
+    if facts["source"] is not None:
+        assert f"CPU instruction set: {_expected_cpu_isa(cap)} " in text, text
+        assert _native.cpu_isa() == {"rope": _expected_cpu_isa(cap), "sinusoidal": _expected_cpu_isa(cap)}
     off = subprocess.run([sys.executable, "-m", "posenc_kernels"], capture_output=True, text=True,
                          env=dict(env, POSENC_NATIVE="0"), timeout=300)  # fmt: skip
     assert off.returncode == 0 and "native: not loaded (disabled by POSENC_NATIVE=0)" in off.stdout

@@ -224,3 +224,92 @@ def test_cli_in_process(tmp_path, capsys):
     assert "missing.json not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot.main(["nope", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary scripts/bench ends with (posenc_dev/bench_summary.py) and its picture
+# ----------------------------------------------------------------------------------------------
+
+
+def _row(family, op, shape, provider, median_us, copy_ratio=0.5, **extra):
+    return {"name": f"{op}-{shape}-{provider}", "extra_info": {
+        "family": family, "op": op, "shape": shape, "provider": provider, "median_us": median_us,
+        "gbps": 10.0, "copy_ratio": copy_ratio, "bytes": 1000, "device": "Test CPU", "timing": "synthetic",
+        **extra}}  # fmt: skip
+
+
+def test_bench_summary_from_a_real_benchmark_run(tmp_path, real_bench_json, capsys):
+    """What scripts/bench prints last, from what the benchmarks write: the baseline named, the ratio of this
+    run, the definitions, where the full table, JSON, plot and log are; the full table and plot written."""
+    from posenc_dev import bench_summary
+
+    full, png = tmp_path / "report.md", tmp_path / "summary.png"
+    assert bench_summary.main([str(real_bench_json), "--full", str(full), "--plot", str(png), "--log", "x.log"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 25
+    rows = {r["extra_info"]["provider"]: r["extra_info"] for r in json.loads(real_bench_json.read_text())["benchmarks"]}
+    assert all(r["family"] == "sinusoidal" for r in rows.values())  # the harness records it
+    ratio = rows["eager_buffer"]["median_us"] / rows["posenc_inplace"]["median_us"]
+    (line,) = [ln for ln in lines if ln.startswith("sinusoidal ")]
+    assert "add_sinusoidal_" in line and "posenc_inplace" in line and f"{ratio:.2f}x eager_buffer" in line, line
+    text = "\n".join(lines)
+    assert "copy% = " in text and "over 100%" in text and "baseline's median time / ours" in text
+    assert f"full table (every op, shape and provider, definitions): {full}" in text
+    assert f"plot: {png}" in lines[-1] and "log: x.log" in lines[-1] and str(real_bench_json) in lines[-1]
+    table = full.read_text()
+    assert "## add_sinusoidal_ (sinusoidal)" in table and "Baseline: `eager_buffer`" in table
+    assert "**copy%**" in table and "posenc_inplace" in table
+    check_png(png, min_height=150)
+
+
+def test_bench_summary_is_generic_and_fits_25_lines(tmp_path, capsys):
+    """Rows of families this file does not know (a model-level and a qknorm benchmark) join the summary;
+    many ops still fit in 25 lines, every family first; ours is the package's default call, not the fastest
+    of its providers; copy% over 100 % is marked; a thread-scaling row prints both ratios; a busy machine is
+    named."""
+    from posenc_dev import bench_summary
+
+    rows = [
+        _row("model", "generate greedy", "tiny llama 32 new tok", "hf_eager", 3000.0),
+        _row("model", "generate greedy", "tiny llama 32 new tok", "posenc_patched", 2500.0),
+        _row("qknorm", "rms_norm_rope_", "llama3-8b 512 tok bf16", "posenc_unfused", 250.0),  # a baseline
+        _row("qknorm", "rms_norm_rope_", "llama3-8b 512 tok bf16", "posenc_fused", 100.0, copy_ratio=1.4),
+        _row("qknorm", "rms_norm_rope_", "llama3-8b 512 tok bf16", "hf_eager", 900.0),
+        _row("rope", "apply_rope_", "llama3-8b 4096 tok bf16", "posenc_inplace", 200.0),
+        _row("rope", "apply_rope_", "llama3-8b 4096 tok bf16", "posenc_outofplace", 150.0),  # noise: not picked
+        _row("rope", "apply_rope_", "llama3-8b 4096 tok bf16", "hf_eager", 1000.0),
+        _row("rope", "apply_rope_", "llama3-8b 4096 tok bf16", "hf_compiled", 400.0),
+        _row("rope", "apply_rope_", "llama3-8b 512 tok bf16", "posenc_inplace", 20.0),
+        _row("rope", "apply_rope_", "llama3-8b 512 tok bf16", "hf_eager", 60.0),
+        _row("rope", "apply_rope_ CPU threads", "llama3-8b 512 tok bf16", "posenc_native", 400.0,
+             condition="+2 busy procs", scaling={"threads": 2, "ours": 0.9, "mul_": 19.2, "ours_1_us": 440.0,
+                                                 "ours_n_us": 400.0, "mul_1_us": 400.0, "mul_n_us": 7680.0}),
+    ]  # fmt: skip
+    rows += [_row("rope", f"rope op {i}", "s", p, t) for i in range(30) for p, t in (("posenc", 1.0), ("eager", 2.0))]
+    src = tmp_path / "b.json"
+    src.write_text(json.dumps({"benchmarks": rows + [{"name": "no-extra-info", "extra_info": {}}]}))
+    assert bench_summary.main([str(src), "--load-start", "9.5", "--isa", "AVX2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 25
+    text = "\n".join(lines)
+    assert "AVX2" in lines[0] and "WARNING: load average 9.5" in text
+    model = next(ln for ln in lines if ln.startswith("model "))
+    assert "posenc_patched" in model and "1.20x hf_eager" in model, model
+    qk = next(ln for ln in lines if ln.startswith("qknorm "))
+    assert "posenc_fused" in qk and "9.00x hf_eager" in qk and "140%*" in qk, qk
+    rope = next(ln for ln in lines if ln.startswith("rope ") and "apply_rope_ " in ln and "threads" not in ln)
+    assert "posenc_inplace" in rope and "5.00x hf_eager, 2.00x compiled" in rope, rope
+    threads = next(ln for ln in lines if "CPU threads" in ln)
+    assert "ours 0.90, x.mul_ 19.20 (+2 busy procs)" in threads, threads
+    assert "more op(s) against a baseline in the full table" in text
+    assert bench_summary.family_of("apply_rope_ varlen") == "rope"
+    assert bench_summary.family_of("alibi_bias") == "relative"
+
+
+def test_plot_speedups(tmp_path):
+    items = [("rope: apply_rope_\nllama3-8b 4096 tok", 12.5, "hf_eager"), ("sinusoidal: add", 0.8, "eager_buffer")]
+    check_png(plot.plot_speedups(tmp_path / "s.png", items, title="test"), min_height=150)
+    with pytest.raises(ValueError, match="ratio of 'x' must be a positive finite number"):
+        plot.plot_speedups(tmp_path / "t.png", [("x", float("nan"), "b")])
+    with pytest.raises(ValueError, match="items is empty"):
+        plot.plot_speedups(tmp_path / "t.png", [])

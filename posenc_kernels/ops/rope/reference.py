@@ -154,16 +154,26 @@ def rope_hf_eager(
     return one(q), (one(k) if k is not None else None)
 
 
-def vllm_rope_native(positions, query, key, cos_sin_cache, head_dim):
-    """vLLM's ``RotaryEmbedding.forward_native`` (NeoX pairs, full rotary): ``positions`` ``[T]``, query/key
-    ``[T, H * D]`` (or ``[T, H, D]``); the cache rows ``[cos | sin]`` are gathered inside the call."""
+def vllm_rope_native(positions, query, key, cos_sin_cache, head_dim, is_neox_style=True):
+    """vLLM's ``RotaryEmbedding.forward_native``: ``positions`` ``[T]`` (or ``[B, S]``), query/key
+    ``[T, H * D]`` (or ``[T, H, D]``; key may be None); the cache rows ``[cos | sin]``, ``[max_pos,
+    rotary_dim]``, are gathered inside the call. Partial rotary (``rotary_dim < head_dim``, vLLM's
+    ``rotary_dim`` is the cache's width) rotates the first ``rotary_dim`` channels of each head and passes the
+    rest through; ``is_neox_style`` pairs ``(i, i + rotary_dim/2)``, else ``(2i, 2i + 1)``. Out of place."""
+    rotary_dim = cos_sin_cache.shape[-1]
     cos, sin = cos_sin_cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(-2).to(query.dtype), sin.unsqueeze(-2).to(query.dtype)
 
     def rotate(x):
         shape = x.shape
-        x = x.view(positions.numel(), -1, head_dim)
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(shape)
+        x = x.reshape(positions.numel(), -1, head_dim)
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        if is_neox_style:
+            x1, x2 = torch.chunk(x_rot, 2, dim=-1)
+            rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+            rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((rot, x_pass), dim=-1).reshape(shape)
 
-    return rotate(query), rotate(key)
+    return rotate(query), (rotate(key) if key is not None else None)
