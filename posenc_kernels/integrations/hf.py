@@ -12,11 +12,13 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..ops.checks import FLOAT_DTYPES, check_tensor
+from ..ops.checks import FLOAT_DTYPES, check_tensor, reraise_with_check
 from ..ops.rope import apply_rope, apply_rope_
+from ..ops.rope.api import _args as _rope_args
+from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
-__all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch", "RotaryPatch",
+__all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch", "RotaryPatch", "RotaryAngles",
            "SUPPORTED_ARCHITECTURES"]  # fmt: skip
 
 
@@ -26,6 +28,28 @@ def _is_float(t) -> bool:
 
 def _tables_need_grad(cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
+def _table_of(t: torch.Tensor, half: int) -> torch.Tensor:
+    """``t[..., :half]`` viewed ``[rows, half]`` (a view for contiguous HF tables)."""
+    return t[..., :half].reshape(-1, half)
+
+
+# The last cos/sin pair planned, and its [rows, R/2] views: HF passes the same two tensors to every layer of
+# one forward, so a step plans them once, not once per layer. One entry, replaced as a whole (a tuple swap is
+# atomic under the GIL); a hit needs the same objects at the same versions (an in-place write misses).
+_table_cache: tuple = (None, None, -1, -1, 0, None, None)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, half: int):
+    global _table_cache
+    c, s, cv, sv, h, tc, ts = _table_cache
+    if c is cos and s is sin and h == half and cv == cos._version and sv == sin._version:
+        return tc, ts
+    tc, ts = _table_of(cos, half), _table_of(sin, half)
+    if not torch.compiler.is_compiling():  # traced code never reads the cache (ids mean nothing there)
+        _table_cache = (cos, sin, cos._version, sin._version, half, tc, ts)
+    return tc, ts
 
 
 def _plan(x_bshd: torch.Tensor, others, cos: torch.Tensor, sin: torch.Tensor, half: int):
@@ -42,9 +66,7 @@ def _plan(x_bshd: torch.Tensor, others, cos: torch.Tensor, sin: torch.Tensor, ha
             return None
         if t.device != x_bshd.device or (D > 1 and t.stride(-1) != 1):
             return None
-    rows = cos.shape[0] * S
-    table_cos = cos[..., :half].reshape(rows, half)  # a view for contiguous HF tables
-    table_sin = sin[..., :half].reshape(rows, half)
+    table_cos, table_sin = _tables(cos, sin, half)
     if cos.shape[0] == 1 or B == 1:
         return xs, table_cos, table_sin, None, False  # row = s, or b*S + s with B == 1: offsets=0
     if all(t.stride(0) == S * t.stride(1) or S == 1 for t in xs):
@@ -54,16 +76,96 @@ def _plan(x_bshd: torch.Tensor, others, cos: torch.Tensor, sin: torch.Tensor, ha
     return xs, table_cos, table_sin, positions, False
 
 
+def _rope_out(q, k, cos=None, sin=None, *, positions=None, inv_freq=None, attention_factor=1.0, interleaved=False):
+    """:func:`apply_rope` (out of place); below the autograd layer when nothing records a gradient.
+
+    The out-of-place op's autograd kernel is Python (``register_autograd``) and costs about as much as the
+    C++ kernel of a decode call; with no input requiring grad it only redispatches, so going below it is the
+    same computation (the op's checks, fakes and errors are the same)."""
+    if (torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))) or (
+        torch.compiler.is_compiling()
+    ):
+        return apply_rope(q, k, cos, sin, positions=positions, inv_freq=inv_freq, attention_factor=attention_factor,
+                          interleaved=interleaved)  # fmt: skip
+    args = _rope_args(cos, sin, inv_freq, positions, 0, None, None, attention_factor, interleaved, False)
+    with torch._C._AutoDispatchBelowAutograd():
+        try:
+            q_out, k_out = _rope_pair.out(q, k, *args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            reraise_with_check(e, _rope_pair.check, q, k, *args, inplace=False)
+    return q_out, (k_out if k is not None else None)
+
+
 def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
     """Out-of-place rotation of one or two tensors ([q] or [q, k]) in one launch; outputs in out_dtype."""
     q = xs[0]
     k = xs[1] if len(xs) > 1 else None
     if out_dtype == q.dtype:
-        return apply_rope(q, k, table_cos, table_sin, positions=positions, interleaved=interleaved)
+        return _rope_out(q, k, table_cos, table_sin, positions=positions, interleaved=interleaved)
     # HF promotes (e.g. bf16 q with fp32 cos gives fp32): the promoted copy is the output, rotated in place.
     q_out = q.to(out_dtype)
     k_out = k.to(out_dtype) if k is not None else None
     return apply_rope_(q_out, k_out, table_cos, table_sin, positions=positions, interleaved=interleaved)
+
+
+class RotaryAngles:
+    """What a patched HF rotary module returns instead of its per-token ``(cos, sin)``: the module's
+    frequencies and the step's positions, unpacked by HF's attention as ``cos, sin = position_embeddings``
+    (both names then hold this object) and handed to the patched ``apply_rotary_pos_emb``, which rotates
+    with ``inv_freq`` and ``positions`` (fp32 ``pos * inv_freq``, HF's angles) without a cos/sin tensor.
+
+    ``cos_sin()`` builds HF's own ``(cos, sin)`` (the module's unpatched forward), for any other consumer."""
+
+    __slots__ = ("module", "forward", "x", "position_ids", "layer_type", "inv_freq", "attention_factor",
+                 "positions", "dtype")  # fmt: skip
+
+    def __init__(self, module, forward, x, position_ids, layer_type):
+        self.module, self.forward, self.x, self.position_ids, self.layer_type = (
+            module, forward, x, position_ids, layer_type)  # fmt: skip
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        inv_freq = getattr(module, prefix + "inv_freq")
+        if inv_freq.dtype != torch.float32 or inv_freq.device != x.device:
+            inv_freq = inv_freq.to(device=x.device, dtype=torch.float32)  # what HF's forward does
+        self.inv_freq = inv_freq
+        self.attention_factor = float(getattr(module, prefix + "attention_scaling"))
+        # HF's [1, S] positions (one row shared by the batch) are the op's [S]
+        p = position_ids
+        self.positions = p[0] if p.dim() == 2 and p.shape[0] == 1 else p
+        self.dtype = x.dtype
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's ``(cos, sin)`` ``[B or 1, S, R]`` for these positions."""
+        if self.layer_type is None:
+            return self.forward(self.module, self.x, self.position_ids)
+        return self.forward(self.module, self.x, self.position_ids, self.layer_type)
+
+    def __iter__(self):
+        return iter((self, self))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        return (self, self)[i]
+
+
+def _rotate_angles(q, k, angles: RotaryAngles, ud: int):
+    """The patched step: q/k in HF's layout rotated out of place by the module's frequencies, or None when
+    the inputs are not what HF's attention passes (then HF's cos/sin are built and the tensor path runs)."""
+    if not (ud in (1, 2) and _is_float(q) and q.dim() == 4 and q.dtype == angles.dtype):
+        return None
+    if k is not None and not (isinstance(k, torch.Tensor) and k.dim() == 4 and k.dtype == q.dtype):
+        return None
+    if ud == 1:
+        qb = q.transpose(1, 2)
+        kb = k.transpose(1, 2) if k is not None else None
+    else:
+        qb, kb = q, k
+    q_out, k_out = _rope_out(qb, kb, positions=angles.positions, inv_freq=angles.inv_freq,
+                             attention_factor=angles.attention_factor)  # fmt: skip
+    if ud == 1:
+        return q_out.transpose(1, 2), (k_out.transpose(1, 2) if k_out is not None else None)
+    return q_out, k_out
 
 
 def apply_rotary_pos_emb(
@@ -90,11 +192,19 @@ def apply_rotary_pos_emb(
     >>> q2.shape, k2.shape
     (torch.Size([2, 4, 5, 16]), torch.Size([2, 1, 5, 16]))
     """
+    ud = unsqueeze_dim % 4 if isinstance(unsqueeze_dim, int) and -4 <= unsqueeze_dim < 4 else None
+    if type(cos) is RotaryAngles:  # a patched model's step: the module's frequencies, no cos/sin tensors
+        if sin is cos:
+            out = _rotate_angles(q, k, cos, ud)
+            if out is not None:
+                return out
+        cos, sin = cos.cos_sin() if type(sin) is RotaryAngles else (cos.cos_sin()[0], sin)
+    elif type(sin) is RotaryAngles:
+        sin = sin.cos_sin()[1]
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if t is not None or name != "k":
             check_tensor(name, t)
     plan = None
-    ud = unsqueeze_dim % 4 if isinstance(unsqueeze_dim, int) and -4 <= unsqueeze_dim < 4 else None
     if (ud in (1, 2) and q.dim() == 4 and _is_float(q) and _is_float(cos) and _is_float(sin) and cos.dim() == 3
             and cos.shape[-1] % 2 == 0 and not _tables_need_grad(cos, sin)):  # fmt: skip
         to_bshd = (lambda t: t.transpose(1, 2)) if ud == 1 else (lambda t: t)
@@ -153,10 +263,54 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, object]] = {
     arch: (f"transformers.models.{arch}.modeling_{arch}", "apply_rotary_pos_emb", fn)
     for arch, fn in {**_REPLACEMENTS, "gptj": apply_rotary_pos_emb_gptj}.items()
 }
+# model_type -> its rotary module class, whose forward the patch takes over (GPT-J has none: its attention
+# gathers a sin/cos table itself).
+_ROTARY_CLASSES = {
+    "llama": "LlamaRotaryEmbedding", "mistral": "MistralRotaryEmbedding", "qwen2": "Qwen2RotaryEmbedding",
+    "qwen3": "Qwen3RotaryEmbedding", "gemma": "GemmaRotaryEmbedding", "phi3": "Phi3RotaryEmbedding",
+    "gpt_neox": "GPTNeoXRotaryEmbedding",
+}  # fmt: skip
+
+
+def _no_rotary(self, x, position_ids, layer_type=None):
+    return None
+
+
+def _rotary_forward(original):
+    """The patched forward of an HF rotary module class: HF's own frequency update (``dynamic_rope_update``:
+    dynamic and longrope types change ``inv_freq`` with the sequence length), then a :class:`RotaryAngles`
+    instead of per-token cos/sin. Traced code (torch.compile) gets HF's tensors: the drop-in's tensor path."""
+    from transformers.modeling_rope_utils import dynamic_rope_update
+
+    update = dynamic_rope_update(_no_rotary)
+
+    def forward(self, x, position_ids, layer_type=None):
+        if torch.compiler.is_compiling():
+            if layer_type is None:
+                return original(self, x, position_ids)
+            return original(self, x, position_ids, layer_type)
+        update(self, x, position_ids, layer_type)
+        return RotaryAngles(self, original, x, position_ids, layer_type)
+
+    forward.__wrapped__ = original
+    forward.__doc__ = original.__doc__
+    return forward
+
+
+def _targets(arch: str) -> list[tuple[str, Optional[str], str, object]]:
+    """What patching ``arch`` replaces: (module, class name or None, attribute, replacement or a factory of
+    it from HF's original, marked by a ``from_original`` attribute)."""
+    mod_name, fn_name, replacement = SUPPORTED_ARCHITECTURES[arch]
+    out = [(mod_name, None, fn_name, replacement)]
+    if arch in _ROTARY_CLASSES:
+        out.append((mod_name, _ROTARY_CLASSES[arch], "forward", _rotary_forward))
+    return out
+
 
 _lock = threading.Lock()
-_originals: dict[tuple[str, str], object] = {}  # (module, name) -> HF's function, while patched
-_counts: dict[tuple[str, str], int] = {}  # live handles per patched global
+_originals: dict[tuple, object] = {}  # (module, class or None, name) -> HF's object, while patched
+_installed: dict[tuple, object] = {}  # (module, class or None, name) -> what the patch installed
+_counts: dict[tuple, int] = {}  # live handles per patched attribute
 _active: list["RotaryPatch"] = []
 
 
@@ -192,13 +346,16 @@ class RotaryPatch:
         with _lock:
             targets = []
             for arch in self.architectures:
-                mod_name, fn_name, replacement = SUPPORTED_ARCHITECTURES[arch]
-                targets.append((importlib.import_module(mod_name), mod_name, fn_name, replacement))
-            for module, mod_name, fn_name, replacement in targets:  # imports all succeeded: now install
-                key = (mod_name, fn_name)
+                for mod_name, cls_name, attr, replacement in _targets(arch):
+                    module = importlib.import_module(mod_name)
+                    owner = getattr(module, cls_name) if cls_name else module
+                    targets.append((owner, (mod_name, cls_name, attr), replacement))
+            for owner, key, replacement in targets:  # imports all succeeded: now install
                 if key not in _originals:
-                    _originals[key] = getattr(module, fn_name)
-                    setattr(module, fn_name, replacement)
+                    original = owner.__dict__[key[2]] if isinstance(owner, type) else getattr(owner, key[2])
+                    new = replacement(original) if replacement is _rotary_forward else replacement
+                    _originals[key], _installed[key] = original, new
+                    setattr(owner, key[2], new)
                 _counts[key] = _counts.get(key, 0) + 1
             self.active = True
             _active.append(self)
@@ -211,19 +368,22 @@ class RotaryPatch:
             self.active = False
             _active.remove(self)
             for arch in self.architectures:
-                mod_name, fn_name, replacement = SUPPORTED_ARCHITECTURES[arch]
-                key = (mod_name, fn_name)
-                _counts[key] -= 1
-                if _counts[key]:
-                    continue
-                del _counts[key]
-                original = _originals.pop(key)
-                module = importlib.import_module(mod_name)
-                if getattr(module, fn_name) is replacement:
-                    setattr(module, fn_name, original)
-                else:
-                    warnings.warn(f"{mod_name}.{fn_name} was replaced by someone else after posenc_kernels patched it; "
-                                  "leaving the newer replacement in place", RuntimeWarning, stacklevel=2)  # fmt: skip
+                for mod_name, cls_name, attr, _ in _targets(arch):
+                    key = (mod_name, cls_name, attr)
+                    _counts[key] -= 1
+                    if _counts[key]:
+                        continue
+                    del _counts[key]
+                    original, installed = _originals.pop(key), _installed.pop(key)
+                    module = importlib.import_module(mod_name)
+                    owner = getattr(module, cls_name) if cls_name else module
+                    current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr)
+                    if current is installed:
+                        setattr(owner, attr, original)
+                    else:
+                        where = f"{mod_name}.{cls_name + '.' if cls_name else ''}{attr}"
+                        warnings.warn(f"{where} was replaced by someone else after posenc_kernels patched it; "
+                                      "leaving the newer replacement in place", RuntimeWarning, stacklevel=2)  # fmt: skip
 
     def __enter__(self) -> "RotaryPatch":
         return self

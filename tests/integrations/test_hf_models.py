@@ -81,7 +81,7 @@ def _never_leak_a_patch():
 def kernel_calls(monkeypatch):
     """Count the kernel calls the HF entry points make (a fallback to HF's math makes none)."""
     calls = []
-    for name in ("apply_rope", "apply_rope_"):
+    for name in ("_rope_out", "apply_rope_"):
         real = getattr(hf_int, name)
 
         def spy(*a, _real=real, **kw):
