@@ -14,7 +14,6 @@ import torch
 
 from ..ops.checks import FLOAT_DTYPES, check_tensor, reraise_with_check
 from ..ops.rope import apply_rope, apply_rope_
-from ..ops.rope.api import _args as _rope_args
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
@@ -87,13 +86,48 @@ def _rope_out(q, k, cos=None, sin=None, *, positions=None, inv_freq=None, attent
     ):
         return apply_rope(q, k, cos, sin, positions=positions, inv_freq=inv_freq, attention_factor=attention_factor,
                           interleaved=interleaved)  # fmt: skip
-    args = _rope_args(cos, sin, inv_freq, positions, 0, None, None, attention_factor, interleaved, False)
-    with torch._C._AutoDispatchBelowAutograd():
+    args = (cos, sin, inv_freq, positions, None, 0, None, None, float(attention_factor), bool(interleaved), False, False)
+    with _below_autograd():
         try:
             q_out, k_out = _rope_pair.out(q, k, *args)
         except (RuntimeError, ValueError, TypeError) as e:
             reraise_with_check(e, _rope_pair.check, q, k, *args, inplace=False)
     return q_out, (k_out if k is not None else None)
+
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_FLOATS = frozenset(FLOAT_DTYPES)
+
+
+def _hf_usual(q, k, cos, sin):
+    """HF attention's own call, planned with the fewest host operations (this is per layer and per token):
+    q/k ``[B, H, S, D]`` (channel stride 1), cos/sin ``[1, S, R]`` (or batch B == 1), one float dtype for
+    all four, tables that need no gradient. Returns ``(q_embed, k_embed)``, or None for anything else (the
+    general path then decides)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(cos) is not torch.Tensor:
+        return None
+    if type(sin) is not torch.Tensor:
+        return None
+    dt = q.dtype
+    if k.dtype is not dt or cos.dtype is not dt or sin.dtype is not dt or dt not in _FLOATS:
+        return None
+    qs, ks, cs = q.shape, k.shape, cos.shape
+    if len(qs) != 4 or len(ks) != 4 or len(cs) != 3 or sin.shape != cs:
+        return None
+    B, _, S, D = qs
+    R = cs[2]
+    if ks[0] != B or ks[2] != S or ks[3] != D or cs[1] != S or (cs[0] != 1 and B != 1) or R % 2 or R > D or R < 2:
+        return None
+    if (q.stride(3) != 1 or k.stride(3) != 1) and D > 1:
+        return None
+    dev = q.get_device()
+    if k.get_device() != dev or cos.get_device() != dev or sin.get_device() != dev or q.is_meta or cos.is_meta:
+        return None
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return None
+    tc, ts = _tables(cos, sin, R // 2)
+    q_out, k_out = _rope_out(q.transpose(1, 2), k.transpose(1, 2), tc, ts)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 def _rotate(xs, table_cos, table_sin, positions, out_dtype, interleaved):
@@ -128,9 +162,9 @@ class RotaryAngles:
             inv_freq = inv_freq.to(device=x.device, dtype=torch.float32)  # what HF's forward does
         self.inv_freq = inv_freq
         self.attention_factor = float(getattr(module, prefix + "attention_scaling"))
-        # HF's [1, S] positions (one row shared by the batch) are the op's [S]
+        # HF's [1, S] positions shared by a batch of B > 1 are the op's [S]; [B, S] are taken as they are
         p = position_ids
-        self.positions = p[0] if p.dim() == 2 and p.shape[0] == 1 else p
+        self.positions = p[0] if p.dim() == 2 and p.shape[0] == 1 and x.dim() == 3 and x.shape[0] != 1 else p
         self.dtype = x.dtype
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +213,8 @@ def apply_rotary_pos_emb(
 
     ``q``/``k``: ``[B, H, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, H, D]`` (``unsqueeze_dim=2``);
     ``cos``/``sin``: ``[B or 1, S, R]`` in HF's duplicated-halves layout ``cat(f, f)`` (see the module
-    docstring). ``R < D`` rotates the first ``R`` channels and passes the rest through (Phi-3 / GPT-NeoX
+    docstring), or Liger's vision form ``[S, R]`` with ``unsqueeze_dim=1`` (taken as ``[1, S, R]``), or
+    the :class:`RotaryAngles` a patched rotary module returns. ``R < D`` rotates the first ``R`` channels and passes the rest through (Phi-3 / GPT-NeoX
     semantics). Returns new ``(q_embed, k_embed)`` of dtype ``promote(q.dtype, cos.dtype)``; ``k`` may be
     None. Differentiable w.r.t. q and k; cos/sin that require grad take HF's math (their gradient is HF's).
 
@@ -201,6 +236,13 @@ def apply_rotary_pos_emb(
         cos, sin = cos.cos_sin() if type(sin) is RotaryAngles else (cos.cos_sin()[0], sin)
     elif type(sin) is RotaryAngles:
         sin = sin.cos_sin()[1]
+    if ud == 1 and k is not None:
+        out = _hf_usual(q, k, cos, sin)
+        if out is not None:
+            return out
+    if ud == 1 and isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 2 == sin.dim():
+        if isinstance(q, torch.Tensor) and q.dim() == 4:  # Liger's vision form [S, R]: one row per position
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if t is not None or name != "k":
             check_tensor(name, t)

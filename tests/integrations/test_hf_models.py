@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 
+import posenc_kernels as pk
 from posenc_kernels.integrations import hf as hf_int
 
 from conftest import assert_dtype_tolerance
@@ -209,3 +210,62 @@ def test_patched_model_under_torch_compile(backend, kernel_calls):
     assert kernel_calls, "the patched function must be traced"
     assert_dtype_tolerance(got, truth, want, what="compiled llama logits")
     torch._dynamo.reset()
+
+
+# Every rope type of HF's rotary modules through the patched rotary path (inv_freq + positions): the module's
+# frequency update (dynamic, longrope) still runs, attention_scaling (yarn, longrope) reaches the op. The
+# sequence (11 prompt + 8 new tokens = 19) passes max_position_embeddings / original_max 16, so dynamic grows
+# its frequencies and longrope switches to its long factors mid-generation. What is tested is the patch's
+# rotary path, so one backend runs (torch: the kernels are compared per backend by the tests above).
+ROPE_TYPES = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
+                 "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_patched_rope_types(rope_type, kernel_calls):
+    rope = {"rope_theta": 10000.0, **ROPE_TYPES[rope_type]}
+    common = {**COMMON, "max_position_embeddings": 16}
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**common, rope_parameters=rope)
+    config._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    long_ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad(), pk.use_backend("torch"):
+        want_tokens = model.generate(ids, **kw)
+        want_logits = model(long_ids).logits
+        rotary = model.model.rotary_emb
+        with hf_int.patch(model):
+            angles = rotary(model.model.embed_tokens(long_ids), torch.arange(19)[None])
+            assert isinstance(angles, hf_int.RotaryAngles)
+            got_logits = model(long_ids).logits
+            got_tokens = model.generate(ids, **kw)
+        hf_cos, hf_sin = rotary(model.model.embed_tokens(long_ids), torch.arange(19)[None])
+    assert len(kernel_calls) >= 2 * 9, "every forward must run the kernel"
+    # the patched module still hands HF's own tensors to whoever asks
+    torch.testing.assert_close(angles.cos_sin(), (hf_cos, hf_sin), rtol=0, atol=0)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got_tokens, want_tokens), (got_tokens, want_tokens)
+
+
+def test_rotary_angles_fall_back_to_hf_tensors():
+    """A RotaryAngles reaching the drop-in with inputs HF's attention would not pass (promotion to another
+    dtype) gives HF's result through HF's own cos/sin."""
+    model = build("llama")
+    x = torch.randn(2, 5, 64)
+    q, k = torch.randn(2, 4, 5, 16, dtype=torch.float64), torch.randn(2, 2, 5, 16, dtype=torch.float64)
+    with hf_int.patch(model):
+        angles = model.model.rotary_emb(x, torch.arange(5)[None])
+        got = hf_int.apply_rotary_pos_emb(q, k, angles, angles)
+    cos, sin = angles.cos_sin()
+    want = hf_function("llama")(q, k, cos, sin)
+    assert got[0].dtype == want[0].dtype == torch.float64
+    torch.testing.assert_close(got, want)
