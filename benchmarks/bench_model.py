@@ -132,6 +132,70 @@ def measure_dropin_decode(rounds: int = 15, iters: int = 200) -> dict:
     return {p: statistics.median(t) * 1e6 for p, t in times.items()}
 
 
+# ---------------------------------------------------------------------------------------------- pytest rows
+_GENERATE: dict = {}  # model -> measure_generate's result, measured once for both providers
+_DECODE: dict = {}
+
+
+def _bench_once(benchmark, fn):
+    """pytest-benchmark records a row only when its fixture runs: one timed call (its own stats are not the
+    figure; the interleaved measurement is)."""
+    benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+
+
+def test_generate(benchmark, model_name, provider):
+    from _harness import record
+
+    if model_name not in _GENERATE:
+        _GENERATE[model_name] = measure_generate(model_name)
+    r = _GENERATE[model_name]
+    model = build(model_name)
+    ids = torch.randint(3, COMMON["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    if provider == "posenc":
+        from posenc_kernels.integrations import hf
+
+        def fn():
+            with hf.patch(model):
+                _generate(model, ids)
+    else:
+        def fn():
+            _generate(model, ids)
+    _bench_once(benchmark, fn)
+    ratio = r["wall_s"]["hf_eager"] / r["wall_s"][provider]
+    record(
+        benchmark, op=f"generate {NEW_TOKENS} tok ({model_name})", shape=SHAPE, provider=provider, nbytes=0,
+        median_us=r["wall_s"][provider] * 1e6, copy_us=0.0, family="model",
+        timing=f"wall clock, median of {r['rounds']} rounds interleaved with the other provider",
+        cpu_median_us=round(r["cpu_s"][provider] * 1e6, 1), ratio_vs_hf_eager=round(ratio, 4),
+        paired_wall_ratio=round(r["wall_ratio"], 4), paired_cpu_ratio=round(r["cpu_ratio"], 4),
+        tokens_identical=r["identical"],
+    )  # fmt: skip
+
+
+def test_dropin_decode(benchmark, dropin_provider):
+    from _harness import record
+
+    if not _DECODE:
+        _DECODE.update(measure_dropin_decode())
+    us = _DECODE[dropin_provider]
+    _bench_once(benchmark, lambda: None)
+    record(
+        benchmark, op="hf apply_rotary_pos_emb decode", shape="q [1,8,1,64] k [1,2,1,64] fp32, 1 thread",
+        provider=dropin_provider, nbytes=0, median_us=us, copy_us=0.0, family="model",
+        timing="wall clock, median of 15 interleaved rounds of 200 calls",
+        ratio_vs_bare_op=round(us / _DECODE["apply_rope_bare"], 4),
+    )  # fmt: skip
+
+
+def pytest_generate_tests(metafunc):  # picked up by pytest for this module's tests
+    if "model_name" in metafunc.fixturenames:
+        metafunc.parametrize("model_name", MODELS)
+    if "provider" in metafunc.fixturenames:
+        metafunc.parametrize("provider", ["hf_eager", "posenc"])
+    if "dropin_provider" in metafunc.fixturenames:
+        metafunc.parametrize("dropin_provider", ["hf_dropin", "apply_rope_bare", "hf_eager"])
+
+
 def main() -> int:
     from _harness import device_name
 

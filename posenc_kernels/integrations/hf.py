@@ -1,6 +1,7 @@
-"""Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` (and GPT-J's) and :func:`patch` for HF models,
-mapped onto :func:`posenc_kernels.apply_rope` without copying q or k. The contract mirrored, the mapping and
-its one assumption (HF's duplicated-halves cos/sin, else HF's own math runs): ``docs/integrations.md``.
+"""Hugging Face transformers: drop-in ``apply_rotary_pos_emb`` (and GPT-J's) and :func:`patch` for HF models
+(their attention and rotary modules), mapped onto :func:`posenc_kernels.apply_rope` without copying q or k.
+The contract mirrored, the mapping and its one assumption (HF's duplicated-halves cos/sin, else HF's own
+math runs): ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -444,8 +445,10 @@ def patch(
 
     ``model``: patch the architectures found among its modules. ``architectures``: HF ``model_type`` names
     from :data:`SUPPORTED_ARCHITECTURES` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``,
-    ``"gemma"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary modules
-    (cos/sin per token, once per forward for all layers) stay HF's, so every rope type HF implements
+    ``"gemma"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary module classes
+    (all but GPT-J's) are patched too: they run HF's frequency update, then return a :class:`RotaryAngles`
+    (``inv_freq``, ``attention_scaling``, positions) instead of per-token cos/sin, and the attention's
+    ``apply_rotary_pos_emb`` computes HF's fp32 angles in the kernel, so every rope type HF implements
     (dynamic, longrope, yarn, ...) keeps working. Use as ``with patch(model): ...`` or ``h = patch();
     ...; h.unpatch()``; :func:`unpatch` undoes every patch.
     """
