@@ -156,7 +156,10 @@ class OpPair:
         dynamic shapes)."""
         if torch.compiler.is_compiling():
             self._autograd(args)
-            new = self.out(*args)
+            # save_inputs: the out-of-place op saves its inputs, which the copy-back below then changes
+            call = tuple(a.clone() if self.save_inputs and i in self.mutated and a is not None else a
+                         for i, a in enumerate(args))  # fmt: skip
+            new = self.out(*call)
             for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
                 if args[i] is not None:
                     args[i].copy_(t)

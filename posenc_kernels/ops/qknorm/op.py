@@ -109,5 +109,6 @@ qk_norm_rope = define_pair(
     launchers={"triton": qk_norm_rope_triton, "torch": _torch_launch},
     setup_context=_setup_context,
     backward=_backward,
+    native=True,
     save_inputs=True,  # backward needs q and k as they were: the in-place Function keeps a copy
 )
