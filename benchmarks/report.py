@@ -13,6 +13,7 @@ BASELINES = {
     "apply_rope_ decode CUDA graph": "hf_eager",
     "apply_rope_ varlen": "hf_eager",
     "apply_rope_qkv_": "hf_eager",
+    "qk_norm_rope_": "hf_eager",
     "apply_rope_ CPU": "hf_eager",
     "apply_rope_ CPU decode": "empty_custom_op",
     "add_sinusoidal_": "eager_buffer",
