@@ -6,6 +6,7 @@ math runs): ``docs/integrations.md``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 import warnings
@@ -14,6 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..ops.checks import FLOAT_DTYPES, check_tensor, reraise_with_check
+from ..ops.qknorm import qk_norm_rope, qk_norm_rope_
 from ..ops.rope import apply_rope, apply_rope_
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
@@ -299,9 +301,101 @@ def apply_rotary_pos_emb_gptj(tensor: torch.Tensor, sin: torch.Tensor, cos: torc
     return out.view(tensor.shape) if flat else out
 
 
+# ------------------------------------------------------------------------------------------------------------
+# QK-norm architectures: the attention's q_norm/k_norm and RoPE fused into one op call per layer
+# ------------------------------------------------------------------------------------------------------------
+# model_type -> (attention class, norm, weight_offset, the RMSNorm's eps attribute, whether HF's forward passes
+# sliding_window to the attention function). Qwen3: RMSNorm per head. Gemma 3: per head, times (1 + w).
+# OLMo 2: over all heads of q (and of k) before the head split.
+_QK_NORM = {
+    "qwen3": ("Qwen3Attention", "head", 0.0, "variance_epsilon", True),
+    "gemma3": ("Gemma3Attention", "head", 1.0, "eps", True),
+    "olmo2": ("Olmo2Attention", "heads", 0.0, "variance_epsilon", False),
+}
+
+
+def _qk_norm_rope_call(q, k, q_weight, k_weight, **kw):
+    """The fused op on fresh projections ``[B, S, H, D]``: in place when nothing records a gradient, else
+    (and under torch.compile) out of place, differentiable w.r.t. q, k and both weights."""
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or q_weight.requires_grad or k_weight.requires_grad)
+    ):
+        return qk_norm_rope(q, k, q_weight, k_weight, **kw)
+    return qk_norm_rope_(q, k, q_weight, k_weight, **kw)
+
+
+def _rope_kwargs(position_embeddings, B: int, S: int, D: int, dtype):
+    """The op's angle arguments from what the attention received: a :class:`RotaryAngles` (the patched
+    rotary module, eager) or HF's ``(cos, sin)`` ``[1 or B, S, R]`` (compiled code); None when neither fits."""
+    pe = position_embeddings
+    if type(pe) is RotaryAngles:
+        return {"inv_freq": pe.inv_freq, "positions": pe.positions, "attention_factor": pe.attention_factor}
+    if not (isinstance(pe, (tuple, list)) and len(pe) == 2):
+        return None
+    cos, sin = pe
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 3):
+        return None
+    if sin.shape != cos.shape or cos.shape[0] not in (1, B) or cos.shape[1] != S or cos.shape[2] % 2:
+        return None
+    if cos.shape[2] > D or cos.dtype != dtype or sin.dtype != dtype or _tables_need_grad(cos, sin):
+        return None
+    tc, ts = _tables(cos, sin, cos.shape[2] // 2)
+    positions = None
+    if cos.shape[0] != 1 and B != 1:  # per-sequence rows: token (b, s) reads row b*S + s
+        positions = torch.arange(B * S, device=cos.device).view(B, S)
+    return {"cos": tc, "sin": ts, "positions": positions}
+
+
+def _qk_norm_forward(original, arch: str, module):
+    """The patched ``forward`` of a QK-norm attention class: HF's forward with ``q_norm(q)``, ``k_norm(k)``
+    and ``apply_rotary_pos_emb`` replaced by one fused op call on the projections; HF's own forward for
+    anything else (autocast, dtypes that differ, the deprecated ``past_key_values`` keyword, angles in
+    another form)."""
+    _, norm, weight_offset, eps_attr, sliding = _QK_NORM[arch]
+    eager_attention = module.eager_attention_forward
+    attention_functions = module.ALL_ATTENTION_FUNCTIONS
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        qn, kn = self.q_norm, self.k_norm
+        dt = hidden_states.dtype
+        rope_kw = None
+        if "past_key_values" not in kwargs and qn.weight.dtype == dt and kn.weight.dtype == dt and not (
+            torch.is_autocast_enabled(hidden_states.device.type)
+        ):
+            B, S = hidden_states.shape[0], hidden_states.shape[1]
+            rope_kw = _rope_kwargs(position_embeddings, B, S, self.head_dim, dt) if hidden_states.dim() == 3 else None
+        if rope_kw is None:
+            return original(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                                  weight_offset=weight_offset, **rope_kw)  # fmt: skip
+        query_states, key_states = q.transpose(1, 2), k.transpose(1, 2)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        attention_interface = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
+        extra = {"sliding_window": self.sliding_window} if sliding else {}
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )  # fmt: skip
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    forward.__wrapped__ = original
+    forward.__doc__ = original.__doc__
+    return forward
+
+
 # model_type -> (module, function name, replacement). Each attention forward looks the function up in its
 # module's globals at call time, so replacing that global swaps the rotary application.
-_REPLACEMENTS = {a: apply_rotary_pos_emb for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox")}
+_REPLACEMENTS = {
+    a: apply_rotary_pos_emb
+    for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "olmo2", "phi3", "gpt_neox")
+}
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, object]] = {
     arch: (f"transformers.models.{arch}.modeling_{arch}", "apply_rotary_pos_emb", fn)
     for arch, fn in {**_REPLACEMENTS, "gptj": apply_rotary_pos_emb_gptj}.items()
@@ -311,7 +405,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, object]] = {
 _ROTARY_CLASSES = {
     "llama": "LlamaRotaryEmbedding", "mistral": "MistralRotaryEmbedding", "qwen2": "Qwen2RotaryEmbedding",
     "qwen3": "Qwen3RotaryEmbedding", "gemma": "GemmaRotaryEmbedding", "phi3": "Phi3RotaryEmbedding",
-    "gpt_neox": "GPTNeoXRotaryEmbedding",
+    "gpt_neox": "GPTNeoXRotaryEmbedding", "gemma3": "Gemma3RotaryEmbedding", "olmo2": "Olmo2RotaryEmbedding",
 }  # fmt: skip
 
 
@@ -347,6 +441,8 @@ def _targets(arch: str) -> list[tuple[str, Optional[str], str, object]]:
     out = [(mod_name, None, fn_name, replacement)]
     if arch in _ROTARY_CLASSES:
         out.append((mod_name, _ROTARY_CLASSES[arch], "forward", _rotary_forward))
+    if arch in _QK_NORM:
+        out.append((mod_name, _QK_NORM[arch][0], "forward", functools.partial(_qk_norm_forward, arch=arch)))
     return out
 
 
@@ -396,7 +492,12 @@ class RotaryPatch:
             for owner, key, replacement in targets:  # imports all succeeded: now install
                 if key not in _originals:
                     original = owner.__dict__[key[2]] if isinstance(owner, type) else getattr(owner, key[2])
-                    new = replacement(original) if replacement is _rotary_forward else replacement
+                    if replacement is _rotary_forward:
+                        new = replacement(original)
+                    elif isinstance(replacement, functools.partial):  # a QK-norm attention's forward
+                        new = replacement(original, module=importlib.import_module(key[0]))
+                    else:
+                        new = replacement
                     _originals[key], _installed[key] = original, new
                     setattr(owner, key[2], new)
                 _counts[key] = _counts.get(key, 0) + 1
@@ -445,7 +546,7 @@ def patch(
 
     ``model``: patch the architectures found among its modules. ``architectures``: HF ``model_type`` names
     from :data:`SUPPORTED_ARCHITECTURES` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``,
-    ``"gemma"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary module classes
+    ``"gemma"``, ``"gemma3"``, ``"olmo2"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary module classes
     (all but GPT-J's) are patched too: they run HF's frequency update, then return a :class:`RotaryAngles`
     (``inv_freq``, ``attention_scaling``, positions) instead of per-token cos/sin, and the attention's
     ``apply_rotary_pos_emb`` computes HF's fp32 angles in the kernel, so every rope type HF implements
