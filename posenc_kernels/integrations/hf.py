@@ -546,11 +546,12 @@ def patch(
 
     ``model``: patch the architectures found among its modules. ``architectures``: HF ``model_type`` names
     from :data:`SUPPORTED_ARCHITECTURES` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``,
-    ``"gemma"``, ``"gemma3"``, ``"olmo2"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them. The rotary module classes
-    (all but GPT-J's) are patched too: they run HF's frequency update, then return a :class:`RotaryAngles`
+    ``"gemma"``, ``"gemma3"``, ``"olmo2"``, ``"phi3"``, ``"gpt_neox"``, ``"gptj"``). Neither: all of them.
+    The rotary module classes (all but GPT-J's) are patched too: they run HF's frequency update, then return a :class:`RotaryAngles`
     (``inv_freq``, ``attention_scaling``, positions) instead of per-token cos/sin, and the attention's
     ``apply_rotary_pos_emb`` computes HF's fp32 angles in the kernel, so every rope type HF implements
-    (dynamic, longrope, yarn, ...) keeps working. Use as ``with patch(model): ...`` or ``h = patch();
+    (dynamic, longrope, yarn, ...) keeps working. Qwen3, Gemma 3 and OLMo 2 attention run q_norm/k_norm and
+    RoPE as one :func:`~posenc_kernels.qk_norm_rope_` call. Use as ``with patch(model): ...`` or ``h = patch();
     ...; h.unpatch()``; :func:`unpatch` undoes every patch.
     """
     if model is not None and architectures is not None:
