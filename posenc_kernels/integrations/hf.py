@@ -346,22 +346,45 @@ def _rope_kwargs(position_embeddings, B: int, S: int, D: int, dtype):
     return {"cos": tc, "sin": ts, "positions": positions}
 
 
-def _qk_norm_forward(original, arch: str, module):
-    """The patched ``forward`` of a QK-norm attention class: HF's forward with ``q_norm(q)``, ``k_norm(k)``
-    and ``apply_rotary_pos_emb`` replaced by one fused op call on the projections; HF's own forward for
-    anything else (autocast, dtypes that differ, the deprecated ``past_key_values`` keyword, angles in
-    another form)."""
-    _, norm, weight_offset, eps_attr, sliding = _QK_NORM[arch]
+# Plain-RoPE attention classes with separate q/k/v projections: model_type -> (class, where HF's forward takes
+# the sliding_window it passes to the attention function: None, "attr" (self.sliding_window) or "config").
+_PLAIN_ATTENTION = {
+    "llama": ("LlamaAttention", None), "mistral": ("MistralAttention", "config"),
+    "qwen2": ("Qwen2Attention", "attr"), "gemma": ("GemmaAttention", None),
+}  # fmt: skip
+
+
+def _rope_call(q, k, **kw):
+    """RoPE on fresh projections ``[B, S, H, D]``: in place when nothing records a gradient, else (and under
+    torch.compile) out of place."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return _rope_out(q, k, **kw)
+    return apply_rope_(q, k, **kw)
+
+
+def _attention_forward(original, arch: str, module):
+    """The patched ``forward`` of an attention class: HF's forward with ``q_norm(q)``, ``k_norm(k)`` (QK-norm
+    models) and ``apply_rotary_pos_emb`` replaced by one op call on the fresh projections ``[B, S, H, D]``
+    (fused QK-norm + RoPE, or RoPE in place: no transposes, no new q/k); HF's own forward for anything else
+    (autocast, dtypes that differ, the deprecated ``past_key_values`` keyword, angles in another form)."""
+    if arch in _QK_NORM:
+        _, norm, weight_offset, eps_attr, sliding = _QK_NORM[arch]
+        sliding = "attr" if sliding else None
+    else:
+        _, sliding = _PLAIN_ATTENTION[arch]
+        norm = None
     eager_attention = module.eager_attention_forward
     attention_functions = module.ALL_ATTENTION_FUNCTIONS
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        qn, kn = self.q_norm, self.k_norm
         dt = hidden_states.dtype
         rope_kw = None
-        if "past_key_values" not in kwargs and qn.weight.dtype == dt and kn.weight.dtype == dt and not (
-            torch.is_autocast_enabled(hidden_states.device.type)
-        ):
+        if norm is not None:
+            qn, kn = self.q_norm, self.k_norm
+            weights_ok = qn.weight.dtype == dt and kn.weight.dtype == dt
+        else:
+            weights_ok = True
+        if "past_key_values" not in kwargs and weights_ok and not torch.is_autocast_enabled(hidden_states.device.type):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
             rope_kw = _rope_kwargs(position_embeddings, B, S, self.head_dim, dt) if hidden_states.dim() == 3 else None
         if rope_kw is None:
@@ -371,13 +394,21 @@ def _qk_norm_forward(original, arch: str, module):
         q = self.q_proj(hidden_states).view(hidden_shape)
         k = self.k_proj(hidden_states).view(hidden_shape)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
-                                  weight_offset=weight_offset, **rope_kw)  # fmt: skip
+        if norm is not None:
+            q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                                      weight_offset=weight_offset, **rope_kw)  # fmt: skip
+        else:
+            q, k = _rope_call(q, k, **rope_kw)
         query_states, key_states = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         attention_interface = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
-        extra = {"sliding_window": self.sliding_window} if sliding else {}
+        if sliding == "attr":
+            extra = {"sliding_window": self.sliding_window}
+        elif sliding == "config":
+            extra = {"sliding_window": getattr(self.config, "sliding_window", None)}
+        else:
+            extra = {}
         attn_output, attn_weights = attention_interface(
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
@@ -441,8 +472,9 @@ def _targets(arch: str) -> list[tuple[str, Optional[str], str, object]]:
     out = [(mod_name, None, fn_name, replacement)]
     if arch in _ROTARY_CLASSES:
         out.append((mod_name, _ROTARY_CLASSES[arch], "forward", _rotary_forward))
-    if arch in _QK_NORM:
-        out.append((mod_name, _QK_NORM[arch][0], "forward", functools.partial(_qk_norm_forward, arch=arch)))
+    if arch in _QK_NORM or arch in _PLAIN_ATTENTION:
+        cls = (_QK_NORM.get(arch) or _PLAIN_ATTENTION[arch])[0]
+        out.append((mod_name, cls, "forward", functools.partial(_attention_forward, arch=arch)))
     return out
 
 
@@ -494,7 +526,7 @@ class RotaryPatch:
                     original = owner.__dict__[key[2]] if isinstance(owner, type) else getattr(owner, key[2])
                     if replacement is _rotary_forward:
                         new = replacement(original)
-                    elif isinstance(replacement, functools.partial):  # a QK-norm attention's forward
+                    elif isinstance(replacement, functools.partial):  # an attention class's forward
                         new = replacement(original, module=importlib.import_module(key[0]))
                     else:
                         new = replacement
