@@ -15,8 +15,12 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..ops.checks import FLOAT_DTYPES, check_tensor, reraise_with_check
-from ..ops.qknorm import qk_norm_rope, qk_norm_rope_
 from ..ops.rope import apply_rope, apply_rope_
+
+try:
+    from ..ops import qknorm as _qknorm
+except ImportError:  # the kernels-hub layer vendors this file without the QK-norm family: HF's norms then run
+    _qknorm = None
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
@@ -317,6 +321,7 @@ _QK_NORM = {
 def _qk_norm_rope_call(q, k, q_weight, k_weight, **kw):
     """The fused op on fresh projections ``[B, S, H, D]``: in place when nothing records a gradient, else
     (and under torch.compile) out of place, differentiable w.r.t. q, k and both weights."""
+    qk_norm_rope, qk_norm_rope_ = _qknorm.qk_norm_rope, _qknorm.qk_norm_rope_
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or q_weight.requires_grad or k_weight.requires_grad)
     ):
@@ -381,7 +386,7 @@ def _attention_forward(original, arch: str, module):
         rope_kw = None
         if norm is not None:
             qn, kn = self.q_norm, self.k_norm
-            weights_ok = qn.weight.dtype == dt and kn.weight.dtype == dt
+            weights_ok = _qknorm is not None and qn.weight.dtype == dt and kn.weight.dtype == dt
         else:
             weights_ok = True
         if "past_key_values" not in kwargs and weights_ok and not torch.is_autocast_enabled(hidden_states.device.type):

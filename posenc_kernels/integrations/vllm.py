@@ -11,8 +11,12 @@ from typing import Optional
 import torch
 
 from ..ops.checks import FLOAT_DTYPES, INT_DTYPES, check_tensor
-from ..ops.qknorm import qk_norm_rope, qk_norm_rope_
 from ..ops.rope import apply_rope_
+
+try:
+    from ..ops import qknorm as _qknorm
+except ImportError:  # the kernels-hub layer vendors this file without the QK-norm family
+    _qknorm = None
 
 __all__ = ["rotary_embedding", "fused_qk_norm_rope"]
 
@@ -121,6 +125,9 @@ def fused_qk_norm_rope(
     >>> out is qkv
     True
     """
+    if _qknorm is None:
+        raise RuntimeError("fused_qk_norm_rope needs posenc_kernels.ops.qknorm, which this copy does not include")
+    qk_norm_rope, qk_norm_rope_ = _qknorm.qk_norm_rope, _qknorm.qk_norm_rope_
     hq, hk = _positive_int("num_heads_q", num_heads_q), _positive_int("num_heads_k", num_heads_k)
     hv, d = _positive_int("num_heads_v", num_heads_v), _positive_int("head_dim", head_dim)
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
