@@ -49,12 +49,13 @@ _table_cache: tuple = (None, None, -1, -1, 0, None, None)
 
 def _tables(cos: torch.Tensor, sin: torch.Tensor, half: int):
     global _table_cache
+    if torch.compiler.is_compiling():  # traced code never reads the cache (ids and versions mean nothing there)
+        return _table_of(cos, half), _table_of(sin, half)
     c, s, cv, sv, h, tc, ts = _table_cache
     if c is cos and s is sin and h == half and cv == cos._version and sv == sin._version:
         return tc, ts
     tc, ts = _table_of(cos, half), _table_of(sin, half)
-    if not torch.compiler.is_compiling():  # traced code never reads the cache (ids mean nothing there)
-        _table_cache = (cos, sin, cos._version, sin._version, half, tc, ts)
+    _table_cache = (cos, sin, cos._version, sin._version, half, tc, ts)
     return tc, ts
 
 
