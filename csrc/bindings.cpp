@@ -83,6 +83,21 @@ void rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k,
   if (k.has_value()) torch::autograd::impl::bump_version(*k);
 }
 
+void qk_norm_rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k, const OptT& q_weight,
+                             const OptT& k_weight, double eps, int64_t norm, double weight_offset, const OptT& cos,
+                             const OptT& sin, const OptT& inv_freq, const OptT& positions, const OptT& offsets,
+                             int64_t offset, const OptT& cu_seqlens, const OptT& axis_map, double attention_factor,
+                             bool interleaved, bool conjugate, bool exact) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    NativeOp<ops::QkNormRopeInplace>::handle().redispatch(
+        ks & c10::after_ADInplaceOrView_keyset, q, k, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+        positions, offsets, offset, cu_seqlens, axis_map, attention_factor, interleaved, conjugate, exact);
+  }
+  torch::autograd::impl::bump_version(q);
+  if (k.has_value()) torch::autograd::impl::bump_version(*k);
+}
+
 void add_sinusoidal_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const OptT& positions,
                                const OptT& offsets, int64_t offset, double x_scale, double base, bool interleaved,
                                bool cos_first, double freq_shift, double scale) {
@@ -105,7 +120,7 @@ void add_position_embedding_ad_inplace(c10::DispatchKeySet ks, const at::Tensor&
   torch::autograd::impl::bump_version(x);
 }
 
-const char* const kMutatingOps[] = {"rope_", "add_sinusoidal_", "add_position_embedding_"};
+const char* const kMutatingOps[] = {"rope_", "qk_norm_rope_", "add_sinusoidal_", "add_position_embedding_"};
 
 template <class Op>
 void add_if_kernel(std::vector<std::string>& names, int slot) {
@@ -291,6 +306,7 @@ TORCH_LIBRARY_IMPL(posenc, BackendSelect, m) {
 
 TORCH_LIBRARY_IMPL(posenc, ADInplaceOrView, m) {
   m.impl("rope_", TORCH_FN(posenc::rope_ad_inplace));
+  m.impl("qk_norm_rope_", TORCH_FN(posenc::qk_norm_rope_ad_inplace));
   m.impl("add_sinusoidal_", TORCH_FN(posenc::add_sinusoidal_ad_inplace));
   m.impl("add_position_embedding_", TORCH_FN(posenc::add_position_embedding_ad_inplace));
 }

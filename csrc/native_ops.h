@@ -72,6 +72,14 @@ using RopeInplaceSig = void(const Tensor&, const OptT&, const OptT&, const OptT&
 using RopeSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
                                            const OptT&, const OptT&, int64_t, const OptT&, const OptT&, double, bool,
                                            bool, bool);
+// posenc::qk_norm_rope_ / qk_norm_rope: q, k, q_weight, k_weight, eps, norm, weight_offset, then RoPE's arguments.
+using QkNormRopeInplaceSig = void(const Tensor&, const OptT&, const OptT&, const OptT&, double, int64_t, double,
+                                  const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, int64_t, const OptT&,
+                                  const OptT&, double, bool, bool, bool);
+using QkNormRopeSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, const OptT&, const OptT&, double, int64_t,
+                                                 double, const OptT&, const OptT&, const OptT&, const OptT&,
+                                                 const OptT&, int64_t, const OptT&, const OptT&, double, bool, bool,
+                                                 bool);
 using SinusoidalTableSig = Tensor(const OptT&, int64_t, int64_t, double, bool, bool, double, double, at::ScalarType,
                                   at::Device);
 using AddSinusoidalInplaceSig = void(const Tensor&, const OptT&, const OptT&, int64_t, double, double, bool, bool,
@@ -87,6 +95,8 @@ using AddPositionEmbeddingSig = Tensor(const Tensor&, const Tensor&, const Tenso
 #define POSENC_PUBLIC_OPS(X)                                         \
   X(RopeInplace, "rope_", RopeInplaceSig)                            \
   X(Rope, "rope", RopeSig)                                           \
+  X(QkNormRopeInplace, "qk_norm_rope_", QkNormRopeInplaceSig)        \
+  X(QkNormRope, "qk_norm_rope", QkNormRopeSig)                       \
   X(SinusoidalTable, "sinusoidal_table", SinusoidalTableSig)         \
   X(AddSinusoidalInplace, "add_sinusoidal_", AddSinusoidalInplaceSig) \
   X(AddSinusoidal, "add_sinusoidal", AddSinusoidalSig)               \

@@ -82,12 +82,15 @@ struct VecIO<c10::BFloat16> : VecIOReduced<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : VecIOReduced<c10::Half> {};
 
-// Rotate one head: x -> o (o may be x). c/s hold the token's R/2 cos and (signed) sin values.
-template <typename scalar_t, bool INTERLEAVED>
-inline void rotate_head(const scalar_t* x, scalar_t* o, const typename Acc<scalar_t>::type* c,
+// Rotate one head: x -> o (o may be x). c/s hold the token's R/2 cos and (signed) sin values. x is in the
+// storage dtype, or (in_t = acc_t) the normalised values of the QK-norm path.
+template <typename scalar_t, bool INTERLEAVED, typename in_t = scalar_t>
+inline void rotate_head(const in_t* x, scalar_t* o, const typename Acc<scalar_t>::type* c,
                         const typename Acc<scalar_t>::type* s, int64_t half) {
   using acc_t = typename Acc<scalar_t>::type;
   using IO = VecIO<scalar_t>;
+  using IN = VecIO<in_t>;
+  static_assert(IN::W == IO::W, "input and output blocks must have the same width");
   using V = Vectorized<acc_t>;
   constexpr int64_t VL = V::size();
   int64_t i = 0;
@@ -95,7 +98,7 @@ inline void rotate_head(const scalar_t* x, scalar_t* o, const typename Acc<scala
     // Pairs (2i, 2i+1): a block of W channels is VL pairs: deinterleave, rotate, interleave back.
     for (; i + VL <= half; i += VL) {
       V a, b;
-      IO::load(x + 2 * i, a, b);
+      IN::load(x + 2 * i, a, b);
       auto [x1, x2] = at::vec::deinterleave2(a, b);
       const V cv = V::loadu(c + i), sv = V::loadu(s + i);
       const V o1 = x1 * cv - x2 * sv;
@@ -113,8 +116,8 @@ inline void rotate_head(const scalar_t* x, scalar_t* o, const typename Acc<scala
     constexpr int64_t W = IO::W;
     for (; i + W <= half; i += W) {
       V x1a, x1b, x2a, x2b;
-      IO::load(x + i, x1a, x1b);
-      IO::load(x + half + i, x2a, x2b);
+      IN::load(x + i, x1a, x1b);
+      IN::load(x + half + i, x2a, x2b);
       const V ca = V::loadu(c + i), cb = V::loadu(c + i + VL);
       const V sa = V::loadu(s + i), sb = V::loadu(s + i + VL);
       IO::store(o + i, x1a * ca - x2a * sa, x1b * cb - x2b * sb);
@@ -130,8 +133,8 @@ inline void rotate_head(const scalar_t* x, scalar_t* o, const typename Acc<scala
 
 
 // Rotate one head through element strides (a non-unit channel stride: scalar, never a hidden copy).
-template <typename scalar_t>
-inline void rotate_head_strided(const scalar_t* x, int64_t xd, scalar_t* o, int64_t od,
+template <typename scalar_t, typename in_t = scalar_t>
+inline void rotate_head_strided(const in_t* x, int64_t xd, scalar_t* o, int64_t od,
                                 const typename Acc<scalar_t>::type* c, const typename Acc<scalar_t>::type* s,
                                 int64_t half, bool interleaved) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -281,6 +284,154 @@ void items(const Params& p, int64_t begin, int64_t end) {
   }
 }
 
+// ---- QK-norm + RoPE (posenc::qk_norm_rope_ / qk_norm_rope): RMSNorm with accumulator statistics, times
+// (weight_offset + w), into an accumulator row; then the rotation above from that row, one rounding on store.
+
+// Sum of x[d]^2 over D channels (unit stride: vectors; else scalar through the stride).
+template <typename scalar_t>
+inline typename Acc<scalar_t>::type sum_squares(const scalar_t* x, int64_t xd, bool unit, int64_t D) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using IO = VecIO<scalar_t>;
+  using V = Vectorized<acc_t>;
+  acc_t ss = 0;
+  int64_t d = 0;
+  if (unit) {
+    V a0(acc_t(0)), a1(acc_t(0));
+    for (; d + IO::W <= D; d += IO::W) {
+      V u, v;
+      IO::load(x + d, u, v);
+      a0 = a0 + u * u;
+      a1 = a1 + v * v;
+    }
+    ss = at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, a0 + a1);
+  }
+  for (; d < D; ++d) {
+    const acc_t v = static_cast<acc_t>(x[d * xd]);
+    ss += v * v;
+  }
+  return ss;
+}
+
+// y[d] = (x[d] * rstd) * (weight_offset + w[d]) (w nullptr: x[d] * rstd), in the accumulator dtype.
+template <typename scalar_t>
+inline void scale_row(const scalar_t* x, int64_t xd, bool unit, const scalar_t* w, typename Acc<scalar_t>::type rstd,
+                      typename Acc<scalar_t>::type offset, typename Acc<scalar_t>::type* y, int64_t D) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using IO = VecIO<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t VL = V::size();
+  int64_t d = 0;
+  if (unit) {
+    const V r(rstd), off(offset);
+    for (; d + IO::W <= D; d += IO::W) {
+      V u, v;
+      IO::load(x + d, u, v);
+      u = u * r;
+      v = v * r;
+      if (w != nullptr) {
+        V wu, wv;
+        IO::load(w + d, wu, wv);
+        u = u * (off + wu);
+        v = v * (off + wv);
+      }
+      u.store(y + d);
+      v.store(y + d + VL);
+    }
+  }
+  for (; d < D; ++d) {
+    acc_t v = static_cast<acc_t>(x[d * xd]) * rstd;
+    if (w != nullptr) v = v * (offset + static_cast<acc_t>(w[d]));
+    y[d] = v;
+  }
+}
+
+template <typename scalar_t, bool INTERLEAVED>
+void norm_items_impl(const Params& p, int64_t begin, int64_t end) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t S = p.S, half = p.half, R = 2 * half, D = p.D;
+  const int64_t heads[2] = {p.Hq, p.Hk};
+  acc_t stack_cs[2 * kStack];
+  acc_t stack_y[2 * kStack];
+  int64_t stack_rows[kStack];
+  std::vector<acc_t> heap_cs, heap_y;
+  std::vector<int64_t> heap_rows;
+  acc_t* c = stack_cs;
+  acc_t* y = stack_y;
+  int64_t* prow = stack_rows;
+  if (half > kStack) {
+    heap_cs.resize(2 * half);
+    c = heap_cs.data();
+    if (p.axis) {
+      heap_rows.resize(half);
+      prow = heap_rows.data();
+    }
+  }
+  if (D > 2 * kStack) {
+    heap_y.resize(D);
+    y = heap_y.data();
+  }
+  acc_t* s = c + half;
+  const acc_t eps = static_cast<acc_t>(p.eps), offset = static_cast<acc_t>(p.weight_offset);
+  for (int64_t tok = begin; tok < end; ++tok) {
+    const int64_t b = tok / S, sq = tok - b * S;
+    if (p.axis) {
+      const int64_t base = b * p.rows.stride_pos_b + sq * p.rows.stride_pos_s;
+      for (int64_t i = 0; i < half; ++i) {
+        prow[i] = p.axis[i] < 0 ? kNoRow : load_index(p.rows.ptr, p.rows.code, p.axis[i] * p.stride_pos_a + base);
+      }
+      fill_row<acc_t>(p, 0, prow, c, s);
+    } else {
+      fill_row<acc_t>(p, token_row(p.rows, b, sq), nullptr, c, s);
+    }
+    for (int w = 0; w < 2; ++w) {
+      const int64_t H = heads[w];
+      if (H == 0) continue;
+      const scalar_t* x0 = static_cast<const scalar_t*>(p.x[w]) + b * p.xs[w][0] + sq * p.xs[w][1];
+      scalar_t* o0 = static_cast<scalar_t*>(p.o[w]) + b * p.os[w][0] + sq * p.os[w][1];
+      const int64_t xd = p.xs[w][3], od = p.os[w][3];
+      const bool unit_x = xd == 1, unit_o = p.unit[w];
+      const scalar_t* wt = static_cast<const scalar_t*>(p.w[w]);
+      acc_t rstd_tok = 0;
+      if (p.norm == 1) {  // statistics over every head of the token, read before any is written
+        acc_t ss = 0;
+        for (int64_t h = 0; h < H; ++h) ss += sum_squares<scalar_t>(x0 + h * p.xs[w][2], xd, unit_x, D);
+        rstd_tok = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(H * D) + eps);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* x = x0 + h * p.xs[w][2];
+        scalar_t* o = o0 + h * p.os[w][2];
+        const acc_t rstd = p.norm == 1
+                               ? rstd_tok
+                               : acc_t(1) / std::sqrt(sum_squares<scalar_t>(x, xd, unit_x, D) / static_cast<acc_t>(D) + eps);
+        scale_row<scalar_t>(x, xd, unit_x, wt == nullptr ? nullptr : wt + (p.norm == 1 ? h * D : 0), rstd, offset, y, D);
+        if (unit_o) {
+          rotate_head<scalar_t, INTERLEAVED, acc_t>(y, o, c, s, half);
+          for (int64_t d = R; d < D; ++d) o[d] = static_cast<scalar_t>(y[d]);
+        } else {
+          rotate_head_strided<scalar_t, acc_t>(y, 1, o, od, c, s, half, INTERLEAVED);
+          for (int64_t d = R; d < D; ++d) o[d * od] = static_cast<scalar_t>(y[d]);
+        }
+      }
+    }
+  }
+}
+
+void norm_items(const Params& p, int64_t begin, int64_t end) {
+  switch (p.dtype) {
+    case kFloat:
+      return p.interleaved ? norm_items_impl<float, true>(p, begin, end) : norm_items_impl<float, false>(p, begin, end);
+    case kDouble:
+      return p.interleaved ? norm_items_impl<double, true>(p, begin, end)
+                           : norm_items_impl<double, false>(p, begin, end);
+    case kHalf:
+      return p.interleaved ? norm_items_impl<c10::Half, true>(p, begin, end)
+                           : norm_items_impl<c10::Half, false>(p, begin, end);
+    default:
+      return p.interleaved ? norm_items_impl<c10::BFloat16, true>(p, begin, end)
+                           : norm_items_impl<c10::BFloat16, false>(p, begin, end);
+  }
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace rope_cpu
 }  // namespace posenc
@@ -290,21 +441,26 @@ void items(const Params& p, int64_t begin, int64_t end) {
 #if !defined(POSENC_CPU_VARIANT)
 namespace posenc::rope_cpu {
 ItemsFn items_default() { return &DEFAULT::items; }
+ItemsFn norm_items_default() { return &DEFAULT::norm_items; }
 }
 #elif POSENC_CPU_VARIANT == 2
 namespace posenc::rope_cpu {
 #if POSENC_VARIANT_ENABLED
 ItemsFn items_avx2() { return &AVX2::items; }
+ItemsFn norm_items_avx2() { return &AVX2::norm_items; }
 #else
 ItemsFn items_avx2() { return nullptr; }
+ItemsFn norm_items_avx2() { return nullptr; }
 #endif
 }
 #elif POSENC_CPU_VARIANT == 3
 namespace posenc::rope_cpu {
 #if POSENC_VARIANT_ENABLED
 ItemsFn items_avx512() { return &AVX512::items; }
+ItemsFn norm_items_avx512() { return &AVX512::norm_items; }
 #else
 ItemsFn items_avx512() { return nullptr; }
+ItemsFn norm_items_avx512() { return nullptr; }
 #endif
 }
 #endif

@@ -35,6 +35,12 @@ struct Params {
   const float* inv32;
   const double* inv64;
   float attention_factor;
+  // QK-norm before the rotation (posenc::qk_norm_rope_, qk_norm_rope): norm -1 none, 0 each head over D,
+  // 1 each token over all heads of q (of k); w[t]: the weight of q (t = 0) / k (t = 1), [D] or [H*D] in
+  // q's dtype, unit stride, or nullptr (no scale); y = x * rstd * (weight_offset + w).
+  int norm = -1;
+  const void* w[2] = {nullptr, nullptr};
+  double eps = 0.0, weight_offset = 0.0;
 };
 
 using ItemsFn = void (*)(const Params&, int64_t begin, int64_t end);
@@ -46,4 +52,8 @@ namespace posenc::rope_cpu {
 ItemsFn items_default();
 ItemsFn items_avx2();
 ItemsFn items_avx512();
+// QK-norm + RoPE: one item is one token (all its q and k heads: "heads" needs them together).
+ItemsFn norm_items_default();
+ItemsFn norm_items_avx2();
+ItemsFn norm_items_avx512();
 }  // namespace posenc::rope_cpu

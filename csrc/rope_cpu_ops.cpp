@@ -24,6 +24,7 @@
 #include "alias_checks.h"
 #include "cpu_parallel.h"
 #include "native_ops.h"
+#include "qknorm_args.h"
 #include "rope_args.h"
 
 
@@ -78,6 +79,24 @@ const char* rope_cpu_isa() {
 
 namespace {
 
+rope_cpu::ItemsFn pick_norm_variant() {
+  static const rope_cpu::ItemsFn fn = [] {
+    const std::string cap = at::get_cpu_capability();
+    rope_cpu::ItemsFn f = nullptr;
+    if (cap == "AVX512") f = rope_cpu::norm_items_avx512();
+    if (f == nullptr && (cap == "AVX512" || cap == "AVX2")) f = rope_cpu::norm_items_avx2();
+    return f != nullptr ? f : rope_cpu::norm_items_default();
+  }();
+  return fn;
+}
+
+// QK-norm before the rotation (run_rope's `norm`): its code and weights (unit stride, q's dtype).
+struct NormArgs {
+  int64_t norm;
+  Tensor w[2];  // undefined: no weight
+  double eps, weight_offset;
+};
+
 constexpr int64_t kSmall = 512;  // inv_freq / axis_map entries converted on the stack up to this many
 
 // Rotate q (and k) into q_out (k_out), which are q (k) themselves (in place) or fresh tensors. Every check
@@ -86,7 +105,7 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
               const RopeShape& shape, const optional<Tensor>& cos, const optional<Tensor>& sin,
               const optional<Tensor>& inv_freq, const optional<Tensor>& positions, const optional<Tensor>& offsets,
               int64_t offset, const optional<Tensor>& axis_map, std::vector<int64_t>& cu_rows, bool has_cu,
-              double attention_factor, bool interleaved, bool conjugate, bool exact) {
+              double attention_factor, bool interleaved, bool conjugate, bool exact, const NormArgs* norm = nullptr) {
   rope_cpu::Params p{};
   const bool packed = shape.packed;
   const int64_t half = shape.half;
@@ -209,6 +228,19 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
     }
   }
   p.attention_factor = static_cast<float>(attention_factor);
+  if (norm != nullptr) {
+    // One item per token (its q and k heads together: norm 'heads' needs every head's statistics first).
+    p.norm = static_cast<int>(norm->norm);
+    for (int w = 0; w < 2; ++w) p.w[w] = norm->w[w].defined() ? norm->w[w].const_data_ptr() : nullptr;
+    p.eps = norm->eps;
+    p.weight_offset = norm->weight_offset;
+    const int64_t n_tok = p.B * p.S;
+    const rope_cpu::ItemsFn nfn = pick_norm_variant();
+    // The split (cpu_parallel.h): an item (one token, its q and k heads) reads and writes D(Hq + Hk) elements.
+    parallel_items(n_tok, 2 * p.D * (p.Hq + p.Hk) * static_cast<int64_t>(q.element_size()),
+                   [&](int64_t begin, int64_t end) { nfn(p, begin, end); });
+    return;
+  }
   const rope_cpu::ItemsFn fn = pick_variant();
   // The split (cpu_parallel.h): an item (one head of one token) reads and writes D elements.
   parallel_items(n_items, 2 * p.D * static_cast<int64_t>(q.element_size()),
@@ -250,6 +282,59 @@ std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const optional<Tensor>& k, 
   return {q_out, k_out};
 }
 
+// ---- posenc::qk_norm_rope_ / posenc::qk_norm_rope: RMSNorm then RoPE (qknorm_args.h checks first).
+
+NormArgs norm_args(int64_t norm, const optional<Tensor>& q_weight, const optional<Tensor>& k_weight,
+                   const optional<Tensor>& k, double eps, double weight_offset) {
+  NormArgs a{norm, {}, eps, weight_offset};
+  if (q_weight.has_value()) a.w[0] = q_weight->stride(0) == 1 ? *q_weight : q_weight->contiguous();
+  if (k.has_value() && k_weight.has_value()) a.w[1] = k_weight->stride(0) == 1 ? *k_weight : k_weight->contiguous();
+  return a;
+}
+
+void qk_norm_rope_inplace_cpu(const Tensor& q, const optional<Tensor>& k, const optional<Tensor>& q_weight,
+                              const optional<Tensor>& k_weight, double eps, int64_t norm, double weight_offset,
+                              const optional<Tensor>& cos, const optional<Tensor>& sin,
+                              const optional<Tensor>& inv_freq, const optional<Tensor>& positions,
+                              const optional<Tensor>& offsets, int64_t offset, const optional<Tensor>& cu_seqlens,
+                              const optional<Tensor>& axis_map, double attention_factor, bool interleaved,
+                              bool conjugate, bool exact) {
+  const RopeShape r = check_qk_norm_rope(q, k, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+                                         positions, offsets, offset, cu_seqlens, axis_map, attention_factor, conjugate,
+                                         exact, /*inplace=*/true);
+  check_rope_values(r, cos, positions, offsets, offset, cu_seqlens, axis_map, q.device());
+  std::vector<int64_t> cu_rows;
+  if (cu_seqlens.has_value() && r.B * r.S > 0) cu_seqlens_rows(r.S, *cu_seqlens, offsets, offset, cu_rows);
+  const NormArgs na = norm_args(norm, q_weight, k_weight, k, eps, weight_offset);
+  run_rope(q, k, q, k, r, cos, sin, inv_freq, positions, offsets, offset, axis_map, cu_rows, cu_seqlens.has_value(),
+           attention_factor, interleaved, false, exact, &na);
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rope_cpu(const Tensor& q, const optional<Tensor>& k,
+                                            const optional<Tensor>& q_weight, const optional<Tensor>& k_weight,
+                                            double eps, int64_t norm, double weight_offset,
+                                            const optional<Tensor>& cos, const optional<Tensor>& sin,
+                                            const optional<Tensor>& inv_freq, const optional<Tensor>& positions,
+                                            const optional<Tensor>& offsets, int64_t offset,
+                                            const optional<Tensor>& cu_seqlens, const optional<Tensor>& axis_map,
+                                            double attention_factor, bool interleaved, bool conjugate, bool exact) {
+  const RopeShape r = check_qk_norm_rope(q, k, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+                                         positions, offsets, offset, cu_seqlens, axis_map, attention_factor, conjugate,
+                                         exact, /*inplace=*/false);
+  check_rope_values(r, cos, positions, offsets, offset, cu_seqlens, axis_map, q.device());
+  std::vector<int64_t> cu_rows;
+  if (cu_seqlens.has_value() && r.B * r.S > 0) cu_seqlens_rows(r.S, *cu_seqlens, offsets, offset, cu_rows);
+  Tensor q_out = at::empty_like(q);
+  Tensor k_out = k.has_value() ? at::empty_like(*k) : at::empty({0}, q.options());
+  const optional<Tensor> ko = k.has_value() ? optional<Tensor>(k_out) : std::nullopt;
+  const NormArgs na = norm_args(norm, q_weight, k_weight, k, eps, weight_offset);
+  run_rope(q, k, q_out, ko, r, cos, sin, inv_freq, positions, offsets, offset, axis_map, cu_rows,
+           cu_seqlens.has_value(), attention_factor, interleaved, false, exact, &na);
+  return {q_out, k_out};
+}
+
+const AddNative<ops::QkNormRopeInplace> add_qk_norm_rope_inplace(kNativeCPU, &qk_norm_rope_inplace_cpu);
+const AddNative<ops::QkNormRope> add_qk_norm_rope(kNativeCPU, &qk_norm_rope_cpu);
 const AddNative<ops::RopeInplace> add_rope_inplace(kNativeCPU, &rope_inplace_cpu);
 const AddNative<ops::Rope> add_rope(kNativeCPU, &rope_cpu);
 

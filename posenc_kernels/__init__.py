@@ -9,6 +9,7 @@ import). :func:`set_backend` / :func:`use_backend` force one. The families live 
 
 from .ops import learned as _learned
 from .ops import positions as _positions
+from .ops import qknorm as _qknorm
 from .ops import registry as _registry
 from .ops import relative as _relative
 from .ops import rope as _rope
@@ -16,6 +17,7 @@ from .ops import sinusoidal as _sinusoidal
 from .ops.checks import set_value_checks
 from .ops.learned import *  # noqa: F401,F403
 from .ops.registry import get_backend, interpreter_enabled, set_backend, use_backend
+from .ops.qknorm import *  # noqa: F401,F403
 from .ops.relative import *  # noqa: F401,F403
 from .ops.rope import *  # noqa: F401,F403
 from .ops.sinusoidal import *  # noqa: F401,F403
@@ -26,7 +28,7 @@ __version__ = "0.1.0"
 _registry.finalize()  # every family has defined its ops: register their kernels
 
 __all__ = [
-    *_rope.__all__, *_sinusoidal.__all__, *_learned.__all__,
+    *_rope.__all__, *_qknorm.__all__, *_sinusoidal.__all__, *_learned.__all__,
     *_relative.__all__, *_positions.__all__, "get_backend", "set_backend", "use_backend", "set_value_checks",
     "interpreter_enabled",
 ]  # fmt: skip

@@ -156,6 +156,50 @@ def check_rope_backward():
                    [(kq, eq, tq), (kk, ek, tk)])  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- QK-norm + RoPE
+def check_qknorm(norm):
+    """Qwen3-8B (per-head norm, 32/8 x 128) or Wan-style cross-head (40 x 128, norm over all heads), bf16,
+    in place, against the float64 reference; HF eager (fp32 statistics, bf16 products) as the torch baseline."""
+    from posenc_kernels.ops.qknorm.reference import qk_norm_rope_hf_eager, qk_norm_rope_reference
+
+    hq, hk = (HQ, HK) if norm == "head" else (4 if DRY else 40, 4 if DRY else 40)
+    q, k = llama_qk(1, S, torch.bfloat16, hq=hq, hk=hk)
+    g = torch.Generator().manual_seed(21)
+    n = (lambda H: HD) if norm == "head" else (lambda H: H * HD)
+    qw = (torch.rand(n(hq), generator=g) + 0.5).to(D, torch.bfloat16)
+    kw = (torch.rand(n(hk), generator=g) + 0.5).to(D, torch.bfloat16)
+    cos, sin = pk.rope_cos_sin(S, inv_freq())
+    kw_ = dict(norm=norm, weight_offset=0.0)
+    tq, tk = qk_norm_rope_reference(q, k, qw, kw, cos, sin, **kw_)
+    eq, ek = qk_norm_rope_hf_eager(q, k, qw, kw, cos, sin, **kw_)
+    q2, k2 = pk.qk_norm_rope_(q.clone(), k.clone(), qw, kw, cos, sin, **kw_)
+    name = "qk_norm_rope_ per head (Qwen3)" if norm == "head" else "qk_norm_rope_ over all heads (Wan)"
+    return verdict(name, f"{hq}/{hk}x{HD} 1x{S} tok", q.dtype, [(q2, eq, tq), (k2, ek, tk)])
+
+
+def check_qknorm_backward():
+    """dq, dk, dq_weight, dk_weight (fp32) against float64 reference autograd under a random upstream grad."""
+    from posenc_kernels.ops.qknorm.reference import qk_norm_rope_reference
+
+    s = 7 if DRY else 1024
+    q, k = llama_qk(1, s, torch.float32)
+    g = torch.Generator().manual_seed(22)
+    w = [(torch.rand(HD, generator=g) + 0.5).to(D) for _ in range(2)]
+    up = [torch.randn(q.shape, generator=g).to(D), torch.randn(k.shape, generator=g).to(D)]
+    cos, sin = pk.rope_cos_sin(s, inv_freq())
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, *w)]
+        oq, ok = fn(*leaves)
+        return torch.autograd.grad((oq, ok), leaves, [u.to(dtype) for u in up])
+
+    kern = grads(lambda a, b, c, d: pk.qk_norm_rope(a, b, c, d, cos, sin), torch.float32)
+    truth = grads(lambda a, b, c, d: qk_norm_rope_reference(a, b, c, d, cos, sin), torch.float64)
+    eager = grads(lambda a, b, c, d: qk_norm_rope_reference(a, b, c, d, cos, sin, dtype=torch.float32), torch.float32)
+    return verdict("qk_norm_rope backward (dq, dk, dw)", f"llama3-8b 1x{s} tok", torch.float32,
+                   list(zip(kern, eager, truth)))  # fmt: skip
+
+
 def check_rope_cos_sin():
     pos = torch.arange(MAX_POS, device=D)
     inv = inv_freq()
@@ -277,6 +321,9 @@ CHECKS = [
     ("rope", check_rope_qkv),
     ("rope", check_rope_backward),
     ("rope", check_rope_cos_sin),
+    ("qknorm", lambda: check_qknorm("head")),
+    ("qknorm", lambda: check_qknorm("heads")),
+    ("qknorm", check_qknorm_backward),
     ("sinusoidal", check_add_sinusoidal),
     ("sinusoidal", check_sinusoidal_table),
     ("sinusoidal", check_concat_sinusoidal),

@@ -27,13 +27,14 @@ class OpPair:
     overloads; :meth:`call_inplace` and :meth:`call` are what the public functions call."""
 
     def __init__(self, name, args, *, mutates, check, body, launchers, setup_context, backward, native=False,
-                 differentiable=None, functional_only=None, separable=False, jvp=None):  # fmt: skip
+                 differentiable=None, functional_only=None, separable=False, jvp=None, save_inputs=False):  # fmt: skip
         names = _arg_names(args)
         self.differentiable = tuple(differentiable or mutates)
         self.name, self.names = name, names
         self.mutated = tuple(names.index(m) for m in mutates)
         self.functional_only = dict(functional_only or {})
         self.separable = separable
+        self.save_inputs = save_inputs
         self._drop = tuple(names.index(n) for n in self.functional_only)
         # The in-place op's arguments out of the out-of-place list, at C speed (a decode call's host cost).
         get = operator.itemgetter(*(i for i in range(len(names)) if i not in self._drop))
@@ -99,11 +100,14 @@ class OpPair:
 
             @staticmethod
             def forward(ctx, *args):
+                before = args
+                if pair.save_inputs:  # backward needs the written tensors as they were: keep copies
+                    before = tuple(a.clone() if i in pair.mutated and a is not None else a for i, a in enumerate(args))
                 pair.inplace(*pair._inplace_args(args))
                 written = tuple(args[i] for i in pair.mutated if args[i] is not None)
                 ctx.mark_dirty(*written)
                 ctx.present = tuple(args[i] is not None for i in pair.mutated)
-                pair._setup_context(ctx, args, written)
+                pair._setup_context(ctx, before, written)
                 return written[0] if len(written) == 1 else written
 
             @staticmethod
@@ -170,7 +174,10 @@ class OpPair:
                 for i in self.mutated:
                     if args[i] is not None:
                         check_inplace_autograd(self.names[i], args[i], grad_from_other_input=True)
-            new = self.out(*args)
+            # save_inputs: the out-of-place op saves its inputs, which the copy-back below then changes
+            call = tuple(a.clone() if self.save_inputs and i in self.mutated and a is not None else a
+                         for i, a in enumerate(args))  # fmt: skip
+            new = self.out(*call)
             for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
                 if args[i] is not None:
                     args[i].copy_(t)
@@ -224,5 +231,8 @@ def define_pair(name: str, args: str, **kwargs) -> OpPair:
     * ``jvp(primals, tangents)``: the out-of-place op's forward-mode formula (see
       :func:`posenc_kernels.ops.registry.register_autograd`); without it forward AD is refused. The in-place
       op under forward AD runs the out-of-place op and copies its result (and tangent) back.
+    * ``save_inputs``: the backward needs the written tensors' values before the write (RMSNorm's does):
+      the in-place autograd.Function hands ``setup_context`` copies of them, taken only when autograd
+      records (the out-of-place op's inputs are never written, so it saves them as they are).
     """
     return OpPair(name, args, **kwargs)

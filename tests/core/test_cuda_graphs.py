@@ -37,6 +37,40 @@ def test_rope_cuda_graph_capture_and_replay():
         assert (static_k.double() - tk).abs().max() <= 2 * (ek.double() - tk).abs().max() + 1e-2
 
 
+@pytest.mark.parametrize("norm", ["head", "heads"])
+def test_qk_norm_rope_cuda_graph_capture_and_replay(norm):
+    """qk_norm_rope_ captured once (positions are a tensor: no host sync under capture), replayed with new
+    positions and new q/k: each replay equals the float64 reference within the dtype-tied bound."""
+    from posenc_kernels.ops.qknorm.reference import qk_norm_rope_hf_eager, qk_norm_rope_reference
+
+    dev = torch.device("cuda")
+    Hq, Hk = (32, 8) if norm == "head" else (40, 40)
+    q = torch.randn(4, 1, Hq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(4, 1, Hk, 128, device=dev, dtype=torch.bfloat16)
+    n = 128 if norm == "head" else None
+    qw = torch.rand(n or Hq * 128, device=dev, dtype=torch.bfloat16) + 0.5
+    kw = torch.rand(n or Hk * 128, device=dev, dtype=torch.bfloat16) + 0.5
+    cos, sin = pk.rope_cos_sin(4096, pk.rope_frequencies(128, 1e6)[0].to(dev))
+    pos = torch.tensor([[3], [100], [4000], [0]], device=dev)
+    static_q, static_k = q.clone(), k.clone()
+    pk.qk_norm_rope_(static_q.clone(), static_k.clone(), qw, kw, cos, sin, norm=norm, positions=pos)  # warm-up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pk.qk_norm_rope_(static_q, static_k, qw, kw, cos, sin, norm=norm, positions=pos)
+    for step in range(3):
+        new_pos = torch.randint(0, 4096, (4, 1), device=dev)
+        q.normal_()
+        pos.copy_(new_pos)
+        static_q.copy_(q)
+        static_k.copy_(k)
+        g.replay()
+        tq, tk = qk_norm_rope_reference(q, k, qw, kw, cos, sin, norm=norm, positions=new_pos)
+        eq, ek = qk_norm_rope_hf_eager(q, k, qw, kw, cos, sin, norm=norm, positions=new_pos)
+        assert (static_q.double() - tq).abs().max() <= 2 * (eq.double() - tq).abs().max() + 1e-2
+        assert (static_k.double() - tk).abs().max() <= 2 * (ek.double() - tk).abs().max() + 1e-2
+
+
 def peak_extra_bytes(fn) -> int:
     """Bytes allocated above the starting level during one call of ``fn`` (after a warm-up call)."""
     fn()
@@ -48,14 +82,19 @@ def peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-@pytest.mark.parametrize("op", ["rope", "sinusoidal"])
+@pytest.mark.parametrize("op", ["rope", "sinusoidal", "qknorm"])
 def test_inplace_ops_allocate_nothing_proportional(op):
     dev = torch.device("cuda")
     q = torch.randn(1, 8192, 32, 128, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, 8192, 8, 128, device=dev, dtype=torch.bfloat16)
     cos, sin = pk.rope_cos_sin(8192, pk.rope_frequencies(128)[0].to(dev))
     x = torch.randn(4, 8192, 1024, device=dev, dtype=torch.bfloat16)
-    fn = (lambda: pk.apply_rope_(q, k, cos, sin)) if op == "rope" else (lambda: pk.add_sinusoidal_(x))
+    w = torch.rand(128, device=dev, dtype=torch.bfloat16)
+    fn = {
+        "rope": lambda: pk.apply_rope_(q, k, cos, sin),
+        "sinusoidal": lambda: pk.add_sinusoidal_(x),
+        "qknorm": lambda: pk.qk_norm_rope_(q, k, w, w, cos, sin),
+    }[op]
     assert peak_extra_bytes(fn) < 1 << 20, "in-place op allocated memory"
 
 

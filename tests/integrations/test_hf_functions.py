@@ -145,13 +145,13 @@ def test_hf_tables_requiring_grad_take_hf_math(backend):
 def test_hf_kernel_path_taken(backend, monkeypatch):
     """The common HF shapes must reach the kernel (not the fallback), with no copy of q/k beyond the output."""
     calls = []
-    real = hf_int.apply_rope
+    real = hf_int._rope_out
 
     def spy(q, k, cos, sin, **kw):
         calls.append((q, k, cos, sin, kw))
         return real(q, k, cos, sin, **kw)
 
-    monkeypatch.setattr(hf_int, "apply_rope", spy)
+    monkeypatch.setattr(hf_int, "_rope_out", spy)
     q, k = hf_qk(2, 4, 2, 5, 16, torch.float32, "proj")
     cos, sin = hf_cos_sin(2, 5, 16, torch.float32)
     hf_int.apply_rotary_pos_emb(q, k, cos, sin)

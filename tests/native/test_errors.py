@@ -229,6 +229,39 @@ PE_INPLACE_CASES = {
 }
 
 
+def _qk_args(**kw):
+    """qk_norm_rope_'s schema arguments: rope_'s (q [2, 5, 4, 8], k [2, 5, 2, 8]) with weights [8] inserted."""
+    norm = dict(q_weight=_g(8), k_weight=_g(8), eps=1e-6, norm=0, weight_offset=0.0)
+    rope_kw = {n: kw.pop(n) for n in list(kw) if n not in norm}
+    norm.update(kw)
+    r = _rope_args(**rope_kw)
+    return r[:2] + tuple(norm.values()) + r[2:]
+
+
+QK_CASES = {
+    "norm code": _qk_args(norm=2),
+    "eps negative": _qk_args(eps=-1.0),
+    "eps nan": _qk_args(eps=float("nan")),
+    "weight_offset inf": _qk_args(weight_offset=float("inf")),
+    "conjugate": _qk_args(conjugate=True),
+    "q_weight length": _qk_args(q_weight=_g(7)),
+    "q_weight 2-D": _qk_args(q_weight=_g(1, 8)),
+    "q_weight dtype": _qk_args(q_weight=_g(8, dtype=torch.float64)),
+    "q_weight int": _qk_args(q_weight=torch.ones(8, dtype=torch.int32)),
+    "k_weight per-head with heads": _qk_args(norm=1, q_weight=_g(32)),
+    "q_weight per-head with heads": _qk_args(norm=1, k_weight=_g(16)),
+    "k_weight without k": _qk_args(k=None),
+    "k shape": _qk_args(k=_g(2, 4, 2, 8)),
+    "positions shape": _qk_args(positions=torch.zeros(4, dtype=torch.long)),
+    "row outside table": _qk_args(offset=14),
+}
+_qbuf = _g(2, 5, 6, 8)
+QK_INPLACE_CASES = {
+    "k overlaps q": _qk_args(q=_qbuf[:, :, :4], k=_qbuf[:, :, 3:5]),
+    "q expanded": _qk_args(q=_g(2, 1, 4, 8).expand(2, 5, 4, 8)),
+}
+
+
 def _raised(op, args, backend):
     with pk.use_backend(backend):
         try:
@@ -245,6 +278,11 @@ def _cases():
         yield f"rope-{name}", ops.rope.default, args
     for name, args in ROPE_INPLACE_CASES.items():
         yield f"rope_-{name}", ops.rope_.default, args
+    for name, args in QK_CASES.items():
+        yield f"qk_norm_rope_-{name}", ops.qk_norm_rope_.default, args
+        yield f"qk_norm_rope-{name}", ops.qk_norm_rope.default, args
+    for name, args in QK_INPLACE_CASES.items():
+        yield f"qk_norm_rope_-{name}", ops.qk_norm_rope_.default, args
     for name, args in {**SIN_CASES, **SIN_INPLACE_CASES}.items():
         yield f"add_sinusoidal_-{name}", ops.add_sinusoidal_.default, args
     for name, args in SIN_CASES.items():

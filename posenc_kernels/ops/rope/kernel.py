@@ -147,6 +147,51 @@ if HAS_TRITON:
             tl.store(o_ptr + o_row + (2 * HALF + ct) * od, tail, mask=mt)
 
     @triton.jit
+    def rope_angles_tl(
+        b, s, tok_mask, pos_ptr, stride_pos_a, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+        axis_ptr, stride_axis, cos_ptr, sin_ptr, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f, inv_ptr,
+        n_rows, attention_factor,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, CU_BLOCK: tl.constexpr, POS_MODE: tl.constexpr,
+        SEQ_OFFSETS: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, IDX64: tl.constexpr,
+        ACC: tl.constexpr,
+    ):  # fmt: skip
+        """cos/sin ``[BLOCK_T, BLOCK_HALF]`` in ACC of tokens ``(b, s)``: steps 2 and 3 of :func:`_rope_kernel`
+        (positions, any mode or an axis map; then table rows or on-the-fly angles, HF's fp32 product or the
+        exact algorithm, times attention_factor) for kernels that fuse RoPE after other work (qknorm). Rows
+        outside the table, and a bad axis, give NaN. Its loads are issued together, before any math."""
+        c = tl.arange(0, BLOCK_HALF)[None, :]
+        cmask = c < HALF
+        if N_AXES > 0:
+            ax = tl.load(axis_ptr + c * stride_axis, mask=cmask, other=-1)
+            tok_off = b * stride_pos_b + s * stride_pos_s
+            pos = tl.full([s.shape[0], BLOCK_HALF], -1, tl.int64)
+            for a in tl.static_range(N_AXES):
+                p_a = tl.load(pos_ptr + a * stride_pos_a + tok_off, mask=tok_mask, other=0).to(tl.int64)
+                pos = tl.where(ax == a, p_a[:, None], pos)
+        else:
+            pos = token_positions_tl(
+                b, s, tok_mask, pos_ptr, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+                CU_BLOCK, POS_MODE, SEQ_OFFSETS,
+            )[:, None]  # fmt: skip
+        if ANGLES == 0:
+            cm = tok_mask[:, None] & (pos >= 0) & (pos < n_rows) & cmask
+            if not IDX64:
+                pos = pos.to(tl.int32)
+            cos = tl.load(cos_ptr + pos * stride_cos_p + c * stride_cos_f, mask=cm, other=float("nan")).to(ACC)
+            sin = tl.load(sin_ptr + pos * stride_sin_p + c * stride_sin_f, mask=cm, other=float("nan")).to(ACC)
+        else:
+            inv = tl.load(inv_ptr + c, mask=cmask, other=0.0)
+            if ANGLES == 1:
+                angle = pos.to(tl.float32) * inv.to(tl.float32)  # HF numerics: one fp32 product
+            else:
+                angle = exact_angle_tl(pos, inv)
+            if N_AXES > 0:
+                angle = tl.where(pos >= 0, angle, float("nan"))
+            cos = (tl.cos(angle) * attention_factor).to(ACC)
+            sin = (tl.sin(angle) * attention_factor).to(ACC)
+        return cos, sin
+
+    @triton.jit
     def _rope_cos_sin_kernel(
         pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, n_pos, half, attention_factor,
         BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,

@@ -1,0 +1,196 @@
+"""QK-norm + RoPE: the public functions. They coerce arguments and call the op pair (:mod:`.op`); the ops
+validate and dispatch. The contract, in short (``docs/qknorm.md`` has the whole of it):
+
+* ``q`` ``[B, S, Hq, D]``, ``k`` ``[B, S, Hk, D]`` or None, any strides, or packed ``[T, H, D]`` (the
+  layouts of :func:`~posenc_kernels.apply_rope_`).
+* RMSNorm with fp32 statistics, times ``weight_offset + w``: ``norm="head"`` normalises each head over its
+  ``D`` channels (Qwen3, Gemma 3; weights ``[D]``), ``norm="heads"`` each token over all its heads, q and k
+  separately (OLMo 2, Flux, Wan; weights ``[Hq*D]`` and ``[Hk*D]``). A weight of None scales by 1
+  (``weight_offset`` applies to a given weight only). Gemma's ``(1 + w)`` is ``weight_offset=1.0``.
+* Then RoPE on the first ``R`` channels, with every argument of ``apply_rope_`` (tables or ``inv_freq``,
+  positions / offsets / ``cu_seqlens``, ``axis_map``, ``interleaved``, ``attention_factor``, ``exact``).
+* fp32 math, one rounding on store; q and k in one launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..checks import FLOAT_DTYPES, check_tensor
+from ..rope.api import _args as _rope_args
+from .op import qk_norm_rope as _pair
+from .torch_impl import HEAD, HEADS
+
+__all__ = ["qk_norm_rope_", "qk_norm_rope", "qk_norm_rope_qkv_"]
+
+_NORMS = {"head": HEAD, "heads": HEADS}
+
+
+def _norm_args(q_weight, k_weight, eps, norm, weight_offset) -> tuple:
+    code = _NORMS.get(norm) if isinstance(norm, str) else None
+    if code is None:
+        raise ValueError(f"norm must be 'head' or 'heads', got {norm!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+        raise TypeError(f"weight_offset must be a float, got {type(weight_offset).__name__}")
+    return (q_weight, k_weight, float(eps), code, float(weight_offset))
+
+
+def qk_norm_rope_(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    q_weight: Optional[torch.Tensor],
+    k_weight: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    eps: float = 1e-6,
+    norm: str = "head",
+    weight_offset: float = 0.0,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """RMSNorm q and k (``norm="head"``: each head, ``"heads"``: all heads of a token), scale by
+    ``weight_offset + w``, then rotate them (RoPE, as :func:`~posenc_kernels.apply_rope_`), in place, in
+    one launch. Returns ``(q, k)`` (the same tensors). Differentiable w.r.t. q, k and the weights under
+    PyTorch's in-place rules.
+
+    >>> import torch, posenc_kernels as pk
+    >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
+    >>> q_weight, k_weight = torch.rand(16), torch.rand(16)
+    >>> cos, sin = pk.rope_cos_sin(5, pk.rope_frequencies(16)[0])
+    >>> q2, k2 = pk.qk_norm_rope_(q, k, q_weight, k_weight, cos, sin, eps=1e-6)
+    >>> q2 is q
+    True
+    >>> q3, _ = pk.qk_norm_rope_(torch.randn(3, 5, 4, 16), None, torch.rand(4 * 16), None, cos, sin,
+    ...                          norm="heads", weight_offset=1.0)  # over all heads, (1 + w)
+    """
+    rest = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    _pair.call_inplace(q, k, *_norm_args(q_weight, k_weight, eps, norm, weight_offset), *rest)
+    return q, k
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    q_weight: Optional[torch.Tensor],
+    k_weight: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    eps: float = 1e-6,
+    norm: str = "head",
+    weight_offset: float = 0.0,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place twin of :func:`qk_norm_rope_`: returns new tensors, inputs untouched; differentiable
+    w.r.t. q, k, q_weight and k_weight.
+
+    >>> import torch, posenc_kernels as pk
+    >>> q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    >>> w = torch.ones(8, requires_grad=True)
+    >>> cos, sin = pk.rope_cos_sin(3, pk.rope_frequencies(8)[0])
+    >>> q_out, _ = pk.qk_norm_rope(q, None, w, None, cos, sin)
+    >>> q_out.square().mean(-1)[0, 0].round(decimals=4)  # position 0: RMS 1 per head
+    tensor([1., 1.], grad_fn=<RoundBackward1>)
+    >>> q_out.sum().backward(); w.grad.shape
+    torch.Size([8])
+    """
+    rest = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
+    q_out, k_out = _pair.call(q, k, *_norm_args(q_weight, k_weight, eps, norm, weight_offset), *rest)
+    return q_out, (k_out if k is not None else None)
+
+
+def qk_norm_rope_qkv_(
+    qkv: torch.Tensor,
+    q_weight: Optional[torch.Tensor],
+    k_weight: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    num_heads_q: int,
+    num_heads_kv: int,
+    head_dim: Optional[int] = None,
+    eps: float = 1e-6,
+    norm: str = "head",
+    weight_offset: float = 0.0,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
+    exact: bool = False,
+    axis_map: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """:func:`qk_norm_rope_` on the q and k heads of a fused projection, in place, in one launch; the v heads
+    are untouched. Returns ``qkv``.
+
+    ``qkv`` is ``[B, S, Hq + 2*Hkv, D]`` (or packed ``[T, Hq + 2*Hkv, D]``); with ``head_dim`` it is the
+    flat output of the QKV linear, ``[B, S, W]`` or ``[T, W]`` with ``W = (Hq + 2*Hkv) * head_dim``.
+    Heads ``[0, Hq)`` are q, ``[Hq, Hq + Hkv)`` k, the rest v. Other arguments as in :func:`qk_norm_rope_`.
+
+    >>> import torch, posenc_kernels as pk
+    >>> qkv = torch.randn(2, 6, (4 + 2 * 2) * 32)            # a QKV linear's output
+    >>> v = qkv[..., 6 * 32:].clone()
+    >>> cos, sin = pk.rope_cos_sin(6, pk.rope_frequencies(32)[0])
+    >>> out = pk.qk_norm_rope_qkv_(qkv, torch.rand(32), torch.rand(32), cos, sin,
+    ...                            num_heads_q=4, num_heads_kv=2, head_dim=32)
+    >>> out is qkv, torch.equal(qkv[..., 6 * 32:], v)
+    (True, True)
+    """
+    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    heads = num_heads_q + 2 * num_heads_kv
+    if head_dim is None:
+        check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+        if qkv.shape[-2] != heads:
+            raise ValueError(
+                f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {heads} heads (dim -2), "
+                f"got {qkv.shape[-2]}"
+            )
+        x = qkv
+    else:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+        if qkv.shape[-1] != heads * head_dim:
+            raise ValueError(
+                f"qkv's last dim must be (Hq + 2*Hkv) * head_dim = ({num_heads_q} + 2*{num_heads_kv}) * {head_dim} "
+                f"= {heads * head_dim}, got {qkv.shape[-1]}"
+                + (f" (not a multiple of head_dim {head_dim})" if qkv.shape[-1] % head_dim else "")
+            )
+        x = qkv.unflatten(-1, (heads, head_dim))
+    q = x[..., :num_heads_q, :]
+    k = x[..., num_heads_q : num_heads_q + num_heads_kv, :]
+    args = _norm_args(q_weight, k_weight, eps, norm, weight_offset) + _rope_args(
+        cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact
+    )
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (qkv, q_weight, k_weight)
+    ) and not torch.compiler.is_compiling():
+        # q and k are two views of one base: autograd lets one Function write only one of them in place,
+        # so a recorded call runs the out-of-place op and writes its results back (copy_ into the views).
+        q_new, k_new = _pair.call(q, k, *args)
+        q.copy_(q_new)
+        k.copy_(k_new)
+    else:
+        _pair.call_inplace(q, k, *args)
+    return qkv

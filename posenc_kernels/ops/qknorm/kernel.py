@@ -1,0 +1,223 @@
+"""QK-norm + RoPE Triton kernel and its launcher: one program normalises and rotates ``BLOCK_T`` tokens x
+``BLOCK_H`` heads of q *or* k (the grid's head-block axis covers q's blocks then k's, as in the RoPE kernel),
+so q and k take one launch. ``norm="heads"`` gives a program all heads of its tokens (the statistics span
+them). Positions and angles come from the RoPE family's helper (:func:`..rope.kernel.rope_angles_tl`).
+"""
+
+from __future__ import annotations
+
+from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..positions import launch_args
+from ..registry import HAS_TRITON
+from .torch_impl import HEADS
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..rope.kernel import rope_angles_tl
+
+    @triton.jit
+    def _qk_norm_rope_kernel(
+        q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
+        seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
+        stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
+        stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr,
+        NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, INPLACE: tl.constexpr,
+        IDX64: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Grid: (B * token blocks, q head blocks + k head blocks). Order: the head rows' loads, the weights,
+        the positions and cos/sin rows; then the statistics (fp32, or fp64 for fp64 inputs), the scale
+        ``rstd * (weight_offset + w)``, the rotation of channels ``[0, 2*HALF)``, and one cast on store.
+        Channels ``[2*HALF, D)`` are normalised and stored unrotated. Rows are masked per head, so a
+        program's extra heads (several heads per program, partial rotary) never touch another's."""
+        pid = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        b = pid // n_s_blocks
+        s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+        is_q = pid_h < n_q_blocks
+        x_ptr = tl.where(is_q, q_ptr, k_ptr)
+        o_ptr = tl.where(is_q, qo_ptr, ko_ptr)
+        w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
+        has_w = tl.where(is_q, HAS_QW, HAS_KW)
+        h = tl.where(is_q, pid_h, pid_h - n_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        n_heads = tl.where(is_q, n_heads_q, n_heads_k)
+        sxb = tl.where(is_q, stride_q_b, stride_k_b)
+        sxs = tl.where(is_q, stride_q_s, stride_k_s)
+        sxh = tl.where(is_q, stride_q_h, stride_k_h)
+        sxd = tl.where(is_q, stride_q_d, stride_k_d)
+        if IDX64:
+            b = b.to(tl.int64)
+            s = s.to(tl.int64)
+            h = h.to(tl.int64)
+        tok_mask = s < seqlen
+        head_mask = h < n_heads
+        x_row = b * sxb + s[:, None, None] * sxs + h[None, :, None] * sxh  # [BLOCK_T, BLOCK_H, 1]
+        row_mask = tok_mask[:, None, None] & head_mask[None, :, None]
+        if NORM_HEADS:
+            w_row = h[None, :, None] * D  # weights [H*D]
+        else:
+            w_row = h[None, :, None] * 0  # weights [D]
+        wmask_h = head_mask[None, :, None] & has_w
+        # ---- 1. loads: head rows, weights (rotary pairs, then the unrotated tail)
+        if INTERLEAVED:
+            ch = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+            m = row_mask & (ch < 2 * HALF)
+            x = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+            if HAS_QW or HAS_KW:
+                w = tl.load(w_ptr + w_row + ch, mask=wmask_h & (ch < 2 * HALF), other=0.0)
+        else:
+            ch = tl.arange(0, BLOCK_HALF)[None, None, :]
+            m = row_mask & (ch < HALF)
+            x1 = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+            x2 = tl.load(x_ptr + x_row + (HALF + ch) * sxd, mask=m, other=0.0)
+            if HAS_QW or HAS_KW:
+                w1 = tl.load(w_ptr + w_row + ch, mask=wmask_h & (ch < HALF), other=0.0)
+                w2 = tl.load(w_ptr + w_row + HALF + ch, mask=wmask_h & (ch < HALF), other=0.0)
+        if TAIL > 0:
+            ct = tl.arange(0, BLOCK_TAIL)[None, None, :]
+            mt = row_mask & (ct < TAIL)
+            tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
+            if HAS_QW or HAS_KW:
+                wt = tl.load(w_ptr + w_row + 2 * HALF + ct, mask=wmask_h & (ct < TAIL), other=0.0)
+        # ---- 2. positions and cos/sin [BLOCK_T, BLOCK_HALF]
+        cos, sin = rope_angles_tl(
+            b, s, tok_mask, pos_ptr, stride_pos_a, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+            axis_ptr, stride_axis, cos_ptr, sin_ptr, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+            inv_ptr, n_rows, attention_factor, HALF, BLOCK_HALF, CU_BLOCK, POS_MODE, SEQ_OFFSETS, N_AXES, ANGLES,
+            IDX64, ACC,
+        )  # fmt: skip
+        c3 = cos[:, None, :]
+        s3 = sin[:, None, :]
+        # ---- 3. statistics: sum of squares per head [BLOCK_T, BLOCK_H] (or per token, over all heads)
+        if INTERLEAVED:
+            xa = x.to(ACC)
+            ss = tl.sum(xa * xa, axis=2)
+        else:
+            a1 = x1.to(ACC)
+            a2 = x2.to(ACC)
+            ss = tl.sum(a1 * a1, axis=2) + tl.sum(a2 * a2, axis=2)
+        if TAIL > 0:
+            at = tail.to(ACC)
+            ss += tl.sum(at * at, axis=2)
+        if NORM_HEADS:
+            n = n_heads * D
+            tot = tl.sum(ss, axis=1)[:, None]  # masked heads contribute 0
+        else:
+            n = D
+            tot = ss
+        rstd = (1.0 / tl.sqrt(tot / n + eps))[:, :, None]  # [BLOCK_T, BLOCK_H or 1, 1]
+        # ---- 4. scale, rotate, store
+        if INPLACE:
+            o_row = x_row
+            od = sxd
+        else:
+            sob = tl.where(is_q, stride_qo_b, stride_ko_b)
+            sos = tl.where(is_q, stride_qo_s, stride_ko_s)
+            soh = tl.where(is_q, stride_qo_h, stride_ko_h)
+            o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
+            od = tl.where(is_q, stride_qo_d, stride_ko_d)
+        if INTERLEAVED:
+            y = xa * rstd
+            if HAS_QW or HAS_KW:
+                y = y * tl.where(has_w, w.to(ACC) + weight_offset, 1.0)
+            y_even, y_odd = tl.split(tl.reshape(y, [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
+            o_even = y_even * c3 - y_odd * s3
+            o_odd = y_odd * c3 + y_even * s3
+            out = tl.reshape(tl.join(o_even, o_odd), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF])
+            tl.store(o_ptr + o_row + ch * od, out.to(o_ptr.dtype.element_ty), mask=m)
+        else:
+            y1 = a1 * rstd
+            y2 = a2 * rstd
+            if HAS_QW or HAS_KW:
+                y1 = y1 * tl.where(has_w, w1.to(ACC) + weight_offset, 1.0)
+                y2 = y2 * tl.where(has_w, w2.to(ACC) + weight_offset, 1.0)
+            tl.store(o_ptr + o_row + ch * od, (y1 * c3 - y2 * s3).to(o_ptr.dtype.element_ty), mask=m)
+            tl.store(o_ptr + o_row + (HALF + ch) * od, (y2 * c3 + y1 * s3).to(o_ptr.dtype.element_ty), mask=m)
+        if TAIL > 0:
+            yt = at * rstd
+            if HAS_QW or HAS_KW:
+                yt = yt * tl.where(has_w, wt.to(ACC) + weight_offset, 1.0)
+            tl.store(o_ptr + o_row + (2 * HALF + ct) * od, yt.to(o_ptr.dtype.element_ty), mask=mt)
+
+
+QKNORM_TILE = 8192  # elements per program (a program's whole head rows are in registers)
+
+
+def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: int, norm: int, interleaved: bool):
+    """``(BLOCK_HALF, BLOCK_TAIL, BLOCK_H, BLOCK_T, num_warps)``. A program holds whole head rows (the
+    statistics need every channel): rotary pairs padded to a power of two plus the tail. ``"heads"`` takes
+    every head of a token (``BLOCK_H`` covers the larger head count), ``"head"`` up to the smaller count
+    (q and k programs alike) within ``QKNORM_TILE`` elements; ``BLOCK_T`` fills the tile (at most 16 tokens
+    and the sequence length); 64 elements per thread set the warps (1 to 16)."""
+    block_half = next_pow2(half)
+    tail = D - 2 * half
+    block_tail = next_pow2(tail) if tail else 1
+    width = 2 * block_half + (block_tail if tail else 0)
+    if norm == HEADS:
+        block_h = next_pow2(max(heads_q, heads_k))
+    else:
+        heads = min(heads_q, heads_k) if heads_k > 0 else heads_q
+        block_h = min(next_pow2(heads), prev_pow2(max(1, QKNORM_TILE // width)))
+    block_t = min(16, prev_pow2(max(1, QKNORM_TILE // (block_h * width))), next_pow2(seqlen))
+    tile = block_t * block_h * width
+    num_warps = prev_pow2(max(1, min(16, tile // (32 * 64))))
+    return block_half, block_tail, block_h, block_t, num_warps
+
+
+def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+                        positions, offsets, offset, cu_seqlens, axis_map, attention_factor, interleaved, conjugate,
+                        exact) -> None:  # fmt: skip
+    """Launch for 4-D ``q``/``k`` ``[B, S, H, D]`` (packed inputs arrive as ``B = 1``)."""
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2] if k is not None else 0
+    if B * S == 0 or Hq + Hk == 0:
+        return
+    half = (cos if inv_freq is None else inv_freq).shape[-1]
+    if inv_freq is None:
+        angles, n_rows = 0, cos.shape[0]
+        tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    else:
+        angles, n_rows = (2 if exact else 1), 0
+        inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
+        tab = (inv_freq, inv_freq, 0, 0, 0, 0)
+    if axis_map is None:
+        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
+            positions, offsets, offset, cu_seqlens
+        )
+        spos_a = saxis = n_axes = 0
+    else:
+        mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
+        pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
+    kk = k if k is not None else q
+    ko = k_out if k_out is not None else q_out
+    qw = q_weight if q_weight is None or q_weight.stride(0) == 1 else q_weight.contiguous()
+    kw = k_weight if k_weight is None or k_weight.stride(0) == 1 else k_weight.contiguous()
+    has_qw, has_kw = qw is not None, kw is not None and k is not None
+    wq = qw if has_qw else (kw if has_kw else q)  # dummies where absent: masked, never read
+    wk = kw if has_kw else wq
+    inplace = q_out is q and (k is None or k_out is k)
+    block_half, block_tail, block_h, block_t, num_warps = qk_norm_rope_blocks(D, half, Hq, Hk, S, norm, interleaved)
+    tables = (cos, sin) if angles == 0 else ()
+    idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, *tables)) > I32_MAX
+    n_s_blocks = triton.cdiv(S, block_t)
+    grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    with device_guard(q):
+        _qk_norm_rope_kernel[grid](
+            q, kk, q_out, ko, wq, wk, tab[0], tab[1], inv_freq, pos, off, axis_map,
+            S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, float(attention_factor), float(eps), float(weight_offset),
+            *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
+            spos_a, spb, sps, soff, saxis,
+            D=D, HALF=half, BLOCK_HALF=block_half, TAIL=D - 2 * half, BLOCK_TAIL=block_tail, BLOCK_T=block_t,
+            BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, CU_BLOCK=cu_block, N_AXES=n_axes, ANGLES=angles,
+            INTERLEAVED=interleaved, NORM_HEADS=norm == HEADS, HAS_QW=has_qw, HAS_KW=has_kw, INPLACE=inplace,
+            IDX64=idx64, ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, num_warps=num_warps,
+        )  # fmt: skip
