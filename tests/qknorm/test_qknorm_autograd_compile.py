@@ -9,7 +9,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels.ops.qknorm.reference import qk_norm_rope_reference
 
-from conftest import DEVICE, max_err
+from conftest import DEVICE, NATIVE_CPU, max_err
 from rope.common import tables
 from .common import weights
 
@@ -64,7 +64,8 @@ def test_gradcheck_float64(backend):
             return pk.qk_norm_rope_(q * 1.0, k * 1.0, qw, kw, cos, sin, positions=pos, norm=norm, weight_offset=0.5)
 
         assert torch.autograd.gradcheck(out_of_place, (q, k, qw, kw))
-        assert torch.autograd.gradcheck(in_place, (q, k, qw, kw))
+        if backend != "torch" or not NATIVE_CPU:  # the in-place Function's path: once per machine is enough
+            assert torch.autograd.gradcheck(in_place, (q, k, qw, kw))
         if norm == "heads":  # double backward through the composite backward
             assert torch.autograd.gradgradcheck(out_of_place, (q, k, qw, kw))
 
@@ -112,11 +113,14 @@ def test_opcheck(backend):
     pos = torch.randint(0, 8, (2, 3), device=DEVICE)
     rope_rest = lambda positions, offset, inter: (cos, sin, None, positions, None, offset, None, None, 1.0, inter,
                                                   False, False)  # fmt: skip
-    for args in [
+    cases = [
         (q.clone(), k.clone(), qw, kw, 1e-6, 0, 0.0, *rope_rest(None, 2, False)),
         (q.clone(), None, None, None, 1e-5, 1, 1.0, *rope_rest(pos, 0, True)),
-    ]:
+    ]
+    for args in cases:
         torch.library.opcheck(torch.ops.posenc.qk_norm_rope_.default, args)
+    if backend == "triton" and DEVICE.type == "cpu":
+        return  # the registration is backend-independent; the functional op's opcheck takes 20 s interpreted
     hw = torch.randn(4 * 16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(
         torch.ops.posenc.qk_norm_rope.default,
@@ -134,8 +138,9 @@ def _block(q, k, qw, kw, cos, sin, offsets):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend, compile_backend):
-    if backend == "triton" and compile_backend == "inductor" and DEVICE.type == "cpu":
-        pytest.skip("inductor treats the op as opaque (same as aot_eager here); 30 s of inductor compile on CPU")
+    if compile_backend == "inductor" and backend != "native" and DEVICE.type == "cpu":
+        pytest.skip("inductor treats the op as opaque: run once, on the default CPU backend (native); aot_eager "
+                    "runs on every backend")
     torch._dynamo.reset()
     q, k, qw, kw = _leaves(2, 5, 4, 1, 32, "head")
     cos, sin = tables(9, 32)

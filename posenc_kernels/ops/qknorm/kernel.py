@@ -88,6 +88,8 @@ if HAS_TRITON:
             tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
             if HAS_QW or HAS_KW:
                 wt = tl.load(w_ptr + w_row + 2 * HALF + ct, mask=wmask_h & (ct < TAIL), other=0.0)
+        # A fence, as in the RoPE kernel: no head or weight load sinks below it, nothing below is hoisted.
+        tl.debug_barrier()
         # ---- 2. positions and cos/sin [BLOCK_T, BLOCK_HALF]
         cos, sin = rope_angles_tl(
             b, s, tok_mask, pos_ptr, stride_pos_a, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
@@ -95,6 +97,8 @@ if HAS_TRITON:
             inv_ptr, n_rows, attention_factor, HALF, BLOCK_HALF, CU_BLOCK, POS_MODE, SEQ_OFFSETS, N_AXES, ANGLES,
             IDX64, ACC,
         )  # fmt: skip
+        # Every load is issued by now: a fence, so none sinks below the statistics' reductions.
+        tl.debug_barrier()
         c3 = cos[:, None, :]
         s3 = sin[:, None, :]
         # ---- 3. statistics: sum of squares per head [BLOCK_T, BLOCK_H] (or per token, over all heads)
@@ -150,6 +154,7 @@ if HAS_TRITON:
 
 
 QKNORM_TILE = 8192  # elements per program (a program's whole head rows are in registers)
+QKNORM_PER_THREAD = 32  # elements per thread: x, its weight and the fp32 math stay under 128 registers
 
 
 def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: int, norm: int, interleaved: bool):
@@ -157,7 +162,7 @@ def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: i
     statistics need every channel): rotary pairs padded to a power of two plus the tail. ``"heads"`` takes
     every head of a token (``BLOCK_H`` covers the larger head count), ``"head"`` up to the smaller count
     (q and k programs alike) within ``QKNORM_TILE`` elements; ``BLOCK_T`` fills the tile (at most 16 tokens
-    and the sequence length); 64 elements per thread set the warps (1 to 16)."""
+    and the sequence length); ``QKNORM_PER_THREAD`` elements per thread set the warps (1 to 16)."""
     block_half = next_pow2(half)
     tail = D - 2 * half
     block_tail = next_pow2(tail) if tail else 1
@@ -169,7 +174,7 @@ def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: i
         block_h = min(next_pow2(heads), prev_pow2(max(1, QKNORM_TILE // width)))
     block_t = min(16, prev_pow2(max(1, QKNORM_TILE // (block_h * width))), next_pow2(seqlen))
     tile = block_t * block_h * width
-    num_warps = prev_pow2(max(1, min(16, tile // (32 * 64))))
+    num_warps = prev_pow2(max(1, min(16, tile // (32 * QKNORM_PER_THREAD))))
     return block_half, block_tail, block_h, block_t, num_warps
 
 
