@@ -55,7 +55,9 @@ def check_qk_norm_rope(q, k, q_weight, k_weight, eps, norm, weight_offset, *rest
     if not isinstance(weight_offset, (int, float)) or not math.isfinite(weight_offset):
         raise ValueError(f"weight_offset must be a finite float, got {weight_offset!r}")
     if RopeArgs(*rest).conjugate:
-        raise ValueError("conjugate must be False for qk_norm_rope (its backward rotates back with the RoPE op)")
+        raise ValueError(
+            "conjugate must be False for qk_norm_rope (RoPE's backward flag; qk_norm_rope's backward is its own op)"
+        )
     check_rope(q, k, *rest, values=False, inplace=inplace)  # shapes first: the weights' lengths need them
     _check_weight("q_weight", q_weight, q, "q", norm)
     if k is None and k_weight is not None:
