@@ -42,8 +42,8 @@ inline RopeShape check_qk_norm_rope(const at::Tensor& q, const OptT& k, const Op
   TORCH_CHECK_VALUE(norm == kNormHead || norm == kNormHeads, "norm must be 'head' or 'heads' (codes 0, 1), got ", norm);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite float >= 0, got ", py_float(eps));
   TORCH_CHECK_VALUE(std::isfinite(weight_offset), "weight_offset must be a finite float, got ", py_float(weight_offset));
-  TORCH_CHECK_VALUE(!conjugate,
-                    "conjugate must be False for qk_norm_rope (its backward rotates back with the RoPE op)");
+  TORCH_CHECK_VALUE(!conjugate, "conjugate must be False for qk_norm_rope (RoPE's backward flag; qk_norm_rope's "
+                                "backward is its own op)");
   // shapes first (the weights' lengths need them); writability after the weights, as in Python
   const RopeShape r = check_rope(q, k, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
                                  attention_factor, exact, /*inplace=*/false);

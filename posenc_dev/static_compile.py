@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
 
 import posenc_kernels.ops.learned.kernel as learned
+import posenc_kernels.ops.qknorm.kernel as qknorm
 import posenc_kernels.ops.relative.kernel as relative
 import posenc_kernels.ops.rope.kernel as rope
 import posenc_kernels.ops.sinusoidal.kernel as sinus
@@ -295,6 +296,39 @@ def rope_cos_sin_case():
                   nbytes(pos, inv, cos, sin))  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- QK-norm
+
+
+def qknorm_case(B, S, Hq, Hk, D, R, dtype, *, norm=0, offsets=False, weights=True):
+    """Record and compile the QK-norm + RoPE launch of one shape (in place, fp32 tables). Every channel of
+    q and k is read and written once (the norm touches them all), plus the weights and the table rows."""
+    q = torch.empty(B, S, Hq, D, dtype=dtype)
+    k = torch.empty(B, S, Hk, D, dtype=dtype)
+    n = D if norm == 0 else None
+    qw = torch.empty(n or Hq * D, dtype=dtype) if weights else None
+    kw = torch.empty(n or Hk * D, dtype=dtype) if weights else None
+    n_pos = B * S if offsets else S
+    cos = torch.empty(n_pos + 8, R // 2, dtype=torch.float32)
+    off = torch.zeros(B, dtype=torch.int64) if offsets else None
+    dram = 2 * nbytes(q, k) + nbytes(qw, kw) + 2 * nbytes(cos[:n_pos]) + nbytes(off)
+
+    def launch():
+        qknorm.qk_norm_rope_triton(q, k, q, k, qw, kw, 1e-6, norm, 0.0, cos, cos, None, None, off, 0, None, None,
+                                   1.0, False, False, False)  # fmt: skip
+
+    return record(qknorm, "_qk_norm_rope_kernel", launch, dram)
+
+
+QKNORM_CASES = {
+    # Qwen3-8B: per-head norm, 32 q / 8 kv heads x 128, bf16
+    "qknorm_qwen3_8b_prefill_bf16": dict(B=1, S=4096, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16),
+    "qknorm_qwen3_8b_decode_bf16_offsets": dict(B=64, S=1, Hq=32, Hk=8, D=128, R=128, dtype=torch.bfloat16,
+                                                offsets=True),
+    # Wan-style cross-head norm: 40 x 128 for q and k, statistics over all heads of a token
+    "qknorm_wan_heads_prefill_bf16": dict(B=1, S=4096, Hq=40, Hk=40, D=128, R=128, dtype=torch.bfloat16, norm=1),
+}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- absolute
 
 
@@ -362,6 +396,7 @@ def t5_grad_case(kernel_name: str):
 CASES = {
     **{name: (lambda kw=kw: rope_case(**kw)) for name, kw in ROPE_CASES.items()},
     "rope_cos_sin": rope_cos_sin_case,
+    **{name: (lambda kw=kw: qknorm_case(**kw)) for name, kw in QKNORM_CASES.items()},
     "add_sinusoidal_bf16_d4096": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16),
     "add_sinusoidal_bf16_d4096_halves": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, interleaved=False),
     "add_sinusoidal_bf16_d4096_offsets": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, offsets=True),

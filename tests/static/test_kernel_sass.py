@@ -17,6 +17,9 @@ Bounds, and why:
     its 8 angles per thread (for 16-byte stores) with x live across libdevice's sin/cos spill on Triton 3.6;
   - 3 for the deterministic learned-table gradient, an indirection chain by design (row bounds -> the
     token order -> the gradient rows).
+  - 2 for QK-norm + RoPE over all heads of a token (Wan's 40 x 128, ``qknorm_wan_heads_prefill_bf16``): its
+    weight rows issue after x's data arrives (measured on Triton 3.6 and 3.9; not investigated further);
+    the per-head QK-norm case with ``offset + s`` takes 1.
   - not bounded, reported: the T5 bias, whose loop over a program's heads gathers each head's values
     from the (4 KB, L1-resident) bucket table and stores them before the next head's gather; the rounds
     counted there are L1 round trips, not DRAM ones, and holding every head's gather in flight would take
@@ -33,6 +36,9 @@ Bounds, and why:
     kernel (on-the-fly and exact angles) or an M-RoPE axis map: <= 0.12 (measured 0.088-0.095 on Triton
     3.9, 0.105-0.113 on 3.6);
   - the learned-table add (vector widths): <= 0.08;
+  - QK-norm + RoPE (a sum of squares, a weight product and a rotation per element): per head <= 0.14
+    (measured 0.11-0.125 on Triton 3.6 and 3.9), over all heads <= 0.24 (0.21: Wan's 40 heads run in a
+    64-head block, and the statistics cross warps);
   - the 64-bit indexing builds (offsets past 2**31) are not bounded: they must only cost more than the
     32-bit ones, which real shapes get;
   - the sinusoidal kernels compute a sin and a cos per element pair: libdevice's accurate sinf/cosf fast
@@ -73,8 +79,9 @@ VECTOR_STORES = ROPE + [
     "add_sinusoidal_bf16_d4096", "add_sinusoidal_bf16_d4096_halves", "add_sinusoidal_bf16_d4096_offsets",
     "add_sinusoidal_bf16_d4096_idx64", "sinusoidal_table_fp32_d512", "learned_add_gpt2_bf16_d768",
     "learned_add_gpt2_bf16_d768_idx64", "alibi_bias_bf16", "alibi_bias_fp32_decode", "t5_bias_bf16",
+    *[c for c in CASES if c.startswith("qknorm_")],
 ]  # fmt: skip
-LOADS_AS_STORED = [c for c in VECTOR_STORES if "add" in c or c.startswith("rope_")]  # in place: read, then written
+LOADS_AS_STORED = [c for c in VECTOR_STORES if "add" in c or c.startswith(("rope_", "qknorm_"))]  # in place: read, then written
 
 # Load rounds per program: 1 unless listed (the module doc says why for each); None: reported, not bounded.
 ROUNDS = {
@@ -83,6 +90,7 @@ ROUNDS = {
     "add_sinusoidal_bf16_d4096_halves": 2,
     "learned_grad_sorted_fp32_d4096": 3,
     "t5_bias_bf16": None,
+    "qknorm_wan_heads_prefill_bf16": 2,
 }  # fmt: skip
 
 
@@ -101,6 +109,8 @@ def ipb_bound(case: str):
         return 0.10
     if case.startswith("learned_add_gpt2"):
         return 0.08
+    if case.startswith("qknorm_"):
+        return 0.24 if "heads" in case else 0.14
     if "sinusoidal" in case or case == "rope_cos_sin":
         return 0.35
     return None

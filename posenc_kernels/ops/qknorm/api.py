@@ -21,7 +21,7 @@ import torch
 from ..checks import FLOAT_DTYPES, check_tensor
 from ..rope.api import _args as _rope_args
 from .op import qk_norm_rope as _pair
-from .torch_impl import HEAD, HEADS
+from .torch_impl import HEAD, HEADS, acc_of
 
 __all__ = ["qk_norm_rope_", "qk_norm_rope", "qk_norm_rope_qkv_"]
 
@@ -58,11 +58,18 @@ def qk_norm_rope_(
     exact: bool = False,
     axis_map: Optional[torch.Tensor] = None,
     interleaved: bool = False,
+    group=None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """RMSNorm q and k (``norm="head"``: each head, ``"heads"``: all heads of a token), scale by
     ``weight_offset + w``, then rotate them (RoPE, as :func:`~posenc_kernels.apply_rope_`), in place, in
     one launch. Returns ``(q, k)`` (the same tensors). Differentiable w.r.t. q, k and the weights under
     PyTorch's in-place rules.
+
+    ``group`` (a ``torch.distributed`` process group, tensor parallelism): q and k hold this rank's shard of
+    the heads (weights: its slice ``[H_local*D]``); with ``norm="heads"`` each token's sum of squares is
+    all-reduced over the group (one small all-reduce per tensor, and one per tensor in backward), so the
+    result equals the unsharded op's. With ``norm="head"`` the statistics are per head and ``group`` changes
+    nothing.
 
     >>> import torch, posenc_kernels as pk
     >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)
@@ -75,7 +82,11 @@ def qk_norm_rope_(
     ...                          norm="heads", weight_offset=1.0)  # over all heads, (1 + w)
     """
     rest = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
-    _pair.call_inplace(q, k, *_norm_args(q_weight, k_weight, eps, norm, weight_offset), *rest)
+    args = _norm_args(q_weight, k_weight, eps, norm, weight_offset) + rest
+    if group is not None and norm == "heads":
+        _sharded_inplace(q, k, args, group)
+    else:
+        _pair.call_inplace(q, k, *args)
     return q, k
 
 
@@ -98,6 +109,7 @@ def qk_norm_rope(
     exact: bool = False,
     axis_map: Optional[torch.Tensor] = None,
     interleaved: bool = False,
+    group=None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place twin of :func:`qk_norm_rope_`: returns new tensors, inputs untouched; differentiable
     w.r.t. q, k, q_weight and k_weight.
@@ -113,8 +125,61 @@ def qk_norm_rope(
     torch.Size([8])
     """
     rest = _rope_args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)
-    q_out, k_out = _pair.call(q, k, *_norm_args(q_weight, k_weight, eps, norm, weight_offset), *rest)
+    args = _norm_args(q_weight, k_weight, eps, norm, weight_offset) + rest
+    if group is not None and norm == "heads":
+        return _sharded(q, k, args, group)
+    q_out, k_out = _pair.call(q, k, *args)
     return q_out, (k_out if k is not None else None)
+
+
+# ---- tensor parallelism (norm="heads" with heads sharded over a process group)
+
+
+def _global_factor(x: torch.Tensor, eps: float, group) -> torch.Tensor:
+    """Per token ``rstd_global / rstd_local`` ``[..., 1, 1]`` in the accumulation dtype: the op normalises
+    with this rank's heads; RoPE is linear, so scaling its result by this factor gives the unsharded norm.
+    One all-reduce carries the token sums of squares and the channel count (shards may differ in heads);
+    it is differentiable (torch.distributed.nn), so backward all-reduces their gradients once."""
+    from torch.distributed.nn.functional import all_reduce
+
+    acc = acc_of(x.dtype)
+    ss_local = x.to(acc).square().sum(dim=(-2, -1))
+    n_local = x.shape[-2] * x.shape[-1]
+    both = torch.cat((ss_local.reshape(-1), ss_local.new_full((1,), float(n_local))))
+    total = all_reduce(both, group=group)
+    ss, n = total[:-1].view(ss_local.shape), total[-1]
+    f = torch.rsqrt(ss / n + eps) / torch.rsqrt(ss_local / n_local + eps)
+    return f[..., None, None]
+
+
+def _sharded(q, k, args, group):
+    _pair.check(q, k, *args, values=True, inplace=False)  # every rule before the collective
+    eps = args[2]
+    fq = _global_factor(q, eps, group)
+    fk = _global_factor(k, eps, group) if k is not None else None
+    q_out, k_out = _pair.call(q, k, *args)
+    q_out = (q_out * fq).to(q.dtype)
+    return q_out, ((k_out * fk).to(k.dtype) if k is not None else None)
+
+
+def _sharded_inplace(q, k, args, group):
+    records = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, args[0], args[1])
+    )
+    _pair.check(q, k, *args, values=True, inplace=True)
+    if records or torch.compiler.is_compiling():  # the factors read q and k before the write
+        q_new, k_new = _sharded(q, k, args, group)
+        q.copy_(q_new)
+        if k is not None:
+            k.copy_(k_new)
+        return
+    eps = args[2]
+    fq = _global_factor(q, eps, group)
+    fk = _global_factor(k, eps, group) if k is not None else None
+    _pair.call_inplace(q, k, *args)
+    q.mul_(fq)
+    if k is not None:
+        k.mul_(fk)
 
 
 def qk_norm_rope_qkv_(
@@ -188,7 +253,8 @@ def qk_norm_rope_qkv_(
     ) and not torch.compiler.is_compiling():
         # q and k are two views of one base: autograd lets one Function write only one of them in place,
         # so a recorded call runs the out-of-place op and writes its results back (copy_ into the views).
-        q_new, k_new = _pair.call(q, k, *args)
+        # Its inputs are copies: the op saves them for backward, and the write-back changes the views.
+        q_new, k_new = _pair.call(q.clone(), k.clone(), *args)
         q.copy_(q_new)
         k.copy_(k_new)
     else:

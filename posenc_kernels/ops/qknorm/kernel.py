@@ -6,6 +6,8 @@ them). Positions and angles come from the RoPE family's helper (:func:`..rope.ke
 
 from __future__ import annotations
 
+import torch
+
 from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..positions import launch_args
 from ..registry import HAS_TRITON
@@ -88,6 +90,8 @@ if HAS_TRITON:
             tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
             if HAS_QW or HAS_KW:
                 wt = tl.load(w_ptr + w_row + 2 * HALF + ct, mask=wmask_h & (ct < TAIL), other=0.0)
+        # A fence, as in the RoPE kernel: no head or weight load sinks below it, nothing below is hoisted.
+        tl.debug_barrier()
         # ---- 2. positions and cos/sin [BLOCK_T, BLOCK_HALF]
         cos, sin = rope_angles_tl(
             b, s, tok_mask, pos_ptr, stride_pos_a, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
@@ -95,6 +99,8 @@ if HAS_TRITON:
             inv_ptr, n_rows, attention_factor, HALF, BLOCK_HALF, CU_BLOCK, POS_MODE, SEQ_OFFSETS, N_AXES, ANGLES,
             IDX64, ACC,
         )  # fmt: skip
+        # Every load is issued by now: a fence, so none sinks below the statistics' reductions.
+        tl.debug_barrier()
         c3 = cos[:, None, :]
         s3 = sin[:, None, :]
         # ---- 3. statistics: sum of squares per head [BLOCK_T, BLOCK_H] (or per token, over all heads)
@@ -149,7 +155,209 @@ if HAS_TRITON:
             tl.store(o_ptr + o_row + (2 * HALF + ct) * od, yt.to(o_ptr.dtype.element_ty), mask=mt)
 
 
+    @triton.jit
+    def _qk_norm_rope_bwd_kernel(
+        q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, qw_ptr, kw_ptr, dwq_ptr, dwk_ptr,
+        cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
+        seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+        stride_gq_b, stride_gq_s, stride_gq_h, stride_gq_d,
+        stride_gk_b, stride_gk_s, stride_gk_h, stride_gk_d,
+        stride_dq_b, stride_dq_s, stride_dq_h, stride_dq_d,
+        stride_dk_b, stride_dk_s, stride_dk_h, stride_dk_d,
+        stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis, stride_dwq, stride_dwk,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr,
+        NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, NEED_QW: tl.constexpr,
+        NEED_KW: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Backward of :func:`_qk_norm_rope_kernel`, one program per forward program: the upstream gradient
+        rotated back (by -theta), ``gh = dz * (weight_offset + w)``, ``dx = rstd * (gh - x_hat * mean(gh *
+        x_hat))`` (the mean over the forward's statistics: a head, or all heads of a token), stored in dq/dk
+        (fresh tensors); the weight's gradient ``sum(dz * x_hat)`` over this program's
+        tokens (and heads, per-head norm) written as one row of a per-program buffer, summed afterwards in a
+        fixed order: deterministic, no atomics."""
+        pid = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        b = pid // n_s_blocks
+        s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+        is_q = pid_h < n_q_blocks
+        hb = tl.where(is_q, pid_h, pid_h - n_q_blocks)
+        x_ptr = tl.where(is_q, q_ptr, k_ptr)
+        g_ptr = tl.where(is_q, gq_ptr, gk_ptr)
+        o_ptr = tl.where(is_q, dq_ptr, dk_ptr)
+        w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
+        dw_ptr = tl.where(is_q, dwq_ptr, dwk_ptr)
+        has_w = tl.where(is_q, HAS_QW, HAS_KW)
+        need_w = tl.where(is_q, NEED_QW, NEED_KW)
+        n_blocks_x = tl.where(is_q, n_q_blocks, tl.cdiv(n_heads_k, BLOCK_H))
+        dw_row = (pid * n_blocks_x + hb) * tl.where(is_q, stride_dwq, stride_dwk)
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        n_heads = tl.where(is_q, n_heads_q, n_heads_k)
+        sxb = tl.where(is_q, stride_q_b, stride_k_b)
+        sxs = tl.where(is_q, stride_q_s, stride_k_s)
+        sxh = tl.where(is_q, stride_q_h, stride_k_h)
+        sxd = tl.where(is_q, stride_q_d, stride_k_d)
+        sgb = tl.where(is_q, stride_gq_b, stride_gk_b)
+        sgs = tl.where(is_q, stride_gq_s, stride_gk_s)
+        sgh = tl.where(is_q, stride_gq_h, stride_gk_h)
+        sgd = tl.where(is_q, stride_gq_d, stride_gk_d)
+        if IDX64:
+            b = b.to(tl.int64)
+            s = s.to(tl.int64)
+            h = h.to(tl.int64)
+        tok_mask = s < seqlen
+        head_mask = h < n_heads
+        x_row = b * sxb + s[:, None, None] * sxs + h[None, :, None] * sxh
+        g_row = b * sgb + s[:, None, None] * sgs + h[None, :, None] * sgh
+        row_mask = tok_mask[:, None, None] & head_mask[None, :, None]
+        if NORM_HEADS:
+            w_row = h[None, :, None] * D
+        else:
+            w_row = h[None, :, None] * 0
+        wmask_h = head_mask[None, :, None] & has_w
+        if INTERLEAVED:
+            ch = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+            cm = ch < 2 * HALF
+            m = row_mask & cm
+            x = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+            g = tl.load(g_ptr + g_row + ch * sgd, mask=m, other=0.0)
+            if HAS_QW or HAS_KW:
+                w = tl.load(w_ptr + w_row + ch, mask=wmask_h & cm, other=0.0)
+        else:
+            ch = tl.arange(0, BLOCK_HALF)[None, None, :]
+            cm = ch < HALF
+            m = row_mask & cm
+            x1 = tl.load(x_ptr + x_row + ch * sxd, mask=m, other=0.0)
+            x2 = tl.load(x_ptr + x_row + (HALF + ch) * sxd, mask=m, other=0.0)
+            g1 = tl.load(g_ptr + g_row + ch * sgd, mask=m, other=0.0)
+            g2 = tl.load(g_ptr + g_row + (HALF + ch) * sgd, mask=m, other=0.0)
+            if HAS_QW or HAS_KW:
+                w1 = tl.load(w_ptr + w_row + ch, mask=wmask_h & cm, other=0.0)
+                w2 = tl.load(w_ptr + w_row + HALF + ch, mask=wmask_h & cm, other=0.0)
+        if TAIL > 0:
+            ct = tl.arange(0, BLOCK_TAIL)[None, None, :]
+            mt = row_mask & (ct < TAIL)
+            tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
+            gt = tl.load(g_ptr + g_row + (2 * HALF + ct) * sgd, mask=mt, other=0.0)
+            if HAS_QW or HAS_KW:
+                wt = tl.load(w_ptr + w_row + 2 * HALF + ct, mask=wmask_h & (ct < TAIL), other=0.0)
+        tl.debug_barrier()
+        cos, sin = rope_angles_tl(
+            b, s, tok_mask, pos_ptr, stride_pos_a, stride_pos_b, stride_pos_s, off_ptr, stride_off, offset, n_seqs,
+            axis_ptr, stride_axis, cos_ptr, sin_ptr, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+            inv_ptr, n_rows, attention_factor, HALF, BLOCK_HALF, CU_BLOCK, POS_MODE, SEQ_OFFSETS, N_AXES, ANGLES,
+            IDX64, ACC,
+        )  # fmt: skip
+        tl.debug_barrier()
+        # Masked lanes' angles are NaN (padding channels, tokens past the end): zero, so the row sums below
+        # (the mean, the weight gradient) stay finite.
+        valid = tok_mask[:, None] & (tl.arange(0, BLOCK_HALF)[None, :] < HALF)
+        cos = tl.where(valid, cos, 0.0)
+        sin = tl.where(valid, sin, 0.0)
+        c3 = cos[:, None, :]
+        s3 = sin[:, None, :]
+        # ---- the forward's statistics, and dz = R(-theta) g on the rotary pairs
+        if INTERLEAVED:
+            xa = x.to(ACC)
+            ss = tl.sum(xa * xa, axis=2)
+            ge, go = tl.split(tl.reshape(g.to(ACC), [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
+            dze = ge * c3 + go * s3
+            dzo = go * c3 - ge * s3
+            dz = tl.reshape(tl.join(dze, dzo), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF])
+        else:
+            a1 = x1.to(ACC)
+            a2 = x2.to(ACC)
+            ss = tl.sum(a1 * a1, axis=2) + tl.sum(a2 * a2, axis=2)
+            b1 = g1.to(ACC)
+            b2 = g2.to(ACC)
+            dz1 = b1 * c3 + b2 * s3
+            dz2 = b2 * c3 - b1 * s3
+        if TAIL > 0:
+            at = tail.to(ACC)
+            ss += tl.sum(at * at, axis=2)
+            dzt = gt.to(ACC)
+        if NORM_HEADS:
+            n = n_heads * D
+            ss = tl.sum(ss, axis=1)[:, None]
+        else:
+            n = D
+        rstd = (1.0 / tl.sqrt(ss / n + eps))[:, :, None]
+        rstd = tl.where(row_mask, rstd, 0.0)  # masked rows (eps may be 0): x_hat 0, never NaN
+        # ---- gh = dz * (offset + w); dot = sum(gh * x_hat) over the statistics' span
+        if INTERLEAVED:
+            xh = xa * rstd
+            gh = dz
+            if HAS_QW or HAS_KW:
+                gh = dz * tl.where(has_w, w.to(ACC) + weight_offset, 1.0)
+            dot = tl.sum(gh * xh, axis=2)
+        else:
+            xh1 = a1 * rstd
+            xh2 = a2 * rstd
+            gh1 = dz1
+            gh2 = dz2
+            if HAS_QW or HAS_KW:
+                gh1 = dz1 * tl.where(has_w, w1.to(ACC) + weight_offset, 1.0)
+                gh2 = dz2 * tl.where(has_w, w2.to(ACC) + weight_offset, 1.0)
+            dot = tl.sum(gh1 * xh1, axis=2) + tl.sum(gh2 * xh2, axis=2)
+        if TAIL > 0:
+            xht = at * rstd
+            ght = dzt
+            if HAS_QW or HAS_KW:
+                ght = dzt * tl.where(has_w, wt.to(ACC) + weight_offset, 1.0)
+            dot += tl.sum(ght * xht, axis=2)
+        if NORM_HEADS:
+            dot = tl.sum(dot, axis=1)[:, None]
+        mean = (dot / n)[:, :, None]
+        sob = tl.where(is_q, stride_dq_b, stride_dk_b)
+        sos = tl.where(is_q, stride_dq_s, stride_dk_s)
+        soh = tl.where(is_q, stride_dq_h, stride_dk_h)
+        sod = tl.where(is_q, stride_dq_d, stride_dk_d)
+        o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
+        ety = o_ptr.dtype.element_ty
+        # weight-gradient rows: [BLOCK_H, C] per head (norm "heads": weight index h*D + c), else summed over heads
+        if NORM_HEADS:
+            wi = h[:, None] * D
+            wv = head_mask[:, None] & need_w
+        else:
+            wi = tl.zeros([1, 1], dtype=h.dtype)
+            wv = tl.full([1, 1], 1, tl.int1) & need_w
+        if INTERLEAVED:
+            tl.store(o_ptr + o_row + ch * sod, (rstd * (gh - xh * mean)).to(ety), mask=m)
+            if NEED_QW or NEED_KW:
+                cw = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+                pw = tl.sum(dz * xh, axis=0)  # [BLOCK_H, channels]
+                if not NORM_HEADS:
+                    pw = tl.sum(pw, axis=0)[None, :]
+                tl.store(dw_ptr + dw_row + wi + cw, pw, mask=wv & (cw < 2 * HALF))
+        else:
+            tl.store(o_ptr + o_row + ch * sod, (rstd * (gh1 - xh1 * mean)).to(ety), mask=m)
+            tl.store(o_ptr + o_row + (HALF + ch) * sod, (rstd * (gh2 - xh2 * mean)).to(ety), mask=m)
+            if NEED_QW or NEED_KW:
+                cw = tl.arange(0, BLOCK_HALF)[None, :]
+                pw1 = tl.sum(dz1 * xh1, axis=0)
+                pw2 = tl.sum(dz2 * xh2, axis=0)
+                if not NORM_HEADS:
+                    pw1 = tl.sum(pw1, axis=0)[None, :]
+                    pw2 = tl.sum(pw2, axis=0)[None, :]
+                tl.store(dw_ptr + dw_row + wi + cw, pw1, mask=wv & (cw < HALF))
+                tl.store(dw_ptr + dw_row + wi + HALF + cw, pw2, mask=wv & (cw < HALF))
+        if TAIL > 0:
+            tl.store(o_ptr + o_row + (2 * HALF + ct) * sod, (rstd * (ght - xht * mean)).to(ety), mask=mt)
+            if NEED_QW or NEED_KW:
+                cwt = tl.arange(0, BLOCK_TAIL)[None, :]
+                pwt = tl.sum(dzt * xht, axis=0)
+                if not NORM_HEADS:
+                    pwt = tl.sum(pwt, axis=0)[None, :]
+                tl.store(dw_ptr + dw_row + wi + 2 * HALF + cwt, pwt, mask=wv & (cwt < TAIL))
+
+
 QKNORM_TILE = 8192  # elements per program (a program's whole head rows are in registers)
+QKNORM_PER_THREAD = 32  # elements per thread: x, its weight and the fp32 math stay under 128 registers
 
 
 def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: int, norm: int, interleaved: bool):
@@ -157,7 +365,7 @@ def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: i
     statistics need every channel): rotary pairs padded to a power of two plus the tail. ``"heads"`` takes
     every head of a token (``BLOCK_H`` covers the larger head count), ``"head"`` up to the smaller count
     (q and k programs alike) within ``QKNORM_TILE`` elements; ``BLOCK_T`` fills the tile (at most 16 tokens
-    and the sequence length); 64 elements per thread set the warps (1 to 16)."""
+    and the sequence length); ``QKNORM_PER_THREAD`` elements per thread set the warps (1 to 16)."""
     block_half = next_pow2(half)
     tail = D - 2 * half
     block_tail = next_pow2(tail) if tail else 1
@@ -169,7 +377,7 @@ def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: i
         block_h = min(next_pow2(heads), prev_pow2(max(1, QKNORM_TILE // width)))
     block_t = min(16, prev_pow2(max(1, QKNORM_TILE // (block_h * width))), next_pow2(seqlen))
     tile = block_t * block_h * width
-    num_warps = prev_pow2(max(1, min(16, tile // (32 * 64))))
+    num_warps = prev_pow2(max(1, min(16, tile // (32 * QKNORM_PER_THREAD))))
     return block_half, block_tail, block_h, block_t, num_warps
 
 
@@ -221,3 +429,66 @@ def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weigh
             INTERLEAVED=interleaved, NORM_HEADS=norm == HEADS, HAS_QW=has_qw, HAS_KW=has_kw, INPLACE=inplace,
             IDX64=idx64, ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, num_warps=num_warps,
         )  # fmt: skip
+
+
+def qk_norm_rope_backward_triton(grad_q, grad_k, q, k, q_weight, k_weight, eps, norm, weight_offset, need_qw,
+                                 need_kw, dq, dk, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
+                                 attention_factor, interleaved, conjugate, exact):  # fmt: skip
+    """Backward launch for 4-D tensors: writes dq (dk, any strides); returns the weights' gradients (fp32,
+    fp64 for fp64 inputs), each a fixed-order sum of per-program rows (None where not asked)."""
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2] if k is not None else 0
+    half = (cos if inv_freq is None else inv_freq).shape[-1]
+    block_half, block_tail, block_h, block_t, num_warps = qk_norm_rope_blocks(D, half, Hq, Hk, S, norm, interleaved)
+    n_s_blocks = triton.cdiv(S, block_t)
+    nbq, nbk = triton.cdiv(Hq, block_h), triton.cdiv(Hk, block_h)
+    width = D if norm != HEADS else None
+    dev = q.device
+    need_qw = bool(need_qw and q_weight is not None)
+    need_kw = bool(need_kw and k_weight is not None and k is not None)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dwq = torch.zeros(B * n_s_blocks * nbq, width or Hq * D, device=dev, dtype=acc) if need_qw else None
+    dwk = torch.zeros(B * n_s_blocks * max(nbk, 1), width or Hk * D, device=dev, dtype=acc) if need_kw else None
+    if B * S == 0 or Hq + Hk == 0:
+        return (dwq.sum(0) if need_qw else None), (dwk.sum(0) if need_kw else None)
+    if inv_freq is None:
+        angles, n_rows = 0, cos.shape[0]
+        tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    else:
+        angles, n_rows = (2 if exact else 1), 0
+        inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
+        tab = (inv_freq, inv_freq, 0, 0, 0, 0)
+    if axis_map is None:
+        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
+            positions, offsets, offset, cu_seqlens
+        )
+        spos_a = saxis = n_axes = 0
+    else:
+        mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
+        pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
+    kk = k if k is not None else q
+    gk = grad_k if k is not None else grad_q
+    dkk = dk if k is not None else dq
+    qw = q_weight if q_weight is None or q_weight.stride(0) == 1 else q_weight.contiguous()
+    kw = k_weight if k_weight is None or k_weight.stride(0) == 1 else k_weight.contiguous()
+    has_qw, has_kw = qw is not None, kw is not None and k is not None
+    wq = qw if has_qw else (kw if has_kw else q)
+    wk = kw if has_kw else wq
+    bq = dwq if need_qw else (dwk if need_kw else dq)  # dummies where not asked: never written
+    bk = dwk if need_kw else bq
+    tables = (cos, sin) if angles == 0 else ()
+    idx64 = max(max_element_offset(t) for t in (q, kk, grad_q, gk, *tables)) > I32_MAX
+    grid = (B * n_s_blocks, nbq + nbk)
+    with device_guard(q):
+        _qk_norm_rope_bwd_kernel[grid](
+            q, kk, grad_q, gk, dq, dkk, wq, wk, bq, bk, tab[0], tab[1], inv_freq, pos, off, axis_map,
+            S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, float(attention_factor), float(eps), float(weight_offset),
+            *q.stride(), *kk.stride(), *grad_q.stride(), *gk.stride(), *dq.stride(), *dkk.stride(), *tab[2:],
+            spos_a, spb, sps, soff, saxis, bq.stride(0) if bq.dim() == 2 else 0, bk.stride(0) if bk.dim() == 2 else 0,
+            D=D, HALF=half, BLOCK_HALF=block_half, TAIL=D - 2 * half, BLOCK_TAIL=block_tail, BLOCK_T=block_t,
+            BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, CU_BLOCK=cu_block, N_AXES=n_axes, ANGLES=angles,
+            INTERLEAVED=interleaved, NORM_HEADS=norm == HEADS, HAS_QW=has_qw, HAS_KW=has_kw, NEED_QW=need_qw,
+            NEED_KW=need_kw, IDX64=idx64, ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return (dwq.sum(0) if need_qw else None), (dwk.sum(0) if need_kw else None)
