@@ -135,7 +135,8 @@ setup(
     ],
     extras_require={
         # transformers: parity tests against HF's rope functions and models (CPU, tiny random models).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6"],
+        # hypothesis: the property-based differential suite (tests/properties/).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6", "hypothesis>=6.100"],
         # Pictures: python -m posenc_kernels.plot ...
         "plot": ["matplotlib"],
     },
