@@ -9,7 +9,7 @@ from .absolute_cases import abs_cases, check, check_compiled
 from .common import examples, reproduce
 
 
-@settings(max_examples=examples(200))
+@settings(max_examples=examples(300))
 @given(case=abs_cases())
 def test_public_ops_match_reference_and_their_twins(case):
     reproduce(case, "op", "backend", "mode", "layout")

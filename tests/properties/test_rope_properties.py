@@ -8,7 +8,7 @@ from .common import examples, reproduce
 from .rope_cases import check, check_compiled, rope_cases
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=examples(250))
 @given(case=rope_cases())
 def test_apply_rope_matches_reference_and_its_twin(case):
     reproduce(case, "backend", "mode", "angles", "layout")
