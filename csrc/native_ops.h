@@ -14,7 +14,11 @@
 //     chooser and the ADInplaceOrView kernels take the dispatcher's form (DispatchSig: c10::SymInt) and pass
 //     SymInts on unchanged when they redispatch. Only a native kernel's call concretises them (concrete()),
 //     with guard_int, as torch itself does when it calls an int64_t kernel of a SymInt schema
-//     (KernelFunction::call, unpackSymInt): on real tensors the values are plain ints, so this is free;
+//     (KernelFunction::call, unpackSymInt): on real tensors the values are plain ints, so this is free.
+//     So every integer argument of a public op's schema must be SymInt (tests/core/test_symint.py checks
+//     it): for an `int` one the chooser's inferred schema (SymInt) does not match, and loading this library
+//     throws during static registration, which aborts the importing process ("Type mismatch in argument N:
+//     int vs SymInt");
 //   * ADInplaceOrView: the version-counter bump of every mutated argument after redispatch, for the
 //     mutating ops.
 // Nothing is registered on the CPU/CUDA keys. The family files (rope_cpu_ops.cpp, sinusoidal_cpu.cpp,
