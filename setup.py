@@ -136,8 +136,10 @@ setup(
     extras_require={
         # transformers: parity tests against HF's rope functions and models (CPU, tiny random models);
         # kernels: the hub layer kernelized as a user would (tests/integrations/test_hub.py), the release
-        # transformers 5.25 requires, pinned because its layer rules and metadata format change between releases.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6", "kernels==0.19.1"],
+        # transformers 5.25 requires, pinned because its layer rules and metadata format change between releases;
+        # hypothesis: the property-based differential suite (tests/properties/).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "transformers>=5.0,<6", "kernels==0.19.1",
+                 "hypothesis>=6.100"],
         # Pictures: python -m posenc_kernels.plot ...
         "plot": ["matplotlib"],
     },

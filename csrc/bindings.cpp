@@ -68,9 +68,10 @@ void native_value_checks(bool enabled) { g_value_checks.store(enabled, std::memo
 // counter of each argument the schema writes (Tensor(a!)), once per call, as ATen's in-place ops do.
 // torch::autograd::autogradNotImplementedInplaceOrViewFallback() was tried first: it handles views only
 // (the version bump of mutated inputs lives in its Autograd-key twin), so q._version stayed unchanged.
-// Unboxed kernels, one per op, keep the decode path free of boxing.
+// Unboxed kernels, one per op, keep the decode path free of boxing. They take the schemas' SymInts and pass
+// them on unchanged (a traced call keeps its symbolic offset).
 void rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k, const OptT& cos, const OptT& sin,
-                     const OptT& inv_freq, const OptT& positions, const OptT& offsets, int64_t offset,
+                     const OptT& inv_freq, const OptT& positions, const OptT& offsets, c10::SymInt offset,
                      const OptT& cu_seqlens, const OptT& axis_map, double attention_factor, bool interleaved,
                      bool conjugate, bool exact) {
   {
@@ -84,9 +85,9 @@ void rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k,
 }
 
 void qk_norm_rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const OptT& k, const OptT& q_weight,
-                             const OptT& k_weight, double eps, int64_t norm, double weight_offset, const OptT& cos,
+                             const OptT& k_weight, double eps, c10::SymInt norm, double weight_offset, const OptT& cos,
                              const OptT& sin, const OptT& inv_freq, const OptT& positions, const OptT& offsets,
-                             int64_t offset, const OptT& cu_seqlens, const OptT& axis_map, double attention_factor,
+                             c10::SymInt offset, const OptT& cu_seqlens, const OptT& axis_map, double attention_factor,
                              bool interleaved, bool conjugate, bool exact) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -99,7 +100,7 @@ void qk_norm_rope_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const 
 }
 
 void add_sinusoidal_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const OptT& positions,
-                               const OptT& offsets, int64_t offset, double x_scale, double base, bool interleaved,
+                               const OptT& offsets, c10::SymInt offset, double x_scale, double base, bool interleaved,
                                bool cos_first, double freq_shift, double scale) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -111,7 +112,7 @@ void add_sinusoidal_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, cons
 }
 
 void add_position_embedding_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& table,
-                                       const at::Tensor& positions, std::optional<int64_t> padding_idx) {
+                                       const at::Tensor& positions, std::optional<c10::SymInt> padding_idx) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     NativeOp<ops::AddPositionEmbeddingInplace>::handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, table,

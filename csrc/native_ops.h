@@ -9,6 +9,16 @@
 //     sinusoidal_table), reads the backend selection (native_chosen) and either calls this build's C++
 //     implementation for that device type directly (unboxed: no redispatch, no boxing), or redispatches
 //     below BackendSelect, where Python's kernel (or Meta, ...) serves the call;
+//   * SymInt: every integer argument of the public ops is `SymInt` in the schemas (so torch.compile does
+//     not guard on an int offset's value). The kernels (the *Sig types below, AddNative) keep int64_t; the
+//     chooser and the ADInplaceOrView kernels take the dispatcher's form (DispatchSig: c10::SymInt) and pass
+//     SymInts on unchanged when they redispatch. Only a native kernel's call concretises them (concrete()),
+//     with guard_int, as torch itself does when it calls an int64_t kernel of a SymInt schema
+//     (KernelFunction::call, unpackSymInt): on real tensors the values are plain ints, so this is free.
+//     So every integer argument of a public op's schema must be SymInt (tests/core/test_symint.py checks
+//     it): for an `int` one the chooser's inferred schema (SymInt) does not match, and loading this library
+//     throws during static registration, which aborts the importing process ("Type mismatch in argument N:
+//     int vs SymInt");
 //   * ADInplaceOrView: the version-counter bump of every mutated argument after redispatch, for the
 //     mutating ops.
 // Nothing is registered on the CPU/CUDA keys. The family files (rope_cpu_ops.cpp, sinusoidal_cpu.cpp,
@@ -29,6 +39,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -91,7 +102,41 @@ using ConcatSinusoidalSig = Tensor(const Tensor&, const OptT&, const OptT&, int6
 using AddPositionEmbeddingInplaceSig = void(const Tensor&, const Tensor&, const Tensor&, std::optional<int64_t>);
 using AddPositionEmbeddingSig = Tensor(const Tensor&, const Tensor&, const Tensor&, std::optional<int64_t>, bool);
 
-// One tag type per public op: its name and signature.
+// The dispatcher's form of a kernel argument: int64_t -> c10::SymInt (the schemas say SymInt), the rest as is.
+template <class T>
+struct SymArg {
+  using type = T;
+};
+template <>
+struct SymArg<int64_t> {
+  using type = c10::SymInt;
+};
+template <>
+struct SymArg<std::optional<int64_t>> {
+  using type = std::optional<c10::SymInt>;
+};
+template <class Sig>
+struct DispatchSigOf;
+template <class R, class... Args>
+struct DispatchSigOf<R(Args...)> {
+  using type = R(typename SymArg<Args>::type...);
+};
+// Signature Sig with SymInt where the schema has it: what the dispatcher's typed handles and the
+// BackendSelect / ADInplaceOrView kernels use.
+template <class Sig>
+using DispatchSig = typename DispatchSigOf<Sig>::type;
+
+// A dispatcher argument -> the kernel's (SymInt -> int64_t, as torch's unpackSymInt; others unchanged).
+inline int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
+inline std::optional<int64_t> concrete(const std::optional<c10::SymInt>& v) {
+  return v.has_value() ? std::make_optional(v->guard_int(__FILE__, __LINE__)) : std::nullopt;
+}
+template <class T>
+inline const T& concrete(const T& v) {
+  return v;
+}
+
+// One tag type per public op: its name and its kernels' signature (int64_t; see DispatchSig).
 #define POSENC_PUBLIC_OPS(X)                                         \
   X(RopeInplace, "rope_", RopeInplaceSig)                            \
   X(Rope, "rope", RopeSig)                                           \
@@ -151,14 +196,14 @@ struct NativeOp<Op, R(Args...)> {
   // This build's implementations, per NativeDevice (nullptr: none); set at load by AddNative.
   static inline Fn kernels[2] = {nullptr, nullptr};
 
-  static const c10::TypedOperatorHandle<R(Args...)>& handle() {
+  static const c10::TypedOperatorHandle<DispatchSig<R(Args...)>>& handle() {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
-        (std::string("posenc::") + Op::name).c_str(), "").template typed<R(Args...)>();
+        (std::string("posenc::") + Op::name).c_str(), "").template typed<DispatchSig<R(Args...)>>();
     return op;
   }
 
-  // The BackendSelect kernel.
-  static R choose(c10::DispatchKeySet ks, Args... args) {
+  // The BackendSelect kernel (SymInt arguments passed on as they are; concretised for a native kernel only).
+  static R choose(c10::DispatchKeySet ks, typename SymArg<Args>::type... args) {
     detail::DevicePick pick;
     (detail::pick(pick, args), ...);
     constexpr bool factory = detail::has_device_arg<Args...>;
@@ -168,7 +213,7 @@ struct NativeOp<Op, R(Args...)> {
       const int slot = t == c10::DeviceType::CPU ? kNativeCPU : t == c10::DeviceType::CUDA ? kNativeCUDA : -1;
       if (slot >= 0) {
         const Fn fn = kernels[slot];
-        if (fn != nullptr && native_selected(static_cast<NativeDevice>(slot))) return fn(args...);
+        if (fn != nullptr && native_selected(static_cast<NativeDevice>(slot))) return fn(concrete(args)...);
       }
     }
     c10::DispatchKeySet below = ks & detail::after_backend_select();

@@ -25,7 +25,7 @@ def token_positions(batch: int, seqlen: int, *, positions=None, offsets=0) -> li
     """``[B][S]``: the position of token ``s`` of sequence ``b``."""
     if positions is not None:
         pos = _values(positions)
-        if len(pos) == seqlen and not isinstance(pos[0], list):  # [S]: every sequence alike
+        if len(pos) == seqlen and (not pos or not isinstance(pos[0], list)):  # [S]: every sequence alike
             return [list(pos) for _ in range(batch)]
         assert len(pos) == batch and all(len(row) == seqlen for row in pos), "positions must be [B, S] or [S]"
         return [list(row) for row in pos]

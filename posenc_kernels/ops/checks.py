@@ -271,8 +271,8 @@ def split_offsets(offsets, name: str = "offsets") -> tuple[Optional[torch.Tensor
     """Public ``offsets`` (int or tensor) -> the ops' (offsets tensor or None, int offset) pair."""
     if isinstance(offsets, torch.Tensor):
         return offsets, 0
-    if isinstance(offsets, int) and not isinstance(offsets, bool):
-        return None, offsets
+    if isinstance(offsets, (int, torch.SymInt)) and not isinstance(offsets, bool):
+        return None, offsets  # a SymInt (traced code) stays symbolic: int() would specialise it
     try:  # numpy ints and the like, through int(); never bools or floats
         as_int = int(offsets)
     except (TypeError, ValueError):

@@ -177,7 +177,7 @@ def _backward(ctx, grad):
 
 add_position_embedding = define_pair(
     "add_position_embedding",
-    "Tensor x, Tensor table, Tensor positions, int? padding_idx, bool deterministic",
+    "Tensor x, Tensor table, Tensor positions, SymInt? padding_idx, bool deterministic",
     mutates=("x",),
     differentiable=("x", "table"),
     functional_only={"deterministic": False},  # it shapes the table's gradient, not the forward

@@ -25,7 +25,7 @@ from ..rope.torch_impl import rope_torch
 from .kernel import qk_norm_rope_backward_triton, qk_norm_rope_triton
 from .torch_impl import HEAD, HEADS, acc_of, norm_backward, qk_norm_rope_torch
 
-NORM_ARGS = "Tensor? q_weight, Tensor? k_weight, float eps, int norm, float weight_offset"
+NORM_ARGS = "Tensor? q_weight, Tensor? k_weight, float eps, SymInt norm, float weight_offset"
 N_NORM = 5  # arguments between k and the RoPE ones
 
 

@@ -42,7 +42,7 @@ def rope_cos_sin(
     """
     if isinstance(positions_or_length, torch.Tensor):
         positions = positions_or_length
-    elif isinstance(positions_or_length, int) and not isinstance(positions_or_length, bool):
+    elif isinstance(positions_or_length, (int, torch.SymInt)) and not isinstance(positions_or_length, bool):
         if positions_or_length < 0:
             raise ValueError(f"positions_or_length must be >= 0, got {positions_or_length}")
         device = inv_freq.device if isinstance(inv_freq, torch.Tensor) else None

@@ -29,9 +29,14 @@ _EXACT_TABLE_CHUNK = 1 << 16  # rows per float64 chunk when building exact table
 def _positive_int(name: str, v: Any, *, allow_none: bool = False) -> Optional[int]:
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return v
+
+
+def _start(offsets) -> int:
+    """An int offset as an int; a SymInt (traced code) stays symbolic, where int() would specialise it."""
+    return offsets if isinstance(offsets, torch.SymInt) else int(offsets)
 
 
 def _table_rows(needed: int) -> int:
@@ -350,7 +355,7 @@ class RotaryEmbedding(nn.Module):
         if cu_seqlens is not None:
             cu = cu_seqlens.to(torch.int64)
             lengths = cu[1:] - cu[:-1]
-            start = offsets.to(torch.int64) if isinstance(offsets, torch.Tensor) else int(offsets)
+            start = offsets.to(torch.int64) if isinstance(offsets, torch.Tensor) else _start(offsets)
             last = (start + lengths - 1)[lengths > 0] if lengths.numel() else lengths
             return max(int(last.max()) if last.numel() else 0, 0) + 1
         if positions is not None:
@@ -358,7 +363,7 @@ class RotaryEmbedding(nn.Module):
         S = q.shape[0] if packed else q.shape[1]
         if isinstance(offsets, torch.Tensor):
             return (int(offsets.max()) if offsets.numel() else 0) + S
-        return int(offsets) + S
+        return _start(offsets) + S
 
     def forward(
         self,

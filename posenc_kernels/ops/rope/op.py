@@ -21,7 +21,7 @@ from .torch_impl import cos_sin_torch, rope_torch
 
 # Everything after q and k, in schema order: written once, read by both ops and by RopeArgs.
 _ARGS = (
-    "Tensor? cos, Tensor? sin, Tensor? inv_freq, Tensor? positions, Tensor? offsets, int offset, "
+    "Tensor? cos, Tensor? sin, Tensor? inv_freq, Tensor? positions, Tensor? offsets, SymInt offset, "
     "Tensor? cu_seqlens, Tensor? axis_map, float attention_factor, bool interleaved, bool conjugate, bool exact"
 )
 RopeArgs = collections.namedtuple("RopeArgs", [a.split()[-1] for a in _ARGS.split(", ")])

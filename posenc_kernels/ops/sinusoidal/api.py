@@ -84,7 +84,7 @@ def sinusoidal_table(
         if device is not None and torch.device(device) != positions.device:
             raise ValueError(f"device ({device}) must match the positions' device ({positions.device}) or be None")
         device = positions.device
-    elif isinstance(positions_or_length, int) and not isinstance(positions_or_length, bool):
+    elif isinstance(positions_or_length, (int, torch.SymInt)) and not isinstance(positions_or_length, bool):
         positions, length = None, positions_or_length
         device = torch.device("cpu") if device is None else torch.device(device)
     else:

@@ -19,7 +19,7 @@ from .kernel import sinusoidal_triton
 from .torch_impl import sinusoidal_inv_freq, sinusoidal_torch
 
 _CONVENTION = "float base, bool interleaved, bool cos_first, float freq_shift, float scale"
-_ADD_ARGS = f"Tensor? positions, Tensor? offsets, int offset, float x_scale, {_CONVENTION}"
+_ADD_ARGS = f"Tensor? positions, Tensor? offsets, SymInt offset, float x_scale, {_CONVENTION}"
 
 
 def check_convention(dim, base, freq_shift, scale, *, name: str = "dim") -> None:
@@ -132,7 +132,7 @@ def _concat_impl(launcher):
 LAUNCHERS = {"triton": sinusoidal_triton, "torch": sinusoidal_torch}
 
 sinusoidal_table_op = registry.define(
-    f"sinusoidal_table(Tensor? positions, int length, int dim, {_CONVENTION}, ScalarType dtype, Device device) -> Tensor",
+    f"sinusoidal_table(Tensor? positions, SymInt length, SymInt dim, {_CONVENTION}, ScalarType dtype, Device device) -> Tensor",
     check=check_table,
     fake=_table_fake,
     impls={k: _table_impl(v) for k, v in LAUNCHERS.items()},
@@ -141,7 +141,7 @@ sinusoidal_table_op = registry.define(
 )
 
 concat_sinusoidal_op = registry.define(
-    f"concat_sinusoidal(Tensor x, Tensor? positions, Tensor? offsets, int offset, int dim_pe, {_CONVENTION}) -> Tensor",
+    f"concat_sinusoidal(Tensor x, Tensor? positions, Tensor? offsets, SymInt offset, SymInt dim_pe, {_CONVENTION}) -> Tensor",
     check=check_concat,
     fake=lambda x, positions, offsets, offset, dim_pe, *rest: x.new_empty(tuple(x.shape[:-1]) + (x.shape[-1] + dim_pe,)),
     impls={k: _concat_impl(v) for k, v in LAUNCHERS.items()},
