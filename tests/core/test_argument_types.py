@@ -16,6 +16,7 @@ def _valid():
     x, table, pos = torch.randn(1, 3, 4), torch.randn(5, 4), torch.arange(3)
     rope_kw = dict(q=q, k=k, cos=cos, sin=sin, interleaved=False, exact=False)
     sin_kw = dict(x=x, interleaved=True, cos_first=False)
+    qkn_kw = dict(rope_kw, q_weight=torch.ones(4), k_weight=torch.ones(4))
     return {
         "apply_rope_": (pk.apply_rope_, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
         "apply_rope": (pk.apply_rope, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
@@ -23,6 +24,15 @@ def _valid():
             pk.apply_rope_qkv_, dict(qkv=torch.randn(1, 3, 4, 4), cos=cos, sin=sin, num_heads_q=2, num_heads_kv=1,
                                      interleaved=False, exact=False),
             ("qkv", "cos", "sin"), ("interleaved", "exact"),
+        ),  # fmt: skip
+        "qk_norm_rope_": (pk.qk_norm_rope_, qkn_kw, ("q", "k", "q_weight", "k_weight", "cos", "sin"),
+                          ("interleaved", "exact")),  # fmt: skip
+        "qk_norm_rope": (pk.qk_norm_rope, qkn_kw, ("q", "k", "q_weight", "k_weight", "cos", "sin"),
+                         ("interleaved", "exact")),  # fmt: skip
+        "qk_norm_rope_qkv_": (
+            pk.qk_norm_rope_qkv_, dict(qkv=torch.randn(1, 3, 4, 4), q_weight=torch.ones(4), k_weight=torch.ones(4),
+                                       cos=cos, sin=sin, num_heads_q=2, num_heads_kv=1, interleaved=False, exact=False),
+            ("qkv", "q_weight", "k_weight", "cos", "sin"), ("interleaved", "exact"),
         ),  # fmt: skip
         "rope_cos_sin": (pk.rope_cos_sin, dict(positions_or_length=pos, inv_freq=inv), ("inv_freq",), ()),
         "mrope_axis_map": (pk.mrope_axis_map, dict(mrope_section=[1, 1], interleaved=False), (), ("interleaved",)),

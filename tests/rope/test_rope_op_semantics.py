@@ -129,13 +129,21 @@ def test_from_config_interleaved_model_types():
     assert pk.RotaryEmbedding.from_config(coh).interleaved
 
 
-def test_forward_mode_ad_is_an_error_not_a_dropped_tangent():
+def test_forward_mode_ad_is_the_rotated_tangent_never_a_dropped_one():
+    """RoPE is linear in q: the tangent is the rotated tangent, in place and out of place; a tangent on the
+    tables (not differentiated) is an error naming it, never dropped."""
     import torch.autograd.forward_ad as fwAD
 
     cos, sin = pk.rope_cos_sin(8, pk.rope_frequencies(16)[0].to(DEVICE))
+    p, t = torch.randn(1, 4, 2, 16, device=DEVICE), torch.randn(1, 4, 2, 16, device=DEVICE)
+    want = pk.apply_rope(t, None, cos, sin)[0]
     with fwAD.dual_level():
-        q = fwAD.make_dual(torch.randn(1, 4, 2, 16, device=DEVICE), torch.randn(1, 4, 2, 16, device=DEVICE))
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            pk.apply_rope(q, None, cos, sin)
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            pk.apply_rope_(q * 1, None, cos, sin)
+        q = fwAD.make_dual(p, t)
+        out = pk.apply_rope(q, None, cos, sin)[0]
+        assert torch.equal(fwAD.unpack_dual(out).tangent, want)
+        y = q * 1
+        pk.apply_rope_(y, None, cos, sin)
+        assert torch.equal(fwAD.unpack_dual(y).tangent, want)
+        dual_cos = fwAD.make_dual(cos, torch.ones_like(cos))
+        with pytest.raises(NotImplementedError, match="forward-mode AD.*cos"):
+            pk.apply_rope(p, None, dual_cos, sin)
