@@ -18,8 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks import FLOAT_DTYPES, check_tensor
-from ..rope.api import _args as _rope_args
+from ..rope.api import _args as _rope_args, qkv_heads
 from .op import qk_norm_rope as _pair
 from .torch_impl import HEAD, HEADS, acc_of
 
@@ -220,29 +219,7 @@ def qk_norm_rope_qkv_(
     >>> out is qkv, torch.equal(qkv[..., 6 * 32:], v)
     (True, True)
     """
-    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    heads = num_heads_q + 2 * num_heads_kv
-    if head_dim is None:
-        check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
-        if qkv.shape[-2] != heads:
-            raise ValueError(
-                f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {heads} heads (dim -2), "
-                f"got {qkv.shape[-2]}"
-            )
-        x = qkv
-    else:
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-        check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(2, 3))
-        if qkv.shape[-1] != heads * head_dim:
-            raise ValueError(
-                f"qkv's last dim must be (Hq + 2*Hkv) * head_dim = ({num_heads_q} + 2*{num_heads_kv}) * {head_dim} "
-                f"= {heads * head_dim}, got {qkv.shape[-1]}"
-                + (f" (not a multiple of head_dim {head_dim})" if qkv.shape[-1] % head_dim else "")
-            )
-        x = qkv.unflatten(-1, (heads, head_dim))
+    x = qkv_heads(qkv, num_heads_q, num_heads_kv, head_dim)
     q = x[..., :num_heads_q, :]
     k = x[..., num_heads_q : num_heads_q + num_heads_kv, :]
     args = _norm_args(q_weight, k_weight, eps, norm, weight_offset) + _rope_args(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
-from ..positions import launch_args
 from ..registry import HAS_TRITON
+from ..rope.kernel import angle_launch_args
 from .torch_impl import HEADS
 
 if HAS_TRITON:
@@ -381,6 +381,15 @@ def qk_norm_rope_blocks(D: int, half: int, heads_q: int, heads_k: int, seqlen: i
     return block_half, block_tail, block_h, block_t, num_warps
 
 
+def _weight_args(q, k, q_weight, k_weight):
+    """``(wq, wk, HAS_QW, HAS_KW)``: unit-stride weights, and dummies where absent (masked, never read)."""
+    qw = q_weight if q_weight is None or q_weight.stride(0) == 1 else q_weight.contiguous()
+    kw = k_weight if k_weight is None or k_weight.stride(0) == 1 else k_weight.contiguous()
+    has_qw, has_kw = qw is not None, kw is not None and k is not None
+    wq = qw if has_qw else (kw if has_kw else q)
+    return wq, (kw if has_kw else wq), has_qw, has_kw
+
+
 def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
                         positions, offsets, offset, cu_seqlens, axis_map, attention_factor, interleaved, conjugate,
                         exact) -> None:  # fmt: skip
@@ -390,28 +399,12 @@ def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weigh
     if B * S == 0 or Hq + Hk == 0:
         return
     half = (cos if inv_freq is None else inv_freq).shape[-1]
-    if inv_freq is None:
-        angles, n_rows = 0, cos.shape[0]
-        tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    else:
-        angles, n_rows = (2 if exact else 1), 0
-        inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
-        tab = (inv_freq, inv_freq, 0, 0, 0, 0)
-    if axis_map is None:
-        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
-            positions, offsets, offset, cu_seqlens
-        )
-        spos_a = saxis = n_axes = 0
-    else:
-        mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
-        pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
+    angles, n_rows, inv_freq, tab, (mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off, spos_a, saxis,
+                                    n_axes) = angle_launch_args(cos, sin, inv_freq, positions, offsets, offset,
+                                                                cu_seqlens, axis_map, exact)  # fmt: skip
     kk = k if k is not None else q
     ko = k_out if k_out is not None else q_out
-    qw = q_weight if q_weight is None or q_weight.stride(0) == 1 else q_weight.contiguous()
-    kw = k_weight if k_weight is None or k_weight.stride(0) == 1 else k_weight.contiguous()
-    has_qw, has_kw = qw is not None, kw is not None and k is not None
-    wq = qw if has_qw else (kw if has_kw else q)  # dummies where absent: masked, never read
-    wk = kw if has_kw else wq
+    wq, wk, has_qw, has_kw = _weight_args(q, k, q_weight, k_weight)
     inplace = q_out is q and (k is None or k_out is k)
     block_half, block_tail, block_h, block_t, num_warps = qk_norm_rope_blocks(D, half, Hq, Hk, S, norm, interleaved)
     tables = (cos, sin) if angles == 0 else ()
@@ -451,29 +444,13 @@ def qk_norm_rope_backward_triton(grad_q, grad_k, q, k, q_weight, k_weight, eps, 
     dwk = torch.zeros(B * n_s_blocks * max(nbk, 1), width or Hk * D, device=dev, dtype=acc) if need_kw else None
     if B * S == 0 or Hq + Hk == 0:
         return (dwq.sum(0) if need_qw else None), (dwk.sum(0) if need_kw else None)
-    if inv_freq is None:
-        angles, n_rows = 0, cos.shape[0]
-        tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    else:
-        angles, n_rows = (2 if exact else 1), 0
-        inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
-        tab = (inv_freq, inv_freq, 0, 0, 0, 0)
-    if axis_map is None:
-        mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
-            positions, offsets, offset, cu_seqlens
-        )
-        spos_a = saxis = n_axes = 0
-    else:
-        mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
-        pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
+    angles, n_rows, inv_freq, tab, (mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off, spos_a, saxis,
+                                    n_axes) = angle_launch_args(cos, sin, inv_freq, positions, offsets, offset,
+                                                                cu_seqlens, axis_map, exact)  # fmt: skip
     kk = k if k is not None else q
     gk = grad_k if k is not None else grad_q
     dkk = dk if k is not None else dq
-    qw = q_weight if q_weight is None or q_weight.stride(0) == 1 else q_weight.contiguous()
-    kw = k_weight if k_weight is None or k_weight.stride(0) == 1 else k_weight.contiguous()
-    has_qw, has_kw = qw is not None, kw is not None and k is not None
-    wq = qw if has_qw else (kw if has_kw else q)
-    wk = kw if has_kw else wq
+    wq, wk, has_qw, has_kw = _weight_args(q, k, q_weight, k_weight)
     bq = dwq if need_qw else (dwk if need_kw else dq)  # dummies where not asked: never written
     bk = dwk if need_kw else bq
     tables = (cos, sin) if angles == 0 else ()

@@ -131,6 +131,34 @@ def apply_rope(
     return q_out, (k_out if k is not None else None)
 
 
+def qkv_heads(qkv: torch.Tensor, num_heads_q: int, num_heads_kv: int, head_dim: Optional[int] = None) -> torch.Tensor:
+    """A fused QKV projection checked and viewed as heads ``[..., Hq + 2*Hkv, D]`` (a view, never a copy): ``qkv``
+    itself, or with ``head_dim`` its flat form ``[..., (Hq + 2*Hkv) * head_dim]`` unflattened. The one home of
+    the fused-projection rules (``apply_rope_qkv_``, ``qk_norm_rope_qkv_``)."""
+    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    heads = num_heads_q + 2 * num_heads_kv
+    if head_dim is None:
+        check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+        if qkv.shape[-2] != heads:
+            raise ValueError(
+                f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {heads} heads (dim -2), "
+                f"got {qkv.shape[-2]}"
+            )
+        return qkv
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    if qkv.shape[-1] != heads * head_dim:
+        raise ValueError(
+            f"qkv's last dim must be (Hq + 2*Hkv) * head_dim = ({num_heads_q} + 2*{num_heads_kv}) * {head_dim} "
+            f"= {heads * head_dim}, got {qkv.shape[-1]}"
+            + (f" (not a multiple of head_dim {head_dim})" if qkv.shape[-1] % head_dim else "")
+        )
+    return qkv.unflatten(-1, (heads, head_dim))
+
+
 def apply_rope_qkv_(
     qkv: torch.Tensor,
     cos: Optional[torch.Tensor] = None,
@@ -161,15 +189,7 @@ def apply_rope_qkv_(
     >>> out is qkv, torch.equal(qkv[:, :, 6:], v)
     (True, True)
     """
-    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=(3, 4))
-    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if qkv.shape[-2] != num_heads_q + 2 * num_heads_kv:
-        raise ValueError(
-            f"qkv must have Hq + 2*Hkv = {num_heads_q} + 2*{num_heads_kv} = {num_heads_q + 2 * num_heads_kv} "
-            f"heads (dim -2), got {qkv.shape[-2]}"
-        )
+    qkv_heads(qkv, num_heads_q, num_heads_kv)
     # q's and k's heads are adjacent and take the same rotation: one tensor, one launch, one mutation.
     qk = qkv[..., : num_heads_q + num_heads_kv, :]
     args = _args(cos, sin, inv_freq, positions, offsets, cu_seqlens, axis_map, attention_factor, interleaved, exact)

@@ -239,21 +239,19 @@ def rope_blocks(half: int, tail: int, heads_q: int, heads_k: int, seqlen: int, t
     return block_half, block_tail, block_h, block_t, num_warps
 
 
-def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
-                attention_factor, interleaved, conjugate, exact) -> None:  # fmt: skip
-    """Launch for 4-D ``q``/``k`` ``[B, S, H, D]`` (packed inputs arrive as ``B = 1``)."""
-    B, S, Hq, D = q.shape
-    Hk = k.shape[2] if k is not None else 0
-    if B * S == 0 or Hq + Hk == 0:
-        return
-    half = (cos if inv_freq is None else inv_freq).shape[-1]
+def angle_launch_args(cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map, exact):
+    """The angle and position arguments of every RoPE-family launch (``rope_triton``, the QK-norm forward and
+    backward): ``(angles, n_rows, inv_freq, tab, pos)`` with ``angles`` the ANGLES code (0 tables, 1 on the
+    fly, 2 exact), ``tab`` the two table pointers and their four strides (dummies on the fly: no program
+    reads them), and ``pos`` = ``(POS_MODE, positions, their b/s strides, offsets, their stride, offset,
+    n_seqs, CU_BLOCK, SEQ_OFFSETS, the axis stride of M-RoPE positions, axis_map's stride, N_AXES)``."""
     if inv_freq is None:
         angles, n_rows = 0, cos.shape[0]
         tab = (cos, sin, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
     else:
         angles, n_rows = (2 if exact else 1), 0
         inv_freq = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()  # [R/2], read-only
-        tab = (inv_freq, inv_freq, 0, 0, 0, 0)  # dummies: no program reads them
+        tab = (inv_freq, inv_freq, 0, 0, 0, 0)
     if axis_map is None:
         mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(
             positions, offsets, offset, cu_seqlens
@@ -262,6 +260,21 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
     else:  # positions [A, B, S]: every axis has the first one's layout
         mode, _, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off = launch_args(positions[0], None, 0, None)
         pos, spos_a, saxis, n_axes = positions, positions.stride(0), axis_map.stride(0), positions.shape[0]
+    return angles, n_rows, inv_freq, tab, (mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off,
+                                           spos_a, saxis, n_axes)  # fmt: skip
+
+
+def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
+                attention_factor, interleaved, conjugate, exact) -> None:  # fmt: skip
+    """Launch for 4-D ``q``/``k`` ``[B, S, H, D]`` (packed inputs arrive as ``B = 1``)."""
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2] if k is not None else 0
+    if B * S == 0 or Hq + Hk == 0:
+        return
+    half = (cos if inv_freq is None else inv_freq).shape[-1]
+    angles, n_rows, inv_freq, tab, (mode, pos, spb, sps, off, soff, offset, n_seqs, cu_block, seq_off, spos_a, saxis,
+                                    n_axes) = angle_launch_args(cos, sin, inv_freq, positions, offsets, offset,
+                                                                cu_seqlens, axis_map, exact)  # fmt: skip
     kk = k if k is not None else q  # dummies when k is absent: no program touches them
     ko = k_out if k_out is not None else q_out
     inplace = q_out is q and (k is None or k_out is k)
