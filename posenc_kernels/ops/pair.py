@@ -16,6 +16,8 @@ import torch
 from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
 from .registry import NAMESPACE, define, register_autograd
 
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
 
 def _arg_names(args: str) -> list[str]:
     return [a.split()[-1] for a in args.split(", ")]
@@ -152,7 +154,19 @@ class OpPair:
         return records
 
     def call(self, *args):
-        """The out-of-place op (autograd through its registered formula)."""
+        """The out-of-place op (autograd through its registered formula). When nothing records a gradient
+        and no tangent flows, the call goes below the Autograd key: the op's autograd kernel is Python
+        (``register_autograd``) and would only redispatch, at about the cost of a decode kernel. The same
+        dispatcher op runs (its checks, fakes, profiler name); compiled code takes the ordinary path."""
+        plain = torch.autograd.forward_ad._current_level < 0 and not (
+            torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+        )
+        if plain and not torch.compiler.is_compiling():  # the decode fast path (per token: inlined)
+            try:
+                with _BELOW_AUTOGRAD():
+                    return self.out(*args)
+            except (RuntimeError, ValueError, TypeError) as e:
+                reraise_with_check(e, self.check, *args, inplace=False)
         self._autograd(args)
         try:
             return self.out(*args)
