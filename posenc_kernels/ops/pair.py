@@ -158,10 +158,10 @@ class OpPair:
         and no tangent flows, the call goes below the Autograd key: the op's autograd kernel is Python
         (``register_autograd``) and would only redispatch, at about the cost of a decode kernel. The same
         dispatcher op runs (its checks, fakes, profiler name); compiled code takes the ordinary path."""
-        plain = torch.autograd.forward_ad._current_level < 0 and not (
+        # the decode fast path (per token: inlined); compiled code never reaches the C check (dynamo skips it)
+        if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level < 0 and not (
             torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
-        )
-        if plain and not torch.compiler.is_compiling():  # the decode fast path (per token: inlined)
+        ):
             try:
                 with _BELOW_AUTOGRAD():
                     return self.out(*args)
