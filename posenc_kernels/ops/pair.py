@@ -14,7 +14,7 @@ import operator
 import torch
 
 from .checks import check_inplace_autograd, reraise_with_check, skip_value_checks
-from .registry import NAMESPACE, define, register_autograd
+from .registry import NAMESPACE, define, grad_refusal, register_autograd
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
@@ -29,9 +29,11 @@ class OpPair:
     overloads; :meth:`call_inplace` and :meth:`call` are what the public functions call."""
 
     def __init__(self, name, args, *, mutates, check, body, launchers, setup_context, backward, native=False,
-                 differentiable=None, functional_only=None, separable=False, jvp=None, save_inputs=False):  # fmt: skip
+                 differentiable=None, functional_only=None, separable=False, jvp=None, save_inputs=False,
+                 compile_inplace=False):  # fmt: skip
         names = _arg_names(args)
-        self.differentiable = tuple(differentiable or mutates)
+        self.differentiable = tuple(mutates if differentiable is None else differentiable)
+        self.compile_inplace = compile_inplace
         self.name, self.names = name, names
         self.mutated = tuple(names.index(m) for m in mutates)
         self.functional_only = dict(functional_only or {})
@@ -146,10 +148,7 @@ class OpPair:
         for n, a in zip(self.names, args):
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 if n not in self.differentiable:
-                    raise ValueError(
-                        f"{n} requires grad, but {NAMESPACE}::{self.name} gives gradients for "
-                        f"{' and '.join(self.differentiable)} only: pass {n}.detach()"
-                    )
+                    raise ValueError(grad_refusal(self.name, n, self.differentiable))
                 records = True
         return records
 
@@ -179,6 +178,12 @@ class OpPair:
         the out-of-place op with its result copied back (PyTorch 2.13 drops the backward of a traced
         Function that marks an input dirty, and regenerates two views of one base at offset 0 under
         dynamic shapes)."""
+        if self.compile_inplace and torch.compiler.is_compiling():
+            # an op that writes buffers (a KV cache) and records no gradient: the mutating op itself, which
+            # the compiler functionalises and re-inplaces (a copy-back would copy the whole buffer per call)
+            self._autograd(args)
+            self.inplace(*(self._inplace_args(args) if self._drop else args))
+            return
         if torch.compiler.is_compiling() or self._dual(args):
             # Forward AD takes this path too: the out-of-place op's jvp, and copy_ carries the tangent into
             # the written tensor (checked first: nothing is written on an error).
@@ -245,6 +250,9 @@ def define_pair(name: str, args: str, **kwargs) -> OpPair:
     * ``jvp(primals, tangents)``: the out-of-place op's forward-mode formula (see
       :func:`posenc_kernels.ops.registry.register_autograd`); without it forward AD is refused. The in-place
       op under forward AD runs the out-of-place op and copies its result (and tangent) back.
+    * ``compile_inplace``: under ``torch.compile`` the in-place op itself runs (functionalised, then
+      re-inplaced by inductor) rather than the out-of-place twin plus a copy-back; for ops that record no
+      gradient and write large buffers (a KV cache);
     * ``save_inputs``: the backward needs the written tensors' values before the write (RMSNorm's does):
       the in-place autograd.Function hands ``setup_context`` copies of them, taken only when autograd
       records (the out-of-place op's inputs are never written, so it saves them as they are).

@@ -271,6 +271,16 @@ def _tangents(names, args) -> Optional[dict]:
     return found
 
 
+def grad_refusal(name: str, arg: str, differentiable: tuple) -> str:
+    """The error for a gradient asked of argument ``arg`` of op ``name``, which gives ``differentiable``'s."""
+    if not differentiable:
+        return (
+            f"{arg} requires grad, but {NAMESPACE}::{name} is not differentiable (it writes buffers such as a KV "
+            f"cache): call it under torch.no_grad() / inference_mode, or pass {arg}.detach()"
+        )
+    return f"{arg} requires grad, but {NAMESPACE}::{name} gives gradients for {' and '.join(differentiable)} only: pass {arg}.detach()"
+
+
 def register_autograd(name: str, backward: Callable, *, setup_context: Callable, differentiable: tuple,
                       jvp: Optional[Callable] = None) -> None:  # fmt: skip
     """The op's autograd, once, on the Autograd key: reverse mode from ``backward`` / ``setup_context`` (as
@@ -294,10 +304,7 @@ def register_autograd(name: str, backward: Callable, *, setup_context: Callable,
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
                 for n, a in zip(names, args):
                     if isinstance(a, torch.Tensor) and a.requires_grad and n not in differentiable:
-                        raise ValueError(
-                            f"{n} requires grad, but posenc::{name} gives gradients for "
-                            f"{' and '.join(differentiable)} only: pass {n}.detach()"
-                        )
+                        raise ValueError(grad_refusal(name, n, differentiable))
             return reverse(keyset, *args)
         for n in tangents:
             if jvp is None or n not in differentiable:
