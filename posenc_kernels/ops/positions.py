@@ -171,6 +171,8 @@ def check_position_args(
             raise ValueError("pass positions or cu_seqlens, not both")
         batch = cu_seqlens.shape[0] - 1
     if positions is not None:
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
         dtypes = INT_DTYPES if integer_positions else INT_DTYPES + FLOAT_DTYPES
         if positions.dtype == torch.bool or positions.dtype not in dtypes:
             kind = "an integer" if integer_positions else "an integer or floating"

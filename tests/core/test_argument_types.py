@@ -17,6 +17,9 @@ def _valid():
     rope_kw = dict(q=q, k=k, cos=cos, sin=sin, interleaved=False, exact=False)
     sin_kw = dict(x=x, interleaved=True, cos_first=False)
     qkn_kw = dict(rope_kw, q_weight=torch.ones(4), k_weight=torch.ones(4))
+    cache_kw = dict(q=torch.randn(3, 2, 4), k=torch.randn(3, 1, 4), v=torch.randn(3, 1, 4), k_cache=torch.zeros(2, 4, 1, 4),
+                    v_cache=torch.zeros(2, 4, 1, 4), cos=cos, sin=sin, slot_mapping=pos, positions=pos,
+                    interleaved=False, exact=False)  # fmt: skip
     return {
         "apply_rope_": (pk.apply_rope_, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
         "apply_rope": (pk.apply_rope, rope_kw, ("q", "k", "cos", "sin"), ("interleaved", "exact")),
@@ -33,6 +36,19 @@ def _valid():
             pk.qk_norm_rope_qkv_, dict(qkv=torch.randn(1, 3, 4, 4), q_weight=torch.ones(4), k_weight=torch.ones(4),
                                        cos=cos, sin=sin, num_heads_q=2, num_heads_kv=1, interleaved=False, exact=False),
             ("qkv", "q_weight", "k_weight", "cos", "sin"), ("interleaved", "exact"),
+        ),  # fmt: skip
+        "rope_and_cache_": (pk.rope_and_cache_, cache_kw, ("q", "k", "v", "k_cache", "v_cache", "cos", "sin",
+                                                          "slot_mapping"), ("interleaved", "exact")),  # fmt: skip
+        "qk_norm_rope_and_cache_": (
+            pk.qk_norm_rope_and_cache_, dict(cache_kw, q_weight=torch.ones(4), k_weight=torch.ones(4)),
+            ("q", "k", "v", "k_cache", "v_cache", "q_weight", "k_weight", "cos", "sin", "slot_mapping"),
+            ("interleaved", "exact"),
+        ),  # fmt: skip
+        "mla_rope_and_cache_": (
+            pk.mla_rope_and_cache_, dict(q_pe=torch.randn(3, 2, 4), k_pe=torch.randn(3, 4), kv_c=torch.randn(3, 8),
+                                         kv_cache=torch.zeros(2, 4, 12), cos=cos, sin=sin, slot_mapping=pos,
+                                         positions=pos, interleaved=True),
+            ("q_pe", "k_pe", "kv_c", "kv_cache", "cos", "sin", "slot_mapping", "positions"), ("interleaved",),
         ),  # fmt: skip
         "rope_cos_sin": (pk.rope_cos_sin, dict(positions_or_length=pos, inv_freq=inv), ("inv_freq",), ()),
         "mrope_axis_map": (pk.mrope_axis_map, dict(mrope_section=[1, 1], interleaved=False), (), ("interleaved",)),
