@@ -15,7 +15,7 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes (NaN payloads and FP8 compared exactly)."""
-    return t.contiguous().view(torch.uint8)
+    return t.detach().reshape(-1).clone().view(torch.uint8)
 
 
 def same_bits(a, b) -> bool:

@@ -29,7 +29,7 @@ def backends(op: str) -> list:
     machine): torch always, Triton through the interpreter (``TRITON_INTERPRET=1``), native where the
     extension has a CPU kernel for it."""
     out = ["torch"]
-    if INTERPRET and registry.HAS_TRITON:
+    if INTERPRET and registry.HAS_TRITON and "triton" in registry.spec(op).impls:
         out.append("triton")
     if op in _native.ops_for("CPU") and registry.spec(op).native:
         out.append("native")
