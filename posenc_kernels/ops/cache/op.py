@@ -89,9 +89,9 @@ def _check_scale(name: str, t, value, H: int, dev) -> None:
 
 def _check_scale_values(name: str, t) -> None:
     if t is not None and t.numel() and value_checks_on(t.device):
-        lo = float(t.min())
-        if not (lo > 0 and math.isfinite(float(t.max()))):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got min {lo}, max {float(t.max())}")
+        lo, hi = torch.stack(torch.aminmax(t.to(torch.float64))).tolist()  # one host transfer
+        if not (lo > 0 and math.isfinite(hi)):
+            raise ValueError(f"{name} must be finite and > 0 everywhere, got min {lo}, max {hi}")
 
 
 def _check_v(q, k, v) -> None:
@@ -213,11 +213,19 @@ def check_rope_and_cache(q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_p
         _check_position_values(cache_positions, kc.shape[1])
 
 
+def _sorted_stats(x: torch.Tensor):
+    """``(sorted rows, [min, max, any duplicate >= 0])`` with one host transfer (a sync on CUDA)."""
+    srt = x.sort(dim=-1).values
+    dup = ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()
+    lo, hi, d = torch.stack((srt.min(), srt.max(), dup.to(srt.dtype))).tolist()
+    return srt, lo, hi, bool(d)
+
+
 def _check_slot_values(slots, n_slots: int, n_blocks: int, block_size: int) -> None:
     if slots.numel() == 0 or not value_checks_on(slots.device):
         return
     s = slots.to(torch.int64)
-    lo, hi = (int(x) for x in torch.aminmax(s))
+    srt, lo, hi, dup = _sorted_stats(s)
     if lo < -1 or hi >= n_slots:
         bad = lo if lo < -1 else hi
         i = int((s == bad).nonzero()[0, 0])
@@ -225,20 +233,18 @@ def _check_slot_values(slots, n_slots: int, n_blocks: int, block_size: int) -> N
             f"slot_mapping[{i}] = {bad} is out of range: slots must lie in [0, num_blocks * block_size) = "
             f"[0, {n_blocks} * {block_size}) = [0, {n_slots}), or be -1 (not written)"
         )
-    w = s[s >= 0]
-    if w.numel() > 1:
-        u, counts = torch.unique(w, return_counts=True)
-        if bool((counts > 1).any()):
-            dup = int(u[counts > 1][0])
-            idx = (s == dup).nonzero()[:, 0].tolist()
-            raise ValueError(f"slot {dup} is written twice in one call (slot_mapping{idx}): the cache row would be a race")
+    if dup:
+        j = int(((srt[1:] == srt[:-1]) & (srt[1:] >= 0)).nonzero()[0, 0])
+        d = int(srt[j])
+        idx = (s == d).nonzero()[:, 0].tolist()
+        raise ValueError(f"slot {d} is written twice in one call (slot_mapping{idx}): the cache row would be a race")
 
 
 def _check_position_values(pos, s_max: int) -> None:
     if pos.numel() == 0 or not value_checks_on(pos.device):
         return
     p = pos.to(torch.int64)
-    lo, hi = (int(x) for x in torch.aminmax(p))
+    srt, lo, hi, dup = _sorted_stats(p if p.dim() == 2 else p[None])
     if lo < -1 or hi >= s_max:
         bad = lo if lo < -1 else hi
         at = tuple((p == bad).nonzero()[0].tolist())
@@ -246,11 +252,8 @@ def _check_position_values(pos, s_max: int) -> None:
             f"cache_positions{list(at)} = {bad} is out of range: cache positions must lie in [0, S_max) = [0, "
             f"{s_max}), or be -1 (not written)"
         )
-    rows = p if p.dim() == 2 else p[None]
-    srt = rows.sort(dim=-1).values
-    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-    if bool(dup.any()):
-        r, c = (int(x) for x in dup.nonzero()[0])
+    if dup:
+        r, c = (int(x) for x in ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).nonzero()[0])
         raise ValueError(
             f"cache position {int(srt[r, c + 1])} is written twice in one call (cache_positions row {r}): the "
             "cache row would be a race"
