@@ -219,7 +219,8 @@ inline CacheShape check_rope_and_cache(
       const std::string kshape = py_shape(ks);
       TORCH_CHECK_VALUE(false, "v must have k's tokens and heads (", kshape.substr(0, kshape.size() - 1),
                         " with any head_dim): got ", py_shape(vs),
-                        lead ? " (v has " + std::to_string(v->size(-2)) + " heads, k " + std::to_string(k.size(-2)) + ")"
+                        lead ? " (v has " + std::to_string(v->size(-2)) + " heads, k " +
+                                   std::to_string(k.size(-2)) + ")"
                              : std::string());
     }
   }
@@ -227,8 +228,11 @@ inline CacheShape check_rope_and_cache(
   const int64_t B = paged ? 1 : q.size(0);
   const at::Tensor& index = paged ? *slot_mapping : *cache_positions;
   const char* iname = paged ? "slot_mapping" : "cache_positions";
-  check_tensor(iname, index, Dtypes::kAny, paged ? std::initializer_list<int64_t>{1} : std::initializer_list<int64_t>{1, 2},
-               nullptr);
+  if (paged) {
+    check_tensor(iname, index, Dtypes::kAny, {1}, nullptr);
+  } else {
+    check_tensor(iname, index, Dtypes::kAny, {1, 2}, nullptr);
+  }
   TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, iname,
                    " must be int32 or int64, got ", py_dtype(index.scalar_type()));
   TORCH_CHECK_VALUE(index.device() == dev, iname, " must be on the same device as the input (", py_device(dev),
@@ -238,7 +242,8 @@ inline CacheShape check_rope_and_cache(
                       py_shape(index.sizes()));
     check_cache("k_cache", k_cache, k, "k", kv_layout, -1, -1, true);
   } else {
-    const bool ok = (index.dim() == 1 && index.size(0) == T) || (index.dim() == 2 && index.size(0) == B && index.size(1) == T);
+    const bool ok = (index.dim() == 1 && index.size(0) == T) ||
+                    (index.dim() == 2 && index.size(0) == B && index.size(1) == T);
     TORCH_CHECK_VALUE(ok, "cache_positions must be [S] = [", T, "] or [B, S] = [", B, ", ", T, "], got ",
                       py_shape(index.sizes()));
     check_cache("k_cache", k_cache, k, "k", kv_layout, B, -1, false);

@@ -94,11 +94,11 @@ using QkNormRopeSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, con
 // posenc::rope_and_cache_ / rope_and_cache: q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_positions,
 // kv_layout, k_scale, v_scale, q_scale, k/v/q_scale_value, then QK-norm's arguments (norm -1: none), then RoPE's.
 using OptD = std::optional<double>;
-using RopeAndCacheInplaceSig = void(const Tensor&, const Tensor&, const OptT&, const Tensor&, const OptT&, const OptT&,
-                                    const OptT&, const OptT&, int64_t, const OptT&, const OptT&, const OptT&, OptD, OptD,
-                                    OptD, const OptT&, const OptT&, double, int64_t, double, const OptT&, const OptT&,
-                                    const OptT&, const OptT&, const OptT&, int64_t, const OptT&, const OptT&, double,
-                                    bool, bool, bool);
+using RopeAndCacheInplaceSig = void(const Tensor&, const Tensor&, const OptT&, const Tensor&, const OptT&,
+                                    const OptT&, const OptT&, const OptT&, int64_t, const OptT&, const OptT&,
+                                    const OptT&, OptD, OptD, OptD, const OptT&, const OptT&, double, int64_t, double,
+                                    const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, int64_t,
+                                    const OptT&, const OptT&, double, bool, bool, bool);
 using RopeAndCacheSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
     int64_t, const OptT&, const OptT&, const OptT&, OptD, OptD, OptD, const OptT&, const OptT&, double, int64_t, double,

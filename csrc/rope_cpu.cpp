@@ -1,4 +1,6 @@
-// posenc::rope_ / posenc::rope on CPU: in-place (or out-of-place) rotary position embedding.
+// posenc::rope_ / posenc::rope on CPU: in-place (or out-of-place) rotary position embedding (and the item
+// kernels of posenc::qk_norm_rope_ and posenc::rope_and_cache_: with Params::cache set, each rotated k head,
+// as stored, is copied or FP8-quantised into its KV-cache row right after it is written).
 //
 // Rows: positions [S] / [B, S] (any integer dtype), offsets [B] + s, offset + s, packed varlen (cu_seqlens:
 // per-token positions built once, O(T) int64), or per frequency with an axis map (positions [A, B, S]).

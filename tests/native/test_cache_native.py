@@ -147,8 +147,10 @@ def test_k_only_and_out_of_place_twin():
     cos, sin = _tables(D)
     slots = torch.tensor([3, -1, 0, 5])
     kc = _nan_cache((2, 4, Hk, D), BF16)
-    args = (q, k, None, kc, None, None, slots, None, 0, None, None, None, None, None, None,
-            None, None, 0.0, -1, 0.0, cos, sin, None, torch.arange(T), None, 0, None, None, 1.0, False, False, False)  # fmt: skip
+    cache = (None, kc, None, None, slots, None, 0) + (None,) * 6  # v, caches, q_fp8, index, layout, scales
+    no_norm = (None, None, 0.0, -1, 0.0)
+    rope = (cos, sin, None, torch.arange(T), None, 0, None, None, 1.0, False, False, False)
+    args = (q, k) + cache + no_norm + rope
     q_o, k_o, kc_o, vc_o, qf_o = torch.ops.posenc.rope_and_cache.default(*args)
     assert vc_o.numel() == 0 and qf_o.numel() == 0
     q_ref, k_ref = q.clone(), k.clone()
