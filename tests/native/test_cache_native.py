@@ -209,3 +209,25 @@ def test_value_checks_off_never_writes_outside():
         pk.set_value_checks(True)
     assert torch.isnan(buf[0]).all() and torch.isnan(buf[2]).all()
     assert _same(kc[0, 1], k[1]) and torch.isnan(kc[0, 0]).all()
+
+
+def test_fp8_norm_contiguous_hnd_like_torch():
+    """The QK-norm item kernel's cache write and q_fp8: a contiguous HND FP8 cache, per-head v scale, a
+    per-head q scale, head_dim 80 (pass-through channels: partial rotary)."""
+    B, S, Hq, Hk, D = 2, 3, 4, 2, 80
+    q, k, v = _g(B, S, Hq, D, dtype=BF16), _g(B, S, Hk, D, dtype=BF16, seed=1), _g(B, S, Hk, D, dtype=BF16, seed=2)
+    qw, kw = _g(D, dtype=BF16, seed=3), _g(D, dtype=BF16, seed=4)
+    cos, sin = _tables(64)  # R = 64 < D
+    cp = torch.tensor([[5, -1, 0], [2, 3, 7]])
+    results = {}
+    for backend in ("torch", "native"):
+        qq, kk = q.clone(), k.clone()
+        kc, vc = (torch.zeros(B, Hk, 8, D, dtype=torch.float8_e4m3fn) for _ in range(2))
+        q8 = torch.zeros(B, S, Hq, D, dtype=torch.float8_e5m2)
+        with pk.use_backend(backend):
+            pk.qk_norm_rope_and_cache_(qq, kk, v, kc, vc, qw, kw, cos, sin, cache_positions=cp, kv_layout="HND",
+                                       k_scale=0.02, v_scale=torch.tensor([0.01, 0.05]), q_fp8=q8,
+                                       q_scale=torch.tensor([0.1, 0.2, 0.3, 0.4]), offsets=2)  # fmt: skip
+        results[backend] = (qq, kk, kc, vc, q8)
+    for a, b in zip(results["torch"], results["native"]):
+        assert _same(a, b)
