@@ -1,8 +1,8 @@
 """The native CPU kernel of posenc::rope_and_cache_ / rope_and_cache: q and k bit for bit native apply_rope_
 (or qk_norm_rope_) and the caches bit for bit a scatter of the rotated k (and v) afterwards (paged NHD / HND,
-contiguous HND / NHD, bf16 / fp32), MLA's Dv != D, k-only caches, padded tokens and untouched rows (NaN-poisoned
-caches), the out-of-place twin, FP8 caches and q_fp8 bitwise equal to the torch path (torch_impl.quantise),
-the version counters, and that the C++ kernel is what ran.
+contiguous HND with [B, S] positions / NHD with [S], bf16 / fp32), MLA's Dv != D, k-only caches, padded tokens
+and untouched rows (NaN-poisoned caches), the out-of-place twin, FP8 caches and q_fp8 bitwise equal to the
+torch path (torch_impl.quantise), the version counters, and that the C++ kernel is what ran.
 """
 
 import pytest
@@ -88,6 +88,8 @@ def test_contiguous_bit_exact(layout, dtype):
     q, k, v = _g(B, S, Hq, D, dtype=dtype), _g(B, S, Hk, D, dtype=dtype, seed=1), _g(B, S, Hk, D, dtype=dtype, seed=2)
     cos, sin = _tables(D)
     cp = torch.tensor([[4, 5, 6, -1, 7], [0, 11, 2, 3, -1]], dtype=torch.int32)
+    if layout == "NHD":  # one row of cache positions for every sequence ([S])
+        cp = cp[1]
     shape = (B, S_max, Hk, D) if layout == "NHD" else (B, Hk, S_max, D)
     kc, vc = _nan_cache(shape, dtype), _nan_cache(shape, dtype)
     q_ref, k_ref = q.clone(), k.clone()
@@ -96,7 +98,7 @@ def test_contiguous_bit_exact(layout, dtype):
     kv4 = (kc_ref, vc_ref) if layout == "NHD" else (kc_ref.transpose(1, 2), vc_ref.transpose(1, 2))
     for b in range(B):
         for s in range(S):
-            p = int(cp[b, s])
+            p = int(cp[b, s] if cp.dim() == 2 else cp[s])
             if p >= 0:
                 kv4[0][b, p], kv4[1][b, p] = k_ref[b, s], v[b, s]
     pk.rope_and_cache_(q, k, v, kc, vc, cos, sin, cache_positions=cp, offsets=torch.tensor([4, 0]), kv_layout=layout)
