@@ -121,7 +121,34 @@ void add_position_embedding_ad_inplace(c10::DispatchKeySet ks, const at::Tensor&
   torch::autograd::impl::bump_version(x);
 }
 
-const char* const kMutatingOps[] = {"rope_", "qk_norm_rope_", "add_sinusoidal_", "add_position_embedding_"};
+// Bumps every written argument the schema marks (q and k even when q_fp8 takes the rotated q, as Python's
+// registry.py _inplace_view_kernel does for every mutated argument present).
+void rope_and_cache_ad_inplace(c10::DispatchKeySet ks, const at::Tensor& q, const at::Tensor& k, const OptT& v,
+                               const at::Tensor& k_cache, const OptT& v_cache, const OptT& q_fp8,
+                               const OptT& slot_mapping, const OptT& cache_positions, c10::SymInt kv_layout,
+                               const OptT& k_scale, const OptT& v_scale, const OptT& q_scale, OptD k_scale_value,
+                               OptD v_scale_value, OptD q_scale_value, const OptT& q_weight, const OptT& k_weight,
+                               double eps, c10::SymInt norm, double weight_offset, const OptT& cos, const OptT& sin,
+                               const OptT& inv_freq, const OptT& positions, const OptT& offsets, c10::SymInt offset,
+                               const OptT& cu_seqlens, const OptT& axis_map, double attention_factor, bool interleaved,
+                               bool conjugate, bool exact) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    NativeOp<ops::RopeAndCacheInplace>::handle().redispatch(
+        ks & c10::after_ADInplaceOrView_keyset, q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_positions,
+        kv_layout, k_scale, v_scale, q_scale, k_scale_value, v_scale_value, q_scale_value, q_weight, k_weight, eps,
+        norm, weight_offset, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map, attention_factor,
+        interleaved, conjugate, exact);
+  }
+  torch::autograd::impl::bump_version(q);
+  torch::autograd::impl::bump_version(k);
+  torch::autograd::impl::bump_version(k_cache);
+  if (v_cache.has_value()) torch::autograd::impl::bump_version(*v_cache);
+  if (q_fp8.has_value()) torch::autograd::impl::bump_version(*q_fp8);
+}
+
+const char* const kMutatingOps[] = {"rope_", "qk_norm_rope_", "rope_and_cache_", "add_sinusoidal_",
+                                    "add_position_embedding_"};
 
 template <class Op>
 void add_if_kernel(std::vector<std::string>& names, int slot) {
@@ -308,6 +335,7 @@ TORCH_LIBRARY_IMPL(posenc, BackendSelect, m) {
 TORCH_LIBRARY_IMPL(posenc, ADInplaceOrView, m) {
   m.impl("rope_", TORCH_FN(posenc::rope_ad_inplace));
   m.impl("qk_norm_rope_", TORCH_FN(posenc::qk_norm_rope_ad_inplace));
+  m.impl("rope_and_cache_", TORCH_FN(posenc::rope_and_cache_ad_inplace));
   m.impl("add_sinusoidal_", TORCH_FN(posenc::add_sinusoidal_ad_inplace));
   m.impl("add_position_embedding_", TORCH_FN(posenc::add_position_embedding_ad_inplace));
 }

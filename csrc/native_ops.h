@@ -91,6 +91,19 @@ using QkNormRopeSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, con
                                                  double, const OptT&, const OptT&, const OptT&, const OptT&,
                                                  const OptT&, int64_t, const OptT&, const OptT&, double, bool, bool,
                                                  bool);
+// posenc::rope_and_cache_ / rope_and_cache: q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_positions,
+// kv_layout, k_scale, v_scale, q_scale, k/v/q_scale_value, then QK-norm's arguments (norm -1: none), then RoPE's.
+using OptD = std::optional<double>;
+using RopeAndCacheInplaceSig = void(const Tensor&, const Tensor&, const OptT&, const Tensor&, const OptT&,
+                                    const OptT&, const OptT&, const OptT&, int64_t, const OptT&, const OptT&,
+                                    const OptT&, OptD, OptD, OptD, const OptT&, const OptT&, double, int64_t, double,
+                                    const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, int64_t,
+                                    const OptT&, const OptT&, double, bool, bool, bool);
+using RopeAndCacheSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const OptT&, const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&,
+    int64_t, const OptT&, const OptT&, const OptT&, OptD, OptD, OptD, const OptT&, const OptT&, double, int64_t, double,
+    const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, int64_t, const OptT&, const OptT&, double, bool,
+    bool, bool);
 using SinusoidalTableSig = Tensor(const OptT&, int64_t, int64_t, double, bool, bool, double, double, at::ScalarType,
                                   at::Device);
 using AddSinusoidalInplaceSig = void(const Tensor&, const OptT&, const OptT&, int64_t, double, double, bool, bool,
@@ -142,6 +155,8 @@ inline const T& concrete(const T& v) {
   X(Rope, "rope", RopeSig)                                           \
   X(QkNormRopeInplace, "qk_norm_rope_", QkNormRopeInplaceSig)        \
   X(QkNormRope, "qk_norm_rope", QkNormRopeSig)                       \
+  X(RopeAndCacheInplace, "rope_and_cache_", RopeAndCacheInplaceSig)  \
+  X(RopeAndCache, "rope_and_cache", RopeAndCacheSig)                 \
   X(SinusoidalTable, "sinusoidal_table", SinusoidalTableSig)         \
   X(AddSinusoidalInplace, "add_sinusoidal_", AddSinusoidalInplaceSig) \
   X(AddSinusoidal, "add_sinusoidal", AddSinusoidalSig)               \

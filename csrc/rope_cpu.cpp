@@ -1,4 +1,6 @@
-// posenc::rope_ / posenc::rope on CPU: in-place (or out-of-place) rotary position embedding.
+// posenc::rope_ / posenc::rope on CPU: in-place (or out-of-place) rotary position embedding (and the item
+// kernels of posenc::qk_norm_rope_ and posenc::rope_and_cache_: with Params::cache set, each rotated k head,
+// as stored, is copied or FP8-quantised into its KV-cache row right after it is written).
 //
 // Rows: positions [S] / [B, S] (any integer dtype), offsets [B] + s, offset + s, packed varlen (cu_seqlens:
 // per-token positions built once, O(T) int64), or per frequency with an axis map (positions [A, B, S]).
@@ -25,6 +27,8 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <algorithm>
 #include <cmath>
@@ -146,6 +150,76 @@ inline void rotate_head_strided(const in_t* x, int64_t xd, scalar_t* o, int64_t 
   }
 }
 
+// ---- the cache write of posenc::rope_and_cache_ (CacheParams) ----
+
+// The cache row (n0, n1) of token (b, s); false: not written (slot / position -1, a token past the slot
+// mapping, or a row outside the cache when value checks are off: never an out-of-bounds write).
+inline bool cache_row(const CacheParams& c, int64_t b, int64_t s, int64_t& n0, int64_t& n1) {
+  if (c.paged) {
+    if (s >= c.idx_len) return false;
+    const int64_t slot = load_index(c.idx, c.idx_code, s * c.idx_ss);
+    if (slot < 0 || slot >= c.n0 * c.n1) return false;
+    n0 = slot / c.n1;
+    n1 = slot - n0 * c.n1;
+    return true;
+  }
+  const int64_t pos = load_index(c.idx, c.idx_code, b * c.idx_sb + s * c.idx_ss);
+  if (pos < 0 || pos >= c.n1 || b >= c.n0) return false;
+  n0 = b;
+  n1 = pos;
+  return true;
+}
+
+// torch_impl.quantise for one element: fp32(x) / scale (IEEE fp32 division), clamped to the format's finite
+// range (NaN stays NaN), rounded to nearest even by c10's conversion (torch's own cast); the raw byte.
+template <typename fp8_t>
+inline uint8_t quantise_one(float x, float scale) {
+  const float fmax = static_cast<float>(std::numeric_limits<fp8_t>::max());
+  float y = x / scale;
+  y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
+  return fp8_t(y).x;
+}
+
+// n elements x[d * xd] (input dtype) -> dst (unit stride: a cache row; else dd): a copy, or quantised.
+template <typename scalar_t>
+inline void store_row(const scalar_t* x, int64_t xd, void* dst, int64_t dd, int64_t n, int fp8, float scale) {
+  if (fp8 == 0) {
+    scalar_t* o = static_cast<scalar_t*>(dst);
+    if (xd == 1 && dd == 1) {
+      std::memcpy(o, x, n * static_cast<int64_t>(sizeof(scalar_t)));
+    } else {
+      for (int64_t d = 0; d < n; ++d) o[d * dd] = x[d * xd];
+    }
+    return;
+  }
+  uint8_t* o = static_cast<uint8_t*>(dst);
+  if (fp8 == 1) {
+    for (int64_t d = 0; d < n; ++d) o[d * dd] = quantise_one<c10::Float8_e4m3fn>(static_cast<float>(x[d * xd]), scale);
+  } else {
+    for (int64_t d = 0; d < n; ++d) o[d * dd] = quantise_one<c10::Float8_e5m2>(static_cast<float>(x[d * xd]), scale);
+  }
+}
+
+// k head h of token (b, s), as stored in k_out (ko, channel stride kod), and v's head h -> cache row (n0, n1).
+template <typename scalar_t>
+inline void write_kv(const CacheParams& c, int64_t D, int64_t b, int64_t s, int64_t n0, int64_t n1, int64_t h,
+                     const scalar_t* ko, int64_t kod) {
+  const int64_t es = c.fp8 ? 1 : static_cast<int64_t>(sizeof(scalar_t));
+  char* kd = static_cast<char*>(c.kc) + (n0 * c.kcs[0] + n1 * c.kcs[1] + h * c.kcs[2]) * es;
+  store_row<scalar_t>(ko, kod, kd, 1, D, c.fp8, c.fp8 ? c.k_scale[h * c.k_scale_h] : 1.0f);
+  if (c.vc == nullptr) return;
+  const scalar_t* vx = static_cast<const scalar_t*>(c.v) + b * c.vs[0] + s * c.vs[1] + h * c.vs[2];
+  char* vd = static_cast<char*>(c.vc) + (n0 * c.vcs[0] + n1 * c.vcs[1] + h * c.vcs[2]) * es;
+  store_row<scalar_t>(vx, c.vs[3], vd, 1, c.Dv, c.fp8, c.fp8 ? c.v_scale[h * c.v_scale_h] : 1.0f);
+}
+
+// The rotated q head h of token (b, s) (qr: q's dtype, unit stride) quantised into q_fp8.
+template <typename scalar_t>
+inline void write_q8(const CacheParams& c, int64_t D, int64_t b, int64_t s, int64_t h, const scalar_t* qr) {
+  uint8_t* dst = static_cast<uint8_t*>(c.q8) + b * c.q8s[0] + s * c.q8s[1] + h * c.q8s[2];
+  store_row<scalar_t>(qr, 1, dst, c.q8s[3], D, c.q8_fp8, c.q_scale[h * c.q_scale_h]);
+}
+
 // Table entries (row rows[i] or `row`, column i; any float dtype) -> accumulator values; sin times +-1
 // (conjugate). A row outside [0, n_rows) gives NaN, never an out-of-bounds read (value checks off).
 template <typename table_t, typename acc_t>
@@ -238,11 +312,24 @@ void items_impl(const Params& p, int64_t begin, int64_t end) {
     }
   }
   acc_t* s = c + half;
+  // rope_and_cache_: the token's cache row; with q_fp8 a q head is rotated into qbuf, then quantised
+  const CacheParams* cp = p.cache;
+  const bool q8 = cp != nullptr && cp->q8 != nullptr;
+  scalar_t stack_q[2 * kStack];
+  std::vector<scalar_t> heap_q;
+  scalar_t* qbuf = stack_q;
+  if (q8 && p.D > 2 * kStack) {
+    heap_q.resize(p.D);
+    qbuf = heap_q.data();
+  }
+  int64_t row0 = 0, row1 = 0;
+  bool row_ok = false;
   int64_t cur_tok = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t tok = item / H, h = item - tok * H;
     const int64_t b = tok / S, sq = tok - b * S;
     if (tok != cur_tok) {
+      if (cp != nullptr) row_ok = cache_row(*cp, b, sq, row0, row1);
       if (p.axis) {
         const int64_t base = b * p.rows.stride_pos_b + sq * p.rows.stride_pos_s;
         for (int64_t i = 0; i < half; ++i) {
@@ -257,6 +344,17 @@ void items_impl(const Params& p, int64_t begin, int64_t end) {
     const int w = h < p.Hq ? 0 : 1;
     const int64_t hh = w == 0 ? h : h - p.Hq;
     const scalar_t* x = static_cast<const scalar_t*>(p.x[w]) + b * p.xs[w][0] + sq * p.xs[w][1] + hh * p.xs[w][2];
+    if (w == 0 && q8) {  // q_fp8: q's dtype in qbuf (pass-through channels too), then quantised; q_out untouched
+      const int64_t xd = p.xs[0][3];
+      if (xd == 1 || p.D <= 1) {
+        rotate_head<scalar_t, INTERLEAVED>(x, qbuf, c, s, half);
+      } else {
+        rotate_head_strided<scalar_t>(x, xd, qbuf, 1, c, s, half, INTERLEAVED);
+      }
+      for (int64_t d = R; d < p.D; ++d) qbuf[d] = x[d * xd];
+      write_q8<scalar_t>(*cp, p.D, b, sq, hh, qbuf);
+      continue;
+    }
     scalar_t* o = static_cast<scalar_t*>(p.o[w]) + b * p.os[w][0] + sq * p.os[w][1] + hh * p.os[w][2];
     if (p.unit[w]) {
       rotate_head<scalar_t, INTERLEAVED>(x, o, c, s, half);
@@ -268,6 +366,7 @@ void items_impl(const Params& p, int64_t begin, int64_t end) {
         for (int64_t d = R; d < p.D; ++d) o[d * od] = x[d * xd];
       }
     }
+    if (w == 1 && row_ok) write_kv<scalar_t>(*cp, p.D, b, sq, row0, row1, hh, o, p.os[1][3]);
   }
 }
 
@@ -372,8 +471,19 @@ void norm_items_impl(const Params& p, int64_t begin, int64_t end) {
   }
   acc_t* s = c + half;
   const acc_t eps = static_cast<acc_t>(p.eps), offset = static_cast<acc_t>(p.weight_offset);
+  const CacheParams* cp = p.cache;  // rope_and_cache_ (see items_impl)
+  const bool q8 = cp != nullptr && cp->q8 != nullptr;
+  scalar_t stack_q[2 * kStack];
+  std::vector<scalar_t> heap_q;
+  scalar_t* qbuf = stack_q;
+  if (q8 && D > 2 * kStack) {
+    heap_q.resize(D);
+    qbuf = heap_q.data();
+  }
   for (int64_t tok = begin; tok < end; ++tok) {
     const int64_t b = tok / S, sq = tok - b * S;
+    int64_t row0 = 0, row1 = 0;
+    const bool row_ok = cp != nullptr && cache_row(*cp, b, sq, row0, row1);
     if (p.axis) {
       const int64_t base = b * p.rows.stride_pos_b + sq * p.rows.stride_pos_s;
       for (int64_t i = 0; i < half; ++i) {
@@ -404,6 +514,12 @@ void norm_items_impl(const Params& p, int64_t begin, int64_t end) {
                                ? rstd_tok
                                : acc_t(1) / std::sqrt(sum_squares<scalar_t>(x, xd, unit_x, D) / static_cast<acc_t>(D) + eps);
         scale_row<scalar_t>(x, xd, unit_x, wt == nullptr ? nullptr : wt + (p.norm == 1 ? h * D : 0), rstd, offset, y, D);
+        if (w == 0 && q8) {  // q_fp8: q's dtype in qbuf, then quantised; q_out untouched
+          rotate_head<scalar_t, INTERLEAVED, acc_t>(y, qbuf, c, s, half);
+          for (int64_t d = R; d < D; ++d) qbuf[d] = static_cast<scalar_t>(y[d]);
+          write_q8<scalar_t>(*cp, D, b, sq, h, qbuf);
+          continue;
+        }
         if (unit_o) {
           rotate_head<scalar_t, INTERLEAVED, acc_t>(y, o, c, s, half);
           for (int64_t d = R; d < D; ++d) o[d] = static_cast<scalar_t>(y[d]);
@@ -411,6 +527,7 @@ void norm_items_impl(const Params& p, int64_t begin, int64_t end) {
           rotate_head_strided<scalar_t, acc_t>(y, 1, o, od, c, s, half, INTERLEAVED);
           for (int64_t d = R; d < D; ++d) o[d * od] = static_cast<scalar_t>(y[d]);
         }
+        if (w == 1 && row_ok) write_kv<scalar_t>(*cp, D, b, sq, row0, row1, h, o, od);
       }
     }
   }

@@ -9,6 +9,35 @@
 namespace posenc {
 namespace rope_cpu {
 
+// posenc::rope_and_cache_ (rope_cpu_ops.cpp): where the rotated k heads (and v) of a token go, written by the
+// same items right after each k head is stored. The caches are NHD views [N0, N1, Hk, D] (HND is a
+// transposed view), unit channel stride, in the input dtype (fp8 0) or FP8 (fp8 1: float8_e4m3fn, 2:
+// float8_e5m2: fp32(x) / scale clamped to the finite range, rounded to nearest even, as torch's cast).
+struct CacheParams {
+  bool paged;        // slot_mapping [L] (B = 1): row (slot / N1, slot % N1); else cache_positions: row (b, pos)
+  const void* idx;   // slot_mapping or cache_positions
+  int idx_code;      // its positions.h DType
+  int64_t idx_len;   // paged: L (tokens s >= L are not written)
+  int64_t idx_sb, idx_ss;  // element strides over b (0 for [S] positions) and s
+  int64_t n0, n1;    // the view's sizes [N0, N1]; rows outside them (value checks off) are not written
+  int fp8;           // 0 the input dtype, 1 float8_e4m3fn, 2 float8_e5m2 (both caches)
+  void* kc;
+  int64_t kcs[3];    // element strides of k_cache's view over N0, N1, H
+  void* vc;          // nullptr: no v
+  int64_t vcs[3];
+  const void* v;     // v [b, s, h, d] (input dtype), strides vs
+  int64_t vs[4], Dv;
+  const float* k_scale;  // FP8: fp32 scales, per head (k_scale_h 1) or one (0)
+  const float* v_scale;
+  int64_t k_scale_h, v_scale_h;
+  // q_fp8: the rotated q (rounded to q's dtype) quantised here instead of written to q_out; nullptr: none
+  void* q8;
+  int q8_fp8;  // 1 e4m3fn, 2 e5m2
+  int64_t q8s[4];  // [b, s, h, d] element strides
+  const float* q_scale;
+  int64_t q_scale_h;
+};
+
 // Everything one chunk of (token, head) items needs, as plain pointers and element strides.
 struct Params {
   int dtype;  // positions.h DType of q, k and the outputs (a float code)
@@ -41,6 +70,8 @@ struct Params {
   int norm = -1;
   const void* w[2] = {nullptr, nullptr};
   double eps = 0.0, weight_offset = 0.0;
+  // posenc::rope_and_cache_: the cache write of each rotated k head (nullptr: none).
+  const CacheParams* cache = nullptr;
 };
 
 using ItemsFn = void (*)(const Params&, int64_t begin, int64_t end);

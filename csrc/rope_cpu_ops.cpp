@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "alias_checks.h"
+#include "cache_args.h"
 #include "cpu_parallel.h"
 #include "native_ops.h"
 #include "qknorm_args.h"
@@ -105,7 +106,8 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
               const RopeShape& shape, const optional<Tensor>& cos, const optional<Tensor>& sin,
               const optional<Tensor>& inv_freq, const optional<Tensor>& positions, const optional<Tensor>& offsets,
               int64_t offset, const optional<Tensor>& axis_map, std::vector<int64_t>& cu_rows, bool has_cu,
-              double attention_factor, bool interleaved, bool conjugate, bool exact, const NormArgs* norm = nullptr) {
+              double attention_factor, bool interleaved, bool conjugate, bool exact, const NormArgs* norm = nullptr,
+              const rope_cpu::CacheParams* cache = nullptr, int64_t cache_bytes_per_token = 0) {
   rope_cpu::Params p{};
   const bool packed = shape.packed;
   const int64_t half = shape.half;
@@ -228,6 +230,7 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
     }
   }
   p.attention_factor = static_cast<float>(attention_factor);
+  p.cache = cache;  // rope_and_cache_: each rotated k head (and v) also goes to its cache row
   if (norm != nullptr) {
     // One item per token (its q and k heads together: norm 'heads' needs every head's statistics first).
     p.norm = static_cast<int>(norm->norm);
@@ -237,13 +240,15 @@ void run_rope(const Tensor& q, const optional<Tensor>& k, const Tensor& q_out, c
     const int64_t n_tok = p.B * p.S;
     const rope_cpu::ItemsFn nfn = pick_norm_variant();
     // The split (cpu_parallel.h): an item (one token, its q and k heads) reads and writes D(Hq + Hk) elements.
-    parallel_items(n_tok, 2 * p.D * (p.Hq + p.Hk) * static_cast<int64_t>(q.element_size()),
+    parallel_items(n_tok, 2 * p.D * (p.Hq + p.Hk) * static_cast<int64_t>(q.element_size()) + cache_bytes_per_token,
                    [&](int64_t begin, int64_t end) { nfn(p, begin, end); });
     return;
   }
   const rope_cpu::ItemsFn fn = pick_variant();
-  // The split (cpu_parallel.h): an item (one head of one token) reads and writes D elements.
-  parallel_items(n_items, 2 * p.D * static_cast<int64_t>(q.element_size()),
+  // The split (cpu_parallel.h): an item (one head of one token) reads and writes D elements (and its share of
+  // the token's cache traffic).
+  const int64_t H = p.Hq + p.Hk;
+  parallel_items(n_items, 2 * p.D * static_cast<int64_t>(q.element_size()) + (cache_bytes_per_token + H - 1) / H,
                  [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
@@ -332,6 +337,154 @@ std::tuple<Tensor, Tensor> qk_norm_rope_cpu(const Tensor& q, const optional<Tens
            cu_seqlens.has_value(), attention_factor, interleaved, false, exact, &na);
   return {q_out, k_out};
 }
+
+// ---- posenc::rope_and_cache_ / posenc::rope_and_cache: RoPE (or QK-norm + RoPE) and the KV-cache write in one
+// pass over the tokens (cache_args.h checks first). The rotation is run_rope's (the same item kernels, so q,
+// k are bit for bit rope_ / qk_norm_rope_); each k head, as stored, is copied (or quantised) into its cache
+// row right after it is written, with v's head beside it.
+
+int fp8_code(at::ScalarType t) { return t == at::kFloat8_e4m3fn ? 1 : t == at::kFloat8_e5m2 ? 2 : 0; }
+
+// The fp32 scales of one FP8 output, as torch_impl.quantise forms them (tensor.to(float32) or
+// torch.tensor(value, float32)): one value (0-d, [1], a float; per_head 0) or one per head (per_head 1).
+const float* fp32_scales(const optional<Tensor>& t, const optional<double>& value, std::vector<float>& out,
+                         int64_t& per_head) {
+  if (t.has_value()) {
+    c10::InferenceMode guard;
+    const Tensor f = t->to(at::kFloat).contiguous();
+    out.assign(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
+  } else {
+    out.assign(1, static_cast<float>(value.value_or(1.0)));
+  }
+  per_head = out.size() > 1 ? 1 : 0;
+  return out.data();
+}
+
+// Rotate q, k into q_out, k_out (or q into q8) and write the caches kc / vc (the op's tensors: the NHD view
+// is taken here). Every check has run.
+void run_rope_and_cache(const Tensor& q, const Tensor& k, const optional<Tensor>& v, const Tensor& q_out,
+                        const Tensor& k_out, const Tensor& kc, const optional<Tensor>& vc, const optional<Tensor>& q8,
+                        const CacheShape& cs, const optional<Tensor>& slot_mapping,
+                        const optional<Tensor>& cache_positions, int64_t kv_layout, const optional<Tensor>& k_scale,
+                        const optional<Tensor>& v_scale, const optional<Tensor>& q_scale,
+                        const optional<double>& k_scale_value, const optional<double>& v_scale_value,
+                        const optional<double>& q_scale_value, const optional<Tensor>& q_weight,
+                        const optional<Tensor>& k_weight, double eps, int64_t norm, double weight_offset,
+                        const optional<Tensor>& cos, const optional<Tensor>& sin, const optional<Tensor>& inv_freq,
+                        const optional<Tensor>& positions, const optional<Tensor>& offsets, int64_t offset,
+                        const optional<Tensor>& cu_seqlens, const optional<Tensor>& axis_map, double attention_factor,
+                        bool interleaved, bool exact) {
+  const RopeShape& r = cs.rope;
+  std::vector<int64_t> cu_rows;
+  if (cu_seqlens.has_value() && r.B * r.S > 0) cu_seqlens_rows(r.S, *cu_seqlens, offsets, offset, cu_rows);
+  const bool packed = r.packed;
+  rope_cpu::CacheParams c{};
+  const Tensor& idx = cs.paged ? *slot_mapping : *cache_positions;
+  c.paged = cs.paged;
+  c.idx = idx.const_data_ptr();
+  c.idx_code = dtype_code(idx.scalar_type());
+  c.idx_len = cs.paged ? idx.size(0) : 0;
+  c.idx_sb = !cs.paged && idx.dim() == 2 ? idx.stride(0) : 0;
+  c.idx_ss = idx.stride(-1);
+  const Tensor kv4 = cache_view(kc, kv_layout);
+  c.n0 = kv4.size(0);
+  c.n1 = kv4.size(1);
+  c.fp8 = fp8_code(kc.scalar_type());
+  c.kc = kv4.data_ptr();
+  for (int d = 0; d < 3; ++d) c.kcs[d] = kv4.stride(d);
+  // [b, s, h, d] strides of a [T, H, D] (packed: b stride 0) or [B, S, H, D] tensor
+  auto bshd = [packed](const Tensor& t, int64_t* st) {
+    st[0] = packed ? 0 : t.stride(0);
+    for (int d = 1; d < 4; ++d) st[d] = t.stride(d - (packed ? 1 : 0));
+  };
+  const int64_t es = static_cast<int64_t>(q.element_size()), ces = static_cast<int64_t>(kc.element_size());
+  int64_t bytes = r.Hk * r.D * ces;  // per token, beyond the rotation: the k rows written
+  Tensor vv4;
+  if (v.has_value()) {
+    vv4 = cache_view(*vc, kv_layout);
+    c.vc = vv4.data_ptr();
+    for (int d = 0; d < 3; ++d) c.vcs[d] = vv4.stride(d);
+    c.v = v->const_data_ptr();
+    bshd(*v, c.vs);
+    c.Dv = v->size(-1);
+    bytes += r.Hk * c.Dv * (es + ces);
+  }
+  std::vector<float> ks, vs, qs;
+  if (c.fp8) {
+    c.k_scale = fp32_scales(k_scale, k_scale_value, ks, c.k_scale_h);
+    if (v.has_value()) c.v_scale = fp32_scales(v_scale, v_scale_value, vs, c.v_scale_h);
+  }
+  if (q8.has_value()) {
+    c.q8 = q8->data_ptr();
+    c.q8_fp8 = fp8_code(q8->scalar_type());
+    bshd(*q8, c.q8s);
+    c.q_scale = fp32_scales(q_scale, q_scale_value, qs, c.q_scale_h);
+    bytes += r.Hq * r.D * (1 - es);  // q_fp8 is written instead of q_out
+  }
+  const NormArgs na = norm_args(norm, q_weight, k_weight, k, eps, weight_offset);
+  run_rope(q, k, q_out, k_out, r, cos, sin, inv_freq, positions, offsets, offset, axis_map, cu_rows,
+           cu_seqlens.has_value(), attention_factor, interleaved, false, exact, norm == kNoNorm ? nullptr : &na, &c,
+           std::max<int64_t>(bytes, 0));
+}
+
+void rope_and_cache_inplace_cpu(const Tensor& q, const Tensor& k, const optional<Tensor>& v, const Tensor& k_cache,
+                                const optional<Tensor>& v_cache, const optional<Tensor>& q_fp8,
+                                const optional<Tensor>& slot_mapping, const optional<Tensor>& cache_positions,
+                                int64_t kv_layout, const optional<Tensor>& k_scale, const optional<Tensor>& v_scale,
+                                const optional<Tensor>& q_scale, optional<double> k_scale_value,
+                                optional<double> v_scale_value, optional<double> q_scale_value,
+                                const optional<Tensor>& q_weight, const optional<Tensor>& k_weight, double eps,
+                                int64_t norm, double weight_offset, const optional<Tensor>& cos,
+                                const optional<Tensor>& sin, const optional<Tensor>& inv_freq,
+                                const optional<Tensor>& positions, const optional<Tensor>& offsets, int64_t offset,
+                                const optional<Tensor>& cu_seqlens, const optional<Tensor>& axis_map,
+                                double attention_factor, bool interleaved, bool conjugate, bool exact) {
+  const CacheShape cs = check_rope_and_cache(
+      q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_positions, kv_layout, k_scale, v_scale, q_scale,
+      k_scale_value, v_scale_value, q_scale_value, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+      positions, offsets, offset, cu_seqlens, axis_map, attention_factor, conjugate, exact, /*inplace=*/true);
+  run_rope_and_cache(q, k, v, q, k, k_cache, v_cache, q_fp8, cs, slot_mapping, cache_positions, kv_layout, k_scale,
+                     v_scale, q_scale, k_scale_value, v_scale_value, q_scale_value, q_weight, k_weight, eps, norm,
+                     weight_offset, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
+                     attention_factor, interleaved, exact);
+}
+
+// Out of place: (q, k, k_cache, v_cache, q_fp8) new, as op.py _body: the caches (and q_fp8) start as copies of
+// the old; with q_fp8, q's output is q itself (the rotated q goes to q_fp8). Absent ones: empty ([0], q's dtype).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rope_and_cache_cpu(
+    const Tensor& q, const Tensor& k, const optional<Tensor>& v, const Tensor& k_cache, const optional<Tensor>& v_cache,
+    const optional<Tensor>& q_fp8, const optional<Tensor>& slot_mapping, const optional<Tensor>& cache_positions,
+    int64_t kv_layout, const optional<Tensor>& k_scale, const optional<Tensor>& v_scale,
+    const optional<Tensor>& q_scale, optional<double> k_scale_value, optional<double> v_scale_value,
+    optional<double> q_scale_value, const optional<Tensor>& q_weight, const optional<Tensor>& k_weight, double eps,
+    int64_t norm, double weight_offset, const optional<Tensor>& cos, const optional<Tensor>& sin,
+    const optional<Tensor>& inv_freq, const optional<Tensor>& positions, const optional<Tensor>& offsets,
+    int64_t offset, const optional<Tensor>& cu_seqlens, const optional<Tensor>& axis_map, double attention_factor,
+    bool interleaved, bool conjugate, bool exact) {
+  const CacheShape cs = check_rope_and_cache(
+      q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_positions, kv_layout, k_scale, v_scale, q_scale,
+      k_scale_value, v_scale_value, q_scale_value, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
+      positions, offsets, offset, cu_seqlens, axis_map, attention_factor, conjugate, exact, /*inplace=*/false);
+  Tensor q_o = at::empty_like(q), k_o = at::empty_like(k), kc_o = at::empty_like(k_cache);
+  Tensor vc_o = v.has_value() ? at::empty_like(*v_cache) : at::empty({0}, q.options());
+  Tensor qf_o = q_fp8.has_value() ? at::empty_like(*q_fp8) : at::empty({0}, q.options());
+  kc_o.copy_(k_cache);
+  if (v.has_value()) vc_o.copy_(*v_cache);
+  if (q_fp8.has_value()) {
+    qf_o.copy_(*q_fp8);
+    q_o.copy_(q);
+  }
+  const optional<Tensor> vc = v.has_value() ? optional<Tensor>(vc_o) : std::nullopt;
+  const optional<Tensor> q8 = q_fp8.has_value() ? optional<Tensor>(qf_o) : std::nullopt;
+  run_rope_and_cache(q, k, v, q_o, k_o, kc_o, vc, q8, cs, slot_mapping, cache_positions, kv_layout, k_scale, v_scale,
+                     q_scale, k_scale_value, v_scale_value, q_scale_value, q_weight, k_weight, eps, norm,
+                     weight_offset, cos, sin, inv_freq, positions, offsets, offset, cu_seqlens, axis_map,
+                     attention_factor, interleaved, exact);
+  return {q_o, k_o, kc_o, vc_o, qf_o};
+}
+
+const AddNative<ops::RopeAndCacheInplace> add_rope_and_cache_inplace(kNativeCPU, &rope_and_cache_inplace_cpu);
+const AddNative<ops::RopeAndCache> add_rope_and_cache(kNativeCPU, &rope_and_cache_cpu);
 
 const AddNative<ops::QkNormRopeInplace> add_qk_norm_rope_inplace(kNativeCPU, &qk_norm_rope_inplace_cpu);
 const AddNative<ops::QkNormRope> add_qk_norm_rope(kNativeCPU, &qk_norm_rope_cpu);

@@ -262,6 +262,49 @@ QK_INPLACE_CASES = {
 }
 
 
+def _cache_args(**kw):
+    """rope_and_cache_'s schema arguments: paged q [7, 4, 8], k/v [7, 2, 8], caches [4 blocks, 4 slots, 2, 8]
+    (NHD), slot_mapping arange(7), no norm, cos/sin [16, 4]; contiguous=True: q [2, 5, 4, 8], caches
+    [2, 6, 2, 8], cache_positions arange(5)."""
+    contiguous = kw.pop("contiguous", False)
+    lead, cache = ((2, 5), (2, 6)) if contiguous else ((7,), (4, 4))
+    a = dict(q=_g(*lead, 4, 8), k=_g(*lead, 2, 8), v=_g(*lead, 2, 8), k_cache=_g(*cache, 2, 8),
+             v_cache=_g(*cache, 2, 8), q_fp8=None, slot_mapping=None if contiguous else torch.arange(7),
+             cache_positions=torch.arange(5) if contiguous else None, kv_layout=0, k_scale=None, v_scale=None,
+             q_scale=None, k_scale_value=None, v_scale_value=None, q_scale_value=None, q_weight=None, k_weight=None,
+             eps=0.0, norm=-1, weight_offset=0.0)  # fmt: skip
+    rope_kw = {n: kw.pop(n) for n in list(kw) if n not in a}
+    a.update(kw)
+    r = _rope_args(**rope_kw)
+    return tuple(a.values()) + r[2:]
+
+
+_F8 = torch.float8_e4m3fn
+_kv = _g(4, 4, 2, 8)
+CACHE_CASES = {
+    "both slot_mapping and cache_positions": _cache_args(cache_positions=torch.arange(7)),
+    "neither slot_mapping nor cache_positions": _cache_args(slot_mapping=None),
+    "v without v_cache": _cache_args(v_cache=None),
+    "v heads differ from k heads": _cache_args(v=_g(7, 3, 8)),
+    "slot_mapping float": _cache_args(slot_mapping=torch.zeros(7)),
+    "k_cache shape": _cache_args(k_cache=_g(4, 4, 3, 8)),
+    "k_cache dtype": _cache_args(k_cache=_g(4, 4, 2, 8, dtype=torch.float64)),
+    "v_cache dtype differs from k_cache": _cache_args(v_cache=torch.zeros(4, 4, 2, 8, dtype=_F8)),
+    "FP8 cache without scales": _cache_args(k_cache=torch.zeros(4, 4, 2, 8, dtype=_F8),
+                                            v_cache=torch.zeros(4, 4, 2, 8, dtype=_F8)),
+    "FP8 scale values": _cache_args(k_cache=torch.zeros(4, 4, 2, 8, dtype=_F8),
+                                    v_cache=torch.zeros(4, 4, 2, 8, dtype=_F8), k_scale=torch.tensor([1.0, 0.0]),
+                                    v_scale_value=1.0),
+    "q_fp8 without q_scale": _cache_args(q_fp8=torch.zeros(7, 4, 8, dtype=_F8)),
+    "slot out of range": _cache_args(slot_mapping=torch.tensor([0, 1, 2, 3, 4, 5, 16])),
+    "slot written twice": _cache_args(slot_mapping=torch.tensor([0, 1, 2, 3, 9, 5, 3], dtype=torch.int32)),
+    "cache position out of range": _cache_args(contiguous=True, cache_positions=torch.tensor([[0, 1, 2, 3, 4],
+                                                                                             [0, 1, 6, 3, 4]])),
+    "cache position written twice": _cache_args(contiguous=True, cache_positions=torch.tensor([0, 1, -1, 1, -1])),
+    "v_cache is k_cache": _cache_args(k_cache=_kv, v_cache=_kv),
+}
+
+
 def _raised(op, args, backend):
     with pk.use_backend(backend):
         try:
@@ -283,6 +326,9 @@ def _cases():
         yield f"qk_norm_rope-{name}", ops.qk_norm_rope.default, args
     for name, args in QK_INPLACE_CASES.items():
         yield f"qk_norm_rope_-{name}", ops.qk_norm_rope_.default, args
+    for name, args in CACHE_CASES.items():
+        yield f"rope_and_cache_-{name}", ops.rope_and_cache_.default, args
+        yield f"rope_and_cache-{name}", ops.rope_and_cache.default, args
     for name, args in {**SIN_CASES, **SIN_INPLACE_CASES}.items():
         yield f"add_sinusoidal_-{name}", ops.add_sinusoidal_.default, args
     for name, args in SIN_CASES.items():
@@ -344,3 +390,17 @@ def test_value_checks_off_skips_only_value_checks():
                 ops.rope_.default(*ROPE_CASES["positions shape"])
     finally:
         pk.set_value_checks(True)
+
+
+@pytest.mark.parametrize("name", list(CACHE_CASES))
+def test_cache_errors_write_nothing(name):
+    """A refused rope_and_cache_ call leaves q, k and the caches as they were (every check runs first)."""
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in CACHE_CASES[name])
+    if name == "v_cache is k_cache":
+        args = args[:4] + (args[3],) + args[5:]
+    before = [a.clone() for a in args[:5] if a is not None]
+    with pk.use_backend("native"), pytest.raises((ValueError, TypeError)):
+        torch.ops.posenc.rope_and_cache_.default(*args)
+    after = [a for a in args[:5] if a is not None]
+    for b, a in zip(before, after):
+        assert torch.equal(b.view(torch.uint8), a.view(torch.uint8)), name

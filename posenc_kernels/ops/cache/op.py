@@ -310,6 +310,6 @@ rope_and_cache = define_pair(
     launchers=LAUNCHERS,
     setup_context=_setup_context,
     backward=_backward,
-    native=False,
+    native=True,
     compile_inplace=True,  # under torch.compile the mutating op itself (a copy-back would copy whole caches)
 )
