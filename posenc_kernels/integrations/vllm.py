@@ -276,6 +276,8 @@ def fused_rope_and_reshape_cache_flash(
     k3 = _token_heads("key", key, d)
     v3 = _token_heads("value", value, vc.shape[3])
     cos, sin = _cos_sin(cos_sin_cache, d, query.device)
+    if not isinstance(positions, torch.Tensor):  # (the op's dispatcher would raise a RuntimeError for it)
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
     if fp8 is None:
         k_scale = v_scale = None  # vLLM passes the layer's scales whatever the cache dtype; "auto" ignores them
     _cache.rope_and_cache_(q3, k3, v3, kc, vc, cos, sin, slot_mapping=slot_mapping, positions=positions,
