@@ -266,7 +266,9 @@ def _paged_slots(k_cache, pos, cache_batch_idx, block_table, device):
         if cache_batch_idx is not None:
             lo, top = (int(x) for x in torch.aminmax(cache_batch_idx))
             if lo < 0 or top >= k_cache.shape[0]:
-                raise ValueError(f"cache_batch_idx must lie in [0, {k_cache.shape[0]}) (k_cache's batch), got [{lo}, {top}]")
+                raise ValueError(
+                    f"cache_batch_idx must lie in [0, {k_cache.shape[0]}) (k_cache's batch), got [{lo}, {top}]"
+                )
     if block_table is not None:  # (clamped: with value checks off, a position past the table reads no memory)
         pages = block_table.long().gather(1, (pos // page).clamp_max(block_table.shape[1] - 1))
         return (pages * page + pos % page).flatten()
@@ -317,7 +319,9 @@ def rotary_and_append_kvcache_(
     (True, True, True)
     """
     if _cache is None:
-        raise RuntimeError("rotary_and_append_kvcache_ needs posenc_kernels.ops.cache, which this copy does not include")
+        raise RuntimeError(
+            "rotary_and_append_kvcache_ needs posenc_kernels.ops.cache, which this copy does not include"
+        )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
                     ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):  # fmt: skip
         check_tensor(name, t)
@@ -350,7 +354,9 @@ def rotary_and_append_kvcache_(
         # q alone runs after the cache write: its positions past k's are checked first (no write before an error)
         hi = (offset if seqlens is None else int(seqlens.max())) + S_q - 1
         if hi >= rotary_cos.shape[0]:
-            raise ValueError(f"q's positions reach cache_seqlens + S_q - 1 = {hi}, past rotary_cos's {rotary_cos.shape[0]} rows")
+            raise ValueError(
+                f"q's positions reach cache_seqlens + S_q - 1 = {hi}, past rotary_cos's {rotary_cos.shape[0]} rows"
+            )
     q_in = q if together else k.narrow(2, 0, 0)  # no q heads: k and the cache only
     if cache_batch_idx is None and block_table is None:
         _cache.rope_and_cache_(q_in, k, v, k_cache, v_cache, rotary_cos, rotary_sin, cache_positions=pos,
