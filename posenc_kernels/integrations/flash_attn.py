@@ -305,8 +305,9 @@ def rotary_and_append_kvcache_(
     rotary_dim/2)``. ``cache_seqlens`` an int or ``[B]`` integers; ``cache_batch_idx`` ``[B]``: sequence
     ``b`` writes row ``cache_batch_idx[b]`` of the cache; ``block_table`` ``[B, max_num_blocks]``: a paged
     cache ``[num_blocks, page_block_size, Hk, D]``. One launch when q's positions are k's (causal or local
-    with ``S_q == S_new``, or ``S_q == S_new == 1``), else two (k and the cache, then q alone; q's dtype, head_dim and
-    table rows are checked before the first write). ``cache_leftpad`` is not supported (NotImplementedError).
+    with ``S_q == S_new``, or ``S_q == S_new == 1``), else two: k and the cache, then q alone (q's dtype,
+    head_dim and table rows are checked before the first write). ``cache_leftpad`` is not supported
+    (NotImplementedError).
 
     >>> import torch
     >>> from posenc_kernels.integrations.flash_attn import rotary_and_append_kvcache_
