@@ -42,6 +42,9 @@ dtype x cache dtype x layout x scale type) a covering sample of 24 (file 2: ``ra
 cover every value; its rotation, not upstream's, uses a 512-row cos/sin cache and NeoX pairs except at head
 size 80); 8 blocks kept (file 3).
 Not ported: the NVFP4 cache and the Triton-implementation rows of file 2 (other kernels of vLLM's), opcheck.
+
+The last section is not upstream's: ``"fp8_e5m2"`` through uint8 storage with per-head scales and flat
+``[T, H*D]`` inputs, and refusals that write nothing.
 """
 
 import itertools
@@ -375,3 +378,52 @@ def test_fused_rope_and_reshape_cache_flash_layouts(dtype, num_q_heads, num_kv_h
     for view in (key_cache, value_cache):
         flags.as_strided(view.shape, view.stride(), view.storage_offset())[s // block_size, s % block_size] = True
     assert torch.equal(physical[~flags], physical_ref[~flags]), "an element outside the written rows changed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Not upstream's: fp8_e5m2 through uint8 storage with per-head scales, flat [T, H*D] inputs, refusals
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_fp8_e5m2_uint8_flat_inputs_per_head_scales():
+    torch.manual_seed(0)
+    T, Hq, Hk, D, rot = 5, 4, 2, 32, 16  # partial rotary
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, dtype=torch.bfloat16)
+    query, key, value = qkv.split([Hq * D, Hk * D, Hk * D], dim=-1)  # flat [T, H*D] views
+    cos_sin_cache = vllm_cos_sin_cache(rot, 64, 10000, torch.float32)
+    positions = torch.randint(0, 64, (T,))
+    kv_cache = torch.zeros(3, 2, 4, Hk, D, dtype=torch.uint8)
+    key_cache, value_cache = kv_cache.unbind(1)
+    slot_mapping = torch.tensor([3, -1, 7, 0])  # the last token is padding
+    k_scale, v_scale = torch.tensor([0.02, 0.05]), torch.tensor([0.03, 0.01])
+    k_in = key.view(T, Hk, D).clone()
+    k_true = rotate_like_vllm(positions, k_in, cos_sin_cache, True, torch.float64)
+    vc_ref = value_cache.clone()
+    reshape_and_cache_flash_like_vllm(k_in, value.view(T, Hk, D), key_cache.clone(), vc_ref, slot_mapping, "fp8_e5m2",
+                                      k_scale, v_scale)  # fmt: skip
+    fused_rope_and_reshape_cache_flash(query, key, value, positions, cos_sin_cache, True, key_cache, value_cache,
+                                       slot_mapping, k_scale, v_scale, "fp8_e5m2")  # fmt: skip
+    k_out = key.view(T, Hk, D)
+    assert (k_out.double() - k_true).abs().max() < 2 ** -7 * 8  # rotated in place (bf16, |k| < 8)
+    check_cache_holds_our_k(key_cache, k_out, slot_mapping, "fp8_e5m2", k_scale)
+    assert torch.equal(value_cache, vc_ref)
+    written = torch.zeros(3, 4, dtype=torch.bool)
+    written[[0, 1, 0], [3, 3, 0]] = True  # slots 3, 7 and 0; -1 and the padding token are not written
+    assert not kv_cache.transpose(1, 2)[~written].any() and kv_cache.transpose(1, 2)[written].any(-1).all()
+
+
+def test_refusals_before_any_write():
+    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    cos_sin_cache = torch.randn(16, 8)
+    kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    q0, k0 = q.clone(), k.clone()
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        fused_rope_and_reshape_cache_flash(q, k, v, torch.arange(2), cos_sin_cache, True, kc, vc, torch.arange(2),
+                                           kv_cache_dtype="fp8_inc")  # fmt: skip
+    with pytest.raises(TypeError, match="key_cache must be uint8"):  # an fp32 cache is not FP8 storage
+        fused_rope_and_reshape_cache_flash(q, k, v, torch.arange(2), cos_sin_cache, True, kc, vc, torch.arange(2),
+                                           torch.tensor(1.0), torch.tensor(1.0), "fp8")  # fmt: skip
+    with pytest.raises(ValueError, match="slot_mapping"):  # slot 8 is past 2 blocks of 4
+        fused_rope_and_reshape_cache_flash(q, k, v, torch.arange(2), cos_sin_cache, True, kc, vc, torch.tensor([0, 8]))
+    assert torch.equal(q, q0) and torch.equal(k, k0) and not kc.any() and not vc.any()
