@@ -24,7 +24,7 @@ try:
 except ImportError:  # ... and without the cache family
     _cache = None
 
-__all__ = ["rotary_embedding", "fused_qk_norm_rope", "fused_rope_and_reshape_cache_flash"]
+__all__ = ["rotary_embedding", "fused_qk_norm_rope", "fused_rope_and_reshape_cache_flash", "rotary_embedding_and_cache"]
 
 
 def _cos_sin(cos_sin_cache, head_size: int, device, size_name: str = "head_size"):
@@ -283,3 +283,36 @@ def fused_rope_and_reshape_cache_flash(
     _cache.rope_and_cache_(q3, k3, v3, kc, vc, cos, sin, slot_mapping=slot_mapping, positions=positions,
                            k_scale=k_scale, v_scale=v_scale, interleaved=not is_neox)  # fmt: skip
     return query, key
+
+
+def rotary_embedding_and_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    kv_cache_dtype: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_rope_and_reshape_cache_flash` in the argument order of vLLM's ``rotary_embedding``
+    (positions first) extended by the cache write: ``(positions, query, key, value, key_cache, value_cache,
+    slot_mapping, cos_sin_cache, is_neox, k_scale, v_scale)``. Same op, same semantics; returns ``(query, key)``.
+
+    >>> import torch
+    >>> from posenc_kernels.integrations.vllm import rotary_embedding_and_cache
+    >>> angle = torch.arange(32.0)[:, None] * 0.1 ** torch.arange(8.0)
+    >>> cos_sin_cache = torch.cat((angle.cos(), angle.sin()), dim=-1)     # [max_pos, rot_dim = 16]
+    >>> q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    >>> key_cache, value_cache = torch.zeros(4, 8, 2, 16), torch.zeros(4, 8, 2, 16)
+    >>> _ = rotary_embedding_and_cache(torch.tensor([3, 4]), q, k, v, key_cache, value_cache,
+    ...                                torch.tensor([8, 9]), cos_sin_cache, True)
+    >>> torch.equal(key_cache[1, 0], k[0]), torch.equal(value_cache[1, 1], v[1])
+    (True, True)
+    """
+    return fused_rope_and_reshape_cache_flash(query, key, value, positions, cos_sin_cache, is_neox, key_cache,
+                                              value_cache, slot_mapping, k_scale, v_scale, kv_cache_dtype)  # fmt: skip

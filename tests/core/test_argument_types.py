@@ -87,27 +87,21 @@ def _valid():
         "positions_from_cu_seqlens": (pk.positions_from_cu_seqlens, dict(cu_seqlens=torch.tensor([0, 2, 3])),
                                       ("cu_seqlens",), ()),  # fmt: skip
         "set_value_checks": (pk.set_value_checks, dict(enabled=True), (), ("enabled",)),
-        "rope_and_cache_": (pk.rope_and_cache_, dict(rope_kw, q=q[0], k=k[0], v=torch.randn(3, 1, 4),
-                            k_cache=torch.zeros(2, 2, 1, 4), v_cache=torch.zeros(2, 2, 1, 4),
-                            slot_mapping=torch.tensor([0, 1, 3])),
-                            ("q", "k", "v", "k_cache", "v_cache", "cos", "sin", "slot_mapping"),
-                            ("interleaved", "exact")),  # fmt: skip
-        "qk_norm_rope_and_cache_": (pk.qk_norm_rope_and_cache_, dict(qkn_kw, q=q[0], k=k[0], v=torch.randn(3, 1, 4),
-                                    k_cache=torch.zeros(2, 2, 1, 4), v_cache=torch.zeros(2, 2, 1, 4),
-                                    slot_mapping=torch.tensor([0, 1, 3])),
-                                    ("q", "k", "v", "k_cache", "v_cache", "q_weight", "k_weight", "cos", "sin",
-                                     "slot_mapping"), ("interleaved", "exact")),  # fmt: skip
-        "mla_rope_and_cache_": (pk.mla_rope_and_cache_, dict(q_pe=torch.randn(3, 2, 4), k_pe=torch.randn(3, 4),
-                                kv_c=torch.randn(3, 8), kv_cache=torch.zeros(2, 2, 12), cos=cos, sin=sin,
-                                slot_mapping=torch.tensor([0, 1, 3]), positions=pos, interleaved=True),
-                                ("q_pe", "k_pe", "kv_c", "kv_cache", "cos", "sin", "slot_mapping"),
-                                ("interleaved",)),  # fmt: skip
         # call-site drop-ins (posenc_kernels.integrations) that write a KV cache
         "vllm.fused_rope_and_reshape_cache_flash": (
             vllm.fused_rope_and_reshape_cache_flash,
             dict(query=torch.randn(3, 2, 4), key=torch.randn(3, 1, 4), value=torch.randn(3, 1, 4), positions=pos,
                  cos_sin_cache=torch.randn(5, 4), is_neox=True, key_cache=torch.zeros(2, 2, 1, 4, dtype=torch.uint8),
                  value_cache=torch.zeros(2, 2, 1, 4, dtype=torch.uint8), slot_mapping=torch.tensor([0, 1, 3]),
+                 k_scale=torch.tensor(1.0), v_scale=torch.tensor(1.0), kv_cache_dtype="fp8"),
+            ("query", "key", "value", "positions", "cos_sin_cache", "key_cache", "value_cache", "slot_mapping",
+             "k_scale", "v_scale"), ("is_neox",),
+        ),  # fmt: skip
+        "vllm.rotary_embedding_and_cache": (
+            vllm.rotary_embedding_and_cache,
+            dict(positions=pos, query=torch.randn(3, 2, 4), key=torch.randn(3, 1, 4), value=torch.randn(3, 1, 4),
+                 key_cache=torch.zeros(2, 2, 1, 4, dtype=torch.uint8), value_cache=torch.zeros(2, 2, 1, 4, dtype=torch.uint8),
+                 slot_mapping=torch.tensor([0, 1, 3]), cos_sin_cache=torch.randn(5, 4), is_neox=True,
                  k_scale=torch.tensor(1.0), v_scale=torch.tensor(1.0), kv_cache_dtype="fp8"),
             ("query", "key", "value", "positions", "cos_sin_cache", "key_cache", "value_cache", "slot_mapping",
              "k_scale", "v_scale"), ("is_neox",),
