@@ -22,8 +22,8 @@ Providers (the summary's baseline is ``posenc_unfused``; ours is ``posenc_fused`
 * ``aten_mul_`` (decode, 1 token only): ``x.mul_(1.0)``, the one-op host-cost yardstick.
 
 Shapes (the labels: ``llama3 paged 64t bf16`` = Llama-3-8B, paged cache, 64 tokens, bf16 q/k/v and cache;
-``... bf16 kv fp8_e4m3``: an FP8 cache): Llama-3-8B (32 q / 8 kv heads x 128) with a paged NHD cache (block size 16, slots scattered over the
-cache) and with HF's contiguous static cache (HND); an MLA shape (DeepSeek-V3: 128 heads, q = 128 nope + 64
+``... bf16 kv fp8_e4m3``: an FP8 cache): Llama-3-8B (32 q / 8 kv heads x 128) with a paged NHD cache (block
+size 16, slots scattered over the cache) and with HF's contiguous static cache (HND); an MLA shape (DeepSeek-V3: 128 heads, q = 128 nope + 64
 rope, kv_lora_rank 512 + rope 64, paged latent cache ``[num_blocks, 16, 576]``, interleaved pairs). Decode at
 1, 8, 64 and 256 tokens (one token per sequence, each at its own position; static cache: every sequence at
 position 100, as HF's ``cache_position`` is shared) and prefill at 4k tokens. Cache dtypes: bf16 and
@@ -39,7 +39,9 @@ that is a host sync per eager call, part of the figure; under a CUDA graph they 
 times the graph). Host cost per call (CUDA) is in each row's ``host_us`` (``_harness.host_us_per_call``).
 
 CPU (2 cores): a short default (decode 1 and 64, prefill 4k, one FP8 and one MLA row, the static cache at
-decode 1); ``POSENC_BENCH_FULL=1`` runs the whole grid there too. CUDA runs the whole grid. On CPU the fused
+decode 1); ``POSENC_BENCH_FULL=1`` runs the whole grid there too. On a shared, noisy CPU the ratios of
+``python benchmarks/bench_cache.py [--rounds N] [--full]`` are steadier: the providers of a case called in
+turn, round after round (interleaved), one thread, the median of each, printed as a markdown table. CUDA runs the whole grid. On CPU the fused
 op runs the backend the registry picks for it (today the torch implementation: the native kernel has not
 landed), while ``apply_rope_`` runs its native C++ kernel: ``backend`` in extra_info names each.
 """
@@ -331,3 +333,65 @@ def test_cache(benchmark, case, provider):
         run(benchmark, fn, op=op, shape=label, provider=provider, nbytes=nbytes, family="cache",
             baseline="posenc_unfused", also=["rope_only", "hf_eager"], cache_dtype=cdt, phase=phase,
             tokens=n, **info)  # fmt: skip
+
+
+def interleaved(cases, providers, rounds: int):
+    """``{(case, provider): median us}``: per case every provider called once per round, in turn."""
+    import time
+
+    out = {}
+    for case in cases:
+        shape, (phase, n), cdt = case
+        cache_dtype = FP8 if cdt == "fp8_e4m3" else DT
+        fns = {}
+        for p in providers:
+            if (p == "hf_static_cache" and ("static" not in shape or cache_dtype == FP8)) or (
+                    p.startswith("hf") and shape.startswith("mla")):  # fmt: skip
+                continue
+            built = BUILD[shape](phase, n, cache_dtype, p, torch.Generator().manual_seed(n))
+            if built is not None:
+                fns[p] = built[0]
+        times = {p: [] for p in fns}
+        with torch.no_grad():
+            for p, fn in fns.items():  # warm-up
+                fn()
+            for _ in range(rounds):
+                for p, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[p].append(time.perf_counter() - t0)
+        for p, ts in times.items():
+            out[(case, p)] = sorted(ts)[len(ts) // 2] * 1e6
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import datetime
+    import platform
+
+    ap = argparse.ArgumentParser(description="bench_cache's providers, interleaved, one thread: medians and ratios")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--full", action="store_true", help="every shape and cache dtype (default: Llama-3-8B paged)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cases = _FULL if args.full else [c for c in _FULL if c[0] == SHAPES[0]]
+    provs = ["posenc_fused", "posenc_unfused", "hf_eager", "hf_static_cache", "rope_only"]
+    res = interleaved(cases, provs, args.rounds)
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
+    print(f"{platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__}, "
+          f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, load {' '.join(load)}, {args.rounds} interleaved rounds; "
+          f"rope_and_cache_ backend: {_backend('rope_and_cache_')}, apply_rope_ backend: {_backend('rope_')}")  # fmt: skip
+    print("\n| case | fused us | unfused / fused | hf_eager / fused | hf_static_cache / fused | rope_only / fused |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for case in cases:
+        f = res.get((case, "posenc_fused"))
+        cells = [f"{res[(case, p)] / f:.3f}" if (case, p) in res else "-" for p in provs[1:]]
+        print(f"| {_case_id(case)} | {f:.1f} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":  # run as a script: its folder (benchmarks/, for _harness) is first on sys.path
+    import sys
+
+    sys.exit(main())
