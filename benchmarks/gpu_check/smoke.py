@@ -408,8 +408,11 @@ def check_cache_cuda_graph():
     slots[-2:] = -1
     pos = torch.zeros(T, dtype=torch.int64, device=D)
     cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq())
-    with pk.use_backend(backend):
-        replay = _capture(lambda: pk.rope_and_cache_(sq, sk, sv, kc, vc, cos, sin, slot_mapping=slots, positions=pos))
+    try:
+        with pk.use_backend(backend):
+            replay = _capture(lambda: pk.rope_and_cache_(sq, sk, sv, kc, vc, cos, sin, slot_mapping=slots, positions=pos))
+    except Exception as e:  # name the backend: the torch path syncs on the host and cannot be captured
+        raise RuntimeError(f"capture failed on the {backend} backend: {one_line(e)}") from e
     g = torch.Generator().manual_seed(35)
     poison = kc.clone()
     pairs, untouched, exact = [], True, True

@@ -343,6 +343,33 @@ def test_bench_summary_cache_family_headlines(tmp_path, capsys):
     assert bench_summary.family_of("some_cache_op") == "cache"
 
 
+def test_bench_cache_rows_reach_the_summary(tmp_path, capsys):
+    """A real run of benchmarks/bench_cache.py's headline decode case (fused, unfused, plain apply_rope_; one
+    thread, ~10 s): its rows carry the cache family, the headline mark and the baseline, and the summary
+    prints their ratio of this run."""
+    if not (REPO / "benchmarks" / "bench_cache.py").exists():
+        pytest.skip("no benchmarks/ beside the tests (an installed-package run)")
+    from posenc_dev import bench_summary
+
+    out = tmp_path / "cache.json"
+    cases = [f"benchmarks/bench_cache.py::test_cache[llama3-paged-decode1-bf16-{p}]"
+             for p in ("posenc_fused", "posenc_unfused", "rope_only")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", *cases, "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r["extra_info"]["provider"]: r["extra_info"] for r in json.loads(out.read_text())["benchmarks"]}
+    assert set(rows) == {"posenc_fused", "posenc_unfused", "rope_only"}
+    assert all(r["family"] == "cache" and r["headline"] and r["baseline"] == "posenc_unfused" for r in rows.values())
+    assert rows["posenc_fused"]["bytes"] > rows["rope_only"]["bytes"] > 0  # the cache write and v are counted
+    assert bench_summary.main([str(out)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("cache ")]
+    ratio = rows["posenc_unfused"]["median_us"] / rows["posenc_fused"]["median_us"]
+    assert "rope_and_cache_ decode" in line and f"{bench_summary.fmt_ratio(ratio)} posenc_unfused" in line, line
+
+
 def test_plot_speedups(tmp_path):
     items = [("rope: apply_rope_\nllama3-8b 4096 tok", 12.5, "hf_eager"), ("sinusoidal: add", 0.8, "eager_buffer")]
     check_png(plot.plot_speedups(tmp_path / "s.png", items, title="test"), min_height=150)
