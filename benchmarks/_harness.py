@@ -7,6 +7,10 @@ Timing method (stated in every result's extra_info):
   one call, above what was allocated before it. pytest-benchmark also times the call with a
   ``torch.cuda.synchronize()`` inside (host-side, L2 warm) for its own statistics.
 * CPU: pytest-benchmark's pedantic mode (warm-up rounds, then the median of timed rounds).
+* Host cost (CUDA): ``host_us``, the wall-clock time per call of issuing ``calls`` calls back to back with no
+  synchronisation (Python, argument checks, dispatch and launches; a call that syncs, e.g. a value check
+  reading a tensor, waits for the GPU here). Beside the kernel time it says whether a small call is bound by
+  the host. On CPU the median itself is host time (no field).
 
 Memory-bound ops report effective bandwidth: minimal bytes (each input read once, each output written
 once) / median time, and the ratio to a device-to-device copy of the same number of bytes measured in the
@@ -107,6 +111,24 @@ def graph_us_per_call(body, calls: int = 100, reps: int = 20):
     return times[len(times) // 2], g
 
 
+def host_us_per_call(fn, calls: int = 20) -> float | None:
+    """CUDA: microseconds of host time per call of ``fn``, ``calls`` calls issued back to back after a
+    synchronisation, the clock stopped before the closing synchronisation (median of 3 such batches).
+    None on CPU, where the measured time is all host time."""
+    if not IS_CUDA:
+        return None
+    fn()
+    out = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return sorted(out)[1]
+
+
 @functools.lru_cache(maxsize=None)
 def copy_median_us(nbytes: int) -> float:
     """A device-to-device copy moving ``nbytes`` in total (nbytes/2 read + nbytes/2 written)."""
@@ -135,6 +157,9 @@ def run(benchmark, fn, *, op: str, shape: str, provider: str, nbytes: int, **inf
         if IS_CUDA
         else "pytest-benchmark pedantic median, wall clock"
     )
+    host = host_us_per_call(fn)
+    if host is not None:
+        info.setdefault("host_us", round(host, 2))
     record(benchmark, op=op, shape=shape, provider=provider, nbytes=nbytes, median_us=median_us, copy_us=copy_us,
            peak_extra_mb=peak_extra_mb(fn), timing=timing, **info)  # fmt: skip
 

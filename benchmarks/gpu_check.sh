@@ -5,10 +5,12 @@
 #
 #   env              20  card, driver, versions, commit, date; peers from .whl/ installed (no network)
 #   smoke            90  every Triton kernel family at real shapes vs its float64 reference, compiled for
-#                        this card (benchmarks/gpu_check/smoke.py)
+#                        this card; RoPE + KV-cache write: paged/contiguous, bf16/FP8, MLA, padded slots
+#                        untouched, no allocation, a CUDA-graph capture replayed (benchmarks/gpu_check/smoke.py)
 #   headline        150  Llama-3-8B RoPE bf16 in place at 4k/32k/131k as a ratio to a same-run copy,
 #                        decode from a CUDA graph, the sinusoidal add, peak memory, HF eager, torch.compile,
-#                        Liger-Kernel, flash-attn's Triton rotary (benchmarks/gpu_check/headline.py)
+#                        Liger-Kernel, flash-attn's Triton rotary; rope_and_cache_ decode (CUDA graph) vs
+#                        apply_rope_ alone vs unfused, 4k prefill copy% (benchmarks/gpu_check/headline.py)
 #   native_build    120  the CUDA C++ extension, JIT for this card's arch only (posenc_kernels._native)
 #   native_headline  60  the posenc headline rows again with pk.use_backend("native")
 #   tests          rest  the test suite without the interpreter, CUDA tests first, as time allows; a cut

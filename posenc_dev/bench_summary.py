@@ -15,6 +15,10 @@ families and ops present, so a new benchmark file joins the summary by writing r
 * ours: the call a user of this package makes: the first of :data:`PRIMARY` present, else the first
   provider (in the order they ran) whose name starts with ``posenc`` or contains ``patched``, or that sets
   ``ours: true``; never the fastest of several (that would pick noise);
+* the headline shape of an op: the shape whose rows set ``headline: true`` if any does (a benchmark file
+  naming the case its issue is about), else the bf16 shape with the most bytes;
+* more alternatives beside the baseline: a row's ``also`` field (a list of providers), each printed as its
+  ratio to ours after the baseline's, as far as the line has room;
 * a thread-scaling row (``scaling`` in its fields, ``benchmarks/bench_native_cpu.py``) is printed as the
   2-thread/1-thread time ratio of ours beside that of ``x.mul_(1.0)`` over the same bytes.
 
@@ -56,8 +60,12 @@ FAMILIES = {
     "alibi_bias": "relative",
     "t5_relative_bias": "relative",
     "t5_relative_bias_fwd_bwd": "relative",
+    "rope_and_cache_ decode": "cache",
+    "rope_and_cache_ prefill": "cache",
+    "mla_rope_and_cache_ decode": "cache",
+    "mla_rope_and_cache_ prefill": "cache",
 }
-FAMILY_ORDER = ("model", "rope", "qknorm", "sinusoidal", "learned", "relative")
+FAMILY_ORDER = ("model", "rope", "qknorm", "cache", "sinusoidal", "learned", "relative")
 
 # op -> the provider a user would run instead (the summary's baseline for that op).
 BASELINES = {
@@ -87,6 +95,7 @@ HEADLINE_ORDER = (
     "apply_rope_", "apply_rope_ decode CUDA graph", "apply_rope_ CPU threads", "apply_rope_ decode",
     "apply_rope_ CPU decode", "apply_rope_ varlen", "apply_rope_qkv_", "apply_rope_ CPU",
     "add_sinusoidal_", "add_position_embedding_", "alibi_bias", "t5_relative_bias",
+    "rope_and_cache_ decode", "rope_and_cache_ prefill", "mla_rope_and_cache_ decode", "mla_rope_and_cache_ prefill",
 )  # fmt: skip
 
 # What each provider is, for the full table's legend (only those present are listed).
@@ -103,6 +112,10 @@ PROVIDERS = {
     "empty_custom_op": "a torch.library.custom_op with apply_rope_'s signature doing nothing (any Python op's cost)",
     "rope_op_bare": "torch.ops.posenc.rope_.default called directly (no Python wrapper)",
     "aten_mul_": "x.mul_(1.0): a one-op aten call, the host-cost yardstick",
+    "posenc_unfused": "this package's unfused sequence (e.g. apply_rope_ then the cache write in torch)",
+    "hf_static_cache": "HF's apply_rotary_pos_emb then transformers' StaticCache.update",
+    "rope_only": "a plain apply_rope_ on the same q/k (no cache write): the fused op's floor",
+    "copy": "a device-to-device copy of the same bytes (the bandwidth yardstick)",
 }
 
 
@@ -111,7 +124,7 @@ def family_of(op: str) -> str:
     if op in FAMILIES:
         return FAMILIES[op]
     low = op.lower()
-    for key, fam in (("rope", "rope"), ("sinusoidal", "sinusoidal"), ("position_embedding", "learned"),
+    for key, fam in (("cache", "cache"), ("rope", "rope"), ("sinusoidal", "sinusoidal"), ("position_embedding", "learned"),
                      ("alibi", "relative"), ("t5", "relative"), ("qknorm", "qknorm"), ("generate", "model")):  # fmt: skip
         if key in low:
             return fam
@@ -193,6 +206,7 @@ class Headline:
     baseline: Optional[dict] = None
     compiled: Optional[dict] = None
     ratios: list = field(default_factory=list)  # ours-vs-baseline ratio of every shape of the op
+    also: list = field(default_factory=list)  # rows of the group's ``also`` providers, in the order named
     scaling: Optional[list] = None  # thread-scaling rows (one per condition) instead of a ratio
 
     @property
@@ -208,7 +222,10 @@ def _groups(rows):
 
 
 def _headline_shape(shapes: list[str], by_shape: dict) -> str:
-    """bf16 shapes first (what models run), then the most bytes."""
+    """The shapes a row marks ``headline`` if any; among them bf16 shapes first (what models run), then the
+    most bytes."""
+    marked = [s for s in shapes if any(r.get("headline") for r in by_shape[s])]
+    shapes = marked or shapes
 
     def key(s):
         r = by_shape[s][0]
@@ -249,9 +266,12 @@ def headlines(rows: Sequence[dict]) -> "OrderedDict[str, list[Headline]]":
         s = _headline_shape(list(usable), by_shape)
         ours, base, group = usable[s]
         comp = compiled_of(base, group)
+        named = [p for r in group for p in (r.get("also") or [])]
+        also = [next(r for r in group if r["provider"] == p) for p in dict.fromkeys(named)
+                if p not in (base, comp, ours["provider"]) and any(r["provider"] == p for r in group)]  # fmt: skip
         out.setdefault(fam, []).append(Headline(
             fam, op, s, ours, next(r for r in group if r["provider"] == base),
-            next((r for r in group if r["provider"] == comp), None), ratios))  # fmt: skip
+            next((r for r in group if r["provider"] == comp), None), ratios, also))  # fmt: skip
     order = {op: i for i, op in enumerate(HEADLINE_ORDER)}
     for fam in out:
         out[fam].sort(key=lambda h: order.get(h.op, len(order)))
@@ -288,6 +308,11 @@ def _ratio_text(h: Headline, room: int) -> str:
     text = f"{fmt_ratio(h.ratio)} {h.baseline['provider']}"
     if h.compiled:
         text += f", {fmt_ratio(h.compiled['median_us'] / h.ours['median_us'])} compiled"
+    for r in h.also:
+        more = f", {fmt_ratio(r['median_us'] / h.ours['median_us'])} {r['provider']}"
+        if len(text) + len(more) > room:
+            break
+        text += more
     if len(h.ratios) > 1:
         rng = f"; {len(h.ratios)} shapes {fmt_ratio(min(h.ratios))[:-1]}-{fmt_ratio(max(h.ratios))}"
         if len(text) + len(rng) <= room:
@@ -355,7 +380,9 @@ def full_table(rows: Sequence[dict]) -> str:
               "that the copy's larger working set did not, so the op looks faster than memory allows.",
               "- **vs baseline**: the baseline's median / this row's (> 1: faster than the baseline); the baseline "
               "of each op is named in its heading.",
-              "- **peak MiB**: memory allocated above the starting level during one call (CUDA only).", ""]  # fmt: skip
+              "- **peak MiB**: memory allocated above the starting level during one call (CUDA only).",
+              "- **host us**: host time per call, calls issued back to back without synchronising (CUDA only; on "
+              "CPU the median is host time).", ""]  # fmt: skip
     present = {r["provider"] for r in rows}
     legend = [f"- `{p}`: {d}" for p, d in PROVIDERS.items() if p in present]
     if legend:
@@ -382,8 +409,8 @@ def full_table(rows: Sequence[dict]) -> str:
                              f"{sc['mul_n_us']:.1f} | {sc['mul_']:.2f} |")  # fmt: skip
             lines.append("")
             continue
-        lines += ["| shape | provider | median us | GB/s | copy% | vs baseline | peak MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += ["| shape | provider | median us | GB/s | copy% | vs baseline | peak MiB | host us |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for shape, group in shapes.items():
             base = baseline_of(op, group)
             b = next((r for r in group if r["provider"] == base), None)
@@ -391,8 +418,9 @@ def full_table(rows: Sequence[dict]) -> str:
                 vs = f"{b['median_us'] / r['median_us']:.2f}x" if b and r["median_us"] > 0 else "-"
                 gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
                 peak = "-" if r.get("peak_extra_mb") is None else f"{r['peak_extra_mb']:.1f}"
+                host = "-" if r.get("host_us") is None else f"{r['host_us']:.1f}"
                 lines.append(f"| {shape} | {r['provider']} | {r['median_us']:.1f} | {gbps} | {copy_pct(r)} | {vs} | "
-                             f"{peak} |")  # fmt: skip
+                             f"{peak} | {host} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

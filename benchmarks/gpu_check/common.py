@@ -4,7 +4,8 @@ incremental JSON results, a clean exit on the stage's timeout.
 The dry run (``GPU_CHECK_DRY_RUN=1``) runs the same functions on CPU through the Triton interpreter
 (``TRITON_INTERPRET=1``, set here before the package is imported) at tiny shapes, with a wall-clock timer in
 place of CUDA events and plain calls in place of CUDA-graph replays; every figure it writes is labelled as a
-dry run. Only the public API (``import posenc_kernels as pk``) and ``posenc_kernels.reference`` are used.
+dry run. Only the public API (``import posenc_kernels as pk``) and ``posenc_kernels.reference`` are used (and
+the registry, to name the backend the RoPE + KV-cache rows run: :func:`cache_backend`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def peak_extra_mib(fn):
     """MiB allocated above the starting level during one call (CUDA only; None on CPU)."""
     mb = _harness.peak_extra_mb(fn)
     return None if mb is None else round(mb, 2)
+
+
+def cache_backend() -> str:
+    """The backend the RoPE + KV-cache rows run: ``"triton"`` (what the stages force) when the op has a Triton
+    kernel in this tree, else what ``auto`` picks for it on this device (the torch implementation until the
+    prologue kernel lands); every cache row records it."""
+    from posenc_kernels.ops import registry
+
+    spec = registry.spec("rope_and_cache_")
+    return "triton" if "triton" in spec.impls else registry.backend_for(spec, DEVICE.type, "auto")
 
 
 def device_name() -> str:

@@ -7,7 +7,12 @@
 * the sinusoidal add (``add_sinusoidal_``) against a copy and an eager ``x + table`` buffer add;
 * the HF-style eager code, ``torch.compile`` of it, and the peers Liger-Kernel and flash-attn's Triton rotary
   (loaded from ``.whl/``, see scripts/prepare_peers; a peer that is absent is skipped with the reason);
-* peak memory above the starting level during one call, for every prefill row.
+* peak memory above the starting level during one call, for every prefill row;
+* RoPE + KV-cache write (issue 19), Llama-3-8B paged NHD cache: decode (1 and 64 tokens) replayed from a CUDA
+  graph, ``rope_and_cache_`` against a plain ``apply_rope_`` on the same q/k (the target: fused <= 1.2x) and
+  the unfused ``apply_rope_`` + ``index_copy_`` writes; 4k prefill (bf16 and FP8 cache) as a share of copy
+  bandwidth (bytes: q/k read + written, v read, the cache rows written), with the unfused sequence beside it.
+  These rows run :func:`common.cache_backend` (Triton once the op has its kernel), in the Triton stage only.
 
 Order inside the stage is by value: posenc + copy rows first, then decode, sinusoidal, peers and eager,
 torch.compile last (its compilation is the slowest set-up). ``--backend native`` runs the posenc rows (and
@@ -29,7 +34,8 @@ import types
 
 # common.py sits beside this script: run as a script, its folder is already first on sys.path.
 from common import (  # noqa: E402  (sets TRITON_INTERPRET first)
-    DEVICE, DRY, GRAPH_TIMING, TIMING, Cut, Results, graph_us_per_call, one_line, peak_extra_mib, time_us,
+    DEVICE, DRY, GRAPH_TIMING, TIMING, Cut, Results, cache_backend, graph_us_per_call, one_line, peak_extra_mib,
+    time_us,
 )  # fmt: skip
 
 import torch  # noqa: E402
@@ -86,7 +92,8 @@ class Bench:
         copy_gbps = nbytes / (copy_us * 1e-6) / 1e9
         if provider.startswith("hf_eager"):
             self.base[(op, shape)] = us
-        r = self.res.add(op=op, shape=shape, provider=provider, backend=self.backend if provider == "posenc" else "-",
+        extra.setdefault("backend", self.backend if provider == "posenc" else "-")
+        r = self.res.add(op=op, shape=shape, provider=provider,
                          kernel=KERNELS.get(op) if provider == "posenc" else None, bytes=nbytes, us=round(us, 3),
                          gbps=round(gbps, 1), copy_us=round(copy_us, 3), copy_ratio=round(gbps / copy_gbps, 4),
                          peak_mib=mib, timing=GRAPH_TIMING if graph else TIMING, **extra)  # fmt: skip
@@ -179,6 +186,89 @@ def posenc_rows(b: Bench):
     return x
 
 
+CACHE_DECODE = (1, 4) if DRY else (1, 64)
+CACHE_PREFILL = 16 if DRY else 4096
+CACHE_TARGET = 1.2  # the issue's: a fused decode call costs at most 1.2x a plain apply_rope_ call
+
+
+def cache_inputs(T, cdt, decode):
+    """Llama-3-8B paged NHD cache (block 16): q/k/v [T, H, D] bf16, slots scattered (decode) or whole shuffled
+    blocks (prefill), positions [T]; the bytes the fused call must move."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(T, HQ, HD, generator=g).to(D, DT)
+    k = torch.randn(T, HK, HD, generator=g).to(D, DT)
+    v = torch.randn(T, HK, HD, generator=g).to(D, DT)
+    n_slots = max(4096, 2 * T) // 16 * 16
+    kc = torch.zeros(n_slots // 16, 16, HK, HD, device=D, dtype=cdt)
+    vc = torch.zeros_like(kc)
+    if decode:
+        slots = torch.randperm(n_slots, generator=g)[:T]
+        pos = torch.randint(0, MAX_POS, (T,), generator=g)
+    else:
+        blocks = torch.randperm(n_slots // 16, generator=g)[: (T + 15) // 16]
+        slots = (blocks[:, None] * 16 + torch.arange(16)).flatten()[:T]
+        pos = torch.arange(T)
+    nbytes = 2 * (q.nbytes + k.nbytes) + v.nbytes + 2 * k.numel() * kc.element_size()
+    return q, k, v, kc, vc, slots.to(D), pos.to(D), nbytes
+
+
+def cache_rows(b: Bench):
+    """The issue's figures: decode fused vs apply_rope_ alone vs unfused (CUDA graph), 4k prefill copy%."""
+    backend = cache_backend()
+    cos, sin = pk.rope_cos_sin(MAX_POS, pk.rope_frequencies(HD, THETA)[0].to(D))
+    fp8 = torch.float8_e4m3fn
+
+    def unfused(q, k, v, kc, vc, slots, pos, cdt):
+        s64, kf, vf = slots.to(torch.int64), kc.view(-1, HK, HD), vc.view(-1, HK, HD)
+        if cdt == fp8:  # quantise, write through a uint8 view (as vLLM keeps FP8 caches)
+            fmax = torch.finfo(fp8).max
+            kf, vf = kf.view(torch.uint8), vf.view(torch.uint8)
+
+            def fn():
+                pk.apply_rope_(q, k, cos, sin, positions=pos)
+                kf.index_copy_(0, s64, (k.float() / 0.5).clamp(-fmax, fmax).to(fp8).view(torch.uint8))
+                vf.index_copy_(0, s64, (v.float() / 0.5).clamp(-fmax, fmax).to(fp8).view(torch.uint8))
+        else:
+            def fn():
+                pk.apply_rope_(q, k, cos, sin, positions=pos)
+                kf.index_copy_(0, s64, k)
+                vf.index_copy_(0, s64, v)
+        return fn
+
+    op = "rope_and_cache_ decode CUDA graph"
+    for T in CACHE_DECODE:
+        q, k, v, kc, vc, slots, pos, nbytes = cache_inputs(T, DT, True)
+        shape = f"llama3-8b paged B={T} x 1 tok bf16"
+        rope = b.row(op, shape, "rope_only", 2 * (q.nbytes + k.nbytes), lambda: pk.apply_rope_(q, k, cos, sin, positions=pos),
+                     graph=True)  # fmt: skip
+        if D.type == "cuda" and backend != "triton":  # the torch path syncs on the host: not capturable
+            b.skip(op, shape, "posenc", f"rope_and_cache_ runs {backend} here (no Triton kernel in this tree): "
+                   "not capturable in a CUDA graph")  # fmt: skip
+            fused = {}
+        else:
+            with pk.use_backend(backend):
+                fused = b.row(op, shape, "posenc", nbytes, lambda: pk.rope_and_cache_(q, k, v, kc, vc, cos, sin,
+                              slot_mapping=slots, positions=pos), graph=True, backend=backend)  # fmt: skip
+        if "us" in fused and "us" in rope:
+            ratio = fused["us"] / rope["us"]
+            fused.update(vs_rope_only=round(ratio, 3), target=CACHE_TARGET, meets_target=ratio <= CACHE_TARGET)
+            b.res.flush()
+            print(f"    fused / apply_rope_ alone = {ratio:.2f}x (target <= {CACHE_TARGET}x)", flush=True)
+        b.row(op, shape, "unfused", nbytes, unfused(q, k, v, kc, vc, slots, pos, DT), graph=True)
+    op = "rope_and_cache_ prefill"
+    for cdt in (DT, fp8):
+        T = CACHE_PREFILL
+        q, k, v, kc, vc, slots, pos, nbytes = cache_inputs(T, cdt, False)
+        shape = f"llama3-8b paged {T} tok bf16" + ("" if cdt == DT else ", kv fp8_e4m3")
+        scales = dict(k_scale=0.5, v_scale=0.5) if cdt == fp8 else {}
+        with pk.use_backend(backend):
+            b.row(op, shape, "posenc", nbytes, lambda: pk.rope_and_cache_(q, k, v, kc, vc, cos, sin, slot_mapping=slots,
+                  positions=pos, **scales), backend=backend)  # fmt: skip
+        b.row(op, shape, "unfused", nbytes, unfused(q, k, v, kc, vc, slots, pos, cdt))
+        del q, k, v, kc, vc
+        gc.collect()
+
+
 def baseline_rows(b: Bench, x):
     Bx, Sx, Dx = x.shape
     pe = pk.sinusoidal_table(Sx, Dx, device=D).to(DT)  # a precomputed buffer, as models keep one
@@ -246,6 +336,8 @@ def main() -> int:
     try:
         with pk.use_backend(args.backend):
             x = posenc_rows(b)
+            if args.backend == "triton":  # no CUDA C++ cache kernel: its rows once, in the Triton stage
+                cache_rows(b)
         if args.backend == "triton":  # peers and eager once, in the Triton stage
             baseline_rows(b, x)
         b.res.flush(complete=True)

@@ -15,7 +15,7 @@ import sys
 import time
 
 # common.py sits beside this script: run as a script, its folder is already first on sys.path.
-from common import DEVICE, DRY, Cut, Results, one_line  # noqa: E402  (sets TRITON_INTERPRET first)
+from common import DEVICE, DRY, Cut, Results, one_line, sync  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import torch  # noqa: E402
 
@@ -209,6 +209,270 @@ def check_rope_cos_sin():
     return verdict("rope_cos_sin tables", f"{MAX_POS} rows x 64", torch.float32, [(c, ec, tc), (s, es, ts)])
 
 
+# ---------------------------------------------------------------------------------------------- RoPE + KV cache
+# Each row runs common.cache_backend() (Triton when the op has its kernel in this tree, else what auto picks:
+# named in the row and its check name). Caches are poisoned with NaN first: a row left unwritten stays NaN,
+# a padded (-1 or past len(slot_mapping)) token's row must stay NaN, bit for bit.
+CACHE_T = 13 if DRY else 4096  # paged prefill tokens
+GRAPH_B = 5 if DRY else 64  # decode tokens captured in a CUDA graph
+BLOCK = 16
+FP8 = torch.float8_e4m3fn
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), device=D).to(dtype)
+
+
+def _dequant(x, scale):
+    """float64 values a cache row stands for: FP8 rows times their scale (a float or per head [H])."""
+    x = x.to(torch.float64)
+    if scale is None:
+        return x
+    s = torch.as_tensor(scale, dtype=torch.float64, device=x.device)
+    return x * (s[:, None] if s.dim() == 1 else s)
+
+
+def _torch_store(x, scale, dtype):
+    """The same storage done by torch (fp32 x / scale, clamped, cast), dequantised: the 'same computation'."""
+    if dtype != FP8:
+        return x.to(dtype)
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    s = s[:, None] if s.dim() == 1 else s
+    fmax = torch.finfo(dtype).max
+    return (x.to(torch.float32) / s).clamp(-fmax, fmax).to(dtype)
+
+
+def _cache_scales(Hk, cdt):
+    if cdt != FP8:
+        return None, None
+    return 0.5, torch.linspace(0.25, 1.0, Hk, device=D)  # k: a float; v: per kv head
+
+
+def _untouched(out, before, written_mask):
+    """Rows not written are bit for bit what they were (NaN poison); written rows are finite."""
+    o, b = out.view(torch.uint8), before.view(torch.uint8)
+    same = torch.equal(o[~written_mask], b[~written_mask])
+    finite = bool(torch.isfinite(out[written_mask].float()).all())
+    return same and finite
+
+
+def _cache_row(name, shape, cdt, backend, pairs, untouched, **extra):
+    row = verdict(f"{name} [{backend}]", shape, cdt, pairs, untouched=untouched, backend=backend, **extra)
+    row["ok"] = row["ok"] and untouched and all(v for k, v in extra.items() if k.startswith("exact"))
+    return row
+
+
+def check_cache_paged(cdt):
+    """Llama-3-8B paged NHD cache (block 16), prefill-sized: slots shuffled over the cache, one slot -1 and the
+    last two tokens past len(slot_mapping) (CUDA-graph padding): rotated, not written."""
+    from common import cache_backend
+
+    backend = cache_backend()
+    T = CACHE_T
+    q, k = llama_qk(1, T, torch.bfloat16)
+    q, k = q[0], k[0]
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(31)).to(D, torch.bfloat16)
+    g = torch.Generator().manual_seed(32)
+    n_blocks = 2 * T // BLOCK + 1
+    slots = torch.randperm(n_blocks * BLOCK, generator=g)[: T - 2].to(D)
+    slots[1] = -1
+    pos = torch.randint(0, MAX_POS, (T,), generator=g).to(D)
+    cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq())
+    ks, vs = _cache_scales(HK, cdt)
+    kc0, vc0 = _poisoned((n_blocks, BLOCK, HK, HD), cdt), _poisoned((n_blocks, BLOCK, HK, HD), cdt)
+    kc, vc, q2, k2 = kc0.clone(), vc0.clone(), q.clone(), k.clone()
+    with pk.use_backend(backend):
+        pk.rope_and_cache_(q2, k2, v, kc, vc, cos, sin, slot_mapping=slots, positions=pos, k_scale=ks, v_scale=vs)
+    tq, tk = ref.rope_reference(q[None], k[None], cos, sin, positions=pos[None])
+    eq, ek = ref.rope_hf_eager(q[None], k[None], cos, sin, positions=pos[None])
+    tok = torch.nonzero(slots >= 0)[:, 0]  # written tokens
+    sl = slots[tok]
+    blk, off = sl // BLOCK, sl % BLOCK
+    mask = torch.zeros(n_blocks, BLOCK, dtype=torch.bool, device=D)
+    mask[blk, off] = True
+    pairs = [(q2[None], eq, tq), (k2[None], ek, tk),
+             (_dequant(kc[blk, off], ks), _dequant(_torch_store(ek[0, tok], ks, cdt), ks), tk[0, tok]),
+             (_dequant(vc[blk, off], vs), _dequant(_torch_store(v[tok], vs, cdt), vs), v[tok].to(torch.float64))]  # fmt: skip
+    untouched = _untouched(kc, kc0, mask) and _untouched(vc, vc0, mask)
+    extra = {}
+    if cdt != FP8:  # a cache in the input dtype holds exactly what apply_rope_ left in k (and v itself)
+        extra["exact_rows"] = torch.equal(kc[blk, off], k2[tok]) and torch.equal(vc[blk, off], v[tok])
+    return _cache_row(f"rope_and_cache_ paged NHD, kv {str(cdt).replace('torch.', '')}",
+                      f"llama3-8b T={T}, {len(tok)} written", cdt, backend, pairs, untouched, **extra)  # fmt: skip
+
+
+def check_cache_contiguous(cdt):
+    """HF's static cache (contiguous HND [B, Hk, S_max, D]), cache_positions [B, S] from per-sequence offsets,
+    one position -1 (rotated, not written)."""
+    from common import cache_backend
+
+    backend = cache_backend()
+    B, S_ = 2, max(CACHE_T // 2, 3)
+    q, k = llama_qk(B, S_, torch.bfloat16)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(33)).to(D, torch.bfloat16)
+    offs = torch.tensor([3, 7], device=D)
+    s_max = S_ + 16
+    cpos = offs[:, None] + torch.arange(S_, device=D)
+    cpos[1, 0] = -1
+    cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq())
+    ks, vs = _cache_scales(HK, cdt)
+    kc0, vc0 = _poisoned((B, HK, s_max, HD), cdt), _poisoned((B, HK, s_max, HD), cdt)
+    kc, vc, q2, k2 = kc0.clone(), vc0.clone(), q.clone(), k.clone()
+    with pk.use_backend(backend):
+        pk.rope_and_cache_(q2, k2, v, kc, vc, cos, sin, cache_positions=cpos, kv_layout="HND", offsets=offs,
+                           k_scale=ks, v_scale=vs)  # fmt: skip
+    tq, tk = ref.rope_reference(q, k, cos, sin, offsets=offs)
+    eq, ek = ref.rope_hf_eager(q, k, cos, sin, offsets=offs)
+    bi, si = torch.nonzero(cpos >= 0, as_tuple=True)
+    pi = cpos[bi, si]
+    kn, vn = kc.transpose(1, 2), vc.transpose(1, 2)  # [B, S_max, Hk, D] views
+    mask = torch.zeros(B, s_max, dtype=torch.bool, device=D)
+    mask[bi, pi] = True
+    pairs = [(q2, eq, tq), (k2, ek, tk),
+             (_dequant(kn[bi, pi], ks), _dequant(_torch_store(ek[bi, si], ks, cdt), ks), tk[bi, si]),
+             (_dequant(vn[bi, pi], vs), _dequant(_torch_store(v[bi, si], vs, cdt), vs), v[bi, si].to(torch.float64))]  # fmt: skip
+    untouched = _untouched(kn, kc0.transpose(1, 2), mask) and _untouched(vn, vc0.transpose(1, 2), mask)
+    extra = {}
+    if cdt != FP8:
+        extra["exact_rows"] = torch.equal(kn[bi, pi], k2[bi, si]) and torch.equal(vn[bi, pi], v[bi, si])
+    return _cache_row(f"rope_and_cache_ contiguous HND, kv {str(cdt).replace('torch.', '')}",
+                      f"llama3-8b {B}x{S_} tok, S_max {s_max}", cdt, backend, pairs, untouched, **extra)  # fmt: skip
+
+
+def check_cache_mla():
+    """MLA (DeepSeek-V3: 128 heads, q_pe a strided slice of q [T, H, 128 + 64], latent 512 + 64), interleaved
+    pairs, FP8 latent cache with scale 0.5; q's nope part and padded slots untouched."""
+    from common import cache_backend
+
+    backend = cache_backend()
+    H, nope, R, rank = (4, 16, 16, 32) if DRY else (128, 128, 64, 512)
+    T = 13 if DRY else 1024
+    g = torch.Generator().manual_seed(34)
+    q = torch.randn(T, H, nope + R, generator=g).to(D, torch.bfloat16)
+    k_pe = torch.randn(T, R, generator=g).to(D, torch.bfloat16)
+    kv_c = torch.randn(T, rank, generator=g).to(D, torch.bfloat16)
+    n_blocks = 2 * T // BLOCK + 1
+    slots = torch.randperm(n_blocks * BLOCK, generator=g)[: T - 1].to(D)
+    slots[0] = -1
+    pos = torch.randint(0, MAX_POS, (T,), generator=g).to(D)
+    cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq(R, 10000.0))
+    c0 = _poisoned((n_blocks, BLOCK, rank + R), FP8)
+    cache, q2, kp2 = c0.clone(), q.clone(), k_pe.clone()
+    with pk.use_backend(backend):
+        pk.mla_rope_and_cache_(q2[..., nope:], kp2, kv_c, cache, cos, sin, slot_mapping=slots, positions=pos, scale=0.5)
+    tq, tk = ref.rope_reference(q[None, ..., nope:], k_pe[None, :, None], cos, sin, positions=pos[None], interleaved=True)
+    eq, ek = ref.rope_hf_eager(q[None, ..., nope:], k_pe[None, :, None], cos, sin, positions=pos[None], interleaved=True)
+    tok = torch.nonzero(slots >= 0)[:, 0]
+    sl = slots[tok]
+    rows = cache.view(-1, rank + R)[sl]
+    mask = torch.zeros(n_blocks * BLOCK, dtype=torch.bool, device=D)
+    mask[sl] = True
+    pairs = [(q2[None, ..., nope:], eq, tq), (kp2[None, :, None], ek, tk),
+             (_dequant(rows[:, rank:], 0.5), _dequant(_torch_store(ek[0, tok, 0], 0.5, FP8), 0.5), tk[0, tok, 0]),
+             (_dequant(rows[:, :rank], 0.5), _dequant(_torch_store(kv_c[tok], 0.5, FP8), 0.5), kv_c[tok].to(torch.float64))]  # fmt: skip
+    untouched = _untouched(cache.view(-1, rank + R), c0.view(-1, rank + R), mask)
+    return _cache_row("mla_rope_and_cache_ paged latent, kv float8_e4m3fn", f"{H} heads {nope}+{R}, {rank}+{R}, T={T}",
+                      torch.bfloat16, backend, pairs, untouched, exact_nope=torch.equal(q2[..., :nope], q[..., :nope]))  # fmt: skip
+
+
+def _capture(fn):
+    """CUDA: ``fn`` warmed up on a side stream and captured in a graph; returns its replay. Dry run: ``fn``."""
+    if D.type != "cuda":
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def check_cache_cuda_graph():
+    """rope_and_cache_ captured once in a CUDA graph (decode: GRAPH_B tokens, the last two slots -1: padding
+    of the graph's bucket), replayed 3 times with new slots, positions and q/k/v written into the captured
+    buffers; after each replay the cache holds the new rows and nothing else (poisoned again between
+    replays, in place). Dry run: plain calls in place of the replays."""
+    from common import cache_backend
+
+    backend = cache_backend()
+    T = GRAPH_B
+    n_blocks = 64
+    sq, sk = (t[:, 0] for t in llama_qk(T, 1, torch.bfloat16))
+    sv = torch.randn(sk.shape, device=D).to(torch.bfloat16)
+    kc, vc = _poisoned((n_blocks, BLOCK, HK, HD), torch.bfloat16), _poisoned((n_blocks, BLOCK, HK, HD), torch.bfloat16)
+    slots = torch.arange(T, device=D)
+    slots[-2:] = -1
+    pos = torch.zeros(T, dtype=torch.int64, device=D)
+    cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq())
+    try:
+        with pk.use_backend(backend):
+            replay = _capture(lambda: pk.rope_and_cache_(sq, sk, sv, kc, vc, cos, sin, slot_mapping=slots, positions=pos))
+    except Exception as e:  # name the backend: the torch path syncs on the host and cannot be captured
+        raise RuntimeError(f"capture failed on the {backend} backend: {one_line(e)}") from e
+    g = torch.Generator().manual_seed(35)
+    poison = kc.clone()
+    pairs, untouched, exact = [], True, True
+    for _ in range(3):
+        q = torch.randn(sq.shape, generator=g).to(D, torch.bfloat16)
+        k = torch.randn(sk.shape, generator=g).to(D, torch.bfloat16)
+        v = torch.randn(sk.shape, generator=g).to(D, torch.bfloat16)
+        new_slots = torch.randperm(n_blocks * BLOCK, generator=g)[:T].to(D)
+        new_slots[-2:] = -1
+        new_pos = torch.randint(0, MAX_POS, (T,), generator=g).to(D)
+        for dst, src in ((sq, q), (sk, k), (sv, v), (slots, new_slots), (pos, new_pos)):
+            dst.copy_(src)
+        kc.copy_(poison)  # in place: the captured addresses stay
+        vc.copy_(poison)
+        with pk.use_backend(backend):
+            replay()
+        sync()
+        tq, tk = ref.rope_reference(q[None], k[None], cos, sin, positions=new_pos[None])
+        eq, ek = ref.rope_hf_eager(q[None], k[None], cos, sin, positions=new_pos[None])
+        tok = torch.nonzero(new_slots >= 0)[:, 0]
+        blk, off = new_slots[tok] // BLOCK, new_slots[tok] % BLOCK
+        mask = torch.zeros(n_blocks, BLOCK, dtype=torch.bool, device=D)
+        mask[blk, off] = True
+        pairs += [(sq[None].clone(), eq, tq), (sk[None].clone(), ek, tk), (kc[blk, off].clone(), ek[0, tok], tk[0, tok])]
+        untouched = untouched and _untouched(kc, poison, mask) and _untouched(vc, poison, mask)
+        exact = exact and torch.equal(kc[blk, off], sk[tok]) and torch.equal(vc[blk, off], v[tok])
+    what = "CUDA graph, 3 replays" if D.type == "cuda" else "DRY RUN: 3 plain calls"
+    return _cache_row(f"rope_and_cache_ {what}, slots padded with -1", f"llama3-8b decode T={T}, 2 padded",
+                      torch.bfloat16, backend, pairs, untouched, exact_rows=exact)  # fmt: skip
+
+
+def check_cache_no_alloc():
+    """The in-place op allocates nothing proportional to its tensors: peak above the starting level during
+    one call (after a warm-up call) under 1 MiB at the paged prefill shape (CUDA; not measurable on CPU)."""
+    from common import cache_backend, peak_extra_mib
+
+    backend = cache_backend()
+    T = CACHE_T
+    q, k = llama_qk(1, T, torch.bfloat16)
+    q, k = q[0], k[0]
+    v = torch.randn_like(k)
+    kc = torch.zeros(2 * T // BLOCK + 1, BLOCK, HK, HD, device=D, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(kc.shape[0] * BLOCK, generator=torch.Generator().manual_seed(36))[:T].to(D)
+    pos = torch.arange(T, device=D)
+    cos, sin = pk.rope_cos_sin(MAX_POS, inv_freq())
+
+    def fn():
+        with pk.use_backend(backend):
+            pk.rope_and_cache_(q, k, v, kc, vc, cos, sin, slot_mapping=slots, positions=pos)
+
+    fn()
+    sync()
+    mib = peak_extra_mib(fn)
+    ok = mib is None or mib < 1.0
+    return dict(check=f"rope_and_cache_ in place allocates < 1 MiB [{backend}]", shape=f"llama3-8b paged T={T}",
+                dtype="bfloat16", err=mib if mib is not None else 0.0, err_torch=0.0, bound=1.0, finite=True, ok=ok,
+                peak_mib=mib, backend=backend, note=None if mib is not None else "DRY RUN: no CUDA allocator to read")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- sinusoidal
 def check_add_sinusoidal():  # positions passed explicitly: works whether the keyword is offset= or offsets=
     B, S_, Dm = SIN_SHAPE
@@ -324,6 +588,12 @@ CHECKS = [
     ("qknorm", lambda: check_qknorm("head")),
     ("qknorm", lambda: check_qknorm("heads")),
     ("qknorm", check_qknorm_backward),
+    ("cache", lambda: check_cache_paged(torch.bfloat16)),
+    ("cache", lambda: check_cache_paged(FP8)),
+    ("cache", lambda: check_cache_contiguous(torch.bfloat16)),
+    ("cache", lambda: check_cache_contiguous(FP8)),
+    ("cache", check_cache_mla),
+    ("cache", check_cache_no_alloc),
     ("sinusoidal", check_add_sinusoidal),
     ("sinusoidal", check_sinusoidal_table),
     ("sinusoidal", check_concat_sinusoidal),
@@ -336,6 +606,7 @@ CHECKS = [
     ("relative", lambda: check_t5(True)),
     ("relative", lambda: check_t5(False)),
     ("relative", check_t5_backward),
+    ("cache", check_cache_cuda_graph),  # last: a capture that fails must not disturb the other checks
 ]
 
 

@@ -102,7 +102,7 @@ def headline_table(out, static):
     src = tri or nat
     base = {}
     for r in (tri or {}).get("rows", []):
-        if "us" in r and r["provider"] in ("hf_eager", "eager_buffer"):
+        if "us" in r and r["provider"] in ("hf_eager", "eager_buffer", "unfused"):
             base[(r["op"], r["shape"])] = r["us"]
     native = {(r["op"], r["shape"]): r for r in (nat or {}).get("rows", []) if r.get("provider") == "posenc" and "us" in r}
     notes = [f"device: {src['device']}", f"timing: {src['timing']}", f"decode rows: {src.get('graph_timing')}"]
@@ -132,6 +132,34 @@ def headline_table(out, static):
             line += f" {static_for(static, r.get('kernel')) if r['provider'] == 'posenc' else ''} |"
         lines.append(line)
     return notes, lines
+
+
+def cache_targets(out):
+    """RoPE + KV-cache write (issue 19), from the Triton headline rows: decode fused / apply_rope_ alone (the
+    target: <= 1.2x) and / unfused, and the 4k prefill share of copy bandwidth."""
+    tri = load_json(os.path.join(out, "headline_triton.json"))
+    rows = [r for r in (tri or {}).get("rows", []) if str(r.get("op", "")).startswith("rope_and_cache_")]
+    if not rows:
+        return []
+    by = {}
+    for r in rows:
+        by.setdefault(r["shape"], {})[r["provider"]] = r
+    lines = ["RoPE + KV-cache write (issue 19; fused = rope_and_cache_, backend named per row):"]
+    for shape, p in by.items():
+        f, rope, unf = p.get("posenc"), p.get("rope_only"), p.get("unfused")
+        if f is None or "us" not in f:
+            why = (f or {}).get("skipped") or (f or {}).get("error") or "no fused row"
+            lines.append(f"- {shape}: fused not measured ({why})")
+            continue
+        parts = [f"fused {f['us']:.1f} us ({f.get('backend', '?')}), {100 * f['copy_ratio']:.0f}% of copy"]
+        if rope and "us" in rope:
+            x = f["us"] / rope["us"]
+            parts.append(f"{x:.2f}x apply_rope_ alone (target <= {f.get('target', 1.2)}x: "
+                         f"{'met' if x <= f.get('target', 1.2) else 'NOT met'})")  # fmt: skip
+        if unf and "us" in unf:
+            parts.append(f"unfused / fused = {unf['us'] / f['us']:.2f}x")
+        lines.append(f"- {shape}: " + ", ".join(parts))
+    return lines
 
 
 def tests_progress(out):
@@ -187,14 +215,15 @@ def main(out) -> int:
         f"Command: `benchmarks/gpu_check.sh` ({env.get('versions', '?')}); peers: {env.get('peers', 'none')}.",
         *notes,
         "copy% = effective GB/s (minimal bytes / median time) as a share of a device-to-device copy of the same "
-        "bytes, same run; vs eager = the HF-style eager row's time (eager buffer add for the sinusoidal op) / this "
-        "row's; peak MiB = allocated above the starting level during one call.",
+        "bytes, same run; vs eager = the HF-style eager row's time (eager buffer add for the sinusoidal op, the "
+        "unfused sequence for the cache rows) / this row's; peak MiB = allocated above the starting level during one call.",
         (f"static figures: sm_90 SASS read without a GPU ({os.path.relpath(STATIC, REPO)}, scripts/static_figures): "
          "registers, serialised load rounds per program, warp-instructions per DRAM byte, blocks per SM, load bytes "
          "in flight per thread" if static is not None
          else f"static figures: not available ({os.path.relpath(STATIC, REPO)} absent)"),
         "",
         *table,
+        *([""] + cache_targets(out) if cache_targets(out) else []),
     ]
     parts += ["---------- paste into benchmarks/RESULTS.md ----------", *paste, "---------- end ----------"]
     text = "\n".join(parts) + "\n"

@@ -306,6 +306,70 @@ def test_bench_summary_is_generic_and_fits_25_lines(tmp_path, capsys):
     assert bench_summary.family_of("alibi_bias") == "relative"
 
 
+def test_bench_summary_cache_family_headlines(tmp_path, capsys):
+    """benchmarks/bench_cache.py's rows: the cache family gets two headline lines, decode at the shape its rows
+    mark ``headline`` (1 token, not the 64-token shape with more bytes) and prefill; the ratio is against the
+    named baseline (the unfused sequence) with the ``also`` providers beside it; op names map to the family."""
+    from posenc_dev import bench_summary
+
+    also = dict(baseline="posenc_unfused", also=["rope_only", "hf_eager"])
+    rows = []
+    for op, shape, t, mark in (("rope_and_cache_ decode", "llama3 paged 1t bf16", 10.0, True),
+                               ("rope_and_cache_ decode", "llama3 paged 64t bf16", 40.0, False),
+                               ("rope_and_cache_ prefill", "llama3 paged 4096t bf16", 1000.0, True)):  # fmt: skip
+        extra = dict(also, headline=True) if mark else also
+        rows += [_row("cache", op, shape, "posenc_fused", t, **extra),
+                 _row("cache", op, shape, "posenc_unfused", 2 * t, **extra),
+                 _row("cache", op, shape, "hf_eager", 4 * t, **extra),
+                 _row("cache", op, shape, "rope_only", 0.9 * t, **extra),
+                 _row("cache", op, shape, "copy", 0.5 * t, **extra)]  # fmt: skip
+    rows[5]["extra_info"]["bytes"] = 64000  # the 64-token shape moves more bytes: the mark must still win
+    src = tmp_path / "b.json"
+    src.write_text(json.dumps({"benchmarks": rows}))
+    full = tmp_path / "report.md"
+    assert bench_summary.main([str(src), "--full", str(full)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cache = [ln for ln in lines if ln.startswith("cache ")]
+    assert len(cache) == 2, lines
+    decode, prefill = cache
+    assert "rope_and_cache_ decode" in decode and "llama3 paged 1t bf16" in decode, decode
+    assert "posenc_fused" in decode and "2.00x posenc_unfused, 0.90x rope_only" in decode, decode
+    assert "hf_eager" not in decode, decode  # no room left on the line: the rest is in the full table
+    assert "rope_and_cache_ prefill" in prefill and "2.00x posenc_unfused" in prefill, prefill
+    table = full.read_text()
+    assert "## rope_and_cache_ decode (cache)" in table and "Baseline: `posenc_unfused`" in table
+    assert "| host us |" in table and "`rope_only`" in table
+    assert bench_summary.family_of("mla_rope_and_cache_ decode") == "cache"
+    assert bench_summary.family_of("some_cache_op") == "cache"
+
+
+def test_bench_cache_rows_reach_the_summary(tmp_path, capsys):
+    """A real run of benchmarks/bench_cache.py's headline decode case (fused, unfused, plain apply_rope_; one
+    thread, ~10 s): its rows carry the cache family, the headline mark and the baseline, and the summary
+    prints their ratio of this run."""
+    if not (REPO / "benchmarks" / "bench_cache.py").exists():
+        pytest.skip("no benchmarks/ beside the tests (an installed-package run)")
+    from posenc_dev import bench_summary
+
+    out = tmp_path / "cache.json"
+    cases = [f"benchmarks/bench_cache.py::test_cache[llama3-paged-decode1-bf16-{p}]"
+             for p in ("posenc_fused", "posenc_unfused", "rope_only")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", *cases, "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r["extra_info"]["provider"]: r["extra_info"] for r in json.loads(out.read_text())["benchmarks"]}
+    assert set(rows) == {"posenc_fused", "posenc_unfused", "rope_only"}
+    assert all(r["family"] == "cache" and r["headline"] and r["baseline"] == "posenc_unfused" for r in rows.values())
+    assert rows["posenc_fused"]["bytes"] > rows["rope_only"]["bytes"] > 0  # the cache write and v are counted
+    assert bench_summary.main([str(out)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("cache ")]
+    ratio = rows["posenc_unfused"]["median_us"] / rows["posenc_fused"]["median_us"]
+    assert "rope_and_cache_ decode" in line and f"{bench_summary.fmt_ratio(ratio)} posenc_unfused" in line, line
+
+
 def test_plot_speedups(tmp_path):
     items = [("rope: apply_rope_\nllama3-8b 4096 tok", 12.5, "hf_eager"), ("sinusoidal: add", 0.8, "eager_buffer")]
     check_png(plot.plot_speedups(tmp_path / "s.png", items, title="test"), min_height=150)
