@@ -251,7 +251,7 @@ def test_bench_summary_from_a_real_benchmark_run(tmp_path, real_bench_json, caps
     assert all(r["family"] == "sinusoidal" for r in rows.values())  # the harness records it
     ratio = rows["eager_buffer"]["median_us"] / rows["posenc_inplace"]["median_us"]
     (line,) = [ln for ln in lines if ln.startswith("sinusoidal ")]
-    assert "add_sinusoidal_" in line and "posenc_inplace" in line and f"{ratio:.2f}x eager_buffer" in line, line
+    assert "add_sinusoidal_" in line and "posenc_inplace" in line and f"{bench_summary.fmt_ratio(ratio)} eager_buffer" in line, line
     text = "\n".join(lines)
     assert "copy% = " in text and "over 100%" in text and "baseline's median time / ours" in text
     assert f"full table (every op, shape and provider, definitions): {full}" in text
