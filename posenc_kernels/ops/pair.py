@@ -201,13 +201,15 @@ class OpPair:
                 if args[i] is not None:
                     args[i].copy_(t)
             return
-        # the decode fast path: no autograd (inlined: this call's host cost is per token)
-        if not (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0) or not self._autograd(args):
+        # the decode fast path: no autograd (inlined: this call's host cost is per token; no tangent flows
+        # here, the branch above took those; one C call tells whether anything requires grad)
+        if not torch.is_grad_enabled() or not torch._C._any_requires_grad(*args):
             try:
                 self.inplace(*(self._inplace_args(args) if self._drop else args))
             except (RuntimeError, ValueError, TypeError) as e:
                 reraise_with_check(e, self.check, *args, inplace=True)
             return
+        self._autograd(args)  # a gradient asked of an argument the op does not differentiate: refused here
         self.check(*args, values=True, inplace=True)
         others = any(
             isinstance(a, torch.Tensor) and a.requires_grad for i, a in enumerate(args) if i not in self.mutated
