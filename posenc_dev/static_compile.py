@@ -316,7 +316,7 @@ def qknorm_case(B, S, Hq, Hk, D, R, dtype, *, norm=0, offsets=False, weights=Tru
         qknorm.qk_norm_rope_triton(q, k, q, k, qw, kw, 1e-6, norm, 0.0, cos, cos, None, None, off, 0, None, None,
                                    1.0, False, False, False)  # fmt: skip
 
-    return record(qknorm, "_qk_norm_rope_kernel", launch, dram)
+    return record(qknorm, "_prologue_kernel", launch, dram)
 
 
 QKNORM_CASES = {
