@@ -275,10 +275,12 @@ if HAS_TRITON:
             if HAS_QW or HAS_KW:
                 y1 = y1 * tl.where(has_w, w1.to(ACC) + weight_offset, 1.0)
                 y2 = y2 * tl.where(has_w, w2.to(ACC) + weight_offset, 1.0)
+            p1 = o_ptr + o_row + ch * od  # each store's address, then its value (qk_norm_rope's order: its SASS)
             out1 = (y1 * c3 - y2 * s3).to(ety)
+            tl.store(p1, out1, mask=om)
+            p2 = o_ptr + o_row + (HALF + ch) * od
             out2 = (y2 * c3 + y1 * s3).to(ety)
-            tl.store(o_ptr + o_row + ch * od, out1, mask=om)
-            tl.store(o_ptr + o_row + (HALF + ch) * od, out2, mask=om)
+            tl.store(p2, out2, mask=om)
             if CACHE > 0 or Q_FMAX > 0:
                 _side_stores(out1, ch, m, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q, qsc, qr,
                              CACHE, K_FMAX, Q_FMAX)  # fmt: skip
