@@ -143,7 +143,7 @@ def cache_shape(layout, n0, n1, H, D):
 # ---- a cache in the input dtype: bit for bit apply_rope_ + scatter
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["paged_NHD", "paged_HND", "contiguous_HND"])
 def test_matches_apply_rope_then_scatter(dtype, case):
     Hq, Hk, D = 4, 2, 32

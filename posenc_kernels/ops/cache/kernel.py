@@ -57,6 +57,10 @@ def _scale_args(t, value, dummy) -> tuple:
     return dummy, 0, 1.0, 1.0, 0
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a JITFunction: about 3 us per host call
+
+
 def v_blocks(Dv: int, Hk: int, block_t: int) -> tuple:
     """``(BLOCK_DV, BLOCK_HV, num_warps)`` of the v programs: all of v's channels at once (up to
     ``V_MAX_DV``), heads filling ``V_TILE`` elements, ``V_PER_THREAD`` elements per thread setting the warps."""
@@ -111,10 +115,10 @@ def rope_and_cache_triton(q, k, v, q_o, k_o, kc4, vc4, q_fp8, slot_mapping, cach
             while 2 * block_t * block_h * width < block_t * block_hv * block_dv and block_h < next_pow2(max(Hq, Hk)):
                 block_h *= 2
         num_warps = max(num_warps, v_warps)
-    n_s_blocks = triton.cdiv(S, block_t)
-    n_blocks = triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h)
+    n_s_blocks = _cdiv(S, block_t)
+    n_blocks = _cdiv(Hq, block_h) + _cdiv(Hk, block_h)
     if has_v:
-        n_blocks += triton.cdiv(Hk, block_hv)
+        n_blocks += _cdiv(Hk, block_hv)
         vv, vc, v_strides, vc_strides = v, vc4, v.stride(), vc4.stride()[:3]
     else:
         Dv = block_dv = block_hv = 1
