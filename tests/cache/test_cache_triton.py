@@ -9,6 +9,9 @@
   rotary, interleaved pairs), v with its own head_dim (MLA), a k-only cache, the out-of-place op;
 * the launcher's 64-bit choices (q/k/v offsets, the slot division), on meta tensors.
 
+Through the interpreter the FP8 cast is the GPU's round-to-nearest-even (tests/conftest.py replaces the
+interpreter's own, which drops the carry of a rounding that crosses a power of two).
+
 Small shapes: every case runs through the Triton interpreter on CPU (or on CUDA when there is one).
 """
 
@@ -20,40 +23,10 @@ from posenc_kernels.ops.cache import kernel as cache_kernel
 from posenc_kernels.ops.cache.op import rope_and_cache
 from posenc_kernels.ops.cache.torch_impl import NHD, quantise
 
-from conftest import DEVICE, INTERPRET, TRITON_RUNS
+from conftest import DEVICE, TRITON_RUNS
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_fp8_rounding():
-    """The Triton interpreter's own fp32 -> FP8 cast (triton.runtime.interpreter._convert_float, Triton 3.9)
-    rounds half up on the first dropped bit and drops the carry when that overflows the mantissa (1.96 ->
-    e4m3 1.0, not 2.0), and truncates subnormals. The GPU instruction the cast lowers to on sm_90,
-    ``cvt.rn.satfinite.e4m3x2.f32`` / ``.e5m2x2``, rounds to nearest even and saturates to the largest
-    finite value. In this module the interpreter does that (through torch's correctly rounded cast), so the
-    kernel's own code is what the FP8 tests check; nothing else is replaced."""
-    if not INTERPRET:
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
-
-    def convert(data, src, dst, rounding_mode):
-        if src == tl.float32 and dst in fp8:
-            x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-            fmax = torch.finfo(fp8[dst]).max
-            x = torch.where(x.isnan(), x, x.clamp(-fmax, fmax))  # satfinite
-            return x.to(fp8[dst]).view(torch.uint8).numpy().reshape(np.shape(data))
-        return original(data, src, dst, rounding_mode)
-
-    interpreter._convert_float = convert
-    yield
-    interpreter._convert_float = original
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
