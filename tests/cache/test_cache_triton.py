@@ -163,7 +163,8 @@ def test_rope_modes(mode):
     R = 16 if mode == "partial_interleaved" else D
     rope = {}
     if mode in ("on_the_fly", "exact"):
-        rope["inv_freq"] = pk.rope_frequencies(R, dtype=torch.float64 if mode == "exact" else torch.float32)[0].to(DEVICE)
+        freq_dtype = torch.float64 if mode == "exact" else torch.float32
+        rope["inv_freq"] = pk.rope_frequencies(R, dtype=freq_dtype)[0].to(DEVICE)
         rope["exact"] = mode == "exact"
         rope["positions"] = torch.tensor([0, 5, 100, 7, 3000, 1], device=DEVICE)
     else:
@@ -318,7 +319,8 @@ def test_index_widths_choice():
     """64-bit q/k/v offsets only past 2**31 elements of an input; the slot division in 64 bits only for a
     cache of more than 2**31 slots; checked on meta tensors (nothing allocated)."""
     meta = dict(device="meta", dtype=torch.bfloat16)
-    q, k, v = torch.empty(1, 16, 32, 128, **meta), torch.empty(1, 16, 8, 128, **meta), torch.empty(1, 16, 8, 128, **meta)
+    q = torch.empty(1, 16, 32, 128, **meta)
+    k, v = torch.empty(1, 16, 8, 128, **meta), torch.empty(1, 16, 8, 128, **meta)
     small = torch.empty(1024, 16, 8, 128, **meta)
     assert cache_kernel.index_widths(q, k, v, q, k, None, (), small, True) == (False, False)
     big_k = torch.empty_strided((1, 16, 8, 128), (2**32, 2**28, 128, 1), **meta)  # a strided view of a huge buffer

@@ -28,7 +28,6 @@ from ..rope.kernel import ROPE_TILE, ROPE_TILE_ANGLES, ROPE_TILE_AXES, angle_lau
 from .torch_impl import NONE
 
 if HAS_TRITON:
-    import triton
     import triton.language as tl
 
     from ..qknorm.kernel import _prologue_kernel

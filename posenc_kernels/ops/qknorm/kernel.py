@@ -190,9 +190,10 @@ if HAS_TRITON:
         qsc = 1.0
         qr = 1.0
         if CACHE > 0:
-            outer, inner, valid = _cache_rows(b, s, tl.where(is_k, tok_mask, False), idx_ptr, stride_idx_b, stride_idx_s, n_slots,
-                                              block_size, CACHE, SLOT64)  # fmt: skip
-            c_row = (outer * stride_kc_o + inner * stride_kc_i)[:, None, None] + h.to(tl.int64)[None, :, None] * stride_kc_h
+            outer, inner, valid = _cache_rows(b, s, tl.where(is_k, tok_mask, False), idx_ptr, stride_idx_b,
+                                              stride_idx_s, n_slots, block_size, CACHE, SLOT64)  # fmt: skip
+            c_row = (outer * stride_kc_o + inner * stride_kc_i)[:, None, None]
+            c_row += h.to(tl.int64)[None, :, None] * stride_kc_h  # [BLOCK_T, BLOCK_H, 1], int64
             c_on = tl.where(is_k, valid[:, None, None], False)
             if K_FMAX > 0:
                 ksc = _load_scale(ks_ptr, stride_ks, k_scale, h, tl.where(is_k, head_mask, False), KS_MODE)
@@ -324,7 +325,8 @@ if HAS_TRITON:
         outer, inner, valid = _cache_rows(b, s, tok_mask, idx_ptr, stride_idx_b, stride_idx_s, n_slots, block_size,
                                           CACHE, SLOT64)  # fmt: skip
         v_row = b * stride_v_b + s[:, None, None] * stride_v_s + hv[None, :, None] * stride_v_h
-        c_row = (outer * stride_vc_o + inner * stride_vc_i)[:, None, None] + hv.to(tl.int64)[None, :, None] * stride_vc_h
+        c_row = (outer * stride_vc_o + inner * stride_vc_i)[:, None, None]
+        c_row += hv.to(tl.int64)[None, :, None] * stride_vc_h
         wm = (valid & tok_mask)[:, None, None] & head_mask[None, :, None]
         if FMAX > 0:
             vsc = _load_scale(vs_ptr, stride_vs, v_scale, hv, head_mask, VS_MODE)
