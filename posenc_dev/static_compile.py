@@ -36,6 +36,7 @@ try:
 except ImportError:  # pragma: no cover
     from triton.backends.compiler import BaseBackend as Backend
 
+import posenc_kernels.ops.cache.kernel as cache
 import posenc_kernels.ops.learned.kernel as learned
 import posenc_kernels.ops.qknorm.kernel as qknorm
 import posenc_kernels.ops.relative.kernel as relative
@@ -157,6 +158,9 @@ def figures(compiled, grid, dram_bytes: int, trips: int = 1) -> dict:
         **ptxas_report(compiled.asm["ptx"]),
         **ptx_facts(compiled.asm["ptx"]),
         **sass.kernel_figures(ins, trips),
+        # every global store of the kernel, on the path or not (a kernel with program kinds, e.g. the v
+        # programs of the cache write, has several paths)
+        "all_stores": sass.access_widths(ins, sass.GLOBAL_STORES),
         **sass.occupancy(res["regs"], num_warps, smem),
         "dram_bytes_per_program": round(dram_bytes / programs, 1),
     }
@@ -316,7 +320,7 @@ def qknorm_case(B, S, Hq, Hk, D, R, dtype, *, norm=0, offsets=False, weights=Tru
         qknorm.qk_norm_rope_triton(q, k, q, k, qw, kw, 1e-6, norm, 0.0, cos, cos, None, None, off, 0, None, None,
                                    1.0, False, False, False)  # fmt: skip
 
-    return record(qknorm, "_qk_norm_rope_kernel", launch, dram)
+    return record(qknorm, "_prologue_kernel", launch, dram)
 
 
 QKNORM_CASES = {
@@ -326,6 +330,62 @@ QKNORM_CASES = {
                                                 offsets=True),
     # Wan-style cross-head norm: 40 x 128 for q and k, statistics over all heads of a token
     "qknorm_wan_heads_prefill_bf16": dict(B=1, S=4096, Hq=40, Hk=40, D=128, R=128, dtype=torch.bfloat16, norm=1),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- RoPE + cache
+
+
+def cache_case(T, Hq, Hk, D, R, dtype, *, Dv=None, cache_dtype=None, interleaved=False, norm=-1, mla=False,
+               num_blocks=512, block_size=16):  # fmt: skip
+    """Record and compile a paged RoPE + KV-cache write (vLLM's layout: q/k/v ``[T, H, D]``, NHD caches
+    ``[num_blocks, block_size, Hk, D]``, int64 slots, positions per token, fp32 tables), in place. FP8 caches
+    take per-tensor scale tensors (vLLM's ``k_scale``). ``mla``: DeepSeek's latent cache, q a slice of
+    ``[T, H, 128 + R]``, the k and v caches two column ranges of one ``[.., .., Dv + R]`` cache. DRAM bytes:
+    q's and k's rotary channels read and written, k's other channels read, v read, the cache rows written,
+    the slots, positions and table rows read (norm: every channel of q and k read and written, the weights)."""
+    Dv = D if Dv is None else Dv
+    cache_dtype = cache_dtype or dtype
+    if mla:
+        q = torch.empty(T, Hq, 128 + D, dtype=dtype)[..., 128:]
+        kv = torch.empty(num_blocks, block_size, Dv + D, dtype=cache_dtype)
+        kc, vc = kv[..., Dv:].unsqueeze(2), kv[..., :Dv].unsqueeze(2)
+    else:
+        q = torch.empty(T, Hq, D, dtype=dtype)
+        kc = torch.empty(num_blocks, block_size, Hk, D, dtype=cache_dtype)
+        vc = torch.empty(num_blocks, block_size, Hk, Dv, dtype=cache_dtype)
+    k, v = torch.empty(T, Hk, D, dtype=dtype), torch.empty(T, Hk, Dv, dtype=dtype)
+    slots, pos = torch.zeros(T, dtype=torch.int64), torch.zeros(T, dtype=torch.int64)
+    cos = torch.empty(T + 8, R // 2, dtype=torch.float32)
+    fp8 = cache_dtype in cache.FP8_MAX
+    ks = torch.ones((), dtype=torch.float32) if fp8 else None
+    n = D if norm == 0 else None
+    qw, kw = (torch.empty(D, dtype=dtype), torch.empty(D, dtype=dtype)) if norm >= 0 else (None, None)
+    q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v))
+    rows_cache = T * (Hk * D + Hk * Dv) * torch.finfo(cache_dtype).bits // 8
+    moved = 2 * nbytes(q, k) * (R / D if norm < 0 else 1)
+    dram = moved + nbytes(k) * (1 - R / D if norm < 0 else 0) + nbytes(v) + rows_cache + 2 * nbytes(cos[:T])
+    dram += nbytes(slots, pos, ks, qw, kw)
+
+    def launch():
+        cache.rope_and_cache_triton(q4, k4, v4, q4, k4, kc, vc, None, slots, None, ks, ks if fp8 else None, None,
+                                    None, None, None, qw, kw, 1e-6, norm, 0.0, cos, cos, None, pos, None, 0, None,
+                                    None, 1.0, interleaved, False, False)  # fmt: skip
+
+    return record(cache, "_prologue_kernel", launch, dram)
+
+
+CACHE_CASES = {
+    # Llama-3-8B (32 q / 8 kv heads x 128), bf16, bf16 paged cache: one decode token; a 16-token block
+    "cache_llama3_8b_decode_bf16": dict(T=1, **LLAMA3),
+    "cache_llama3_8b_prefill16_bf16": dict(T=16, **LLAMA3),
+    # the same block into an FP8 (e4m3) cache with per-tensor scale tensors
+    "cache_llama3_8b_prefill16_fp8_e4m3": dict(T=16, **LLAMA3, cache_dtype=torch.float8_e4m3fn),
+    # Qwen3-8B (the same head counts), one decode token: per-head QK-norm + RoPE + cache write, one launch
+    "cache_qwen3_8b_norm_decode_bf16": dict(T=1, **LLAMA3, norm=0),
+    # DeepSeek MLA: 128 heads' rope part (64, interleaved) of q, k_pe 64, the 512-wide latent as v
+    "cache_mla_decode16_bf16": dict(T=16, Hq=128, Hk=1, D=64, R=64, dtype=torch.bfloat16, Dv=512, interleaved=True,
+                                    mla=True),
 }  # fmt: skip
 
 
@@ -397,6 +457,7 @@ CASES = {
     **{name: (lambda kw=kw: rope_case(**kw)) for name, kw in ROPE_CASES.items()},
     "rope_cos_sin": rope_cos_sin_case,
     **{name: (lambda kw=kw: qknorm_case(**kw)) for name, kw in QKNORM_CASES.items()},
+    **{name: (lambda kw=kw: cache_case(**kw)) for name, kw in CACHE_CASES.items()},
     "add_sinusoidal_bf16_d4096": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16),
     "add_sinusoidal_bf16_d4096_halves": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, interleaved=False),
     "add_sinusoidal_bf16_d4096_offsets": lambda: sinusoidal_case(8, 4096, 4096, torch.bfloat16, offsets=True),

@@ -20,6 +20,8 @@ Bounds, and why:
   - 2 for QK-norm + RoPE over all heads of a token (Wan's 40 x 128, ``qknorm_wan_heads_prefill_bf16``): its
     weight rows issue after x's data arrives (measured on Triton 3.6 and 3.9; not investigated further);
     the per-head QK-norm case with ``offset + s`` takes 1.
+  - 2 for RoPE + KV-cache write (``cache_*``): a position per token is read, then its table row (the
+    slots, FP8 scales and v rows load with the head rows, in the first round);
   - not bounded, reported: the T5 bias, whose loop over a program's heads gathers each head's values
     from the (4 KB, L1-resident) bucket table and stores them before the next head's gather; the rounds
     counted there are L1 round trips, not DRAM ones, and holding every head's gather in flight would take
@@ -39,13 +41,22 @@ Bounds, and why:
   - QK-norm + RoPE (a sum of squares, a weight product and a rotation per element): per head <= 0.14
     (measured 0.11-0.125 on Triton 3.6 and 3.9), over all heads <= 0.24 (0.21: Wan's 40 heads run in a
     64-head block, and the statistics cross warps);
+  - RoPE + KV-cache write (``cache_*``, DRAM bytes: the rotary channels of q and k read and written, k's
+    other channels and v read, the cache rows written): with a cache in the input dtype <= 0.10 (measured
+    0.069-0.070 on Triton 3.9: RoPE's rotation plus the int64 cache-row addresses and the extra stores);
+    MLA's 128 x 64 interleaved q beside a 512-wide latent <= 0.12 (0.105); with QK-norm (one decode token,
+    one warp per program) <= 0.14 as QK-norm's own (0.121); an FP8 cache <= 0.20 (0.171: per element a
+    multiply by the scale's reciprocal, an exact residual fma, a correction fma, a select and a clamp, and
+    the cache rows are half the bytes);
   - the 64-bit indexing builds (offsets past 2**31) are not bounded: they must only cost more than the
     32-bit ones, which real shapes get;
   - the sinusoidal kernels compute a sin and a cos per element pair: libdevice's accurate sinf/cosf fast
     paths alone take ~0.2 per byte of a bf16 add, so <= 0.35 (compute-bound by design: reading a table
     instead would double the bytes).
 * **128-bit accesses**: every q/k/x store on the path is a 128-bit STG (and each stored vector was loaded
-  as one) where the row width allows vectors.
+  as one) where the row width allows vectors. The cache write has two program kinds (q/k programs and v
+  programs, the path being the longer one): every STG of its kernel is 128-bit, cache rows included (FP8
+  rows too: 16 one-byte values per thread).
 * No spills, no 64-bit division call on the path, at most 128 registers, and at least 8 resident warps per
   SM; registers, occupancy and the figures above are printed as a table (``-s`` shows it).
 """
@@ -79,8 +90,9 @@ VECTOR_STORES = ROPE + [
     "add_sinusoidal_bf16_d4096", "add_sinusoidal_bf16_d4096_halves", "add_sinusoidal_bf16_d4096_offsets",
     "add_sinusoidal_bf16_d4096_idx64", "sinusoidal_table_fp32_d512", "learned_add_gpt2_bf16_d768",
     "learned_add_gpt2_bf16_d768_idx64", "alibi_bias_bf16", "alibi_bias_fp32_decode", "t5_bias_bf16",
-    *[c for c in CASES if c.startswith("qknorm_")],
+    *[c for c in CASES if c.startswith(("qknorm_", "cache_"))],
 ]  # fmt: skip
+CACHE = [c for c in CASES if c.startswith("cache_")]
 LOADS_AS_STORED = [c for c in VECTOR_STORES if "add" in c or c.startswith(("rope_", "qknorm_"))]  # in place: read, then written
 
 # Load rounds per program: 1 unless listed (the module doc says why for each); None: reported, not bounded.
@@ -91,6 +103,7 @@ ROUNDS = {
     "learned_grad_sorted_fp32_d4096": 3,
     "t5_bias_bf16": None,
     "qknorm_wan_heads_prefill_bf16": 2,
+    **{c: 2 for c in CASES if c.startswith("cache_")},
 }  # fmt: skip
 
 
@@ -109,6 +122,8 @@ def ipb_bound(case: str):
         return 0.10
     if case.startswith("learned_add_gpt2"):
         return 0.08
+    if case.startswith("cache_"):
+        return 0.20 if "fp8" in case else 0.14 if "norm" in case else 0.12 if "mla" in case else 0.10
     if case.startswith("qknorm_"):
         return 0.24 if "heads" in case else 0.14
     if "sinusoidal" in case or case == "rope_cos_sin":
@@ -158,6 +173,15 @@ def test_global_accesses_are_128_bit(report, case):
     assert f["st_b16_scalar"] == 0 and f["ld_b16_scalar"] == 0, f"{case}: scalar 16-bit accesses in the PTX"
     if case in LOADS_AS_STORED:
         assert f["path_loads"].get("128", 0) >= stores["128"], f"{case}: fewer 128-bit loads than stores: {f}"
+
+
+@pytest.mark.parametrize("case", CACHE)
+def test_cache_write_accesses_are_128_bit(report, case):
+    """Every global store of the cache-writing kernel (q/k rows, k cache rows, v programs' v cache rows),
+    on the path or not, is a 128-bit STG; q/k rows are loaded as 128-bit vectors too."""
+    f = report["cases"][case]
+    assert f["all_stores"] and set(f["all_stores"]) == {"128"}, f"{case}: stores not all 128-bit: {f['all_stores']}"
+    assert f["path_loads"].get("128", 0) >= 4, f"{case}: head rows not loaded as 128-bit vectors: {f['path_loads']}"
 
 
 def test_int64_indexing_only_when_needed(report):

@@ -25,6 +25,7 @@ from ..pair import define_pair
 from ..qknorm.op import NORM_ARGS, check_qk_norm_rope
 from ..rope.op import _ARGS as ROPE_ARGS
 from ..rope.op import check_rope
+from .kernel import rope_and_cache_triton
 from .torch_impl import FP8_DTYPES, HND, NHD, NONE, rope_and_cache_torch
 
 CACHE_ARGS = (
@@ -298,7 +299,7 @@ def _backward(ctx, *grads):  # never reached: the op refuses to record (differen
     raise RuntimeError("posenc::rope_and_cache is not differentiable")
 
 
-LAUNCHERS = {"torch": _torch_launch}  # the Triton launcher joins in .kernel (the prologue kernel)
+LAUNCHERS = {"triton": rope_and_cache_triton, "torch": _torch_launch}  # Triton: the prologue kernel (.kernel)
 
 rope_and_cache = define_pair(
     "rope_and_cache",

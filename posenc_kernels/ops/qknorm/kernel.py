@@ -1,7 +1,10 @@
-"""QK-norm + RoPE Triton kernel and its launcher: one program normalises and rotates ``BLOCK_T`` tokens x
-``BLOCK_H`` heads of q *or* k (the grid's head-block axis covers q's blocks then k's, as in the RoPE kernel),
-so q and k take one launch. ``norm="heads"`` gives a program all heads of its tokens (the statistics span
-them). Positions and angles come from the RoPE family's helper (:func:`..rope.kernel.rope_angles_tl`).
+"""The attention prologue's Triton kernel (QK-norm -> RoPE -> KV-cache write, each stage a constexpr flag) and
+the QK-norm + RoPE launchers. One program normalises and rotates ``BLOCK_T`` tokens x ``BLOCK_H`` heads of
+q *or* k (the grid's head-block axis covers q's blocks then k's, as in the RoPE kernel), so q and k take one
+launch. ``norm="heads"`` gives a program all heads of its tokens (the statistics span them). Positions and
+angles come from the RoPE family's helper (:func:`..rope.kernel.rope_angles_tl`). Without the norm stage the
+rotation is the RoPE kernel's own expression; the cache stage (k's rows into a paged or contiguous cache, v
+programs, FP8 quantisation) is launched by :mod:`..cache.kernel`.
 """
 
 from __future__ import annotations
@@ -20,32 +23,118 @@ if HAS_TRITON:
     from ..rope.kernel import rope_angles_tl
 
     @triton.jit
-    def _qk_norm_rope_kernel(
+    def _prologue_kernel(
         q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr, pos_ptr, off_ptr, axis_ptr,
+        v_ptr, kc_ptr, vc_ptr, qf_ptr, idx_ptr, ks_ptr, vs_ptr, qs_ptr,
         seqlen, n_s_blocks, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+        n_slots, block_size, k_scale, k_rcp, v_scale, v_rcp, q_scale, q_rcp,
         stride_q_b, stride_q_s, stride_q_h, stride_q_d,
         stride_k_b, stride_k_s, stride_k_h, stride_k_d,
         stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
         stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
         stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
         stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+        stride_v_b, stride_v_s, stride_v_h, stride_v_d,
+        stride_kc_o, stride_kc_i, stride_kc_h, stride_vc_o, stride_vc_i, stride_vc_h,
+        stride_qf_b, stride_qf_s, stride_qf_h, stride_qf_d,
+        stride_idx_b, stride_idx_s, stride_ks, stride_vs, stride_qs,
         D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
         CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr,
-        NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, INPLACE: tl.constexpr,
-        IDX64: tl.constexpr, ACC: tl.constexpr,
+        NORM: tl.constexpr, NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+        INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+        CACHE: tl.constexpr, SLOT64: tl.constexpr, K_FMAX: tl.constexpr, KS_MODE: tl.constexpr, HAS_V: tl.constexpr,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HV: tl.constexpr, VS_MODE: tl.constexpr,
+        Q_FMAX: tl.constexpr, QS_MODE: tl.constexpr,
     ):  # fmt: skip
-        """Grid: (B * token blocks, q head blocks + k head blocks). Order: the head rows' loads, the weights,
-        the positions and cos/sin rows; then the statistics (fp32, or fp64 for fp64 inputs), the scale
-        ``rstd * (weight_offset + w)``, the rotation of channels ``[0, 2*HALF)``, and one cast on store.
-        Channels ``[2*HALF, D)`` are normalised and stored unrotated. Rows are masked per head, so a
-        program's extra heads (several heads per program, partial rotary) never touch another's."""
+        """The attention prologue in one launch: QK-norm (``NORM``) -> RoPE -> KV-cache write (``CACHE``).
+
+        Grid: (B * token blocks, q head blocks + k head blocks [+ v head blocks]). q and k programs run
+        :func:`_qk_rows` (their pointers and strides selected per program, not branched on); with ``HAS_V``
+        the last ``cdiv(Hk, BLOCK_HV)`` head blocks are v programs (:func:`_v_rows`: v has no angles).
+        QK-norm + RoPE (``qk_norm_rope_``) is ``NORM`` without ``CACHE``; RoPE + cache without ``NORM``.
+        The stage flags are constexprs: a stage that is off leaves no instruction behind."""
         pid = tl.program_id(0)
         pid_h = tl.program_id(1)
         b = pid // n_s_blocks
         s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
         n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+        if HAS_V:
+            n_qk_blocks = n_q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
+            if pid_h >= n_qk_blocks:
+                _v_rows(
+                    pid_h - n_qk_blocks, b, s, v_ptr, vc_ptr, idx_ptr, vs_ptr, seqlen, n_heads_k, n_slots, block_size,
+                    v_scale, v_rcp, stride_v_b, stride_v_s, stride_v_h, stride_v_d, stride_vc_o, stride_vc_i,
+                    stride_vc_h, stride_idx_b, stride_idx_s, stride_vs,
+                    DV, BLOCK_DV, BLOCK_HV, CACHE, SLOT64, K_FMAX, VS_MODE, IDX64,
+                )  # fmt: skip
+            else:
+                _qk_rows(
+                    pid_h, n_q_blocks, b, s, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr,
+                    pos_ptr, off_ptr, axis_ptr, kc_ptr, qf_ptr, idx_ptr, ks_ptr, qs_ptr,
+                    seqlen, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+                    n_slots, block_size, k_scale, k_rcp, q_scale, q_rcp,
+                    stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+                    stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, stride_ko_b, stride_ko_s, stride_ko_h,
+                    stride_ko_d, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+                    stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+                    stride_kc_o, stride_kc_i, stride_kc_h, stride_qf_b, stride_qf_s, stride_qf_h, stride_qf_d,
+                    stride_idx_b, stride_idx_s, stride_ks, stride_qs,
+                    D, HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, POS_MODE, SEQ_OFFSETS, CU_BLOCK, N_AXES,
+                    ANGLES, INTERLEAVED, NORM, NORM_HEADS, HAS_QW, HAS_KW, INPLACE, IDX64, ACC,
+                    CACHE, SLOT64, K_FMAX, KS_MODE, Q_FMAX, QS_MODE,
+                )  # fmt: skip
+        else:
+            _qk_rows(
+                pid_h, n_q_blocks, b, s, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr,
+                pos_ptr, off_ptr, axis_ptr, kc_ptr, qf_ptr, idx_ptr, ks_ptr, qs_ptr,
+                seqlen, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+                n_slots, block_size, k_scale, k_rcp, q_scale, q_rcp,
+                stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+                stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, stride_ko_b, stride_ko_s, stride_ko_h,
+                stride_ko_d, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+                stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+                stride_kc_o, stride_kc_i, stride_kc_h, stride_qf_b, stride_qf_s, stride_qf_h, stride_qf_d,
+                stride_idx_b, stride_idx_s, stride_ks, stride_qs,
+                D, HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, POS_MODE, SEQ_OFFSETS, CU_BLOCK, N_AXES,
+                ANGLES, INTERLEAVED, NORM, NORM_HEADS, HAS_QW, HAS_KW, INPLACE, IDX64, ACC,
+                CACHE, SLOT64, K_FMAX, KS_MODE, Q_FMAX, QS_MODE,
+            )  # fmt: skip
+
+    @triton.jit
+    def _qk_rows(
+        pid_h, n_q_blocks, b, s, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr,
+        pos_ptr, off_ptr, axis_ptr, kc_ptr, qf_ptr, idx_ptr, ks_ptr, qs_ptr,
+        seqlen, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
+        n_slots, block_size, k_scale, k_rcp, q_scale, q_rcp,
+        stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, stride_ko_b, stride_ko_s, stride_ko_h,
+        stride_ko_d, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
+        stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
+        stride_kc_o, stride_kc_i, stride_kc_h, stride_qf_b, stride_qf_s, stride_qf_h, stride_qf_d,
+        stride_idx_b, stride_idx_s, stride_ks, stride_qs,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, POS_MODE: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        CU_BLOCK: tl.constexpr, N_AXES: tl.constexpr, ANGLES: tl.constexpr, INTERLEAVED: tl.constexpr,
+        NORM: tl.constexpr, NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+        INPLACE: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+        CACHE: tl.constexpr, SLOT64: tl.constexpr, K_FMAX: tl.constexpr, KS_MODE: tl.constexpr,
+        Q_FMAX: tl.constexpr, QS_MODE: tl.constexpr,
+    ):  # fmt: skip
+        """A q or k program: ``BLOCK_T`` tokens x ``BLOCK_H`` heads. Order: the head rows' loads, the weights,
+        the cache rows' slots and the FP8 scales; the positions and cos/sin rows; then the statistics (with
+        ``NORM``: fp32, or fp64 for fp64 inputs), the scale ``rstd * (weight_offset + w)``, the rotation of
+        channels ``[0, 2*HALF)`` (without ``NORM``: the RoPE kernel's own expression, so the values are bit for
+        bit ``apply_rope_``'s), and one cast on store. Channels ``[2*HALF, D)`` are normalised (or passed
+        through) unrotated. Rows are masked per head, so a program's extra heads (several heads per program,
+        partial rotary) never touch another's.
+
+        ``CACHE`` (1 paged, 2 contiguous; :func:`_cache_rows`): k programs also store the rotated k, as stored
+        in k's dtype, into its cache row (an FP8 cache, ``K_FMAX`` its largest finite value: quantised by
+        :func:`_quantise`). ``Q_FMAX > 0``: q programs store the rotated q quantised into ``qf`` instead of
+        q (q is left as it is)."""
         is_q = pid_h < n_q_blocks
+        is_k = pid_h >= n_q_blocks
         x_ptr = tl.where(is_q, q_ptr, k_ptr)
         o_ptr = tl.where(is_q, qo_ptr, ko_ptr)
         w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
@@ -87,9 +176,30 @@ if HAS_TRITON:
         if TAIL > 0:
             ct = tl.arange(0, BLOCK_TAIL)[None, None, :]
             mt = row_mask & (ct < TAIL)
+            if not NORM and INPLACE and Q_FMAX == 0:
+                mt = tl.where(is_k, mt, False)  # in place without the norm only k's tail moves (into the cache)
             tail = tl.load(x_ptr + x_row + (2 * HALF + ct) * sxd, mask=mt, other=0.0)
             if HAS_QW or HAS_KW:
                 wt = tl.load(w_ptr + w_row + 2 * HALF + ct, mask=wmask_h & (ct < TAIL), other=0.0)
+        # ---- the k cache rows (k programs) and the FP8 scales, issued with the head rows
+        c_row = 0
+        c_on = False
+        ksc = 1.0
+        kr = 1.0
+        qf_row = 0
+        qsc = 1.0
+        qr = 1.0
+        if CACHE > 0:
+            outer, inner, valid = _cache_rows(b, s, tl.where(is_k, tok_mask, False), idx_ptr, stride_idx_b,
+                                              stride_idx_s, n_slots, block_size, CACHE, SLOT64)  # fmt: skip
+            c_row = (outer * stride_kc_o + inner * stride_kc_i)[:, None, None]
+            c_row += h.to(tl.int64)[None, :, None] * stride_kc_h  # [BLOCK_T, BLOCK_H, 1], int64
+            c_on = tl.where(is_k, valid[:, None, None], False)
+            if K_FMAX > 0:
+                ksc = _load_scale(ks_ptr, stride_ks, k_scale, h, tl.where(is_k, head_mask, False), KS_MODE)
+        if Q_FMAX > 0:
+            qf_row = b * stride_qf_b + s[:, None, None] * stride_qf_s + h[None, :, None] * stride_qf_h
+            qsc = _load_scale(qs_ptr, stride_qs, q_scale, h, tl.where(is_q, head_mask, False), QS_MODE)
         # A fence, as in the RoPE kernel: no head or weight load sinks below it, nothing below is hoisted.
         tl.debug_barrier()
         # ---- 2. positions and cos/sin [BLOCK_T, BLOCK_HALF]
@@ -101,27 +211,35 @@ if HAS_TRITON:
         )  # fmt: skip
         # Every load is issued by now: a fence, so none sinks below the statistics' reductions.
         tl.debug_barrier()
+        if CACHE > 0 and K_FMAX > 0:
+            ksc, kr = _scale_rcp(ksc, k_rcp, KS_MODE)
+        if Q_FMAX > 0:
+            qsc, qr = _scale_rcp(qsc, q_rcp, QS_MODE)
         c3 = cos[:, None, :]
         s3 = sin[:, None, :]
-        # ---- 3. statistics: sum of squares per head [BLOCK_T, BLOCK_H] (or per token, over all heads)
         if INTERLEAVED:
             xa = x.to(ACC)
-            ss = tl.sum(xa * xa, axis=2)
         else:
             a1 = x1.to(ACC)
             a2 = x2.to(ACC)
-            ss = tl.sum(a1 * a1, axis=2) + tl.sum(a2 * a2, axis=2)
         if TAIL > 0:
             at = tail.to(ACC)
-            ss += tl.sum(at * at, axis=2)
-        if NORM_HEADS:
-            n = n_heads * D
-            tot = tl.sum(ss, axis=1)[:, None]  # masked heads contribute 0
-        else:
-            n = D
-            tot = ss
-        rstd = (1.0 / tl.sqrt(tot / n + eps))[:, :, None]  # [BLOCK_T, BLOCK_H or 1, 1]
-        # ---- 4. scale, rotate, store
+        # ---- 3. statistics: sum of squares per head [BLOCK_T, BLOCK_H] (or per token, over all heads)
+        if NORM:
+            if INTERLEAVED:
+                ss = tl.sum(xa * xa, axis=2)
+            else:
+                ss = tl.sum(a1 * a1, axis=2) + tl.sum(a2 * a2, axis=2)
+            if TAIL > 0:
+                ss += tl.sum(at * at, axis=2)
+            if NORM_HEADS:
+                n = n_heads * D
+                tot = tl.sum(ss, axis=1)[:, None]  # masked heads contribute 0
+            else:
+                n = D
+                tot = ss
+            rstd = (1.0 / tl.sqrt(tot / n + eps))[:, :, None]  # [BLOCK_T, BLOCK_H or 1, 1]
+        # ---- 4. scale, rotate, store (q/k in their dtype; the cache; q's FP8 copy instead of q)
         if INPLACE:
             o_row = x_row
             od = sxd
@@ -131,28 +249,187 @@ if HAS_TRITON:
             soh = tl.where(is_q, stride_qo_h, stride_ko_h)
             o_row = b * sob + s[:, None, None] * sos + h[None, :, None] * soh
             od = tl.where(is_q, stride_qo_d, stride_ko_d)
+        om = m
+        if Q_FMAX > 0:
+            om = tl.where(is_k, m, False)  # q goes to its FP8 copy only
+        ety = o_ptr.dtype.element_ty
         if INTERLEAVED:
-            y = xa * rstd
+            y = xa
+            if NORM:
+                y = y * rstd
             if HAS_QW or HAS_KW:
                 y = y * tl.where(has_w, w.to(ACC) + weight_offset, 1.0)
             y_even, y_odd = tl.split(tl.reshape(y, [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
             o_even = y_even * c3 - y_odd * s3
             o_odd = y_odd * c3 + y_even * s3
-            out = tl.reshape(tl.join(o_even, o_odd), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF])
-            tl.store(o_ptr + o_row + ch * od, out.to(o_ptr.dtype.element_ty), mask=m)
+            out = tl.reshape(tl.join(o_even, o_odd), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF]).to(ety)
+            tl.store(o_ptr + o_row + ch * od, out, mask=om)
+            if CACHE > 0 or Q_FMAX > 0:
+                _side_stores(out, ch, m, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q, qsc, qr,
+                             CACHE, K_FMAX, Q_FMAX)  # fmt: skip
         else:
-            y1 = a1 * rstd
-            y2 = a2 * rstd
+            y1 = a1
+            y2 = a2
+            if NORM:
+                y1 = y1 * rstd
+                y2 = y2 * rstd
             if HAS_QW or HAS_KW:
                 y1 = y1 * tl.where(has_w, w1.to(ACC) + weight_offset, 1.0)
                 y2 = y2 * tl.where(has_w, w2.to(ACC) + weight_offset, 1.0)
-            tl.store(o_ptr + o_row + ch * od, (y1 * c3 - y2 * s3).to(o_ptr.dtype.element_ty), mask=m)
-            tl.store(o_ptr + o_row + (HALF + ch) * od, (y2 * c3 + y1 * s3).to(o_ptr.dtype.element_ty), mask=m)
+            p1 = o_ptr + o_row + ch * od  # each store's address, then its value (qk_norm_rope's order: its SASS)
+            out1 = (y1 * c3 - y2 * s3).to(ety)
+            tl.store(p1, out1, mask=om)
+            p2 = o_ptr + o_row + (HALF + ch) * od
+            out2 = (y2 * c3 + y1 * s3).to(ety)
+            tl.store(p2, out2, mask=om)
+            if CACHE > 0 or Q_FMAX > 0:
+                _side_stores(out1, ch, m, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q, qsc, qr,
+                             CACHE, K_FMAX, Q_FMAX)  # fmt: skip
+                _side_stores(out2, HALF + ch, m, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q,
+                             qsc, qr, CACHE, K_FMAX, Q_FMAX)  # fmt: skip
         if TAIL > 0:
-            yt = at * rstd
-            if HAS_QW or HAS_KW:
-                yt = yt * tl.where(has_w, wt.to(ACC) + weight_offset, 1.0)
-            tl.store(o_ptr + o_row + (2 * HALF + ct) * od, yt.to(o_ptr.dtype.element_ty), mask=mt)
+            if NORM:
+                yt = at * rstd
+                if HAS_QW or HAS_KW:
+                    yt = yt * tl.where(has_w, wt.to(ACC) + weight_offset, 1.0)
+                outt = yt.to(ety)
+            else:
+                outt = tail  # unrotated and not normalised: passed through as it is
+            if NORM or not INPLACE:
+                omt = mt
+                if Q_FMAX > 0:
+                    omt = tl.where(is_k, mt, False)
+                tl.store(o_ptr + o_row + (2 * HALF + ct) * od, outt, mask=omt)
+            if CACHE > 0 or Q_FMAX > 0:
+                _side_stores(outt, 2 * HALF + ct, mt, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q,
+                             qsc, qr, CACHE, K_FMAX, Q_FMAX)  # fmt: skip
+
+    @triton.jit
+    def _v_rows(
+        hb, b, s, v_ptr, vc_ptr, idx_ptr, vs_ptr, seqlen, n_heads_k, n_slots, block_size, v_scale, v_rcp,
+        stride_v_b, stride_v_s, stride_v_h, stride_v_d, stride_vc_o, stride_vc_i, stride_vc_h, stride_idx_b,
+        stride_idx_s, stride_vs,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HV: tl.constexpr, CACHE: tl.constexpr, SLOT64: tl.constexpr,
+        FMAX: tl.constexpr, VS_MODE: tl.constexpr, IDX64: tl.constexpr,
+    ):  # fmt: skip
+        """A v program: ``BLOCK_T`` tokens x ``BLOCK_HV`` heads of v copied into their v-cache rows (quantised
+        for an FP8 cache, ``FMAX`` > 0), ``BLOCK_DV`` channels at a time. The slots, the scales and v's rows
+        are independent loads: one round trip."""
+        hv = hb * BLOCK_HV + tl.arange(0, BLOCK_HV)
+        if IDX64:
+            b = b.to(tl.int64)
+            s = s.to(tl.int64)
+            hv = hv.to(tl.int64)
+        tok_mask = s < seqlen
+        head_mask = hv < n_heads_k
+        outer, inner, valid = _cache_rows(b, s, tok_mask, idx_ptr, stride_idx_b, stride_idx_s, n_slots, block_size,
+                                          CACHE, SLOT64)  # fmt: skip
+        v_row = b * stride_v_b + s[:, None, None] * stride_v_s + hv[None, :, None] * stride_v_h
+        c_row = (outer * stride_vc_o + inner * stride_vc_i)[:, None, None]
+        c_row += hv.to(tl.int64)[None, :, None] * stride_vc_h
+        wm = (valid & tok_mask)[:, None, None] & head_mask[None, :, None]
+        if FMAX > 0:
+            vsc = _load_scale(vs_ptr, stride_vs, v_scale, hv, head_mask, VS_MODE)
+        for d0 in tl.static_range(0, DV, BLOCK_DV):
+            cv = d0 + tl.arange(0, BLOCK_DV)[None, None, :]
+            vm = wm & (cv < DV)
+            x = tl.load(v_ptr + v_row + cv * stride_v_d, mask=vm, other=0.0)
+            if FMAX > 0:
+                if d0 == 0:
+                    tl.debug_barrier()  # the scale's reciprocal after v's loads are issued
+                    vsc, vr = _scale_rcp(vsc, v_rcp, VS_MODE)
+                x = _quantise(x, vsc, vr, FMAX)
+            tl.store(vc_ptr + c_row + cv, x.to(vc_ptr.dtype.element_ty), mask=vm)
+
+    @triton.jit
+    def _side_stores(out, ch, m, kc_ptr, c_row, c_on, ksc, kr, qf_ptr, qf_row, stride_qf_d, is_q, qsc, qr,
+                     CACHE: tl.constexpr, K_FMAX: tl.constexpr, Q_FMAX: tl.constexpr):  # fmt: skip
+        """The rotated values ``out`` (as stored in q/k) of channels ``ch``: into the k cache rows (k programs,
+        written tokens; quantised for an FP8 cache) and into q's FP8 copy (q programs). One quantisation
+        serves both when they share the format."""
+        if K_FMAX > 0 and Q_FMAX == K_FMAX:  # FP8 cache and FP8 q of one format: one quantisation
+            val = _quantise(out, tl.where(is_q, qsc, ksc), tl.where(is_q, qr, kr), K_FMAX)
+            tl.store(kc_ptr + c_row + ch, val.to(kc_ptr.dtype.element_ty), mask=m & c_on)
+            tl.store(qf_ptr + qf_row + ch * stride_qf_d, val.to(qf_ptr.dtype.element_ty), mask=tl.where(is_q, m, False))
+        else:
+            if CACHE > 0:
+                if K_FMAX > 0:
+                    kv = _quantise(out, ksc, kr, K_FMAX).to(kc_ptr.dtype.element_ty)
+                else:
+                    kv = out
+                tl.store(kc_ptr + c_row + ch, kv, mask=m & c_on)
+            if Q_FMAX > 0:
+                qv = _quantise(out, qsc, qr, Q_FMAX).to(qf_ptr.dtype.element_ty)
+                tl.store(qf_ptr + qf_row + ch * stride_qf_d, qv, mask=tl.where(is_q, m, False))
+
+    @triton.jit
+    def _cache_rows(b, s, tok_mask, idx_ptr, stride_idx_b, stride_idx_s, n_slots, block_size,
+                    CACHE: tl.constexpr, SLOT64: tl.constexpr):  # fmt: skip
+        """The cache row of tokens ``(b, s)`` ``[BLOCK_T]``: ``(outer, inner)`` in int64 (caches outgrow 2**31
+        elements) and whether it is written. Paged (``CACHE == 1``): slot ``idx[s]`` (-1, and tokens past
+        ``n_slots``, not written), ``outer = slot // block_size``, ``inner = slot % block_size``, divided in 32
+        bits unless the cache has more than 2**31 slots (``SLOT64``). Contiguous (``CACHE == 2``): sequence
+        ``b``, position ``idx[b, s]`` (-1: not written)."""
+        if CACHE == 1:
+            slot = tl.load(idx_ptr + s * stride_idx_s, mask=tok_mask & (s < n_slots), other=-1)
+            valid = slot >= 0
+            if SLOT64:
+                slot = tl.maximum(slot, 0).to(tl.int64)
+            else:
+                slot = tl.maximum(slot, 0).to(tl.int32)
+            outer = slot // block_size
+            inner = slot - outer * block_size
+        else:
+            p = tl.load(idx_ptr + b * stride_idx_b + s * stride_idx_s, mask=tok_mask, other=-1)
+            valid = p >= 0
+            outer = b + s * 0
+            inner = tl.maximum(p, 0)
+        return outer.to(tl.int64), inner.to(tl.int64), valid
+
+    @triton.jit
+    def _load_scale(ptr, stride, value, h, mask, MODE: tl.constexpr):
+        """A program's FP8 scale, issued with the head rows: MODE 1 a tensor (0-d / ``[1]``: stride 0, or per
+        head), ``[1, BLOCK_H, 1]`` as stored; MODE 2 a float (the fp32 value the launcher passed)."""
+        if MODE == 1:
+            return tl.load(ptr + h * stride, mask=mask, other=1.0)[None, :, None]
+        else:
+            return value
+
+    @triton.jit
+    def _scale_rcp(sc, rcp, MODE: tl.constexpr):
+        """``(scale, 1 / scale)`` in fp32, the reciprocal correctly rounded: a tensor's from :func:`_rcp_rn`
+        (once per head, after every load is issued), a float's from the host."""
+        if MODE == 1:
+            s32 = sc.to(tl.float32)
+            return s32, _rcp_rn(s32)
+        else:
+            return sc, rcp
+
+    @triton.jit
+    def _rcp_rn(s):
+        """The correctly rounded fp32 ``1 / s`` (``s`` > 0, normal) without a division's slow-path call: an
+        approximate fp32 reciprocal refined by two Newton steps in fp64 (relative error about 2**-53), rounded
+        once. ``1 / s`` is never an fp32 rounding midpoint, nor within about 2**-48 (relative) of one (``s *
+        M`` for a 25-bit midpoint ``M`` is an odd multiple of 2**-47 of its binade), so that rounding is exact."""
+        r = (1.0 / s).to(tl.float64)
+        s64 = s.to(tl.float64)
+        r = tl.fma(r, tl.fma(-s64, r, 1.0), r)
+        r = tl.fma(r, tl.fma(-s64, r, 1.0), r)
+        return r.to(tl.float32)
+
+    @triton.jit
+    def _quantise(x, sc, rcp, FMAX: tl.constexpr):
+        """``fp32(x) / sc`` correctly rounded (Markstein: ``q0 = x * rcp``, the exact residual ``x - q0 * sc``
+        by fma, one correction; ``rcp`` the correctly rounded ``1 / sc``), clamped to +-FMAX (NaN stays
+        NaN): what torch's ``(x.float() / s).clamp(-m, m)`` gives, before the cast to FP8 (round to nearest
+        even). ``q0`` is kept where it is exact (the residual is 0: keeps the sign of -0) or far out of range
+        (the correction of an infinite ``q0`` is NaN; such values clamp anyway)."""
+        xf = x.to(tl.float32)
+        q0 = xf * rcp
+        e = tl.fma(-q0, sc, xf)
+        q1 = tl.fma(e, rcp, q0)
+        q = tl.where((e == 0.0) | (tl.abs(q0) > 2.0 * FMAX), q0, q1)
+        return tl.clamp(q, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
 
 
     @triton.jit
@@ -174,7 +451,7 @@ if HAS_TRITON:
         NORM_HEADS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, NEED_QW: tl.constexpr,
         NEED_KW: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        """Backward of :func:`_qk_norm_rope_kernel`, one program per forward program: the upstream gradient
+        """Backward of :func:`_prologue_kernel` (QK-norm + RoPE), one program per forward program: the upstream gradient
         rotated back (by -theta), ``gh = dz * (weight_offset + w)``, ``dx = rstd * (gh - x_hat * mean(gh *
         x_hat))`` (the mean over the forward's statistics: a head, or all heads of a token), stored in dq/dk
         (fresh tensors); the weight's gradient ``sum(dz * x_hat)`` over this program's
@@ -390,6 +667,17 @@ def _weight_args(q, k, q_weight, k_weight):
     return wq, (kw if has_kw else wq), has_qw, has_kw
 
 
+# The cache stage's arguments when it is off (QK-norm + RoPE alone): never read by any program.
+def _NO_CACHE_PTRS(q):
+    return (q,) * 8  # v, k cache, v cache, q_fp8, slots, k/v/q scales
+
+
+_NO_CACHE_SCALARS = (0, 1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # n_slots, block_size, scales and reciprocals
+_NO_CACHE_STRIDES = (0,) * 19  # v (4), k cache (3), v cache (3), q_fp8 (4), slots (2), scales (3)
+NO_CACHE = dict(CACHE=0, SLOT64=False, K_FMAX=0.0, KS_MODE=0, HAS_V=False, DV=1, BLOCK_DV=1, BLOCK_HV=1, VS_MODE=0,
+                Q_FMAX=0.0, QS_MODE=0)
+
+
 def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weight_offset, cos, sin, inv_freq,
                         positions, offsets, offset, cu_seqlens, axis_map, attention_factor, interleaved, conjugate,
                         exact) -> None:  # fmt: skip
@@ -412,15 +700,16 @@ def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weigh
     n_s_blocks = triton.cdiv(S, block_t)
     grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
     with device_guard(q):
-        _qk_norm_rope_kernel[grid](
-            q, kk, q_out, ko, wq, wk, tab[0], tab[1], inv_freq, pos, off, axis_map,
+        _prologue_kernel[grid](
+            q, kk, q_out, ko, wq, wk, tab[0], tab[1], inv_freq, pos, off, axis_map, *_NO_CACHE_PTRS(q),
             S, n_s_blocks, Hq, Hk, n_rows, offset, n_seqs, float(attention_factor), float(eps), float(weight_offset),
-            *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
-            spos_a, spb, sps, soff, saxis,
+            *_NO_CACHE_SCALARS, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *tab[2:],
+            spos_a, spb, sps, soff, saxis, *_NO_CACHE_STRIDES,
             D=D, HALF=half, BLOCK_HALF=block_half, TAIL=D - 2 * half, BLOCK_TAIL=block_tail, BLOCK_T=block_t,
             BLOCK_H=block_h, POS_MODE=mode, SEQ_OFFSETS=seq_off, CU_BLOCK=cu_block, N_AXES=n_axes, ANGLES=angles,
-            INTERLEAVED=interleaved, NORM_HEADS=norm == HEADS, HAS_QW=has_qw, HAS_KW=has_kw, INPLACE=inplace,
-            IDX64=idx64, ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, num_warps=num_warps,
+            INTERLEAVED=interleaved, NORM=True, NORM_HEADS=norm == HEADS, HAS_QW=has_qw, HAS_KW=has_kw,
+            INPLACE=inplace, IDX64=idx64, ACC=tl.float64 if q.dtype.itemsize == 8 else tl.float32, **NO_CACHE,
+            num_warps=num_warps,
         )  # fmt: skip
 
 
