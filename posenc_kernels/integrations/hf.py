@@ -21,11 +21,16 @@ try:
     from ..ops import qknorm as _qknorm
 except ImportError:  # the kernels-hub layer vendors this file without the QK-norm family: HF's norms then run
     _qknorm = None
+try:
+    from ..ops import cache as _cache_ops
+except ImportError:  # nor the cache family: HF's cache update then runs
+    _cache_ops = None
+from ..ops import registry as _registry
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch", "RotaryPatch", "RotaryAngles",
-           "SUPPORTED_ARCHITECTURES"]  # fmt: skip
+           "SUPPORTED_ARCHITECTURES", "set_cache_write", "get_cache_write"]  # fmt: skip
 
 
 def _is_float(t) -> bool:
@@ -368,6 +373,89 @@ def _rope_call(q, k, **kw):
     return apply_rope_(q, k, **kw)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# HF's static cache: RoPE (QK-norm + RoPE) and the cache write in one op call
+# ------------------------------------------------------------------------------------------------------------
+CACHE_WRITE_MODES = ("auto", "fused", "hf")
+_cache_write = {"mode": "auto"}
+
+
+def set_cache_write(mode: str) -> None:
+    """How a patched attention writes HF's ``StaticCache`` (process-wide): ``"fused"``: the rotation (and
+    QK-norm) and the cache write in one call of :func:`~posenc_kernels.rope_and_cache_` /
+    :func:`~posenc_kernels.qk_norm_rope_and_cache_`; ``"hf"``: the rotation op, then HF's
+    ``cache.update``; ``"auto"`` (default): fused where the op has a kernel for the tensors' device (Triton,
+    or a native C++ kernel), ``"hf"`` where it would run its pure-torch composite (about 30 small torch
+    calls: slower than the two it replaces). Other caches (dynamic, sliding-window, quantized, offloaded)
+    always take HF's update.
+
+    >>> from posenc_kernels.integrations import hf
+    >>> hf.set_cache_write("fused"); hf.get_cache_write()
+    'fused'
+    >>> hf.set_cache_write("auto")
+    """
+    if mode not in CACHE_WRITE_MODES:
+        raise ValueError(f"mode must be one of {CACHE_WRITE_MODES}, got {mode!r}")
+    _cache_write["mode"] = mode
+
+
+def get_cache_write() -> str:
+    """The mode :func:`set_cache_write` set (``"auto"`` by default)."""
+    return _cache_write["mode"]
+
+
+def _fuse_cache_write(device_type: str) -> bool:
+    mode = _cache_write["mode"]
+    if mode != "auto":
+        return mode == "fused"
+    return _registry.backend_for(_registry.spec("rope_and_cache_"), device_type) != "torch"
+
+
+def _static_cache_classes():
+    """``(Cache.update, StaticLayer)`` of the installed transformers."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    return Cache.update, StaticLayer
+
+
+def _static_layer(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, grad_tensors, classes):
+    """The layer of HF's static cache that the fused op can write for ``k``/``v`` ``[B, S, Hk, D]`` (its
+    tensors allocated first, as HF's update would on its first call), or None: HF's ``cache.update`` then
+    runs. Taken: a :class:`transformers.StaticLayer` (exactly: sliding-window, indexed and hybrid layers
+    subclass it) of a cache whose ``update`` is ``Cache.update`` (not a subclass that changes it), without
+    offloading, whose tensors match k's and v's dtype, device and shape; nothing that records a gradient
+    (the op writes buffers and refuses autograd)."""
+    if _cache_ops is None or not isinstance(layer_idx, int):
+        return None
+    cache_update, static_layer = classes
+    if getattr(type(cache), "update", None) is not cache_update or getattr(cache, "offloading", True):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not 0 <= layer_idx < len(layers) or type(layers[layer_idx]) is not static_layer:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in grad_tensors):
+        return None
+    if not _fuse_cache_write(k.device.type):
+        return None
+    layer = layers[layer_idx]
+    if not layer.is_initialized:  # HF's lazy allocation: it reads shapes, dtypes and the device only
+        layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
+    keys, values = layer.keys, layer.values
+    if keys.dtype != k.dtype or values.dtype != v.dtype or keys.device != k.device or values.device != v.device:
+        return None
+    if keys.dim() != 4 or values.dim() != 4 or keys.shape[0] != k.shape[0] or keys.shape[1] != k.shape[2]:
+        return None
+    if keys.shape[3] != k.shape[3] or values.shape[:3] != keys.shape[:3] or values.shape[3] != v.shape[3]:
+        return None
+    return layer
+
+
+def _cache_positions(layer, S: int, device) -> torch.Tensor:
+    """Where this step's ``S`` tokens go in the layer, as HF's ``StaticLayer.update`` computes it: the next
+    ``S`` rows after ``cumulative_length`` (a tensor, so compiled code does not recompile per step)."""
+    return torch.arange(S, device=device) + layer.cumulative_length
+
+
 def _attention_forward(original, arch: str, module):
     """The patched ``forward`` of an attention class: HF's forward with ``q_norm(q)``, ``k_norm(k)`` (QK-norm
     models) and ``apply_rotary_pos_emb`` replaced by one op call on the fresh projections ``[B, S, H, D]``
@@ -381,6 +469,7 @@ def _attention_forward(original, arch: str, module):
         norm = None
     eager_attention = module.eager_attention_forward
     attention_functions = module.ALL_ATTENTION_FUNCTIONS
+    static_classes = _static_cache_classes()
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         dt = hidden_states.dtype
@@ -399,15 +488,33 @@ def _attention_forward(original, arch: str, module):
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape)
         k = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if norm is not None:
-            q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
-                                      weight_offset=weight_offset, **rope_kw)  # fmt: skip
-        else:
-            q, k = _rope_call(q, k, **rope_kw)
-        query_states, key_states = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        layer = None
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            grad_tensors = (q, k, v, qn.weight, kn.weight) if norm is not None else (q, k, v)
+            layer = _static_layer(cache, self.layer_idx, k, v, grad_tensors, static_classes)
+        if layer is not None:
+            # HF's static cache: norm, rotation and the write of k and v at the layer's next rows in one call;
+            # attention then reads the whole cache tensors, as HF's StaticLayer.update returns them.
+            positions = _cache_positions(layer, k.shape[1], k.device)
+            if norm is not None:
+                _cache_ops.qk_norm_rope_and_cache_(
+                    q, k, v, layer.keys, layer.values, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                    weight_offset=weight_offset, cache_positions=positions, kv_layout="HND", **rope_kw)  # fmt: skip
+            else:
+                _cache_ops.rope_and_cache_(q, k, v, layer.keys, layer.values, cache_positions=positions,
+                                           kv_layout="HND", **rope_kw)  # fmt: skip
+            layer.cumulative_length.add_(k.shape[1])
+            query_states, key_states, value_states = q.transpose(1, 2), layer.keys, layer.values
+        else:
+            if norm is not None:
+                q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                                          weight_offset=weight_offset, **rope_kw)  # fmt: skip
+            else:
+                q, k = _rope_call(q, k, **rope_kw)
+            query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         attention_interface = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
         if sliding == "attr":
             extra = {"sliding_window": self.sliding_window}
