@@ -74,20 +74,29 @@ def op_counts(prof):
     return collections.Counter(e.name for e in prof.events() if e.name.startswith(("posenc::", "aten::index_copy")))
 
 
-def generate(model, ids, mode=None, patched=True, **kw):
+def generate(model, ids, mode=None, patched=True, new=NEW, **kw):
     """greedy generate (patched with cache-write ``mode``, or unpatched) and the profiler's op counts."""
+    kw = {**GEN, "max_new_tokens": new, "min_new_tokens": new, **kw}
     with torch.no_grad(), torch.profiler.profile() as prof:
         if patched:
             hf_int.set_cache_write(mode)
             with hf_int.patch(model):
-                out = model.generate(ids, **GEN, **kw)
+                out = model.generate(ids, **kw)
         else:
-            out = model.generate(ids, **GEN, **kw)
+            out = model.generate(ids, **kw)
     return out, op_counts(prof)
 
 
+def left_padded(B=2, S=5, pad=2):
+    """A batch whose second sequence is left-padded by ``pad`` tokens, and its attention mask."""
+    ids, mask = prompt(B, S), torch.ones(B, S, dtype=torch.int64)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask
+
+
 def truth_of(arch, sequences, max_len):
-    """The float64 unpatched model's logits and static cache for the generated sequence (one forward)."""
+    """The float64 unpatched model's logits and static cache for generated sequences without padding (one
+    forward; in float64 HF's padding mask turns a padded query row into NaN)."""
     model = build(arch, torch.float64)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     with torch.no_grad():
@@ -120,13 +129,16 @@ def test_fused_static_cache_generate(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fused_write_is_rotation_then_hf_update(arch):
     """On one backend the fused call is bit for bit the rotation op followed by HF's StaticLayer.update:
-    same tokens, logits and cache contents as the patched model with the cache write left to HF."""
-    model, ids = build(arch), prompt(B=1, S=4, seed=5)
+    same tokens, logits and cache contents as the patched model with the cache write left to HF. A
+    left-padded batch: per-sequence RoPE positions, cache rows shared by the batch."""
+    model, (ids, mask) = build(arch), left_padded()
+    want, _ = generate(model, ids, patched=False, attention_mask=mask)
     with pk.use_backend("torch"):
-        fused, ops = generate(model, ids, "fused")
-        split, split_ops = generate(model, ids, "hf")
+        fused, ops = generate(model, ids, "fused", attention_mask=mask)
+        split, split_ops = generate(model, ids, "hf", attention_mask=mask)
     assert ops["posenc::rope_and_cache_"] and not split_ops["posenc::rope_and_cache_"], (ops, split_ops)
     assert split_ops["aten::index_copy_"] == 2 * (NEW * COMMON["num_hidden_layers"]), split_ops
+    assert torch.equal(fused.sequences, want.sequences), (fused.sequences, want.sequences)
     assert torch.equal(fused.sequences, split.sequences)
     for a, b in zip(fused.logits, split.logits):
         assert torch.equal(a, b)
@@ -138,12 +150,12 @@ def test_fused_write_is_rotation_then_hf_update(arch):
 def test_fused_static_cache_other_architectures(arch):
     """Every attention the patch restates takes the same path; Gemma 3's sliding layer keeps HF's update
     (StaticSlidingWindowLayer), its full layer is fused."""
-    model, ids = build(arch), prompt(B=1)
-    want, _ = generate(model, ids, patched=False)
-    got, ops = generate(model, ids, "fused")
+    model, ids = build(arch), prompt(B=1, S=4)
+    want, _ = generate(model, ids, patched=False, new=3)
+    got, ops = generate(model, ids, "fused", new=3)
     assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences)
     fused_layers = 1 if arch == "gemma3" else COMMON["num_hidden_layers"]
-    assert ops["posenc::rope_and_cache_"] == NEW * fused_layers, ops
+    assert ops["posenc::rope_and_cache_"] == 3 * fused_layers, ops
     for ours, hf in zip(got.logits, want.logits):
         torch.testing.assert_close(ours, hf, rtol=1e-4, atol=1e-5)
 
@@ -163,9 +175,9 @@ def test_auto_mode_takes_the_fused_op_where_it_has_a_kernel():
     with pytest.raises(ValueError, match="^mode must be one of"):
         hf_int.set_cache_write("always")
     # whichever way auto goes, generation is HF's
-    model, ids = build("qwen3"), prompt(B=1)
-    want, _ = generate(model, ids, patched=False)
-    got, ops = generate(model, ids, "auto")
+    model, ids = build("qwen3"), prompt(B=1, S=4)
+    want, _ = generate(model, ids, patched=False, new=3)
+    got, ops = generate(model, ids, "auto", new=3)
     assert torch.equal(got.sequences, want.sequences)
     fused = hf_int._fuse_cache_write("cpu")
     assert (ops["posenc::rope_and_cache_"] > 0) == fused and (ops["posenc::qk_norm_rope_"] > 0) != fused, ops
@@ -177,8 +189,8 @@ def test_fallbacks_to_hf_update():
     hf_int.set_cache_write("fused")
     # sliding window: every layer is a StaticSlidingWindowLayer
     model, ids = build("mistral-sliding"), prompt(B=1, S=6)
-    want, _ = generate(model, ids, patched=False)
-    got, ops = generate(model, ids, "fused")
+    want, _ = generate(model, ids, patched=False, new=3)
+    got, ops = generate(model, ids, "fused", new=3)
     assert type(got.past_key_values.layers[0]).__name__ == "StaticSlidingWindowLayer"
     assert torch.equal(got.sequences, want.sequences) and not ops["posenc::rope_and_cache_"], ops
     # gradients: the op writes buffers and refuses autograd, so the differentiable rotation and HF's update run
