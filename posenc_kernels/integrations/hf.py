@@ -696,7 +696,9 @@ def patch(
     (``inv_freq``, ``attention_scaling``, positions) instead of per-token cos/sin, and the attention's
     ``apply_rotary_pos_emb`` computes HF's fp32 angles in the kernel, so every rope type HF implements
     (dynamic, longrope, yarn, ...) keeps working. Qwen3, Gemma 3 and OLMo 2 attention run q_norm/k_norm and
-    RoPE as one :func:`~posenc_kernels.qk_norm_rope_` call. Use as ``with patch(model): ...`` or ``h = patch();
+    RoPE as one :func:`~posenc_kernels.qk_norm_rope_` call. With HF's static cache the attention can also write
+    the cache in that call (:func:`~posenc_kernels.rope_and_cache_` / :func:`~posenc_kernels.qk_norm_rope_and_cache_`
+    into the ``StaticLayer``'s tensors; see :func:`set_cache_write`). Use as ``with patch(model): ...`` or ``h = patch();
     ...; h.unpatch()``; :func:`unpatch` undoes every patch.
     """
     if model is not None and architectures is not None:
