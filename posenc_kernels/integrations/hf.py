@@ -452,7 +452,11 @@ def _static_layer(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, grad_
 
 def _cache_positions(layer, S: int, device) -> torch.Tensor:
     """Where this step's ``S`` tokens go in the layer, as HF's ``StaticLayer.update`` computes it: the next
-    ``S`` rows after ``cumulative_length`` (a tensor, so compiled code does not recompile per step)."""
+    ``S`` rows after ``cumulative_length`` (a tensor, so compiled code does not recompile per step). A decode
+    step's one row is ``cumulative_length`` itself, viewed ``[1]``: no allocation, and the op reads it before
+    the caller's ``add_`` (stream order on a device)."""
+    if S == 1:
+        return layer.cumulative_length.view(1)
     return torch.arange(S, device=device) + layer.cumulative_length
 
 

@@ -193,6 +193,12 @@ def test_fallbacks_to_hf_update():
     got, ops = generate(model, ids, "fused", new=3)
     assert type(got.past_key_values.layers[0]).__name__ == "StaticSlidingWindowLayer"
     assert torch.equal(got.sequences, want.sequences) and not ops["posenc::rope_and_cache_"], ops
+    # autocast: the patched attention leaves the whole step to HF
+    model, ids = build("llama"), prompt(B=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = generate(model, ids, patched=False, new=3)
+        got, ops = generate(model, ids, "fused", new=3)
+    assert torch.equal(got.sequences, want.sequences) and not ops["posenc::rope_and_cache_"], ops
     # gradients: the op writes buffers and refuses autograd, so the differentiable rotation and HF's update run
     model = build("qwen3")
     cache = StaticCache(config=model.config, max_cache_len=8)
