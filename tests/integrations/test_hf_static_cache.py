@@ -184,8 +184,9 @@ def test_auto_mode_takes_the_fused_op_where_it_has_a_kernel():
 
 
 def test_fallbacks_to_hf_update():
-    """HF's update runs (no fused call, HF's results) for a sliding-window cache, for a forward that records
-    gradients, and for a cache whose tensors have another dtype than the activations."""
+    """HF's update runs (no fused call, HF's results) for a sliding-window cache, under autocast, for a
+    forward that records gradients, for a cache whose tensors have another dtype than the activations and for
+    an offloading cache."""
     hf_int.set_cache_write("fused")
     # sliding window: every layer is a StaticSlidingWindowLayer
     model, ids = build("mistral-sliding"), prompt(B=1, S=6)
