@@ -19,12 +19,16 @@ from ..ops.rope import apply_rope, apply_rope_
 
 try:
     from ..ops import qknorm as _qknorm
+    from ..ops.qknorm.api import _NORMS
+    from ..ops.qknorm.op import qk_norm_rope as _qk_pair
 except ImportError:  # the kernels-hub layer vendors this file without the QK-norm family: HF's norms then run
-    _qknorm = None
+    _qknorm = _qk_pair = _NORMS = None
 try:
     from ..ops import cache as _cache_ops
+    from ..ops.cache.op import LAYOUTS as _LAYOUTS, rope_and_cache as _cache_pair
+    from ..ops.cache.torch_impl import NONE as _NO_NORM_CODE
 except ImportError:  # nor the cache family: HF's cache update then runs
-    _cache_ops = None
+    _cache_ops = _cache_pair = _LAYOUTS = _NO_NORM_CODE = None
 from ..ops import registry as _registry
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
@@ -373,6 +377,31 @@ def _rope_call(q, k, **kw):
     return apply_rope_(q, k, **kw)
 
 
+def _angle_args(kw: dict) -> tuple:
+    """The RoPE family's op arguments (``RopeArgs`` order, as ``rope.api._args`` makes them) from
+    :func:`_rope_kwargs`' keywords."""
+    return (kw.get("cos"), kw.get("sin"), kw.get("inv_freq"), kw.get("positions"), None, 0, None, None,
+            float(kw.get("attention_factor", 1.0)), False, False, False)  # fmt: skip
+
+
+def _inplace_fast(pair, args: tuple) -> bool:
+    """``pair``'s in-place op on the op's own arguments, below the public function: what
+    ``OpPair.call_inplace`` does when nothing records (the op's checks, errors and profiler name are the
+    same), without the public function's keyword coercion, which a patched attention pays per layer and
+    token (measured inside a Qwen3 decode step: about 19 of the 53 us the public call costs there). False,
+    having done nothing, where that path does not apply (compiling, forward AD, a tensor that requires
+    grad): the caller then takes the public function."""
+    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return False
+    try:
+        pair.inplace(*pair._inplace_args(args))
+    except (RuntimeError, ValueError, TypeError) as e:
+        reraise_with_check(e, pair.check, *args, inplace=True)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------------
 # HF's static cache: RoPE (QK-norm + RoPE) and the cache write in one op call
 # ------------------------------------------------------------------------------------------------------------
@@ -474,6 +503,8 @@ def _attention_forward(original, arch: str, module):
     eager_attention = module.eager_attention_forward
     attention_functions = module.ALL_ATTENTION_FUNCTIONS
     static_classes = _static_cache_classes()
+    norm_code = _NORMS[norm] if norm is not None and _NORMS is not None else None
+    no_norm = (None, None, 0.0, _NO_NORM_CODE, 0.0)  # the cache op's norm arguments without a norm stage
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         dt = hidden_states.dtype
@@ -497,24 +528,24 @@ def _attention_forward(original, arch: str, module):
         if cache is not None:
             grad_tensors = (q, k, v, qn.weight, kn.weight) if norm is not None else (q, k, v)
             layer = _static_layer(cache, self.layer_idx, k, v, grad_tensors, static_classes)
+        if norm is not None:
+            norm_args = (qn.weight, kn.weight, float(getattr(qn, eps_attr)), norm_code, weight_offset)
         if layer is not None:
             # HF's static cache: norm, rotation and the write of k and v at the layer's next rows in one call;
             # attention then reads the whole cache tensors, as HF's StaticLayer.update returns them.
             positions = _cache_positions(layer, k.shape[1], k.device)
-            if norm is not None:
-                _cache_ops.qk_norm_rope_and_cache_(
-                    q, k, v, layer.keys, layer.values, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
-                    weight_offset=weight_offset, cache_positions=positions, kv_layout="HND", **rope_kw)  # fmt: skip
-            else:
-                _cache_ops.rope_and_cache_(q, k, v, layer.keys, layer.values, cache_positions=positions,
-                                           kv_layout="HND", **rope_kw)  # fmt: skip
+            args = (q, k, v, layer.keys, layer.values, None, None, positions, _LAYOUTS["HND"], None, None, None, None,
+                    None, None) + (norm_args if norm is not None else no_norm) + _angle_args(rope_kw)  # fmt: skip
+            if not _inplace_fast(_cache_pair, args):
+                _cache_pair.call_inplace(*args)  # compiled code: the traced in-place op
             layer.cumulative_length.add_(k.shape[1])
             query_states, key_states, value_states = q.transpose(1, 2), layer.keys, layer.values
         else:
             if norm is not None:
-                q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
-                                          weight_offset=weight_offset, **rope_kw)  # fmt: skip
-            else:
+                if not _inplace_fast(_qk_pair, (q, k) + norm_args + _angle_args(rope_kw)):
+                    q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                                              weight_offset=weight_offset, **rope_kw)  # fmt: skip
+            elif not _inplace_fast(_rope_pair, (q, k) + _angle_args(rope_kw)):
                 q, k = _rope_call(q, k, **rope_kw)
             query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
