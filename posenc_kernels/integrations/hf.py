@@ -437,7 +437,10 @@ def _fuse_cache_write(device_type: str) -> bool:
     mode = _cache_write["mode"]
     if mode != "auto":
         return mode == "fused"
-    return _registry.backend_for(_registry.spec("rope_and_cache_"), device_type) != "torch"
+    try:
+        return _registry.backend_for(_registry.spec("rope_and_cache_"), device_type) != "torch"
+    except RuntimeError:  # a forced backend the fused op lacks here: the rotation op (which may have it) and HF's update
+        return False
 
 
 def _static_cache_classes():

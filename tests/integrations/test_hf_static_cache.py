@@ -168,6 +168,10 @@ def test_auto_mode_takes_the_fused_op_where_it_has_a_kernel():
     assert hf_int._fuse_cache_write("cpu") == (pk.ops.registry.backend_for(spec, "cpu") != "torch")
     with pk.use_backend("torch"):
         assert not hf_int._fuse_cache_write("cpu")
+    with pk.use_backend("triton"):  # forced where the fused op may have no Triton kernel: never an error here
+        triton_here = "triton" in spec.impls and pk.interpreter_enabled()
+        assert hf_int._fuse_cache_write("cpu") == triton_here
+    with pk.use_backend("torch"):
         hf_int.set_cache_write("fused")
         assert hf_int._fuse_cache_write("cpu")
     hf_int.set_cache_write("hf")
@@ -181,6 +185,10 @@ def test_auto_mode_takes_the_fused_op_where_it_has_a_kernel():
     assert torch.equal(got.sequences, want.sequences)
     fused = hf_int._fuse_cache_write("cpu")
     assert (ops["posenc::rope_and_cache_"] > 0) == fused and (ops["posenc::qk_norm_rope_"] > 0) != fused, ops
+    if pk.interpreter_enabled():  # Triton forced: the rotation op has a Triton kernel, the write follows it
+        with pk.use_backend("triton"):
+            got, _ = generate(model, ids, "auto", new=3)
+        assert torch.equal(got.sequences, want.sequences)
 
 
 def test_fallbacks_to_hf_update():
