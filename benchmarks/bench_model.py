@@ -17,6 +17,12 @@ out-of-place ``pk.apply_rope`` it wraps (``[1, 1, H, 64]`` views, the ``[1, 32]`
 function, interleaved the same way (31 rounds of 200 calls, thread CPU time; the drop-in / bare ratio is also
 given as the median of per-round ratios).
 
+HF's static cache (``cache_implementation="static"``, a 48-row cache allocated at the prompt): the same
+generate with both providers, plus ``posenc_fused``: the patched model with the cache write forced through the
+fused op (``hf.set_cache_write("fused")``: RoPE / QK-norm + RoPE and the k/v write in one
+``posenc::rope_and_cache_`` call per layer). ``posenc`` is what a user gets (``"auto"``: the fused op where it
+has a kernel for the device, else the rotation op and HF's update); the three are interleaved the same way.
+
 Rows carry ``extra_info`` ``family="model"`` (report grouping), ``op``, ``shape``, ``provider``, ``median_us``
 and ``ratio_vs_hf_eager`` (hf_eager time / this time: above 1 is faster).
 """
@@ -56,44 +62,77 @@ def build(name: str):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _generate(model, ids):
+CACHES = ("dynamic", "static")
+
+
+def _generate(model, ids, cache: str = "dynamic"):
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                              use_cache=True, pad_token_id=0)  # fmt: skip
+                              use_cache=True, pad_token_id=0, **kw)  # fmt: skip
 
 
-def measure_generate(name: str, rounds: int = 9) -> dict:
-    """Median seconds per generate, patched and not, interleaved; and whether the tokens are identical."""
-    from posenc_kernels.integrations import hf
+def providers_of(cache: str) -> tuple:
+    return ("hf_eager", "posenc", "posenc_fused") if cache == "static" else ("hf_eager", "posenc")
 
+
+class _Provider:
+    """The model as ``provider`` runs it, inside the block: unpatched, patched, or patched with the static
+    cache written by the fused op."""
+
+    def __init__(self, model, provider: str):
+        self.model, self.provider, self.handle = model, provider, None
+
+    def __enter__(self):
+        from posenc_kernels.integrations import hf
+
+        if self.provider != "hf_eager":
+            hf.set_cache_write("fused" if self.provider == "posenc_fused" else "auto")
+            self.handle = hf.patch(self.model)
+        return self
+
+    def __exit__(self, *exc):
+        from posenc_kernels.integrations import hf
+
+        if self.handle is not None:
+            self.handle.unpatch()
+            hf.set_cache_write("auto")
+
+
+def measure_generate(name: str, rounds: int = 9, cache: str = "dynamic") -> dict:
+    """Median seconds per generate for each provider of ``cache``, interleaved (the order rotates per round);
+    each ratio against hf_eager as the median of per-round ratios too; and whether the tokens are identical."""
     model = build(name)
     ids = torch.randint(3, COMMON["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    providers = providers_of(cache)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    wall = {"hf_eager": [], "posenc": []}
-    cpu = {"hf_eager": [], "posenc": []}
+    wall = {p: [] for p in providers}
+    cpu = {p: [] for p in providers}
+    tokens = {}
     try:
-        want = _generate(model, ids)  # warm-up, both paths
-        with hf.patch(model):
-            got = _generate(model, ids)
+        for provider in providers:  # warm-up, every path
+            with _Provider(model, provider):
+                tokens[provider] = _generate(model, ids, cache)
         for i in range(rounds):
-            for provider in (("hf_eager", "posenc") if i % 2 == 0 else ("posenc", "hf_eager")):
-                handle = hf.patch(model) if provider == "posenc" else None
-                c0, t0 = time.thread_time(), time.perf_counter()
-                _generate(model, ids)
-                wall[provider].append(time.perf_counter() - t0)
-                cpu[provider].append(time.thread_time() - c0)
-                if handle is not None:
-                    handle.unpatch()
+            order = providers[i % len(providers):] + providers[: i % len(providers)]
+            for provider in order if i % 2 == 0 else order[::-1]:
+                with _Provider(model, provider):
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    _generate(model, ids, cache)
+                    wall[provider].append(time.perf_counter() - t0)
+                    cpu[provider].append(time.thread_time() - c0)
     finally:
         torch.set_num_threads(threads)
-    out = {"identical": bool(torch.equal(got, want)), "rounds": rounds}
+    want = tokens["hf_eager"]
+    out = {"identical": all(bool(torch.equal(t, want)) for t in tokens.values()), "rounds": rounds,
+           "providers": providers}  # fmt: skip
     for kind, t in (("wall", wall), ("cpu", cpu)):
         out[f"{kind}_s"] = {p: statistics.median(v) for p, v in t.items()}
-        # each round's two runs are adjacent in time: the median of the per-round ratios resists load drift
-        out[f"{kind}_ratio"] = statistics.median(h / p for h, p in zip(t["hf_eager"], t["posenc"]))
-        out[f"{kind}_ratio_range"] = (min(h / p for h, p in zip(t["hf_eager"], t["posenc"])),
-                                      max(h / p for h, p in zip(t["hf_eager"], t["posenc"])))  # fmt: skip
+        # each round's runs are adjacent in time: the median of the per-round ratios resists load drift
+        per_round = {p: [h / x for h, x in zip(t["hf_eager"], t[p])] for p in providers}
+        out[f"{kind}_ratio"] = {p: statistics.median(r) for p, r in per_round.items()}
+        out[f"{kind}_ratio_range"] = {p: (min(r), max(r)) for p, r in per_round.items()}
     return out
 
 
@@ -143,7 +182,7 @@ def measure_dropin_decode(rounds: int = 31, iters: int = 200) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- pytest rows
-_GENERATE: dict = {}  # model -> measure_generate's result, measured once for both providers
+_GENERATE: dict = {}  # (model, cache) -> measure_generate's result, measured once for all its providers
 _DECODE: dict = {}
 
 
@@ -153,33 +192,42 @@ def _bench_once(benchmark, fn):
     benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
 
 
-def test_generate(benchmark, model_name, provider):
+def _generate_row(benchmark, model_name, provider, cache):
     from _harness import record
 
-    if model_name not in _GENERATE:
-        _GENERATE[model_name] = measure_generate(model_name)
-    r = _GENERATE[model_name]
+    key = (model_name, cache)
+    if key not in _GENERATE:
+        _GENERATE[key] = measure_generate(model_name, cache=cache)
+    r = _GENERATE[key]
     model = build(model_name)
     ids = torch.randint(3, COMMON["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    if provider == "posenc":
-        from posenc_kernels.integrations import hf
 
-        def fn():
-            with hf.patch(model):
-                _generate(model, ids)
-    else:
-        def fn():
-            _generate(model, ids)
+    def fn():
+        with _Provider(model, provider):
+            _generate(model, ids, cache)
+
     _bench_once(benchmark, fn)
     ratio = r["wall_s"]["hf_eager"] / r["wall_s"][provider]
+    # the summary prints 23 characters of an op: "generate static (qwen3)" keeps the cache and the model visible
+    op = f"generate {NEW_TOKENS} tok ({model_name})" if cache == "dynamic" else f"generate {cache} ({model_name})"
+    shape = SHAPE if cache == "dynamic" else SHAPE.replace("prompt", f"{cache} cache, prompt")
     record(
-        benchmark, op=f"generate {NEW_TOKENS} tok ({model_name})", shape=SHAPE, provider=provider, nbytes=0,
+        benchmark, op=op, shape=shape, provider=provider, nbytes=0,
         median_us=r["wall_s"][provider] * 1e6, copy_us=0.0, family="model",
-        timing=f"wall clock, median of {r['rounds']} rounds interleaved with the other provider",
+        timing=f"wall clock, median of {r['rounds']} rounds interleaved with the other providers",
         cpu_median_us=round(r["cpu_s"][provider] * 1e6, 1), ratio_vs_hf_eager=round(ratio, 4),
-        paired_wall_ratio=round(r["wall_ratio"], 4), paired_cpu_ratio=round(r["cpu_ratio"], 4),
-        tokens_identical=r["identical"],
+        paired_wall_ratio=round(r["wall_ratio"][provider], 4), paired_cpu_ratio=round(r["cpu_ratio"][provider], 4),
+        paired_wall_ratio_range=[round(x, 4) for x in r["wall_ratio_range"][provider]],
+        tokens_identical=r["identical"], cache=cache,
     )  # fmt: skip
+
+
+def test_generate(benchmark, model_name, provider):
+    _generate_row(benchmark, model_name, provider, "dynamic")
+
+
+def test_generate_static_cache(benchmark, model_name, static_provider):
+    _generate_row(benchmark, model_name, static_provider, "static")
 
 
 def test_dropin_decode(benchmark, dropin_provider):
@@ -202,7 +250,9 @@ def pytest_generate_tests(metafunc):  # picked up by pytest for this module's te
     if "model_name" in metafunc.fixturenames:
         metafunc.parametrize("model_name", MODELS)
     if "provider" in metafunc.fixturenames:
-        metafunc.parametrize("provider", ["hf_eager", "posenc"])
+        metafunc.parametrize("provider", providers_of("dynamic"))
+    if "static_provider" in metafunc.fixturenames:
+        metafunc.parametrize("static_provider", providers_of("static"))
     if "dropin_provider" in metafunc.fixturenames:
         metafunc.parametrize("dropin_provider", ["hf_dropin", "apply_rope_bare", "hf_eager"])
 
@@ -211,13 +261,18 @@ def main() -> int:
     from _harness import device_name
 
     print(f"{device_name()}, torch {torch.__version__}; {SHAPE}")
-    for name in MODELS:
-        r = measure_generate(name)
-        for kind in ("cpu", "wall"):
-            m, lo_hi = r[f"{kind}_s"], r[f"{kind}_ratio_range"]
-            print(f"{name} ({kind} time): hf_eager {m['hf_eager'] * 1e3:.1f} ms, posenc {m['posenc'] * 1e3:.1f} ms; "
-                  f"patched {r[f'{kind}_ratio']:.3f}x as fast (median of {r['rounds']} paired rounds, range "
-                  f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}); tokens identical: {r['identical']}")  # fmt: skip
+    for cache in CACHES:
+        for name in MODELS:
+            r = measure_generate(name, cache=cache)
+            for kind in ("cpu", "wall"):
+                m = r[f"{kind}_s"]
+                times = ", ".join(f"{p} {m[p] * 1e3:.1f} ms" for p in r["providers"])
+                ratios = "; ".join(
+                    f"{p} {r[f'{kind}_ratio'][p]:.3f}x (range {r[f'{kind}_ratio_range'][p][0]:.3f}-"
+                    f"{r[f'{kind}_ratio_range'][p][1]:.3f})" for p in r["providers"][1:]
+                )  # fmt: skip
+                print(f"{name}, {cache} cache ({kind} time): {times}; as fast as hf_eager (median of {r['rounds']} "
+                      f"paired rounds): {ratios}; tokens identical: {r['identical']}")  # fmt: skip
     d = measure_dropin_decode()
     print(f"decode call: drop-in {d['hf_dropin']:.1f} us, bare apply_rope {d['apply_rope_bare']:.1f} us "
           f"({d['hf_dropin'] / d['apply_rope_bare']:.2f}x the bare op; median of paired rounds {d['paired_ratio']:.2f}x), "

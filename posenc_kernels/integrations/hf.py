@@ -19,13 +19,22 @@ from ..ops.rope import apply_rope, apply_rope_
 
 try:
     from ..ops import qknorm as _qknorm
+    from ..ops.qknorm.api import _NORMS
+    from ..ops.qknorm.op import qk_norm_rope as _qk_pair
 except ImportError:  # the kernels-hub layer vendors this file without the QK-norm family: HF's norms then run
-    _qknorm = None
+    _qknorm = _qk_pair = _NORMS = None
+try:
+    from ..ops import cache as _cache_ops
+    from ..ops.cache.op import LAYOUTS as _LAYOUTS, rope_and_cache as _cache_pair
+    from ..ops.cache.torch_impl import NONE as _NO_NORM_CODE
+except ImportError:  # nor the cache family: HF's cache update then runs
+    _cache_ops = _cache_pair = _LAYOUTS = _NO_NORM_CODE = None
+from ..ops import registry as _registry
 from ..ops.rope.op import rope as _rope_pair
 from ..ops.rope.reference import hf_apply_rotary_pos_emb, hf_gptj_apply_rotary_pos_emb
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_gptj", "patch", "unpatch", "RotaryPatch", "RotaryAngles",
-           "SUPPORTED_ARCHITECTURES"]  # fmt: skip
+           "SUPPORTED_ARCHITECTURES", "set_cache_write", "get_cache_write"]  # fmt: skip
 
 
 def _is_float(t) -> bool:
@@ -368,6 +377,121 @@ def _rope_call(q, k, **kw):
     return apply_rope_(q, k, **kw)
 
 
+def _angle_args(kw: dict) -> tuple:
+    """The RoPE family's op arguments (``RopeArgs`` order, as ``rope.api._args`` makes them) from
+    :func:`_rope_kwargs`' keywords."""
+    return (kw.get("cos"), kw.get("sin"), kw.get("inv_freq"), kw.get("positions"), None, 0, None, None,
+            float(kw.get("attention_factor", 1.0)), False, False, False)  # fmt: skip
+
+
+def _inplace_fast(pair, args: tuple) -> bool:
+    """``pair``'s in-place op on the op's own arguments, below the public function: what
+    ``OpPair.call_inplace`` does when nothing records (the op's checks, errors and profiler name are the
+    same), without the public function's keyword coercion, which a patched attention pays per layer and
+    token (measured inside a Qwen3 decode step: about 19 of the 53 us the public call costs there). False,
+    having done nothing, where that path does not apply (compiling, forward AD, a tensor that requires
+    grad): the caller then takes the public function."""
+    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return False
+    try:
+        pair.inplace(*pair._inplace_args(args))
+    except (RuntimeError, ValueError, TypeError) as e:
+        reraise_with_check(e, pair.check, *args, inplace=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# HF's static cache: RoPE (QK-norm + RoPE) and the cache write in one op call
+# ------------------------------------------------------------------------------------------------------------
+CACHE_WRITE_MODES = ("auto", "fused", "hf")
+_cache_write = {"mode": "auto"}
+
+
+def set_cache_write(mode: str) -> None:
+    """How a patched attention writes HF's ``StaticCache`` (process-wide): ``"fused"``: the rotation (and
+    QK-norm) and the cache write in one call of :func:`~posenc_kernels.rope_and_cache_` /
+    :func:`~posenc_kernels.qk_norm_rope_and_cache_`; ``"hf"``: the rotation op, then HF's
+    ``cache.update``; ``"auto"`` (default): fused where the op has a kernel for the tensors' device (Triton,
+    or a native C++ kernel), ``"hf"`` where it would run its pure-torch composite (about 30 small torch
+    calls: slower than the two it replaces). Other caches (dynamic, sliding-window, quantized, offloaded)
+    always take HF's update.
+
+    >>> from posenc_kernels.integrations import hf
+    >>> hf.set_cache_write("fused"); hf.get_cache_write()
+    'fused'
+    >>> hf.set_cache_write("auto")
+    """
+    if mode not in CACHE_WRITE_MODES:
+        raise ValueError(f"mode must be one of {CACHE_WRITE_MODES}, got {mode!r}")
+    _cache_write["mode"] = mode
+
+
+def get_cache_write() -> str:
+    """The mode :func:`set_cache_write` set (``"auto"`` by default)."""
+    return _cache_write["mode"]
+
+
+def _fuse_cache_write(device_type: str) -> bool:
+    mode = _cache_write["mode"]
+    if mode != "auto":
+        return mode == "fused"
+    try:
+        return _registry.backend_for(_registry.spec("rope_and_cache_"), device_type) != "torch"
+    except RuntimeError:  # a forced backend the fused op lacks here: the rotation op (which may have it) and HF's update
+        return False
+
+
+def _static_cache_classes():
+    """``(Cache.update, StaticLayer)`` of the installed transformers."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    return Cache.update, StaticLayer
+
+
+def _static_layer(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, grad_tensors, classes):
+    """The layer of HF's static cache that the fused op can write for ``k``/``v`` ``[B, S, Hk, D]`` (its
+    tensors allocated first, as HF's update would on its first call), or None: HF's ``cache.update`` then
+    runs. Taken: a :class:`transformers.StaticLayer` (exactly: sliding-window, indexed and hybrid layers
+    subclass it) of a cache whose ``update`` is ``Cache.update`` (not a subclass that changes it), without
+    offloading, whose tensors match k's and v's dtype, device and shape; nothing that records a gradient
+    (the op writes buffers and refuses autograd)."""
+    if _cache_ops is None or not isinstance(layer_idx, int):
+        return None
+    cache_update, static_layer = classes
+    if getattr(type(cache), "update", None) is not cache_update or getattr(cache, "offloading", True):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not 0 <= layer_idx < len(layers) or type(layers[layer_idx]) is not static_layer:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in grad_tensors):
+        return None
+    if not _fuse_cache_write(k.device.type):
+        return None
+    layer = layers[layer_idx]
+    if not layer.is_initialized:  # HF's lazy allocation: it reads shapes, dtypes and the device only
+        layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
+    keys, values = layer.keys, layer.values
+    if keys.dtype != k.dtype or values.dtype != v.dtype or keys.device != k.device or values.device != v.device:
+        return None
+    if keys.dim() != 4 or values.dim() != 4 or keys.shape[0] != k.shape[0] or keys.shape[1] != k.shape[2]:
+        return None
+    if keys.shape[3] != k.shape[3] or values.shape[:3] != keys.shape[:3] or values.shape[3] != v.shape[3]:
+        return None
+    return layer
+
+
+def _cache_positions(layer, S: int, device) -> torch.Tensor:
+    """Where this step's ``S`` tokens go in the layer, as HF's ``StaticLayer.update`` computes it: the next
+    ``S`` rows after ``cumulative_length`` (a tensor, so compiled code does not recompile per step). A decode
+    step's one row is ``cumulative_length`` itself, viewed ``[1]``: no allocation, and the op reads it before
+    the caller's ``add_`` (stream order on a device)."""
+    if S == 1:
+        return layer.cumulative_length.view(1)
+    return torch.arange(S, device=device) + layer.cumulative_length
+
+
 def _attention_forward(original, arch: str, module):
     """The patched ``forward`` of an attention class: HF's forward with ``q_norm(q)``, ``k_norm(k)`` (QK-norm
     models) and ``apply_rotary_pos_emb`` replaced by one op call on the fresh projections ``[B, S, H, D]``
@@ -381,6 +505,9 @@ def _attention_forward(original, arch: str, module):
         norm = None
     eager_attention = module.eager_attention_forward
     attention_functions = module.ALL_ATTENTION_FUNCTIONS
+    static_classes = _static_cache_classes()
+    norm_code = _NORMS[norm] if norm is not None and _NORMS is not None else None
+    no_norm = (None, None, 0.0, _NO_NORM_CODE, 0.0)  # the cache op's norm arguments without a norm stage
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         dt = hidden_states.dtype
@@ -399,15 +526,33 @@ def _attention_forward(original, arch: str, module):
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape)
         k = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if norm is not None:
-            q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
-                                      weight_offset=weight_offset, **rope_kw)  # fmt: skip
-        else:
-            q, k = _rope_call(q, k, **rope_kw)
-        query_states, key_states = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        layer = None
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            grad_tensors = (q, k, v, qn.weight, kn.weight) if norm is not None else (q, k, v)
+            layer = _static_layer(cache, self.layer_idx, k, v, grad_tensors, static_classes)
+        if norm is not None:
+            norm_args = (qn.weight, kn.weight, float(getattr(qn, eps_attr)), norm_code, weight_offset)
+        if layer is not None:
+            # HF's static cache: norm, rotation and the write of k and v at the layer's next rows in one call;
+            # attention then reads the whole cache tensors, as HF's StaticLayer.update returns them.
+            positions = _cache_positions(layer, k.shape[1], k.device)
+            args = (q, k, v, layer.keys, layer.values, None, None, positions, _LAYOUTS["HND"], None, None, None, None,
+                    None, None) + (norm_args if norm is not None else no_norm) + _angle_args(rope_kw)  # fmt: skip
+            if not _inplace_fast(_cache_pair, args):
+                _cache_pair.call_inplace(*args)  # compiled code: the traced in-place op
+            layer.cumulative_length.add_(k.shape[1])
+            query_states, key_states, value_states = q.transpose(1, 2), layer.keys, layer.values
+        else:
+            if norm is not None:
+                if not _inplace_fast(_qk_pair, (q, k) + norm_args + _angle_args(rope_kw)):
+                    q, k = _qk_norm_rope_call(q, k, qn.weight, kn.weight, eps=getattr(qn, eps_attr), norm=norm,
+                                              weight_offset=weight_offset, **rope_kw)  # fmt: skip
+            elif not _inplace_fast(_rope_pair, (q, k) + _angle_args(rope_kw)):
+                q, k = _rope_call(q, k, **rope_kw)
+            query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         attention_interface = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
         if sliding == "attr":
             extra = {"sliding_window": self.sliding_window}
@@ -589,7 +734,9 @@ def patch(
     (``inv_freq``, ``attention_scaling``, positions) instead of per-token cos/sin, and the attention's
     ``apply_rotary_pos_emb`` computes HF's fp32 angles in the kernel, so every rope type HF implements
     (dynamic, longrope, yarn, ...) keeps working. Qwen3, Gemma 3 and OLMo 2 attention run q_norm/k_norm and
-    RoPE as one :func:`~posenc_kernels.qk_norm_rope_` call. Use as ``with patch(model): ...`` or ``h = patch();
+    RoPE as one :func:`~posenc_kernels.qk_norm_rope_` call. With HF's static cache the attention can also write
+    the cache in that call (:func:`~posenc_kernels.rope_and_cache_` / :func:`~posenc_kernels.qk_norm_rope_and_cache_`
+    into the ``StaticLayer``'s tensors; see :func:`set_cache_write`). Use as ``with patch(model): ...`` or ``h = patch();
     ...; h.unpatch()``; :func:`unpatch` undoes every patch.
     """
     if model is not None and architectures is not None:
