@@ -385,21 +385,12 @@ def _angle_args(kw: dict) -> tuple:
 
 
 def _inplace_fast(pair, args: tuple) -> bool:
-    """``pair``'s in-place op on the op's own arguments, below the public function: what
-    ``OpPair.call_inplace`` does when nothing records (the op's checks, errors and profiler name are the
-    same), without the public function's keyword coercion, which a patched attention pays per layer and
-    token (measured inside a Qwen3 decode step: about 19 of the 53 us the public call costs there). False,
-    having done nothing, where that path does not apply (compiling, forward AD, a tensor that requires
-    grad): the caller then takes the public function."""
-    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
-        return False
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return False
-    try:
-        pair.inplace(*pair._inplace_args(args))
-    except (RuntimeError, ValueError, TypeError) as e:
-        reraise_with_check(e, pair.check, *args, inplace=True)
-    return True
+    """``pair``'s in-place op on the op's own arguments (:meth:`OpPair.inplace_fast`), below the public
+    function: without its keyword coercion, which a patched attention pays per layer and token (measured
+    inside a Qwen3 decode step: about 19 of the 53 us the public call costs there). False, having done
+    nothing, where that path does not apply (compiling, forward AD, a tensor that requires grad): the caller
+    then takes the public function."""
+    return pair.inplace_fast(args)
 
 
 # ------------------------------------------------------------------------------------------------------------

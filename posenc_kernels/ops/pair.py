@@ -172,12 +172,30 @@ class OpPair:
         except (RuntimeError, ValueError, TypeError) as e:
             reraise_with_check(e, self.check, *args, inplace=False)
 
+    def inplace_fast(self, args: tuple) -> bool:
+        """The in-place op's decode fast path, on the op's own argument tuple: the op itself when nothing
+        records a gradient, no tangent flows and nothing is being compiled (its checks, errors and profiler
+        name are the op's); False, having done nothing, where it does not apply (:meth:`call_inplace` then
+        takes the autograd or traced path). One C call tells whether anything requires grad: this call's
+        host cost is per token."""
+        if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
+            return False
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return False
+        try:
+            self.inplace(*(self._inplace_args(args) if self._drop else args))
+        except (RuntimeError, ValueError, TypeError) as e:
+            reraise_with_check(e, self.check, *args, inplace=True)
+        return True
+
     def call_inplace(self, *args) -> None:
         """The in-place op: the plain call; its autograd.Function when gradients are recorded (every check,
         autograd's own in-place errors included, raised before anything is written); under torch.compile
         the out-of-place op with its result copied back (PyTorch 2.13 drops the backward of a traced
         Function that marks an input dirty, and regenerates two views of one base at offset 0 under
         dynamic shapes)."""
+        if self.inplace_fast(args):  # the decode fast path: nothing records, nothing is traced
+            return
         if self.compile_inplace and torch.compiler.is_compiling():
             # an op that writes buffers (a KV cache) and records no gradient: the mutating op itself, which
             # the compiler functionalises and re-inplaces (a copy-back would copy the whole buffer per call)
@@ -200,14 +218,6 @@ class OpPair:
             for i, t in zip(self.mutated, (new,) if len(self.mutated) == 1 else new):
                 if args[i] is not None:
                     args[i].copy_(t)
-            return
-        # the decode fast path: no autograd (inlined: this call's host cost is per token; no tangent flows
-        # here, the branch above took those; one C call tells whether anything requires grad)
-        if not torch.is_grad_enabled() or not torch._C._any_requires_grad(*args):
-            try:
-                self.inplace(*(self._inplace_args(args) if self._drop else args))
-            except (RuntimeError, ValueError, TypeError) as e:
-                reraise_with_check(e, self.check, *args, inplace=True)
             return
         self._autograd(args)  # a gradient asked of an argument the op does not differentiate: refused here
         self.check(*args, values=True, inplace=True)
