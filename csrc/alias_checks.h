@@ -6,6 +6,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -33,7 +34,7 @@ inline void check_no_internal_overlap(const Tensor& t, const char* name) {
 // Sorted by stride, each dimension's stride covers the whole extent of the smaller ones: distinct elements
 // (every view slicing, transposing or splitting produces). Mirrors posenc_kernels/ops/checks.py.
 inline bool nested_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
-  std::vector<std::pair<int64_t, int64_t>> dims;
+  c10::SmallVector<std::pair<int64_t, int64_t>, 8> dims;  // on the stack up to rank 8 (checked per written tensor)
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
   }

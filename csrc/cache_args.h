@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,9 +28,13 @@ constexpr int64_t kNoNorm = -1;  // norm code: no QK-norm stage
 
 inline bool is_fp8_dtype(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
 
-// cache_view(cache, layout): the NHD view [N0, N1, H, D]
-inline at::Tensor cache_view(const at::Tensor& cache, int64_t layout) {
-  return layout == kHND ? cache.transpose(1, 2) : cache;
+// Size / stride d of the cache's NHD view [N0, N1, H, D] (HND [N0, H, N1, D] transposed), from the cache's
+// own metadata: no view is made (a transpose is an ATen call, ~1 us of a decode step's host time, and the
+// checks and the glue read five of them).
+inline int64_t nhd_dim(int64_t layout, int64_t d) { return layout == kHND && (d == 1 || d == 2) ? 3 - d : d; }
+inline int64_t nhd_size(const at::Tensor& cache, int64_t layout, int64_t d) { return cache.size(nhd_dim(layout, d)); }
+inline int64_t nhd_stride(const at::Tensor& cache, int64_t layout, int64_t d) {
+  return cache.stride(nhd_dim(layout, d));
 }
 
 // _check_cache(name, cache, x, xname, layout, want_n0, want_n1, paged, k_cache); want_n* < 0 is None.
@@ -48,12 +54,11 @@ inline void check_cache(const char* name, const at::Tensor& cache, const at::Ten
                     " must have unit stride in its last dimension (head_dim), got strides ",
                     py_shape(cache.strides()));
   const int64_t H = x.size(-2), D = x.size(-1);
-  const at::Tensor c = cache_view(cache, layout);
   const char* what = paged ? (layout == kNHD ? "[num_blocks, block_size, Hk, D]" : "[num_blocks, Hk, block_size, D]")
                            : (layout == kNHD ? "[B, S_max, Hk, D]" : "[B, Hk, S_max, D]");
-  bool bad = c.size(2) != H || c.size(3) != D;
-  if (want_n0 >= 0 && c.size(0) != want_n0) bad = true;
-  if (want_n1 >= 0 && c.size(1) != want_n1) bad = true;
+  bool bad = nhd_size(cache, layout, 2) != H || nhd_size(cache, layout, 3) != D;
+  if (want_n0 >= 0 && nhd_size(cache, layout, 0) != want_n0) bad = true;
+  if (want_n1 >= 0 && nhd_size(cache, layout, 1) != want_n1) bad = true;
   if (!bad) return;
   const bool is_v = std::string(name) == "v_cache";
   std::string extra;
@@ -83,14 +88,48 @@ inline void check_scale(const char* name, const OptT& t, const std::optional<dou
 // _check_scale_values(name, t)
 inline void check_scale_values(const char* name, const OptT& t) {
   if (!t.has_value() || t->numel() == 0 || !value_checks_on(t->device())) return;
-  c10::InferenceMode guard;
-  const double lo = at::min(*t).item<double>(), hi = at::max(*t).item<double>();
+  double lo = 0, hi = 0;
+  if (t->device().is_cpu()) {  // a 0-d / [1] / [H] float tensor read in place: no ATen call, no copy
+    lo = std::numeric_limits<double>::infinity();
+    hi = -lo;
+    bool nan = false;
+    const int64_t n = t->numel(), st = t->dim() == 0 ? 0 : t->stride(0);
+    const void* base = t->const_data_ptr();
+    for (int64_t i = 0; i < n; ++i) {
+      double x = 0;
+      switch (t->scalar_type()) {
+        case at::kFloat: x = static_cast<const float*>(base)[i * st]; break;
+        case at::kDouble: x = static_cast<const double*>(base)[i * st]; break;
+        case at::kHalf: x = static_cast<float>(static_cast<const c10::Half*>(base)[i * st]); break;
+        default: x = static_cast<float>(static_cast<const c10::BFloat16*>(base)[i * st]); break;
+      }
+      nan |= std::isnan(x);
+      lo = std::min(lo, x);
+      hi = std::max(hi, x);
+    }
+    if (nan) lo = hi = std::numeric_limits<double>::quiet_NaN();  // aminmax propagates NaN
+  } else {
+    c10::InferenceMode guard;
+    lo = at::min(*t).item<double>();
+    hi = at::max(*t).item<double>();
+  }
   TORCH_CHECK_VALUE(lo > 0 && std::isfinite(hi), name, " must be finite and > 0 everywhere, got min ", py_float(lo),
                     ", max ", py_float(hi));
 }
 
 // The values of a 1-D / 2-D integer index tensor, row-major, as int64 (any device: one copy to the host).
 inline std::vector<int64_t> index_values(const at::Tensor& t) {
+  if (t.device().is_cpu()) {  // read in place through the strides (CPU: no sync, no ATen call, no copy)
+    std::vector<int64_t> v(t.numel());
+    const void* base = t.const_data_ptr();
+    const int code = dtype_code(t.scalar_type());
+    const int64_t rows = t.dim() == 2 ? t.size(0) : 1, cols = t.dim() == 0 ? 1 : t.size(-1);
+    const int64_t sr = t.dim() == 2 ? t.stride(0) : 0, sc = t.dim() == 0 ? 0 : t.stride(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) v[r * cols + c] = load_index(base, code, r * sr + c * sc);
+    }
+    return v;
+  }
   c10::InferenceMode guard;
   const at::Tensor h = t.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = h.const_data_ptr<int64_t>();
@@ -101,6 +140,33 @@ inline std::string py_int_list(const std::vector<int64_t>& v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
+}
+
+// Whether a slot >= 0 occurs twice: one O(n) pass over an open-addressing set (sized to a power of two >= 2n,
+// on the stack up to 256 slots), in place of a sort (which is left to the error path, for the message).
+inline bool has_duplicate_slot(const std::vector<int64_t>& s) {
+  if (s.size() <= 1) return false;
+  size_t cap = 16;
+  while (cap < 2 * s.size()) cap *= 2;
+  int64_t stack[512];
+  std::vector<int64_t> heap;
+  int64_t* set = stack;
+  if (cap > 512) {
+    heap.resize(cap);
+    set = heap.data();
+  }
+  std::fill(set, set + cap, int64_t{-1});
+  const size_t mask = cap - 1;
+  for (const int64_t v : s) {
+    if (v < 0) continue;
+    size_t h = static_cast<size_t>(static_cast<uint64_t>(v) * UINT64_C(0x9E3779B97F4A7C15) >> 32) & mask;
+    while (set[h] >= 0) {
+      if (set[h] == v) return true;
+      h = (h + 1) & mask;
+    }
+    set[h] = v;
+  }
+  return false;
 }
 
 // _check_slot_values(slots, n_slots, n_blocks, block_size)
@@ -117,11 +183,11 @@ inline void check_slot_values(const at::Tensor& slots, int64_t n_blocks, int64_t
                       " is out of range: slots must lie in [0, num_blocks * block_size) = [0, ", n_blocks, " * ",
                       block_size, ") = [0, ", n_slots, "), or be -1 (not written)");
   }
-  std::vector<int64_t> w;
+  if (!has_duplicate_slot(s)) return;
+  std::vector<int64_t> w;  // a duplicate: the smallest one, as Python's sorted scan names it
   for (const int64_t v : s) {
     if (v >= 0) w.push_back(v);
   }
-  if (w.size() <= 1) return;
   std::sort(w.begin(), w.end());
   for (size_t j = 1; j < w.size(); ++j) {
     if (w[j] != w[j - 1]) continue;
@@ -248,8 +314,8 @@ inline CacheShape check_rope_and_cache(
                       py_shape(index.sizes()));
     check_cache("k_cache", k_cache, k, "k", kv_layout, B, -1, false);
   }
-  const at::Tensor kc = cache_view(k_cache, kv_layout);
-  if (v.has_value()) check_cache("v_cache", *v_cache, *v, "v", kv_layout, kc.size(0), kc.size(1), paged, &k_cache);
+  const int64_t kc_n0 = nhd_size(k_cache, kv_layout, 0), kc_n1 = nhd_size(k_cache, kv_layout, 1);
+  if (v.has_value()) check_cache("v_cache", *v_cache, *v, "v", kv_layout, kc_n0, kc_n1, paged, &k_cache);
   const int64_t Hk = k.size(-2);
   cs.paged = paged;
   cs.fp8 = is_fp8_dtype(k_cache.scalar_type());
@@ -312,9 +378,9 @@ inline CacheShape check_rope_and_cache(
   check_scale_values("v_scale", v_scale);
   check_scale_values("q_scale", q_scale);
   if (paged) {
-    check_slot_values(*slot_mapping, kc.size(0), kc.size(1));
+    check_slot_values(*slot_mapping, kc_n0, kc_n1);
   } else {
-    check_cache_position_values(*cache_positions, kc.size(1));
+    check_cache_position_values(*cache_positions, kc_n1);
   }
   return cs;
 }

@@ -98,12 +98,12 @@ inline void check_tensor(const char* name, const at::Tensor& t, Dtypes dtypes, s
   }
   if (ndim.size() > 0) {
     bool ok = false;
-    std::string want;
-    for (const int64_t n : ndim) {
-      ok |= t.dim() == n;
-      want += (want.empty() ? "" : " or ") + std::to_string(n);
+    for (const int64_t n : ndim) ok |= t.dim() == n;
+    if (!ok) {  // the message is built on the error path only (a few string allocations per argument otherwise)
+      std::string want;
+      for (const int64_t n : ndim) want += (want.empty() ? "" : " or ") + std::to_string(n);
+      TORCH_CHECK_VALUE(false, name, " must have ", want, " dimensions, got shape ", py_shape(t.sizes()));
     }
-    TORCH_CHECK_VALUE(ok, name, " must have ", want, " dimensions, got shape ", py_shape(t.sizes()));
   }
   if (device != nullptr) {
     TORCH_CHECK_VALUE(t.device() == *device, name, " must be on the same device as the input (",

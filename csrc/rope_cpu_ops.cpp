@@ -349,10 +349,18 @@ int fp8_code(at::ScalarType t) { return t == at::kFloat8_e4m3fn ? 1 : t == at::k
 // torch.tensor(value, float32)): one value (0-d, [1], a float; per_head 0) or one per head (per_head 1).
 const float* fp32_scales(const optional<Tensor>& t, const optional<double>& value, std::vector<float>& out,
                          int64_t& per_head) {
-  if (t.has_value()) {
-    c10::InferenceMode guard;
-    const Tensor f = t->to(at::kFloat).contiguous();
-    out.assign(f.const_data_ptr<float>(), f.const_data_ptr<float>() + f.numel());
+  if (t.has_value()) {  // a 0-d / [1] / [H] CPU float tensor, read in place (no ATen call): x.to(float32)
+    const int64_t n = t->numel(), st = t->dim() == 0 ? 0 : t->stride(0);
+    const void* base = t->const_data_ptr();
+    out.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      switch (t->scalar_type()) {
+        case at::kFloat: out[i] = static_cast<const float*>(base)[i * st]; break;
+        case at::kDouble: out[i] = static_cast<float>(static_cast<const double*>(base)[i * st]); break;
+        case at::kHalf: out[i] = static_cast<float>(static_cast<const c10::Half*>(base)[i * st]); break;
+        default: out[i] = static_cast<float>(static_cast<const c10::BFloat16*>(base)[i * st]); break;
+      }
+    }
   } else {
     out.assign(1, static_cast<float>(value.value_or(1.0)));
   }
@@ -386,12 +394,12 @@ void run_rope_and_cache(const Tensor& q, const Tensor& k, const optional<Tensor>
   c.idx_len = cs.paged ? idx.size(0) : 0;
   c.idx_sb = !cs.paged && idx.dim() == 2 ? idx.stride(0) : 0;
   c.idx_ss = idx.stride(-1);
-  const Tensor kv4 = cache_view(kc, kv_layout);
-  c.n0 = kv4.size(0);
-  c.n1 = kv4.size(1);
+  // the NHD view's sizes and strides (cache_args.h nhd_*: no transposed view made)
+  c.n0 = nhd_size(kc, kv_layout, 0);
+  c.n1 = nhd_size(kc, kv_layout, 1);
   c.fp8 = fp8_code(kc.scalar_type());
-  c.kc = kv4.data_ptr();
-  for (int d = 0; d < 3; ++d) c.kcs[d] = kv4.stride(d);
+  c.kc = kc.data_ptr();
+  for (int d = 0; d < 3; ++d) c.kcs[d] = nhd_stride(kc, kv_layout, d);
   // [b, s, h, d] strides of a [T, H, D] (packed: b stride 0) or [B, S, H, D] tensor
   auto bshd = [packed](const Tensor& t, int64_t* st) {
     st[0] = packed ? 0 : t.stride(0);
@@ -399,11 +407,9 @@ void run_rope_and_cache(const Tensor& q, const Tensor& k, const optional<Tensor>
   };
   const int64_t es = static_cast<int64_t>(q.element_size()), ces = static_cast<int64_t>(kc.element_size());
   int64_t bytes = r.Hk * r.D * ces;  // per token, beyond the rotation: the k rows written
-  Tensor vv4;
   if (v.has_value()) {
-    vv4 = cache_view(*vc, kv_layout);
-    c.vc = vv4.data_ptr();
-    for (int d = 0; d < 3; ++d) c.vcs[d] = vv4.stride(d);
+    c.vc = vc->data_ptr();
+    for (int d = 0; d < 3; ++d) c.vcs[d] = nhd_stride(*vc, kv_layout, d);
     c.v = v->const_data_ptr();
     bshd(*v, c.vs);
     c.Dv = v->size(-1);

@@ -233,3 +233,102 @@ def test_fp8_norm_contiguous_hnd_like_torch():
         results[backend] = (qq, kk, kc, vc, q8)
     for a, b in zip(results["torch"], results["native"]):
         assert _same(a, b)
+
+
+# ---- the FP8 conversion (rope_cpu.cpp fp8_bits: c10's rounding, branch-free and vectorised), near-exhaustive
+
+FP8_FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _fp32_from_bits(bits):
+    return bits.to(torch.int64).to(torch.int32).view(torch.float32)  # bit patterns [0, 2^32) as fp32
+
+
+def _fp8_probe_values(fmt):
+    """fp32 inputs around every fp8 rounding decision: every fp8 value (NaN included), the midpoint between
+    each pair of consecutive fp8 values (and between 0 and the smallest subnormal, and past the largest) and
+    each +-1 and +-2 ulp, both signs and both zeros; fp32 subnormals; the clamp edges; inf and NaNs (both
+    signs, quiet and signalling payloads)."""
+    grid = torch.arange(256, dtype=torch.int64).to(torch.uint8).view(fmt).to(torch.float64)
+    pos = torch.unique(grid[torch.isfinite(grid) & (grid >= 0)])  # sorted, 0 first
+    fmax = torch.finfo(fmt).max
+    nxt = torch.cat([pos[1:], torch.tensor([2 * fmax])])  # one step past the largest too
+    mids = ((pos + nxt) / 2).to(torch.float32)  # exact in fp32 (fp8 has 2 or 3 mantissa bits)
+    mb = mids.view(torch.int32)
+    near = torch.cat([mids] + [(mb + d).view(torch.float32) for d in (-2, -1, 1, 2)])
+    near = near[near > 0]
+    pos32 = pos.to(torch.float32)
+    pb = pos32[pos32 > 0].view(torch.int32)
+    around = torch.cat([pos32] + [(pb + d).view(torch.float32) for d in (-1, 1)])
+    sub = _fp32_from_bits(torch.tensor([1, 2, 3, 0x7FFFFF, 0x400000, 0x400001, 0x3FFFFF]))
+    special = torch.tensor([fmax, float("inf"), 1e30, 3.4e38, 464.0, 480.0, 496.0, 57344.0, 61440.0, 65536.0])
+    edges = torch.cat([special, (special.view(torch.int32) + 1).view(torch.float32),
+                       (special.view(torch.int32) - 1).view(torch.float32)])  # fmt: skip
+    nans = _fp32_from_bits(torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0x7FA00000]))
+    v = torch.cat([near, around, sub, edges, nans])
+    return torch.cat([v, -v, torch.tensor([0.0, -0.0])])
+
+
+def _fp32_sweep(n_bits=20, seed=0):
+    """2^n_bits fp32 patterns: every value of the top n_bits bits (sign, exponent, leading mantissa bits),
+    random low bits (the sticky part of each rounding decision)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = torch.arange(1 << n_bits, dtype=torch.int64) << (32 - n_bits)
+    lo = torch.randint(0, 1 << (32 - n_bits), (1 << n_bits,), generator=g, dtype=torch.int64)
+    return _fp32_from_bits(hi | lo)
+
+
+def _quantise_native(v, fmt, v_scale, strided=False):
+    """v [N] (any float dtype) through the op's v -> v_cache quantisation (paged, one token per slot);
+    returns (the cache bytes, torch_impl.quantise's bytes) as [T, Hk, D]."""
+    from posenc_kernels.ops.cache.torch_impl import quantise
+
+    Hk, D = 2, 128
+    T = -(-v.numel() // (Hk * D))
+    pad = T * Hk * D - v.numel()
+    vv = torch.cat([v, torch.zeros(pad, dtype=v.dtype)]).view(T, Hk, D)
+    if strided:  # a non-unit channel stride: the strided gather before the conversion
+        vv = vv.transpose(1, 2).contiguous().transpose(1, 2)
+    q, k = torch.zeros(T, 1, D, dtype=v.dtype), torch.zeros(T, Hk, D, dtype=v.dtype)
+    kc, vc = torch.zeros(T, 1, Hk, D, dtype=fmt), torch.zeros(T, 1, Hk, D, dtype=fmt)
+    scale_t = torch.tensor(v_scale) if isinstance(v_scale, list) else None
+    pk.rope_and_cache_(q, k, vv, kc, vc, *_tables(D, rows=1), slot_mapping=torch.arange(T),
+                       positions=torch.zeros(T, dtype=torch.long), k_scale=1.0,
+                       v_scale=scale_t if scale_t is not None else v_scale)  # fmt: skip
+    ref = quantise(vv, scale_t, None if scale_t is not None else v_scale, fmt)
+    return _bits(vc.view(T, Hk, D)), _bits(ref)
+
+
+def _assert_bytes_equal(got, want, v):
+    bad = (got != want).flatten().nonzero()[:, 0]
+    if bad.numel():
+        vals = torch.cat([v, torch.zeros(got.numel() - v.numel(), dtype=v.dtype)])
+        i = bad[:8]
+        raise AssertionError(f"{bad.numel()} bytes differ; inputs {vals[i].tolist()} got "
+                             f"{got.flatten()[i].tolist()} want {want.flatten()[i].tolist()}")  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=str)
+def test_fp8_conversion_fp32_near_exhaustive(fmt):
+    """fp32 inputs, scale 1 (x / 1 is x: the conversion alone): 2^20 patterns over every exponent and the
+    probe set around every fp8 rounding decision; bitwise torch_impl.quantise (torch's clamp and cast)."""
+    v = torch.cat([_fp8_probe_values(fmt), _fp32_sweep()])
+    _assert_bytes_equal(*_quantise_native(v, fmt, 1.0), v)
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=str)
+def test_fp8_conversion_every_16bit_pattern(fmt, dtype):
+    """Every bf16 / fp16 bit pattern, with a scale of 1, a per-head pair of scales (a true division:
+    0.37 and 3e-3 move values across the subnormal and clamp edges) and a strided v."""
+    v = torch.arange(1 << 16, dtype=torch.int64).to(torch.int16).view(dtype)
+    for scale, strided in ((1.0, False), ([0.37, 3e-3], False), (0.37, True)):
+        _assert_bytes_equal(*_quantise_native(v, fmt, scale, strided), v)
+
+
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=str)
+def test_fp8_conversion_scaled_fp32(fmt):
+    """fp32 probes divided by scales whose quotients are inexact (the division, not a reciprocal product)."""
+    v = torch.cat([_fp8_probe_values(fmt), _fp32_sweep(16, seed=1)])
+    for scale in ([0.1, 7.0], 1.0 / 3.0):
+        _assert_bytes_equal(*_quantise_native(v, fmt, scale), v)

@@ -302,6 +302,18 @@ CACHE_CASES = {
                                                                                              [0, 1, 6, 3, 4]])),
     "cache position written twice": _cache_args(contiguous=True, cache_positions=torch.tensor([0, 1, -1, 1, -1])),
     "v_cache is k_cache": _cache_args(k_cache=_kv, v_cache=_kv),
+    "k_cache shape HND": _cache_args(kv_layout=1, k_cache=_g(4, 3, 4, 8), v_cache=_g(4, 3, 4, 8)),
+    "v_cache shape HND": _cache_args(kv_layout=1, k_cache=_g(4, 2, 4, 8), v_cache=_g(4, 2, 3, 8)),
+    "FP8 scale NaN": _cache_args(k_cache=torch.zeros(4, 4, 2, 8, dtype=_F8), v_cache=torch.zeros(4, 4, 2, 8, dtype=_F8),
+                                 k_scale=torch.tensor([1.0, float("nan")]), v_scale_value=1.0),
+    "FP8 scale strided bf16": _cache_args(k_cache=torch.zeros(4, 4, 2, 8, dtype=_F8),
+                                          v_cache=torch.zeros(4, 4, 2, 8, dtype=_F8), k_scale_value=1.0,
+                                          v_scale=torch.tensor([2.0, 7.0, -0.5, 1.0], dtype=torch.bfloat16)[::2]),
+    # 600 slots (the duplicate scan's heap table); two duplicates, the smaller one named
+    "slot written twice, 600 slots": _cache_args(
+        q=_g(600, 4, 8), k=_g(600, 2, 8), v=_g(600, 2, 8), k_cache=_g(200, 4, 2, 8), v_cache=_g(200, 4, 2, 8),
+        slot_mapping=torch.arange(600).index_put_((torch.tensor([10, 580]),), torch.tensor([550, 30])),
+        positions=torch.zeros(600, dtype=torch.long)),
 }
 
 
