@@ -72,6 +72,10 @@ inline void check_cache(const char* name, const at::Tensor& cache, const at::Ten
                     py_shape(cache.sizes()));
 }
 
+// FP8 scales (op.py SCALE_MIN / SCALE_MAX): the kernels divide in fp32 by the scale: a normal fp32 number.
+constexpr double kScaleMin = 1.1754943508222875e-38;  // 2**-126
+constexpr double kScaleMax = 3.4028234663852886e+38;  // fp32 max
+
 // _check_scale(name, t, value, H, dev)
 inline void check_scale(const char* name, const OptT& t, const std::optional<double>& value, int64_t H,
                         const c10::Device& dev) {
@@ -80,7 +84,8 @@ inline void check_scale(const char* name, const OptT& t, const std::optional<dou
     TORCH_CHECK_VALUE(!(t->dim() == 1 && t->size(0) != 1 && t->size(0) != H), name,
                       " must be a float, a 0-d tensor, [1] or per head [", H, "], got ", py_shape(t->sizes()));
   } else if (value.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*value) && *value > 0, name, " must be a finite float > 0, got ",
+    TORCH_CHECK_VALUE(*value >= kScaleMin && *value <= kScaleMax, name,
+                      " must be a normal fp32 number in [2**-126, 3.4e38] (its reciprocal finite), got ",
                       py_float(*value));
   }
 }
@@ -113,7 +118,8 @@ inline void check_scale_values(const char* name, const OptT& t) {
     lo = at::min(*t).item<double>();
     hi = at::max(*t).item<double>();
   }
-  TORCH_CHECK_VALUE(lo > 0 && std::isfinite(hi), name, " must be finite and > 0 everywhere, got min ", py_float(lo),
+  TORCH_CHECK_VALUE(lo >= kScaleMin && hi <= kScaleMax, name,
+                    " must hold normal fp32 numbers in [2**-126, 3.4e38] (reciprocals finite), got min ", py_float(lo),
                     ", max ", py_float(hi));
 }
 

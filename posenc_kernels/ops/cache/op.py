@@ -14,7 +14,6 @@ anything is written); train with ``apply_rope`` / ``qk_norm_rope`` and an ordina
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -37,6 +36,8 @@ ARGS = f"Tensor q, Tensor k, {CACHE_ARGS}, {NORM_ARGS}, {ROPE_ARGS}"
 N_CACHE = len(CACHE_ARGS.split(", "))  # arguments between k and the norm's
 N_NORM = len(NORM_ARGS.split(", "))
 SLOT_DTYPES = (torch.int32, torch.int64)
+# FP8 scales: the kernels divide in fp32 by the scale (and Triton by its fp32 reciprocal): a normal fp32 number
+SCALE_MIN, SCALE_MAX = 2.0**-126, float(torch.finfo(torch.float32).max)
 LAYOUTS = {"NHD": NHD, "HND": HND}
 
 
@@ -84,15 +85,16 @@ def _check_scale(name: str, t, value, H: int, dev) -> None:
         check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(0, 1), device=dev)
         if t.dim() == 1 and t.shape[0] not in (1, H):
             raise ValueError(f"{name} must be a float, a 0-d tensor, [1] or per head [{H}], got {_fmt(t)}")
-    elif value is not None and (not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    elif value is not None and not (SCALE_MIN <= value <= SCALE_MAX):
+        raise ValueError(f"{name} must be a normal fp32 number in [2**-126, 3.4e38] (its reciprocal finite), got {value!r}")
 
 
 def _check_scale_values(name: str, t) -> None:
     if t is not None and t.numel() and value_checks_on(t.device):
         lo, hi = torch.stack(torch.aminmax(t.to(torch.float64))).tolist()  # one host transfer
-        if not (lo > 0 and math.isfinite(hi)):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got min {lo}, max {hi}")
+        if not (lo >= SCALE_MIN and hi <= SCALE_MAX):
+            raise ValueError(f"{name} must hold normal fp32 numbers in [2**-126, 3.4e38] (reciprocals finite), got min "
+                             f"{lo}, max {hi}")  # fmt: skip
 
 
 def _check_v(q, k, v) -> None:
