@@ -48,8 +48,32 @@ def _interpreter_fp8_cast_rounds_to_nearest_even():
     interpreter._convert_float = convert
 
 
+def _interpreter_fma_rounds_once():
+    """Triton 3.6's interpreter computes ``tl.fma(x, y, z)`` as ``x * y + z`` in the operands' dtype: two
+    roundings where the GPU's ``fma.rn`` rounds once (Triton 3.9's interpreter has a correctly rounded fp32
+    fma). A kernel whose result rests on the fused rounding (the KV-cache write's correctly rounded division:
+    a Markstein correction) is checked on its own code here by an fma through x86's 64-bit-mantissa long
+    double: the fp32 product is exact there and the sum rounds once more only where it needs more than 64 bits."""
+    import inspect
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if "fma_fp32" in inspect.getsource(builder.create_fma) or np.finfo(np.longdouble).nmant < 63:
+        return
+
+    def create_fma(self, x, y, z):
+        dtype = np.result_type(x.data, y.data, z.data)
+        wide = [np.asarray(t.data, dtype=np.longdouble) for t in (x, y, z)]
+        return interpreter.TensorHandle((wide[0] * wide[1] + wide[2]).astype(dtype), z.dtype.scalar)
+
+    builder.create_fma = create_fma
+
+
 if INTERPRET and HAS_TRITON:
     _interpreter_fp8_cast_rounds_to_nearest_even()
+    _interpreter_fma_rounds_once()
 
 
 @pytest.fixture(autouse=True)
