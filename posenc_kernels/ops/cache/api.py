@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..checks import check_flags
 from ..qknorm.api import _norm_args
 from ..rope.api import _args as _rope_args
 from .op import LAYOUTS, rope_and_cache as _pair
@@ -201,8 +202,11 @@ def mla_rope_and_cache_(
             f"kv_cache must be [num_blocks, block_size, kv_lora_rank + rope_dim] = [.., .., {rank} + {rope_dim}], "
             f"got {tuple(kv_cache.shape)}"
         )
-    k_cache = kv_cache[..., rank:].unsqueeze(2)
-    v_cache = kv_cache[..., :rank].unsqueeze(2)
-    rope_and_cache_(q_pe, k_pe.unsqueeze(1), kv_c.unsqueeze(1), k_cache, v_cache, cos, sin, slot_mapping=slot_mapping,
-                    positions=positions, interleaved=interleaved, k_scale=scale, v_scale=scale)  # fmt: skip
+    v_cache, k_cache = kv_cache.unsqueeze(2).split((rank, rope_dim), dim=-1)  # [.., 1, rank], [.., 1, rope_dim]
+    if type(interleaved) is not bool:
+        check_flags(interleaved=interleaved)
+    s, sv = _scale("scale", scale)
+    _pair.call_inplace(q_pe, k_pe.unsqueeze(1), kv_c.unsqueeze(1), k_cache, v_cache, None, slot_mapping, None, 0, s, s,
+                       None, sv, sv, None, *_NO_NORM, cos, sin, None, positions, None, 0, None, None, 1.0, interleaved,
+                       False, False)  # fmt: skip
     return q_pe, k_pe
