@@ -59,31 +59,14 @@ if HAS_TRITON:
         b = pid // n_s_blocks
         s = (pid - b * n_s_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
         n_q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
-        if HAS_V:
-            n_qk_blocks = n_q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
-            if pid_h >= n_qk_blocks:
-                _v_rows(
-                    pid_h - n_qk_blocks, b, s, v_ptr, vc_ptr, idx_ptr, vs_ptr, seqlen, n_heads_k, n_slots, block_size,
-                    v_scale, v_rcp, stride_v_b, stride_v_s, stride_v_h, stride_v_d, stride_vc_o, stride_vc_i,
-                    stride_vc_h, stride_idx_b, stride_idx_s, stride_vs,
-                    DV, BLOCK_DV, BLOCK_HV, CACHE, SLOT64, K_FMAX, VS_MODE, IDX64,
-                )  # fmt: skip
-            else:
-                _qk_rows(
-                    pid_h, n_q_blocks, b, s, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr,
-                    pos_ptr, off_ptr, axis_ptr, kc_ptr, qf_ptr, idx_ptr, ks_ptr, qs_ptr,
-                    seqlen, n_heads_q, n_heads_k, n_rows, offset, n_seqs, attention_factor, eps, weight_offset,
-                    n_slots, block_size, k_scale, k_rcp, q_scale, q_rcp,
-                    stride_q_b, stride_q_s, stride_q_h, stride_q_d, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
-                    stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, stride_ko_b, stride_ko_s, stride_ko_h,
-                    stride_ko_d, stride_cos_p, stride_cos_f, stride_sin_p, stride_sin_f,
-                    stride_pos_a, stride_pos_b, stride_pos_s, stride_off, stride_axis,
-                    stride_kc_o, stride_kc_i, stride_kc_h, stride_qf_b, stride_qf_s, stride_qf_h, stride_qf_d,
-                    stride_idx_b, stride_idx_s, stride_ks, stride_qs,
-                    D, HALF, BLOCK_HALF, TAIL, BLOCK_TAIL, BLOCK_T, BLOCK_H, POS_MODE, SEQ_OFFSETS, CU_BLOCK, N_AXES,
-                    ANGLES, INTERLEAVED, NORM, NORM_HEADS, HAS_QW, HAS_KW, INPLACE, IDX64, ACC,
-                    CACHE, SLOT64, K_FMAX, KS_MODE, Q_FMAX, QS_MODE,
-                )  # fmt: skip
+        n_qk_blocks = n_q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
+        if HAS_V and pid_h >= n_qk_blocks:  # a v program (the last cdiv(Hk, BLOCK_HV) head blocks): no angles
+            _v_rows(
+                pid_h - n_qk_blocks, b, s, v_ptr, vc_ptr, idx_ptr, vs_ptr, seqlen, n_heads_k, n_slots, block_size,
+                v_scale, v_rcp, stride_v_b, stride_v_s, stride_v_h, stride_v_d, stride_vc_o, stride_vc_i,
+                stride_vc_h, stride_idx_b, stride_idx_s, stride_vs,
+                DV, BLOCK_DV, BLOCK_HV, CACHE, SLOT64, K_FMAX, VS_MODE, IDX64,
+            )  # fmt: skip
         else:
             _qk_rows(
                 pid_h, n_q_blocks, b, s, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, inv_ptr,
