@@ -19,6 +19,12 @@ from .ops.rope.reference import (  # noqa: F401
     rope_hf_eager, rope_reference, rotate_by_angles_reference, rotate_every_two, rotate_half, rotate_reference,
     vllm_rope_native,
 )
+from .ops.cache.reference import (  # noqa: F401
+    quantise_reference, rope_and_cache_reference, write_cache_reference, written_rows,
+)
+from .ops.qknorm.reference import (  # noqa: F401
+    hf_rms_norm, qk_norm_rope_hf_eager, qk_norm_rope_reference, rms_norm_reference,
+)
 from .ops.learned.reference import (  # noqa: F401
     add_position_embedding_reference, position_embedding_eager, position_embedding_grad_reference,
 )

@@ -4,7 +4,7 @@ same backend (the exactness baseline), and bitwise comparison (NaN and FP8 as by
 import torch
 
 import posenc_kernels as pk
-from posenc_kernels.ops.cache.reference import quantise_reference
+from posenc_kernels.ops.cache.reference import write_cache_reference
 
 from conftest import DEVICE
 from rope.common import tables
@@ -14,8 +14,10 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes (NaN payloads and FP8 compared exactly)."""
-    return t.detach().reshape(-1).clone().view(torch.uint8)
+    """The tensor's bit patterns as integers of its width, in its shape (NaN payloads and FP8 compared
+    exactly; a fresh copy with standard strides, whatever the view's)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t.detach()).view(ints)
 
 
 def same_bits(a, b) -> bool:
@@ -67,22 +69,6 @@ def unfused(q, k, v, k_cache, v_cache, cos, sin, *, slot_mapping=None, cache_pos
         pk.apply_rope_(q, k, cos, sin, **rope_kw)
     else:
         pk.qk_norm_rope_(q, k, q_weight, k_weight, cos, sin, norm=norm, **rope_kw)
-    kc = k_cache.transpose(1, 2) if kv_layout == "HND" else k_cache
-    vc = (v_cache.transpose(1, 2) if kv_layout == "HND" else v_cache) if v_cache is not None else None
-    if slot_mapping is not None:
-        for t in range(slot_mapping.shape[0]):
-            s = int(slot_mapping[t])
-            if s < 0:
-                continue
-            kc[s // kc.shape[1], s % kc.shape[1]] = quantise_reference(k[t], k_scale, kc.dtype)
-            if vc is not None:
-                vc[s // kc.shape[1], s % kc.shape[1]] = quantise_reference(v[t], v_scale, vc.dtype)
-    else:
-        p = cache_positions if cache_positions.dim() == 2 else cache_positions[None].expand(k.shape[0], -1)
-        for b in range(k.shape[0]):
-            for s in range(k.shape[1]):
-                if int(p[b, s]) >= 0:
-                    kc[b, int(p[b, s])] = quantise_reference(k[b, s], k_scale, kc.dtype)
-                    if vc is not None:
-                        vc[b, int(p[b, s])] = quantise_reference(v[b, s], v_scale, vc.dtype)
+    write_cache_reference(k, v, k_cache, v_cache, slot_mapping=slot_mapping, cache_positions=cache_positions,
+                          kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale)
     return q, k

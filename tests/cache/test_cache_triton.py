@@ -9,8 +9,8 @@
   rotary, interleaved pairs), v with its own head_dim (MLA), a k-only cache, the out-of-place op;
 * the launcher's 64-bit choices (q/k/v offsets, the slot division), on meta tensors.
 
-Through the interpreter the FP8 cast is the GPU's round-to-nearest-even (tests/conftest.py replaces the
-interpreter's own, which drops the carry of a rounding that crosses a power of two).
+Through the interpreter the FP8 cast is the GPU's round-to-nearest-even (posenc_dev/interpreter.py replaces
+the interpreter's own, which drops the carry of a rounding that crosses a power of two).
 
 Small shapes: every case runs through the Triton interpreter on CPU (or on CUDA when there is one).
 """
@@ -23,6 +23,9 @@ from posenc_kernels.ops.cache import kernel as cache_kernel
 from posenc_kernels.ops.cache.op import rope_and_cache
 from posenc_kernels.ops.cache.torch_impl import NHD, quantise
 
+from posenc_kernels.ops.cache.reference import write_cache_reference, written_rows
+
+from cache.common import bits, poisoned
 from conftest import DEVICE, TRITON_RUNS
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
@@ -31,44 +34,19 @@ pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_IN
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
-def bits(t):
-    """A view that compares bit patterns (NaN poison included)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 def assert_bits(a, b, what=""):
     assert a.shape == b.shape and a.dtype == b.dtype, what
     assert torch.equal(bits(a), bits(b)), f"{what}: {(bits(a) != bits(b)).sum().item()} elements differ"
-
-
-def poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), device=DEVICE).to(dtype)
 
 
 def tables(n, R):
     return pk.rope_cos_sin(n, pk.rope_frequencies(R)[0].to(DEVICE))
 
 
-def rows_of(slot_mapping, cache_positions, B, S, block_size):
-    """``[(b, s, outer, inner)]`` of the written tokens."""
-    out = []
-    for b in range(B):
-        for s in range(S):
-            if slot_mapping is not None:
-                slot = int(slot_mapping[s]) if s < slot_mapping.shape[0] else -1
-                if slot >= 0:
-                    out.append((b, s, slot // block_size, slot % block_size))
-            else:
-                p = cache_positions if cache_positions.dim() == 1 else cache_positions[b]
-                if int(p[s]) >= 0:
-                    out.append((b, s, b, int(p[s])))
-    return out
-
-
 def unfused(q, k, v, kc, vc, *, slot_mapping=None, cache_positions=None, kv_layout="NHD", k_scale=None,
             v_scale=None, norm=None, weights=(None, None), **rope):  # fmt: skip
-    """Triton apply_rope_ (qk_norm_rope_) on copies, then the rotated k and v written row by row (FP8:
-    torch_impl.quantise). Returns (q, k, k_cache, v_cache)."""
+    """Triton apply_rope_ (qk_norm_rope_) on copies, then the rotated k and v written row by row (the reference
+    scatter; FP8 as ``quantise_reference``, bitwise ``torch_impl.quantise``). Returns (q, k, k_cache, v_cache)."""
     q, k = q.clone(), k.clone()
     kc = kc.clone()
     vc = vc.clone() if vc is not None else None
@@ -77,19 +55,9 @@ def unfused(q, k, v, kc, vc, *, slot_mapping=None, cache_positions=None, kv_layo
             pk.apply_rope_(q, k, **rope)
         else:
             pk.qk_norm_rope_(q, k, *weights, norm=norm, **rope)
-    packed = q.dim() == 3
-    k4, v4 = (k[None], v[None] if v is not None else None) if packed else (k, v)
-    kc4 = kc.transpose(1, 2) if kv_layout == "HND" else kc
-    vc4 = (vc.transpose(1, 2) if kv_layout == "HND" else vc) if vc is not None else None
-    for b, s, o, i in rows_of(slot_mapping, cache_positions, k4.shape[0], k4.shape[1], kc4.shape[1]):
-        kc4[o, i] = quantise(k4[b, s], *_scale(k_scale), kc.dtype)
-        if vc4 is not None:
-            vc4[o, i] = quantise(v4[b, s], *_scale(v_scale), vc.dtype)
+    write_cache_reference(k, v, kc, vc, slot_mapping=slot_mapping, cache_positions=cache_positions,
+                          kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale)
     return q, k, kc, vc
-
-
-def _scale(s):
-    return (s, None) if isinstance(s, torch.Tensor) or s is None else (None, s)
 
 
 def fused(q, k, v, kc, vc, *, norm=None, weights=(None, None), **kw):
@@ -138,7 +106,7 @@ def test_matches_apply_rope_then_scatter(dtype, case):
     want = unfused(q, k, v, kc, vc, kv_layout=layout, cos=cos, sin=sin, **idx, **rope)
     got = fused(q, k, v, kc, vc, cos=cos, sin=sin, kv_layout=layout, **idx, **rope)
     compare(got, want)
-    written = len(rows_of(idx.get("slot_mapping"), idx.get("cache_positions"), q.shape[0] if q.dim() == 4 else 1,
+    written = len(written_rows(idx.get("slot_mapping"), idx.get("cache_positions"), q.shape[0] if q.dim() == 4 else 1,
                           q.shape[-3], n1))  # fmt: skip
     assert int((~torch.isnan(got[2].float())).sum()) == written * Hk * D  # every other row still NaN
 

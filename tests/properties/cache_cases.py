@@ -133,47 +133,7 @@ def check(cc: CacheCase) -> None:
         if cc.with_norm:
             extra.update(q_weight=norm["q_weight"], k_weight=norm["k_weight"], eps=norm["eps"],
                          weight_offset=norm["weight_offset"])  # fmt: skip
-        _unfused(*b, *bc, cos, sin, extra, kw)
+        unfused(*b, *bc, cos, sin, **kw, **extra)  # on the same backend, then the reference scatter
     for name, x, y in (("q", q, b[0]), ("k", k, b[1]), ("k_cache", kc, bc[0]), ("v_cache", vc, bc[1])):
         if x is not None:
             assert same_bits(x.contiguous(), y.contiguous()), f"{name} differs from the unfused sequence"
-
-
-def _unfused(q, k, v, kc, vc, cos, sin, extra, kw):
-    norm = extra.pop("norm")
-    rope_kw = {n: x for n, x in kw.items() if n not in ("slot_mapping", "cache_positions", "kv_layout", "k_scale",
-                                                        "v_scale")}  # fmt: skip
-    if norm is not None:
-        pk.qk_norm_rope_(q, k, extra["q_weight"], extra["k_weight"], cos, sin, norm=norm, eps=extra["eps"],
-                         weight_offset=extra["weight_offset"], **rope_kw)  # fmt: skip
-    else:
-        pk.apply_rope_(q, k, cos, sin, **rope_kw)
-    # then the scatter (the rotated k, as stored; quantised for FP8)
-    cache_kw = {n: kw[n] for n in ("slot_mapping", "cache_positions", "kv_layout", "k_scale", "v_scale") if n in kw}
-    with pk.use_backend("torch"):  # (no rotation: an identity table would do; write rows directly instead)
-        _scatter(k, v, kc, vc, cache_kw)
-
-
-def _scatter(k, v, kc, vc, kw):
-    from posenc_kernels.ops.cache.reference import quantise_reference
-
-    lay = kw["kv_layout"]
-    kc4 = kc.transpose(1, 2) if lay == "HND" else kc
-    vc4 = (vc.transpose(1, 2) if lay == "HND" else vc) if vc is not None else None
-    if "slot_mapping" in kw:
-        bs = kc4.shape[1]
-        for t, s in enumerate(kw["slot_mapping"].tolist()):
-            if s >= 0:
-                kc4[s // bs, s % bs] = quantise_reference(k[t], kw.get("k_scale"), kc.dtype)
-                if vc4 is not None:
-                    vc4[s // bs, s % bs] = quantise_reference(v[t], kw.get("v_scale"), vc.dtype)
-    else:
-        p = kw["cache_positions"]
-        p = p if p.dim() == 2 else p[None].expand(k.shape[0], -1)
-        for bi in range(k.shape[0]):
-            for s in range(k.shape[1]):
-                i = int(p[bi, s])
-                if i >= 0:
-                    kc4[bi, i] = quantise_reference(k[bi, s], kw.get("k_scale"), kc.dtype)
-                    if vc4 is not None:
-                        vc4[bi, i] = quantise_reference(v[bi, s], kw.get("v_scale"), vc.dtype)

@@ -4,8 +4,8 @@
   (:func:`..qknorm.reference.qk_norm_rope_reference`, :func:`..rope.reference.rope_reference`); the cache
   rows of the written tokens replaced by the rotated k rounded to k's dtype (what ``apply_rope_`` leaves in
   k), and by v; for an FP8 cache those values quantised as :func:`quantise_reference` says.
-* :func:`rope_then_cache_eager`: the unfused sequence a call site runs today (``apply_rope_`` then a scatter
-  into the cache, quantising for FP8): the exactness baseline and the benchmarks' eager provider.
+* :func:`write_cache_reference`: the scatter alone, row by row (in place): the unfused sequence's second step,
+  which the tests run after ``apply_rope_`` / ``qk_norm_rope_`` on the same backend (the exactness baseline).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def quantise_reference(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tens
     return y.clamp(-fmax, fmax).to(dtype)
 
 
-def _rows(slot_mapping, cache_positions, B: int, S: int, block_size: int):
-    """Per written token ``(b, s, outer, inner)`` as Python lists (a loop; clarity over speed)."""
+def written_rows(slot_mapping, cache_positions, B: int, S: int, block_size: int) -> list:
+    """``[(b, s, outer, inner)]`` of every written token: its cache row (paged: block and offset of its slot;
+    contiguous: its sequence and cache position); slot or position -1, and tokens past ``len(slot_mapping)``,
+    are left out. A loop: clarity over speed."""
     out = []
     for b in range(B):
         for s in range(S):
@@ -78,7 +80,6 @@ def rope_and_cache_reference(
     QK-norm stage."""
     packed = q.dim() == 3
     q4, k4 = (q[None], k[None]) if packed else (q, k)
-    v4 = (v[None] if packed else v) if v is not None else None
     pos = positions[None] if packed and positions is not None and positions.dim() == 1 else positions
     if norm is None:
         qo, ko = rope_reference(q4, k4, cos, sin, positions=pos, offsets=offsets, interleaved=interleaved)
@@ -86,47 +87,25 @@ def rope_and_cache_reference(
         qo, ko = qk_norm_rope_reference(q4, k4, q_weight, k_weight, cos, sin, eps=eps, norm=norm,
                                         weight_offset=weight_offset, positions=pos, offsets=offsets,
                                         interleaved=interleaved)  # fmt: skip
-    kc, vc = k_cache.clone(), (v_cache.clone() if v_cache is not None else None)
-    kc4 = kc.transpose(1, 2) if kv_layout == "HND" else kc
-    vc4 = (vc.transpose(1, 2) if kv_layout == "HND" else vc) if vc is not None else None
-    k_stored = ko.to(k.dtype)  # what apply_rope_ leaves in k
-    B, S = k4.shape[0], k4.shape[1]
-    for b, s, o, i in _rows(slot_mapping, cache_positions, B, S, kc4.shape[1]):
-        kc4[o, i] = quantise_reference(k_stored[b, s], k_scale, kc.dtype)
-        if vc4 is not None:
-            vc4[o, i] = quantise_reference(v4[b, s], v_scale, vc.dtype)
     if packed:
         qo, ko = qo[0], ko[0]
+    kc, vc = k_cache.clone(), (v_cache.clone() if v_cache is not None else None)
+    write_cache_reference(ko.to(k.dtype), v, kc, vc, slot_mapping=slot_mapping, cache_positions=cache_positions,
+                          kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale)  # k as apply_rope_ leaves it
     return qo, ko, kc, vc
 
 
-def rope_then_cache_eager(q, k, v, k_cache, v_cache, cos, sin, *, slot_mapping=None, cache_positions=None,
-                          kv_layout="NHD", k_scale=None, v_scale=None, positions=None, offsets=0,
-                          interleaved=False):  # fmt: skip
-    """The unfused sequence, in place: ``apply_rope_(q, k)`` then the rotated k and v scattered into the
-    caches (``index_put_``; FP8 quantised first). Returns ``(q, k)``."""
-    from ...ops.rope.api import apply_rope_
-
-    apply_rope_(q, k, cos, sin, positions=positions, offsets=offsets, interleaved=interleaved)
+def write_cache_reference(k, v, k_cache, v_cache, *, slot_mapping=None, cache_positions=None, kv_layout="NHD",
+                          k_scale=None, v_scale=None) -> None:
+    """In place: the cache rows of the written tokens (:func:`written_rows`) replaced by ``k`` and ``v``
+    (``[T, H, D]`` with ``slot_mapping``, else ``[B, S, H, D]``), quantised as :func:`quantise_reference`
+    says for an FP8 cache. ``v`` / ``v_cache`` may be None (a k-only cache)."""
+    packed = k.dim() == 3
+    k4 = k[None] if packed else k
+    v4 = (v[None] if packed else v) if v is not None else None
     kc4 = k_cache.transpose(1, 2) if kv_layout == "HND" else k_cache
-    vc4 = v_cache.transpose(1, 2) if kv_layout == "HND" and v_cache is not None else v_cache
-    if slot_mapping is not None:
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.to(torch.int64)
-        keep = slots >= 0
-        bs = kc4.shape[1]
-        idx = (slots[keep] // bs, slots[keep] % bs)
-        kc4.index_put_(idx, quantise_reference(k[:n][keep], k_scale, k_cache.dtype))
-        if v is not None:
-            vc4.index_put_(idx, quantise_reference(v[:n][keep], v_scale, v_cache.dtype))
-    else:
-        p = cache_positions.to(torch.int64)
-        if p.dim() == 1:
-            p = p[None].expand(k.shape[0], -1)
-        keep = p >= 0
-        b = torch.arange(k.shape[0], device=p.device)[:, None].expand_as(p)
-        idx = (b[keep], p[keep])
-        kc4.index_put_(idx, quantise_reference(k[keep], k_scale, k_cache.dtype))
-        if v is not None:
-            vc4.index_put_(idx, quantise_reference(v[keep], v_scale, v_cache.dtype))
-    return q, k
+    vc4 = (v_cache.transpose(1, 2) if kv_layout == "HND" else v_cache) if v_cache is not None else None
+    for b, s, o, i in written_rows(slot_mapping, cache_positions, k4.shape[0], k4.shape[1], kc4.shape[1]):
+        kc4[o, i] = quantise_reference(k4[b, s], k_scale, k_cache.dtype)
+        if vc4 is not None:
+            vc4[o, i] = quantise_reference(v4[b, s], v_scale, v_cache.dtype)
