@@ -20,7 +20,7 @@ import struct
 
 import torch
 
-from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..checks import I32_MAX, cdiv, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..qknorm.kernel import _weight_args, qk_norm_rope_blocks
 from ..qknorm.torch_impl import HEADS
 from ..registry import HAS_TRITON
@@ -54,10 +54,6 @@ def _scale_args(t, value, dummy) -> tuple:
     if value is not None:
         return (dummy, 0, *_scale_pair(float(value)), 2)
     return dummy, 0, 1.0, 1.0, 0
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a JITFunction: about 3 us per host call
 
 
 def v_blocks(Dv: int, Hk: int, block_t: int) -> tuple:
@@ -114,10 +110,10 @@ def rope_and_cache_triton(q, k, v, q_o, k_o, kc4, vc4, q_fp8, slot_mapping, cach
             while 2 * block_t * block_h * width < block_t * block_hv * block_dv and block_h < next_pow2(max(Hq, Hk)):
                 block_h *= 2
         num_warps = max(num_warps, v_warps)
-    n_s_blocks = _cdiv(S, block_t)
-    n_blocks = _cdiv(Hq, block_h) + _cdiv(Hk, block_h)
+    n_s_blocks = cdiv(S, block_t)
+    n_blocks = cdiv(Hq, block_h) + cdiv(Hk, block_h)
     if has_v:
-        n_blocks += _cdiv(Hk, block_hv)
+        n_blocks += cdiv(Hk, block_hv)
         vv, vc, v_strides, vc_strides = v, vc4, v.stride(), vc4.stride()[:3]
     else:
         Dv = block_dv = block_hv = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import I32_MAX, acc_dtype, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..checks import I32_MAX, acc_dtype, cdiv, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..positions import PosMode, token_positions_tl
 from ..registry import HAS_TRITON
 
@@ -170,8 +170,8 @@ def pe_add_triton(x, out, table, positions) -> None:
         return
     spos_b = positions.stride(0) if positions.dim() == 2 else 0
     block_t, block_d, num_warps = pe_blocks(D, S, 512, 64)
-    n_s_blocks = triton.cdiv(S, block_t)
-    grid = (B * n_s_blocks, triton.cdiv(D, block_d))
+    n_s_blocks = cdiv(S, block_t)
+    grid = (B * n_s_blocks, cdiv(D, block_d))
     idx64 = max(max_element_offset(t) for t in (x, out, table)) > I32_MAX
     acc = tl.float64 if acc_dtype(x.dtype, table.dtype) == torch.float64 else tl.float32
     with device_guard(x):
@@ -195,8 +195,8 @@ def grad_table_triton(g, positions, out, padding_idx: int, deterministic: bool) 
         buf.zero_()
         spos_b = positions.stride(0) if positions.dim() == 2 else 0
         block_t, block_d, num_warps = pe_blocks(D, S, 1024, 64)
-        n_s_blocks = triton.cdiv(S, block_t)
-        grid = ((1 if shared else B) * n_s_blocks, triton.cdiv(D, block_d))
+        n_s_blocks = cdiv(S, block_t)
+        grid = ((1 if shared else B) * n_s_blocks, cdiv(D, block_d))
         with device_guard(g):
             _pe_grad_atomic_kernel[grid](
                 g, buf, positions, B, S, n_s_blocks, num_rows, padding_idx,
@@ -215,7 +215,7 @@ def grad_table_triton(g, positions, out, padding_idx: int, deterministic: bool) 
     # A row's entries come BLOCK_K at a time: in the shared case a row has B of them per token, otherwise
     # usually a handful (one per sequence that reaches it), so 8.
     block_k, block_d, num_warps = pe_blocks(D, B * S, 1024, next_pow2(B) if shared else 8)
-    grid = (num_rows, triton.cdiv(D, block_d))
+    grid = (num_rows, cdiv(D, block_d))
     with device_guard(g):
         _pe_grad_sorted_kernel[grid](
             g, out, order, bounds, B, S, padding_idx, *g.stride(), *out.stride(),

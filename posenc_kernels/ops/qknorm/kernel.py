@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..checks import I32_MAX, cdiv, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..registry import HAS_TRITON
 from ..rope.kernel import angle_launch_args
 from .torch_impl import HEADS
@@ -680,8 +680,8 @@ def qk_norm_rope_triton(q, k, q_out, k_out, q_weight, k_weight, eps, norm, weigh
     block_half, block_tail, block_h, block_t, num_warps = qk_norm_rope_blocks(D, half, Hq, Hk, S, norm, interleaved)
     tables = (cos, sin) if angles == 0 else ()
     idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, *tables)) > I32_MAX
-    n_s_blocks = triton.cdiv(S, block_t)
-    grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    n_s_blocks = cdiv(S, block_t)
+    grid = (B * n_s_blocks, cdiv(Hq, block_h) + cdiv(Hk, block_h))
     with device_guard(q):
         _prologue_kernel[grid](
             q, kk, q_out, ko, wq, wk, tab[0], tab[1], inv_freq, pos, off, axis_map, *_NO_CACHE_PTRS(q),
@@ -705,8 +705,8 @@ def qk_norm_rope_backward_triton(grad_q, grad_k, q, k, q_weight, k_weight, eps, 
     Hk = k.shape[2] if k is not None else 0
     half = (cos if inv_freq is None else inv_freq).shape[-1]
     block_half, block_tail, block_h, block_t, num_warps = qk_norm_rope_blocks(D, half, Hq, Hk, S, norm, interleaved)
-    n_s_blocks = triton.cdiv(S, block_t)
-    nbq, nbk = triton.cdiv(Hq, block_h), triton.cdiv(Hk, block_h)
+    n_s_blocks = cdiv(S, block_t)
+    nbq, nbk = cdiv(Hq, block_h), cdiv(Hk, block_h)
     width = D if norm != HEADS else None
     dev = q.device
     need_qw = bool(need_qw and q_weight is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import device_guard, next_pow2
+from ..checks import cdiv, device_guard, next_pow2
 from ..registry import HAS_TRITON
 from .buckets import bucket_layout, thresholds_tensor
 
@@ -210,8 +210,8 @@ def _bias_blocks(H: int, Lq: int, Lk: int):
     leaves ~1024 programs (all heads in one program for a 32-head 4k x 4k bias)."""
     block_k = max(16, min(next_pow2(Lk), _TILE_ELEMS // min(next_pow2(Lq), 16)))
     block_q = max(1, min(next_pow2(Lq), _TILE_ELEMS // block_k))
-    n_k = triton.cdiv(Lk, block_k)
-    tiles = triton.cdiv(Lq, block_q) * n_k
+    n_k = cdiv(Lk, block_k)
+    tiles = cdiv(Lq, block_q) * n_k
     want = max(1, min(H, (tiles * H) // _TARGET_PROGRAMS))
     # A divisor of H, so every group is full and the kernels' head loops need no mask.
     heads_per_program = max(d for d in range(1, want + 1) if H % d == 0)
@@ -223,7 +223,7 @@ def alibi_triton(out, slopes, Lq, Lk, causal, q_offset) -> None:
     block_q, block_k, n_k, tiles, hpp = _bias_blocks(H, Lq, Lk)
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
     with device_guard(out):
-        _alibi_kernel[(tiles, triton.cdiv(H, hpp))](
+        _alibi_kernel[(tiles, cdiv(H, hpp))](
             out, slopes, Lq, Lk, q_offset, H, hpp, n_k, out.stride(0), out.stride(1), slopes.stride(0),
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_G=next_pow2(hpp), CAUSAL=causal, ACC=acc, num_warps=4,
         )  # fmt: skip
@@ -241,7 +241,7 @@ def t5_triton(out, table, Lq, Lk, q_offset, bidirectional, max_distance) -> None
     thr_t = _kernel_thresholds(nb, max_distance, bidirectional, table.device)
     block_q, block_k, n_k, tiles, hpp = _bias_blocks(H, Lq, Lk)
     with device_guard(out):
-        _t5_bias_kernel[(tiles, triton.cdiv(H, hpp))](
+        _t5_bias_kernel[(tiles, cdiv(H, hpp))](
             out, table, thr_t, Lq, Lk, q_offset, H, hpp, n_k, out.stride(0), out.stride(1),
             table.stride(0), table.stride(1),
             HALF=half, MAX_EXACT=m, NUM_T=len(thr), BIDIRECTIONAL=bidirectional,
@@ -262,7 +262,7 @@ def t5_backward_triton(grad, gtable, Lq, Lk, q_offset, bidirectional, max_distan
     block_r = 128
     nb_p2 = next_pow2(nb)
     with device_guard(grad):
-        _diagonal_sum_kernel[(triton.cdiv(n_rel, block_r), H)](
+        _diagonal_sum_kernel[(cdiv(n_rel, block_r), H)](
             grad, diag, Lq, Lk, q_offset, r_min, n_rel,
             grad.stride(0), grad.stride(1), grad.stride(2), diag.stride(0),
             BLOCK_R=block_r, BLOCK_I=16, ACC=acc, num_warps=4,

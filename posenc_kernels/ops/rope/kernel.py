@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..checks import I32_MAX, cdiv, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..positions import launch_args, token_positions_tl
 from ..registry import HAS_TRITON
 
@@ -287,8 +287,8 @@ def rope_triton(q, k, q_out, k_out, cos, sin, inv_freq, positions, offsets, offs
     # 64-bit offsets only where one may not fit in 32 bits (the tables' rows included)
     tables = (cos, sin) if angles == 0 else ()
     idx64 = max(max_element_offset(t) for t in (q, kk, q_out, ko, *tables)) > I32_MAX
-    n_s_blocks = triton.cdiv(S, block_t)
-    grid = (B * n_s_blocks, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    n_s_blocks = cdiv(S, block_t)
+    grid = (B * n_s_blocks, cdiv(Hq, block_h) + cdiv(Hk, block_h))
     with device_guard(q):
         _rope_kernel[grid](
             q, kk, q_out, ko, tab[0], tab[1], inv_freq, pos, off, axis_map,
@@ -310,6 +310,6 @@ def cos_sin_triton(positions, inv_freq, attention_factor, cos, sin) -> None:
     inv = inv_freq if inv_freq.stride(0) == 1 else inv_freq.contiguous()
     block_f = min(next_pow2(half), 128)
     block_p = max(1, min(2048 // block_f, next_pow2(n)))
-    grid = (triton.cdiv(n, block_p), triton.cdiv(half, block_f))
+    grid = (cdiv(n, block_p), cdiv(half, block_f))
     with device_guard(positions):
         _rope_cos_sin_kernel[grid](pos, inv, cos, sin, n, half, float(attention_factor), BLOCK_P=block_p, BLOCK_F=block_f)

@@ -7,7 +7,7 @@ channels: each angle's sin and cos are each used once), positions from
 
 from __future__ import annotations
 
-from ..checks import I32_MAX, device_guard, max_element_offset, next_pow2, prev_pow2
+from ..checks import I32_MAX, cdiv, device_guard, max_element_offset, next_pow2, prev_pow2
 from ..positions import launch_args, token_positions_tl
 from ..registry import HAS_TRITON
 
@@ -115,9 +115,9 @@ def sinusoidal_triton(x, out, positions, offsets, offset, x_scale, inv_freq, sca
     mode, pos, spb, sps, off, soff, offset, _, _, seq_off = launch_args(positions, offsets, offset, None)
     xx = x if x is not None else out  # a dummy without x: no program reads it
     block_c, block_t, num_warps = sinusoidal_blocks(half, S, interleaved)
-    n_s_blocks = triton.cdiv(S, block_t)
+    n_s_blocks = cdiv(S, block_t)
     idx64 = max(max_element_offset(xx), max_element_offset(out), abs(offset) + S) > I32_MAX
-    grid = (B * n_s_blocks, max(1, triton.cdiv(half, block_c)))
+    grid = (B * n_s_blocks, max(1, cdiv(half, block_c)))
     with device_guard(out):
         _sinusoidal_kernel[grid](
             xx, out, pos, off, inv_freq,
