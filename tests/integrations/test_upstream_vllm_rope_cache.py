@@ -116,12 +116,12 @@ def assert_rotation_like_vllm(out, ref, truth, what):
         return
     if out.dtype == torch.bfloat16 and TRUNCATING_BF16:
         # Ours went through the interpreter's truncating cast, which no GPU build has: it must be the fp32
-        # rotation truncated (to within one bf16 step: the kernel's fp32 value is the truth's within an fp32
-        # ulp or two), and the comparison with vLLM's reference is of that rotation rounded as a GPU rounds.
-        single = truth.float()
-        trunc = (single.contiguous().view(torch.int32) & -65536).view(torch.float32)
-        torch.testing.assert_close(out.float(), trunc, atol=2 ** -7 * 4, rtol=2 ** -7)
-        out = single.to(torch.bfloat16)
+        # rotation truncated, to within one bf16 step (the kernel's fp32 value is the truth's within an fp32
+        # ulp or two). How a GPU's rounding compares with vLLM's reference cannot be seen here; that the
+        # kernel's rotation is apply_rope_'s bit for bit is tests/cache's.
+        trunc = (truth.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+        torch.testing.assert_close(out.float(), trunc, atol=1e-5, rtol=2 ** -7)
+        return
     ours = (out.double() - truth).abs().max().item()
     theirs = (ref.double() - truth).abs().max().item()
     assert ours <= theirs, f"{what}: differs from vLLM's reference and is farther from the truth ({ours:.3g} > {theirs:.3g})"
