@@ -9,7 +9,7 @@ import torch
 import posenc_kernels as pk
 from posenc_kernels.ops.cache.reference import quantise_reference, rope_and_cache_reference
 
-from cache.common import FP8, angles, bits, clone_all, contiguous, paged, same_bits, unfused
+from cache.common import FP8, angles, bits, clone_all, contiguous, paged, poisoned, same_bits, unfused
 from conftest import DEVICE
 
 NATIVE_OP = "rope_and_cache_"
@@ -150,6 +150,15 @@ def test_out_of_place_twin(backend):
     assert out[4].numel() == 0
     for x, y in zip((q, k, v, kc, vc), ins):
         assert same_bits(x, y), "the out-of-place op modified its inputs"
+    # with an FP8 q output (poisoned: the op writes all of it): q's new value is q, q_fp8's the in-place one
+    qf = poisoned(q.shape, torch.float8_e4m3fn)
+    a = clone_all(q, k, v, kc, vc, qf)
+    pk.rope_and_cache_(*a[:5], cos, sin, q_fp8=a[5], q_scale=0.5, **args)
+    op_args[5], op_args[14] = qf, 0.5  # q_fp8, q_scale_value
+    out = torch.ops.posenc.rope_and_cache(*op_args)
+    for x, y in zip(out, (a[0], a[1], a[3], a[4], a[5])):
+        assert same_bits(x, y)
+    assert same_bits(out[0], q) and same_bits(qf, poisoned(q.shape, torch.float8_e4m3fn))
 
 
 def test_mla_latent_cache(backend):

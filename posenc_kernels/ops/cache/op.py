@@ -277,9 +277,7 @@ def _body(launch, outs, q, k, v, k_cache, v_cache, q_fp8, slot_mapping, cache_po
         if v is not None:
             vc_o.copy_(v_cache)
         if q_fp8 is not None:
-            qf_o.copy_(q_fp8)
-        if q_fp8 is not None:
-            q_o.copy_(q)  # q itself is not written when the rotated q goes to q_fp8
+            q_o.copy_(q)  # q itself is not written when the rotated q goes to q_fp8 (which is, whole)
     kc4 = cache_view(kc_o, kv_layout)
     vc4 = cache_view(vc_o, kv_layout) if v is not None else None
     launch(_as_4d(q), _as_4d(k), _as_4d(v), _as_4d(q_o), _as_4d(k_o), kc4, vc4, _as_4d(qf_o) if q_fp8 is not None else None,
