@@ -24,10 +24,12 @@ def quantise(x: torch.Tensor, scale: Optional[torch.Tensor], scale_value: Option
     format's finite range, then rounded to nearest even: a finite input never becomes NaN or inf."""
     if dtype not in FP8_DTYPES:
         return x.to(dtype)
-    s = scale.to(torch.float32) if scale is not None else torch.tensor(scale_value, dtype=torch.float32)
-    if s.dim() == 1 and s.shape[0] > 1:
-        s = s[:, None]  # per head: [H, 1] broadcasts over [..., H, D]
-    s = s.to(x.device)
+    if scale is None:
+        s = float(torch.tensor(scale_value, dtype=torch.float32))  # the fp32 value (a Python float: no tensor)
+    else:
+        s = scale.to(torch.float32)
+        if s.dim() == 1 and s.shape[0] > 1:
+            s = s[:, None]  # per head: [H, 1] broadcasts over [..., H, D]
     fmax = torch.finfo(dtype).max
     return (x.to(torch.float32) / s).clamp(-fmax, fmax).to(dtype)
 
@@ -52,8 +54,6 @@ def cache_index(slot_mapping, cache_positions, n_tokens_b: int, batch: int, bloc
 
 def write_cache(cache4: torch.Tensor, x: torch.Tensor, outer, inner, valid, scale, scale_value) -> None:
     """Scatter ``x`` ``[B, S, H, D]`` into ``cache4`` (the NHD view ``[N0, N1, H, D]``) at the valid rows."""
-    if not bool(valid.any()):
-        return
     o, i = outer[valid], inner[valid]
     cache4[o, i] = quantise(x[valid], scale, scale_value, cache4.dtype)
 
